@@ -1,0 +1,3 @@
+from wnconvert.cli.main import main
+
+main()

@@ -1,0 +1,52 @@
+"""rich tables for the terminal; every command also has ``--json``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=False, highlight=False)
+
+
+def print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def certificate_table(certificate: list[dict], limit: int | None = 40) -> Table:
+    t = Table(title="Fold certificate", show_lines=False)
+    for col in ("layer", "scheme", "max|stored|", "scale", "rel. diff"):
+        t.add_column(col, justify="right" if col in ("max|stored|", "rel. diff") else "left")
+    rows = certificate if limit is None else certificate[:limit]
+    for c in rows:
+        t.add_row(c["layer"], c["scheme"], f"{c['stored_max_abs']:.6f}", c["scale"], f"{c['rel_diff']:.2e}")
+    if limit is not None and len(certificate) > limit:
+        t.caption = f"{len(certificate) - limit} more layers in report.json (worst rel. diff " \
+                    f"{max(c['rel_diff'] for c in certificate):.2e})"
+    return t
+
+
+def parity_table(parity: dict, title: str = "Parity") -> Table:
+    t = Table(title=f"{title} (reference: {parity['reference']}, {parity['inputs']})")
+    for col in ("candidate", "max abs", "rel", "cosine", "top-1", "ok"):
+        t.add_column(col, justify="left" if col == "candidate" else "right")
+    for name, c in parity["candidates"].items():
+        t.add_row(name, f"{c['max_abs']:.3e}", f"{c['rel']:.3e}", f"{c['cosine']:.8f}",
+                  f"{c['top1']:.4f}", "[green]yes[/]" if c["passed"] else "[red]NO[/]")
+    return t
+
+
+def ranges_table(ranges: list[dict], title: str, limit: int | None = 40) -> Table:
+    t = Table(title=title)
+    for col in ("tensor", "shape", "max|w|", "in [-1, 1]"):
+        t.add_column(col, justify="left" if col == "tensor" else "right")
+    rows = ranges if limit is None else ranges[:limit]
+    for r in rows:
+        t.add_row(r["name"], "x".join(map(str, r["shape"])), f"{r['max_abs']:.6g}",
+                  "[green]yes[/]" if r["in_unit_range"] else "[red]no[/]")
+    if limit is not None and len(ranges) > limit:
+        bad = sum(not r["in_unit_range"] for r in ranges)
+        t.caption = f"{len(ranges) - limit} more; {bad} of {len(ranges)} outside [-1, 1]"
+    return t

@@ -1,0 +1,105 @@
+"""Ranges of the weights an ONNX graph feeds to its Conv, ConvTranspose, Gemm and MatMul nodes.
+
+A weight operand is followed backwards through value-preserving ops (Identity, Transpose,
+Reshape, ...) to the initializer it comes from. ``Mul(stored, scale)`` of two constants is the
+explicit weight-side scale of :mod:`.scaled`: the larger operand is the stored weight. Any other
+arithmetic on constants means a weight was computed in the graph (e.g. an exporter folded a
+scale or a BatchNorm back in) and is reported as such.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import RangeError, UserInputError
+
+WEIGHT_OPS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (0, 1), "MatMul": (0, 1)}
+PASS_THROUGH = {"Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Cast",
+                "Slice", "Split", "Gather", "Expand"}
+UNIT_TOL = 0.0  # stored weights must be in [-1, 1] exactly
+
+
+@dataclass
+class WeightRange:
+    node: str
+    op: str
+    initializer: str
+    shape: list[int]
+    max_abs: float
+    via: str          # "direct", "weight-side Mul", or "computed in graph"
+
+    @property
+    def in_unit_range(self) -> bool:
+        return self.via != "computed in graph" and self.max_abs <= 1.0 + UNIT_TOL
+
+
+def load_model(path: Path) -> onnx.ModelProto:
+    try:
+        return onnx.load(str(path))
+    except FileNotFoundError:
+        raise UserInputError(f"{path} does not exist") from None
+    except Exception as e:
+        raise UserInputError(f"{path} is not a readable ONNX file ({type(e).__name__})") from None
+
+
+def weight_ranges(model: onnx.ModelProto) -> list[WeightRange]:
+    graph = model.graph
+    consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    producer = {}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    consts[node.output[0]] = numpy_helper.to_array(attr.t)
+        for out in node.output:
+            producer[out] = node
+
+    def trace(name: str) -> tuple[str, str] | None:
+        """(initializer, how) for a constant operand, None for an activation."""
+        if name in consts:
+            return name, "direct"
+        node = producer.get(name)
+        if node is None:
+            return None
+        if node.op_type in PASS_THROUGH:
+            return trace(node.input[0])
+        sources = [trace(i) for i in node.input if i]
+        if any(s is None for s in sources):
+            return None
+        if node.op_type == "Mul" and len(sources) == 2:
+            big = max(sources, key=lambda s: consts[s[0]].size)
+            if big[1] == "direct":
+                return big[0], "weight-side Mul"
+        return sources[0][0] if sources else name, "computed in graph"
+
+    out = []
+    for node in graph.node:
+        for idx in WEIGHT_OPS.get(node.op_type, ()):
+            if idx >= len(node.input):
+                continue
+            found = trace(node.input[idx])
+            if found is None:
+                continue
+            init, how = found
+            arr = consts.get(init)
+            max_abs = float(np.abs(arr).max()) if arr is not None and arr.size else float("nan")
+            shape = list(arr.shape) if arr is not None else []
+            out.append(WeightRange(node.name or node.output[0], node.op_type, init, shape, max_abs, how))
+    return out
+
+
+def check_unit_range(ranges: list[WeightRange], what: str) -> None:
+    bad = [r for r in ranges if not r.in_unit_range]
+    if bad:
+        worst = max(bad, key=lambda r: r.max_abs if r.max_abs == r.max_abs else float("inf"))
+        raise RangeError(f"{what}: {len(bad)} weight tensor(s) outside [-1, 1] "
+                         f"(worst {worst.initializer}: max|w|={worst.max_abs:.6g}, {worst.via})")
+
+
+def ranges_to_dicts(ranges: list[WeightRange]) -> list[dict]:
+    return [asdict(r) | {"in_unit_range": r.in_unit_range} for r in ranges]

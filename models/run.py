@@ -1,0 +1,242 @@
+"""A run: the job behind ``wnconvert finetune``, and loading a run directory back.
+
+Run directory (all written atomically):
+
+* ``manifest.json``  model, weights, data, scheme/fold/export/verify/train configs, preprocessing,
+  library versions, sha256 of each artifact. Written first (status ``running``) and last.
+* ``checkpoint.safetensors``  the reparametrized state (raw weights, gains, BN statistics).
+* ``model.onnx``  fp32, input NCHW float32 already normalized per ``preprocess``, output logits.
+* ``report.json``  what was reparametrized, the step-0 deviation, the fold certificate, weight
+  ranges and parity (and the ONNX accuracy when data was given).
+* ``metrics.jsonl``  one JSON object per line: training steps and epochs.
+* ``train/last.pt``, ``train/best.pt``  training checkpoints (resume).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from wnconvert.convert.apply import apply_scheme, max_step0_deviation
+from wnconvert.convert.artifacts import (atomic_path, check_output_dir, ensure_writable_dir,
+                                         read_json, sha256, write_json)
+from wnconvert.convert.errors import UserInputError
+from wnconvert.convert.export import ExportConfig
+from wnconvert.convert.fold import FoldConfig
+from wnconvert.convert.pipeline import ONNX_NAME, ConversionResult, convert, require_parity
+from wnconvert.convert.schemes import SchemeConfig
+from wnconvert.convert.verify import VerifyConfig, make_inputs
+
+from .data import Preprocess, default_preprocess, parse_data_spec
+from .zoo import BuiltModel, build_model, fixed_image_size, min_image_size
+
+MANIFEST = "manifest.json"
+REPORT = "report.json"
+CHECKPOINT = "checkpoint.safetensors"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class RunConfig:
+    model: str
+    out: Path
+    weights: str = "DEFAULT"
+    num_classes: int | None = None
+    data: str | None = None
+    image_size: int | None = None
+    limit_train: int | None = None
+    limit_val: int | None = None
+    download: bool = False
+    scheme: SchemeConfig = field(default_factory=SchemeConfig)
+    fold: FoldConfig = field(default_factory=FoldConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    train: object | None = None      # models.train.TrainConfig; None for --epochs 0
+    no_export: bool = False
+    overwrite: bool = False
+
+
+@dataclass
+class RunSummary:
+    out: Path
+    manifest: dict
+    report: dict
+    conversion: ConversionResult | None
+
+
+def versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torchvision
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        own = version("wnconvert")
+    except PackageNotFoundError:
+        own = "unknown"
+    return {"wnconvert": own, "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__}
+
+
+def resolve_preprocess(cfg: RunConfig, built: BuiltModel) -> Preprocess:
+    size = cfg.image_size
+    fixed = fixed_image_size(cfg.model)
+    if fixed and size and size != fixed:
+        raise UserInputError(f"{cfg.model} takes {fixed}x{fixed} inputs only, not --image-size {size}")
+    if size and size < min_image_size(cfg.model):
+        raise UserInputError(f"{cfg.model} needs --image-size of at least {min_image_size(cfg.model)}")
+    size = size or fixed
+    if cfg.data:
+        return default_preprocess(parse_data_spec(cfg.data), size, built.mean, built.std)
+    size = size or built.crop_size or 224
+    resize = built.resize_size if (built.crop_size == size and built.resize_size) else round(size * 256 / 224)
+    return Preprocess(size, max(resize, size), built.mean, built.std)
+
+
+def _state_for_file(model: nn.Module) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared or non-contiguous storage; clone every tensor.
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(_state_for_file(model), str(tmp))
+
+
+def run_finetune(cfg: RunConfig, console=None, resume: bool = False) -> RunSummary:
+    out = check_output_dir(cfg.out)
+    if (out / MANIFEST).exists() and not (resume or cfg.overwrite):
+        raise UserInputError(f"{out} already holds a run; use --resume to continue it, "
+                             "--overwrite to replace it, or another --out")
+    built = build_model(cfg.model, cfg.weights if not resume else "none", cfg.num_classes)
+    data = None
+    if cfg.data and (cfg.train is not None or not cfg.no_export):
+        from .data import build_data
+        preprocess = resolve_preprocess(cfg, built)
+        data = build_data(cfg.data, preprocess, limit_train=cfg.limit_train,
+                          limit_val=cfg.limit_val, download=cfg.download)
+        if data.num_classes != built.num_classes:
+            if cfg.num_classes:
+                raise UserInputError(f"--num-classes {cfg.num_classes} does not match the "
+                                     f"{data.num_classes} classes of {cfg.data}")
+            built = build_model(cfg.model, cfg.weights if not resume else "none", data.num_classes)
+    preprocess = resolve_preprocess(cfg, built)
+    model = built.model.eval()
+    shape = (3, preprocess.image_size, preprocess.image_size)
+    original = copy.deepcopy(model)
+    apply_report = apply_scheme(model, cfg.scheme)
+    with torch.no_grad():
+        x = make_inputs(shape, cfg.verify)
+        step0 = max_step0_deviation(original(x), model(x))
+
+    ensure_writable_dir(out)
+    manifest = {
+        "status": "running",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": cfg.model, "weights": built.weights, "num_classes": built.num_classes,
+        "data": cfg.data, "limit_train": cfg.limit_train, "limit_val": cfg.limit_val,
+        "preprocess": preprocess.to_dict(),
+        "input": {"name": "input", "layout": "NCHW", "dtype": "float32",
+                  "shape": ["batch", *shape], "normalized": True},
+        "output": {"name": "logits", "shape": ["batch", built.num_classes]},
+        "scheme": asdict(cfg.scheme), "fold": asdict(cfg.fold), "export": asdict(cfg.export),
+        "verify": asdict(cfg.verify),
+        "train": cfg.train.to_dict() if cfg.train is not None else None,
+        "versions": versions(), "artifacts": {},
+    }
+    write_json(out / MANIFEST, manifest)
+    report: dict = {"apply": apply_report.to_dict(), "step0_rel_deviation": step0}
+
+    if cfg.train is not None and getattr(cfg.train, "epochs", 0) > 0:
+        from .train import train
+        result = train(model, data, cfg.train, out, resume=resume, console=console)
+        report["training"] = {"initial": result.initial, "best_top1": result.best_top1,
+                              "best_epoch": result.best_epoch,
+                              "final": asdict(result.history[-1]) if result.history else None}
+    model = model.cpu().eval()
+    save_checkpoint(model, out / CHECKPOINT)
+
+    conversion = None
+    if not cfg.no_export:
+        conversion = convert(model, shape, out, fold_config=cfg.fold, export_config=cfg.export,
+                             verify_config=cfg.verify,
+                             original=original if cfg.train is None else None)
+        report.update(conversion.to_dict())
+        if data is not None:
+            report["onnx_accuracy"] = onnx_accuracy(out / ONNX_NAME, cfg.data, preprocess, cfg.limit_val)
+    write_json(out / REPORT, report)
+    finish_manifest(out, manifest)
+    if conversion is not None:
+        require_parity(conversion)
+    return RunSummary(out, manifest, report, conversion)
+
+
+def finish_manifest(out: Path, manifest: dict) -> None:
+    manifest["status"] = "complete"
+    manifest["artifacts"] = {p.name: sha256(p) for p in sorted(out.iterdir())
+                             if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
+    write_json(out / MANIFEST, manifest)
+
+
+def onnx_accuracy(path: Path, data: str, preprocess: Preprocess, limit: int | None,
+                  batch: int = 256) -> dict:
+    """Top-1/top-5 of an ONNX file in onnxruntime on the validation split, fed with ``preprocess``."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from .data import eval_arrays
+
+    images, labels = eval_arrays(data, preprocess, limit=limit)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    top1 = top5 = 0
+    for i in range(0, len(images), batch):
+        logits = sess.run(None, {name: images[i:i + batch]})[0]
+        order = np.argsort(-logits, axis=1)[:, :5]
+        y = labels[i:i + batch]
+        top1 += int((order[:, 0] == y).sum())
+        top5 += int((order == y[:, None]).any(axis=1).sum())
+    n = max(len(images), 1)
+    return {"images": len(images), "top1": top1 / n, "top5": top5 / n}
+
+
+# -- loading a run directory back ---------------------------------------------------------------
+
+def load_manifest(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserInputError(f"{run_dir} is not a run directory")
+    if not (run_dir / MANIFEST).exists():
+        raise UserInputError(f"{run_dir} has no {MANIFEST}; is it a wnconvert run directory?")
+    return read_json(run_dir / MANIFEST)
+
+
+def load_run(run_dir: Path) -> tuple[dict, nn.Module, Preprocess]:
+    """The manifest, the reparametrized model with its checkpoint loaded, and its preprocessing."""
+    from .zoo import load_state_file
+
+    manifest = load_manifest(run_dir)
+    try:
+        scheme = SchemeConfig(**{k: tuple(v) if k == "exclude" else v
+                                 for k, v in manifest["scheme"].items()})
+        built = build_model(manifest["model"], "none", manifest["num_classes"])
+        preprocess = Preprocess.from_dict(manifest["preprocess"])
+    except KeyError as e:
+        raise UserInputError(f"{run_dir}/{MANIFEST} lacks {e}") from None
+    model = built.model.eval()
+    apply_scheme(model, scheme)
+    state = load_state_file(Path(run_dir) / CHECKPOINT)
+    own = model.state_dict()
+    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+        raise UserInputError(f"{run_dir}/{CHECKPOINT} does not match the model in {MANIFEST}")
+    model.load_state_dict(state)
+    return manifest, model, preprocess
