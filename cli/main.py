@@ -108,7 +108,14 @@ def finetune(
             scheme=_scheme_config(scheme, gain, scale_grad, exclude, skip_depthwise),
             fold=FoldConfig(bn, granularity), verify=_verify_config(rtol, samples),
             train=train_cfg, no_export=no_export, overwrite=overwrite)
-    summary = run_finetune(cfg, console=None if json_out else console, resume=resume is not None)
+    from wnconvert.models import distributed
+    rank = distributed.init_distributed()  # a no-op outside torchrun
+    try:
+        summary = run_finetune(cfg, console=None if json_out else console, resume=resume is not None)
+    finally:
+        distributed.cleanup()
+    if not rank.is_main:
+        return
     if json_out:
         print_json({"out": str(summary.out), "manifest": summary.manifest, "report": summary.report})
         return

@@ -8,6 +8,8 @@ Exporter choices, each checked by a test:
 * ``training=PRESERVE`` with the model in eval mode: ``EVAL`` runs the exporter's eval peephole,
   which also fuses BatchNorm into the preceding Conv weight;
 * the fused ``nn.MultiheadAttention`` fast path off: it has no ONNX symbolic;
+* adaptive average pools whose input size is not a multiple of their output size replaced by
+  an exact fixed-size equivalent (:mod:`.export_compat`);
 * constant folding on, unless the model carries weight-side scales (``Mul(stored, scale)`` feeding
   a MatMul), which folding would multiply back into one out-of-range tensor.
 """
@@ -26,6 +28,7 @@ from torch import Tensor, nn
 
 from .artifacts import ensure_writable_dir
 from .errors import WnError
+from .export_compat import make_exportable
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -49,6 +52,7 @@ def export_onnx(model: nn.Module, example_input: Tensor, path: Path,
     ensure_writable_dir(path.parent)
     model = model.eval().cpu().float()
     x = example_input.detach().cpu().float()
+    model = make_exportable(model, x)
     with tempfile.TemporaryDirectory(prefix=".export-", dir=path.parent) as tmp:
         tmp_file = Path(tmp) / path.name
         fastpath = torch.backends.mha.get_fastpath_enabled()

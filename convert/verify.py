@@ -113,14 +113,22 @@ def run_torch(model: nn.Module, x: Tensor, dtype: torch.dtype = torch.float32) -
     return out.numpy()
 
 
-def run_onnx(path: Path, x: np.ndarray, optimized: bool) -> np.ndarray:
+def ort_session(path: Path, optimized: bool = True):
+    """A CPU onnxruntime session. Its worker threads do not spin-wait: on a machine shared with
+    other work (CI, a training job) spinning threads slow every run down many times over."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path: Path, x: np.ndarray, optimized: bool) -> np.ndarray:
+    sess = ort_session(path, optimized)
     name = sess.get_inputs()[0].name
     return sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 

@@ -33,6 +33,7 @@ from wnconvert.convert.pipeline import ONNX_NAME, ConversionResult, convert, req
 from wnconvert.convert.schemes import SchemeConfig
 from wnconvert.convert.verify import VerifyConfig, make_inputs
 
+from . import distributed
 from .data import Preprocess, default_preprocess, parse_data_spec
 from .zoo import BuiltModel, build_model, fixed_image_size, min_image_size
 
@@ -138,7 +139,9 @@ def run_finetune(cfg: RunConfig, console=None, resume: bool = False) -> RunSumma
         x = make_inputs(shape, cfg.verify)
         step0 = max_step0_deviation(original(x), model(x))
 
-    ensure_writable_dir(out)
+    rank = distributed.info()
+    if rank.is_main:
+        ensure_writable_dir(out)
     manifest = {
         "status": "running",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -153,15 +156,19 @@ def run_finetune(cfg: RunConfig, console=None, resume: bool = False) -> RunSumma
         "train": cfg.train.to_dict() if cfg.train is not None else None,
         "versions": versions(), "artifacts": {},
     }
-    write_json(out / MANIFEST, manifest)
+    if rank.is_main:
+        write_json(out / MANIFEST, manifest)
     report: dict = {"apply": apply_report.to_dict(), "step0_rel_deviation": step0}
 
     if cfg.train is not None and getattr(cfg.train, "epochs", 0) > 0:
         from .train import train
-        result = train(model, data, cfg.train, out, resume=resume, console=console)
+        result = train(model, data, cfg.train, out, resume=resume,
+                       console=console if rank.is_main else None)
         report["training"] = {"initial": result.initial, "best_top1": result.best_top1,
                               "best_epoch": result.best_epoch,
                               "final": asdict(result.history[-1]) if result.history else None}
+    if not rank.is_main:  # under torchrun, rank 0 alone writes and converts
+        return RunSummary(out, manifest, report, None)
     model = model.cpu().eval()
     save_checkpoint(model, out / CHECKPOINT)
 
@@ -191,12 +198,13 @@ def onnx_accuracy(path: Path, data: str, preprocess: Preprocess, limit: int | No
                   batch: int = 256) -> dict:
     """Top-1/top-5 of an ONNX file in onnxruntime on the validation split, fed with ``preprocess``."""
     import numpy as np
-    import onnxruntime as ort
+
+    from wnconvert.convert.verify import ort_session
 
     from .data import eval_arrays
 
     images, labels = eval_arrays(data, preprocess, limit=limit)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = ort_session(path)
     name = sess.get_inputs()[0].name
     top1 = top5 = 0
     for i in range(0, len(images), batch):
@@ -222,7 +230,7 @@ def load_manifest(run_dir: Path) -> dict:
 
 def load_run(run_dir: Path) -> tuple[dict, nn.Module, Preprocess]:
     """The manifest, the reparametrized model with its checkpoint loaded, and its preprocessing."""
-    from .zoo import load_state_file
+    from .zoo import load_into, load_state_file
 
     manifest = load_manifest(run_dir)
     try:
@@ -238,5 +246,5 @@ def load_run(run_dir: Path) -> tuple[dict, nn.Module, Preprocess]:
     own = model.state_dict()
     if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
         raise UserInputError(f"{run_dir}/{CHECKPOINT} does not match the model in {MANIFEST}")
-    model.load_state_dict(state)
+    load_into(model, state)
     return manifest, model, preprocess

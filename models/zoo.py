@@ -8,6 +8,7 @@ error names the file and the folder to put it in.
 from __future__ import annotations
 
 import difflib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,7 +131,24 @@ def load_state_file(path: Path) -> dict[str, torch.Tensor]:
             sd = sd[key]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserInputError(f"weights file {path} does not hold a state_dict of tensors")
-    return {k.removeprefix("module."): v for k, v in sd.items()}
+    meta = getattr(sd, "_metadata", None)
+    out = OrderedDict((k.removeprefix("module."), v) for k, v in sd.items())
+    if meta is not None:
+        out._metadata = OrderedDict((k.removeprefix("module."), v) for k, v in meta.items())
+    return out
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``model.load_state_dict(state, strict=True)``, also for files without module versions.
+
+    Some modules check the version recorded in a state_dict's ``_metadata`` (torchvision's MNASNet
+    refuses to load without one); safetensors files and re-keyed dicts carry none, so a state
+    without metadata is taken to be of the current versions.
+    """
+    own = model.state_dict()
+    ordered = OrderedDict(state)
+    ordered._metadata = getattr(state, "_metadata", None) or getattr(own, "_metadata", None)
+    model.load_state_dict(ordered, strict=True)
 
 
 def _from_file(name: str, path: Path, num_classes: int | None) -> BuiltModel:
@@ -165,7 +183,7 @@ def _load(model: nn.Module, sd: dict, path: Path, name: str) -> None:
             k = wrong[0]
             parts.append(f"{len(wrong)} of another shape (e.g. {k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)})")
         raise UserInputError(f"weights file {path} does not fit {name}: {'; '.join(parts)} keys")
-    model.load_state_dict(sd, strict=True)
+    load_into(model, sd)
 
 
 def find_head(model: nn.Module) -> tuple[str, nn.Module]:

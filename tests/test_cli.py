@@ -215,3 +215,15 @@ def test_existing_run_is_not_overwritten(sd_files, tmp_path):
 def test_verify_on_a_non_run_directory(tmp_path):
     p = run_cli("verify", tmp_path)
     assert_one_line_error(p, 2, "manifest.json")
+
+
+def test_state_without_module_versions_loads(tmp_path):
+    """MNASNet checks the version in a state_dict's metadata; safetensors files have none."""
+    from safetensors.torch import save_file
+    m = torchvision.models.mnasnet0_5(num_classes=10)
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "m.safetensors"))
+    out = tmp_path / "run"
+    r = invoke("finetune", "mnasnet0_5", "--weights", tmp_path / "m.safetensors", "--epochs", 0,
+               "--image-size", 32, "--out", out)
+    assert r.exit_code == 0, r.output
+    assert invoke("verify", out, "--samples", 2).exit_code == 0  # reloads checkpoint.safetensors

@@ -154,3 +154,21 @@ def test_export_is_atomic_on_failure(tmp_path):
     with pytest.raises(ExportError, match="ONNX export failed"):
         export_onnx(Bad(), torch.randn(1, 4), tmp_path / "bad.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("in_hw,out_hw", [((1, 1), (6, 6)), ((2, 3), (7, 7)), ((13, 13), (6, 6)), ((5, 9), (3, 4))])
+def test_fixed_adaptive_pool_is_exact(in_hw, out_hw):
+    from wnconvert.convert.export_compat import FixedAdaptiveAvgPool2d
+    x = torch.randn(2, 3, *in_hw)
+    ref = nn.functional.adaptive_avg_pool2d(x, out_hw)
+    assert torch.allclose(FixedAdaptiveAvgPool2d(in_hw, out_hw)(x), ref, atol=1e-6)
+
+
+def test_small_images_through_a_vgg_style_pool_export(tmp_path):
+    """AlexNet/VGG pool to 6x6/7x7: at small sizes the exporter rejects the op unless replaced."""
+    model = randomize(nn.Sequential(nn.Conv2d(3, 8, 3, stride=4), nn.BatchNorm2d(8), nn.ReLU(),
+                                    nn.AdaptiveAvgPool2d((7, 7)), nn.Flatten(), nn.Linear(8 * 49, 10)))
+    original = copy.deepcopy(model)
+    apply_scheme(model, SchemeConfig("layer-max"))
+    result = convert(model, (3, 16, 16), tmp_path, original=original)
+    assert result.parity.passed and result.parity_vs_original.passed

@@ -1,0 +1,104 @@
+"""Training checkpoints: atomic writes, ``weights_only`` loading, RNG state capture.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so that
+``torch.load(path, weights_only=True)`` can read it (no pickled Python objects, no numpy arrays).
+Writes go to a temporary file in the same directory followed by ``os.replace``: a crash or Ctrl-C
+during the write leaves the previous ``last.pt`` intact, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..convert.errors import UserInputError
+
+LAST = "last.pt"
+BEST = "best.pt"
+
+
+def train_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "train"
+
+
+def save_atomic(payload: Mapping[str, Any], path: Path) -> None:
+    """``torch.save`` to ``path`` such that readers see either the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(dict(payload), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # Includes KeyboardInterrupt: drop the partial temp file, keep the old checkpoint.
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"no training checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # corrupt or foreign file: one line for the user
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserInputError(f"cannot read training checkpoint {path}: {first}") from None
+
+
+def all_finite(state_dict: Mapping[str, Tensor]) -> bool:
+    """True when every floating-point tensor of a state dict is finite."""
+    for t in state_dict.values():
+        if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return False
+    return True
+
+
+def cpu_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Detached CPU copies: a snapshot that later in-place updates cannot change."""
+    return {k: v.detach().to("cpu", copy=True) if isinstance(v, Tensor) else v
+            for k, v in state_dict.items()}
+
+
+# -- RNG ---------------------------------------------------------------------------------------
+
+def capture_rng(device: torch.device | str | None = None) -> dict[str, Any]:
+    """Every RNG a training step may draw from, as tensors and plain lists."""
+    version, mt_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(mt_state), gauss],
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "cuda": None,
+    }
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state(dev)
+    return state
+
+
+def restore_rng(state: Mapping[str, Any], device: torch.device | str | None = None) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    version, mt_state, gauss = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in mt_state), gauss))
+    npst = state["numpy"]
+    np.random.set_state((npst["kind"], npst["keys"].numpy().astype(np.uint32), int(npst["pos"]),
+                         int(npst["has_gauss"]), float(npst["cached_gaussian"])))
+    dev = torch.device(device) if device is not None else None
+    if state.get("cuda") is not None and dev is not None and dev.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), dev)

@@ -1,0 +1,626 @@
+"""Fine-tuning loop: single process or torchrun/DDP, CPU or CUDA, resumable.
+
+``train(model, data, config, run_dir)`` trains the caller's model object in place and returns a
+:class:`TrainResult`. Outputs under ``run_dir`` (written by rank 0 only):
+
+* ``metrics.jsonl``: a record every ``log_every`` steps ``{"step", "epoch", "loss", "lr",
+  "images_per_s"}`` and one per epoch ``{"epoch", "train_loss", "val_loss", "val_top1",
+  "val_top5", "lr", "images_per_s"}`` (accuracies as fractions); appended and flushed per line.
+* ``train/last.pt`` after every epoch, ``train/best.pt`` whenever val top-1 improves
+  (see :mod:`.checkpoint`).
+
+Epochs are numbered from 1; ``step`` counts optimizer steps over the whole run. Resuming from an
+epoch-end ``last.pt`` reproduces the uninterrupted run exactly on the same hardware and number of
+processes (data order, schedule, optimizer and RNG state are all restored). A Ctrl-C mid-epoch
+saves the current state; resuming from it skips the batches already seen, with the same data
+order, but random augmentations of the remaining batches may differ from an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import itertools
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+
+from ..convert.errors import TrainingError, UserInputError
+from . import checkpoint as ckpt
+from . import distributed as dist_utils
+from .optim import OPTIMIZERS, WD_MODES, build_optimizer, resolve_defaults, warmup_cosine
+
+DEVICES = ("auto", "cpu", "cuda")
+# Fields that shape the optimization trajectory: a resumed run must use the same values.
+_TRAJECTORY_FIELDS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov",
+                      "weight_decay", "wd_mode", "wd_eps", "warmup_epochs", "label_smoothing",
+                      "grad_clip", "seed")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    batch_size: int = 128             # per process; the global batch is batch_size * world size
+    optimizer: str = "sgd"            # sgd | adamw | lars
+    lr: float | None = None           # None -> models.optim.DEFAULTS[optimizer].lr
+    momentum: float = 0.9             # SGD/LARS momentum; AdamW beta1
+    nesterov: bool = False
+    weight_decay: float | None = None  # None -> models.optim.DEFAULTS[optimizer].weight_decay
+    wd_mode: str = "l2"               # decay of raw reparametrized weights: l2 | eps-shifted | none
+    wd_eps: float | None = None       # None -> models.optim.DEFAULT_WD_EPS
+    warmup_epochs: float = 0.0        # linear warmup, then cosine to 0, stepped per iteration
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None    # max global grad norm
+    device: str = "auto"              # auto | cpu | cuda
+    amp: bool = True                  # bf16 autocast, CUDA only
+    channels_last: bool = True        # CUDA only
+    compile: bool = False
+    workers: int = 2
+    seed: int = 0
+    log_every: int = 50               # steps between step records in metrics.jsonl; 0 = none
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with ``None`` defaults (lr, weight_decay, wd_eps) filled in, after validation."""
+        self.validate()
+        lr, wd, eps = resolve_defaults(self.optimizer, self.lr, self.weight_decay, self.wd_eps)
+        return TrainConfig(**{**self.to_dict(), "lr": lr, "weight_decay": wd, "wd_eps": eps})
+
+    def validate(self) -> None:
+        def bad(msg: str) -> None:
+            raise UserInputError(msg)
+
+        if self.optimizer not in OPTIMIZERS:
+            bad(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        if self.wd_mode not in WD_MODES:
+            bad(f"unknown wd mode {self.wd_mode!r}; choose one of: {', '.join(WD_MODES)}")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            bad(f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)}")
+        if self.epochs < 1:
+            bad(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            bad(f"batch size must be >= 1, got {self.batch_size}")
+        if self.workers < 0:
+            bad(f"workers must be >= 0, got {self.workers}")
+        if self.log_every < 0:
+            bad(f"log_every must be >= 0, got {self.log_every}")
+        if not (0 <= self.warmup_epochs <= self.epochs):
+            bad(f"warmup epochs must be between 0 and epochs ({self.epochs}), got {self.warmup_epochs}")
+        if not 0 <= self.label_smoothing < 1:
+            bad(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            bad(f"grad clip must be > 0, got {self.grad_clip}")
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_top1: float
+    val_top5: float
+    lr: float
+    images_per_s: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    history: list[EpochMetrics]
+    best_top1: float
+    best_epoch: int
+    initial: dict  # {"val_top1", "val_top5", "val_loss"} before training
+    interrupted: bool = False  # always False on return: an interrupt raises TrainingError
+
+
+# -- evaluation --------------------------------------------------------------------------------
+
+def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _logits(out: Any) -> Tensor:
+    # torchvision's Inception/GoogLeNet return (logits, aux...) namedtuples in train mode.
+    return out if isinstance(out, Tensor) else out[0]
+
+
+@torch.no_grad()
+def _evaluate_loader(forward: nn.Module, module: nn.Module, loader: DataLoader, device: torch.device,
+                     amp: bool, channels_last: bool) -> dict:
+    """Loss sum, top-1/top-5 hits and image count over this rank's loader, summed over ranks.
+
+    ``forward`` runs the batches (maybe compiled); ``module`` is the plain model whose train/eval
+    flag is switched. Sums stay on the device so there is one host sync per call, not per batch.
+    """
+    was_training = module.training
+    module.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits
+    images = 0
+    fmt = torch.channels_last if channels_last else torch.preserve_format
+    try:
+        for x, y in loader:
+            images += y.numel()
+            x = x.to(device, non_blocking=True, memory_format=fmt)
+            y = y.to(device, non_blocking=True)
+            with _autocast(device, amp):
+                out = _logits(forward(x))
+            out = out.float()
+            hits = out.topk(min(5, out.shape[1]), dim=1).indices == y[:, None]
+            sums += torch.stack([F.cross_entropy(out, y, reduction="sum").double(),
+                                 hits[:, 0].sum().double(), hits.any(dim=1).sum().double()])
+    finally:
+        module.train(was_training)
+    totals = torch.cat([sums, torch.tensor([float(images)], dtype=torch.float64, device=device)])
+    dist_utils.all_reduce_sum(totals)
+    loss, top1, top5, n = totals.tolist()
+    if n == 0:
+        return {"val_loss": math.nan, "val_top1": math.nan, "val_top5": math.nan, "images": 0}
+    return {"val_loss": loss / n, "val_top1": top1 / n, "val_top5": top5 / n, "images": int(n)}
+
+
+def _val_loader(dataset: Dataset, batch_size: int, device: torch.device, workers: int,
+                persistent: bool = False) -> DataLoader:
+    d = dist_utils.info()
+    if d.enabled:  # strided shard without padding: the reduced count is exactly len(dataset)
+        dataset = Subset(dataset, dist_utils.shard(len(dataset), d.rank, d.world_size))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=persistent and workers > 0)
+
+
+def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256,
+             device: str | torch.device = "cpu", workers: int = 0, amp: bool = False) -> dict:
+    """``{"val_loss", "val_top1", "val_top5", "images"}`` of ``model`` (already on ``device``).
+
+    Accuracies are fractions, the loss is plain cross entropy. Under an initialized process group
+    each rank evaluates a disjoint shard and the results are summed over all ranks.
+    """
+    dev = torch.device(device)
+    loader = _val_loader(dataset, batch_size, dev, workers)
+    return _evaluate_loader(model, model, loader, dev, amp, channels_last=False)
+
+
+# -- small helpers -----------------------------------------------------------------------------
+
+class _EpochSampler(Sampler[int]):
+    """This rank's share of a seeded shuffle (same permutation on every rank for a given epoch),
+    optionally without its first ``skip`` batches when resuming mid-epoch."""
+
+    def __init__(self, dataset: Dataset, rank: int, world_size: int, seed: int, batch_size: int) -> None:
+        self.base = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                       seed=seed, drop_last=False)
+        self.batch_size = batch_size
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.base.set_epoch(epoch)
+        self.skip = skip_batches * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.base), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.base) - self.skip)
+
+
+class _MetricsLog:
+    """``metrics.jsonl`` writer; a no-op on ranks other than 0."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._f = open(path, "a", encoding="utf-8") if path is not None else None
+
+    def write(self, record: dict) -> None:
+        if self._f is not None:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+
+
+class _Progress:
+    """A rich progress bar on a terminal console, epoch summary lines on any other console,
+    nothing without one."""
+
+    def __init__(self, console: Any, epochs: int, enabled: bool) -> None:
+        self.console = console if enabled else None
+        self.epochs = epochs
+        self.bar = None
+        self.task = None
+        if self.console is not None and getattr(self.console, "is_terminal", False):
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeRemainingColumn)
+            self.bar = Progress(
+                TextColumn("epoch {task.fields[epoch]}/" + str(epochs)), BarColumn(),
+                MofNCompleteColumn(), TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),
+                console=self.console)
+            self.bar.start()
+
+    def start_epoch(self, epoch: int, total: int, done: int) -> None:
+        if self.bar is not None:
+            self.task = self.bar.add_task("train", total=total, completed=done, epoch=epoch, stats="")
+
+    def step(self, loss: float, lr: float, ips: float) -> None:
+        if self.bar is not None and self.task is not None:
+            self.bar.update(self.task, advance=1,
+                            stats=f"loss {loss:.4f}  lr {lr:.2e}  {ips:.0f} img/s")
+
+    def epoch_done(self, m: EpochMetrics) -> None:
+        if self.console is not None:
+            self.console.print(
+                f"epoch {m.epoch}/{self.epochs}: train loss {m.train_loss:.4f}, val loss "
+                f"{m.val_loss:.4f}, top-1 {100 * m.val_top1:.2f}%, top-5 {100 * m.val_top5:.2f}%, "
+                f"lr {m.lr:.2e}, {m.images_per_s:.0f} img/s", highlight=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+class _NonFinite(Exception):
+    pass
+
+
+def _pick_device(name: str, d: dist_utils.DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserInputError(f"device {name!r} requested but no CUDA device is available")
+        if name == "cuda":
+            idx = d.local_rank % torch.cuda.device_count() if d.enabled else torch.cuda.current_device()
+            return torch.device("cuda", idx)
+        return torch.device(name)
+    if d.enabled and torch.distributed.get_backend() == "nccl":
+        raise UserInputError("the nccl process group needs --device cuda")
+    return torch.device("cpu")
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+# -- training ----------------------------------------------------------------------------------
+
+@dataclass
+class _State:
+    """Everything that advances during training and goes into checkpoints."""
+
+    epoch: int = 0                    # completed epochs
+    step: int = 0                     # optimizer steps so far
+    best_top1: float = -1.0
+    best_epoch: int = 0
+    history: list[EpochMetrics] = field(default_factory=list)
+    initial: dict = field(default_factory=dict)
+    # inside the running epoch (what a mid-epoch checkpoint needs)
+    in_epoch: bool = False
+    batches: int = 0
+    loss_sum: float = 0.0
+    images: int = 0
+    last_lr: float = 0.0
+    epoch_rng: dict | None = None
+
+
+def train(model: nn.Module, data: Any, config: TrainConfig, run_dir: Path, *, resume: bool = False,
+          console: Any = None) -> TrainResult:
+    """Fine-tune ``model`` (in place) on ``data.train``, evaluating on ``data.val`` every epoch.
+
+    Under an initialized process group the model is wrapped in DDP here; on return the caller's
+    object holds the last-epoch weights on every rank, on the device and in the memory format it
+    came in. Raises TrainingError on a non-finite loss (nothing is saved) or on Ctrl-C (the
+    current state is saved to ``train/last.pt`` first when finite).
+    """
+    cfg = config.resolved()
+    run_dir = Path(run_dir)
+    d = dist_utils.info()
+    device = _pick_device(cfg.device, d)
+    amp = cfg.amp and device.type == "cuda"
+    channels_last = cfg.channels_last and device.type == "cuda"
+    if len(data.train) == 0:
+        raise UserInputError("the training set is empty")
+    if len(data.val) == 0:
+        raise UserInputError("the validation set is empty")
+
+    last_path = ckpt.train_dir(run_dir) / ckpt.LAST
+    saved = ckpt.load(last_path) if resume else None
+    if saved is not None:
+        _check_resumable(saved, cfg, last_path)
+    if d.is_main:
+        ckpt.train_dir(run_dir).mkdir(parents=True, exist_ok=True)
+    _seed_all(cfg.seed + d.rank)  # per-rank dropout/augmentation streams; the shuffle uses cfg.seed
+
+    given_device, given_training = _model_device(model), model.training
+    state = _State()
+    try:
+        model.to(device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        _run(model, data, cfg, d, device, amp, channels_last, run_dir, saved, state, console)
+    finally:
+        if d.enabled:
+            gc.collect()  # free the DDP wrapper (it sits in a reference cycle) and its hooks now
+        # Hand the caller's object back as it came: same device, plain memory format, same mode.
+        if channels_last:
+            model.to(memory_format=torch.contiguous_format)
+        model.to(given_device)
+        model.train(given_training)
+    return TrainResult(history=list(state.history), best_top1=state.best_top1,
+                       best_epoch=state.best_epoch, initial=dict(state.initial), interrupted=False)
+
+
+def _run(model: nn.Module, data: Any, cfg: TrainConfig, d: dist_utils.DistInfo, device: torch.device,
+         amp: bool, channels_last: bool, run_dir: Path, saved: dict | None, state: _State,
+         console: Any) -> None:
+    cuda = device.type == "cuda"
+    if cuda:  # object collectives (RNG gather) and nccl use the current device
+        torch.cuda.set_device(device)
+    last_path = ckpt.train_dir(run_dir) / ckpt.LAST
+    best_path = ckpt.train_dir(run_dir) / ckpt.BEST
+    # Optimizer and schedule are built on the plain model: DDP and compile share its parameters.
+    optimizer = build_optimizer(model, cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
+                                nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                                wd_mode=cfg.wd_mode, wd_eps=cfg.wd_eps)
+    sampler = _EpochSampler(data.train, d.rank, d.world_size, cfg.seed, cfg.batch_size)
+    per_rank = len(sampler.base)
+    drop_last = per_rank >= cfg.batch_size  # avoid a ragged last batch (BN), unless it is all we have
+    steps_per_epoch = per_rank // cfg.batch_size if drop_last else math.ceil(per_rank / cfg.batch_size)
+    scheduler = warmup_cosine(optimizer, steps_per_epoch * cfg.epochs,
+                              round(cfg.warmup_epochs * steps_per_epoch))
+    persistent = cuda and cfg.workers > 0
+    train_loader = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler,
+                              num_workers=cfg.workers, pin_memory=cuda, drop_last=drop_last,
+                              persistent_workers=persistent)
+    val_loader = _val_loader(data.val, 2 * cfg.batch_size, device, cfg.workers, persistent)
+    if saved is not None:
+        _restore(saved, model, optimizer, scheduler, state)
+
+    train_fwd: nn.Module = model
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        train_fwd = DDP(model, device_ids=[device.index] if cuda else None)
+    eval_fwd: nn.Module = model  # never the DDP wrapper: shards may differ in batch count
+    if cfg.compile:
+        # Compile the forward only; `model` itself stays an ordinary (parametrized) module.
+        train_fwd = torch.compile(train_fwd)
+        eval_fwd = torch.compile(model) if d.enabled else train_fwd
+
+    log = _MetricsLog(run_dir / "metrics.jsonl" if d.is_main else None)
+    progress = _Progress(console, cfg.epochs, enabled=d.is_main and console is not None)
+    loop = _Loop(cfg, d, device, model, train_fwd, eval_fwd, optimizer, scheduler, sampler,
+                 train_loader, val_loader, amp, channels_last, log, progress, state,
+                 last_path, best_path)
+    try:
+        if saved is None:
+            state.initial = {k: v for k, v in loop.validate().items() if k != "images"}
+        else:
+            _restore_rng(saved, d, device, cfg.seed)
+        loop.run()
+    except _NonFinite as err:
+        where = f"the last good checkpoint is kept at {last_path}" if last_path.exists() else \
+            "no checkpoint was written yet"
+        raise TrainingError(f"{err}; {where}") from None
+    except KeyboardInterrupt:
+        raise TrainingError(loop.save_interrupted(run_dir)) from None
+    finally:
+        progress.close()
+        log.close()
+
+
+class _Loop:
+    """The epoch/step loop; holds the objects ``train`` builds so the loop reads linearly."""
+
+    def __init__(self, cfg: TrainConfig, d: dist_utils.DistInfo, device: torch.device, model: nn.Module,
+                 train_fwd: nn.Module, eval_fwd: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: Any, sampler: _EpochSampler, train_loader: DataLoader,
+                 val_loader: DataLoader, amp: bool, channels_last: bool, log: _MetricsLog,
+                 progress: _Progress, state: _State, last_path: Path, best_path: Path) -> None:
+        self.cfg, self.d, self.device, self.model = cfg, d, device, model
+        self.train_fwd, self.eval_fwd = train_fwd, eval_fwd
+        self.optimizer, self.scheduler, self.sampler = optimizer, scheduler, sampler
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.amp, self.channels_last = amp, channels_last
+        self.log, self.progress, self.state = log, progress, state
+        self.last_path, self.best_path = last_path, best_path
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.train_seconds, self.train_images = 0.0, 0
+        self.saved_epoch = state.epoch  # epoch held by last.pt (the resumed one, or 0: none)
+
+    def validate(self) -> dict:
+        return _evaluate_loader(self.eval_fwd, self.model, self.val_loader, self.device, self.amp,
+                                self.channels_last)
+
+    def run(self) -> None:
+        s = self.state
+        resume_mid_epoch = s.in_epoch
+        for epoch in range(s.epoch + 1, self.cfg.epochs + 1):
+            if not resume_mid_epoch:
+                s.in_epoch, s.batches, s.loss_sum, s.images = True, 0, 0.0, 0
+            resume_mid_epoch = False
+            s.epoch_rng = ckpt.capture_rng(self.device)
+            self._train_epoch(epoch)
+            self._end_epoch(epoch)
+
+    def _train_epoch(self, epoch: int) -> None:
+        s, cfg = self.state, self.cfg
+        self.sampler.set_epoch(epoch, s.batches)
+        self.model.train()
+        self.progress.start_epoch(epoch, s.batches + len(self.train_loader), s.batches)
+        fmt = torch.channels_last if self.channels_last else torch.preserve_format
+        t0 = win_t0 = time.perf_counter()
+        images0, win_loss, win_images = s.images, 0.0, 0
+        for x, y in self.train_loader:
+            x = x.to(self.device, non_blocking=True, memory_format=fmt)
+            y = y.to(self.device, non_blocking=True)
+            loss = self._step(x, y, epoch)
+            n = x.shape[0] * self.d.world_size  # every rank runs equal-sized batches
+            s.batches += 1
+            s.loss_sum += loss * n
+            s.images += n
+            win_loss += loss * n
+            win_images += n
+            now = time.perf_counter()
+            self.progress.step(loss, s.last_lr, (s.images - images0) / max(now - t0, 1e-9))
+            if cfg.log_every and s.step % cfg.log_every == 0:
+                self.log.write({"step": s.step, "epoch": epoch, "loss": win_loss / win_images,
+                                "lr": s.last_lr, "images_per_s": win_images / max(now - win_t0, 1e-9)})
+                win_t0, win_loss, win_images = now, 0.0, 0
+        self.train_seconds = time.perf_counter() - t0
+        self.train_images = s.images - images0
+
+    def _step(self, x: Tensor, y: Tensor, epoch: int) -> float:
+        s = self.state
+        with _autocast(self.device, self.amp):
+            out = _logits(self.train_fwd(x))
+        loss = self.criterion(out.float(), y)
+        # The mean over ranks, known on every rank, so all ranks stop together on a bad loss
+        # (a lone rank raising would leave the others waiting in DDP's gradient all-reduce).
+        value = loss.detach().clone()
+        if self.d.enabled:
+            dist_utils.all_reduce_sum(value)
+            value /= self.d.world_size
+        value_f = float(value)
+        if not math.isfinite(value_f):
+            raise _NonFinite(f"loss became {value_f} at epoch {epoch} step {s.step + 1}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        s.last_lr = float(self.optimizer.param_groups[0]["lr"])
+        self.optimizer.step()
+        self.scheduler.step()
+        s.step += 1
+        return value_f
+
+    def _end_epoch(self, epoch: int) -> None:
+        s = self.state
+        dist_utils.broadcast_buffers(self.model)  # BN running stats: rank 0's everywhere
+        val = self.validate()
+        m = EpochMetrics(epoch=epoch, train_loss=s.loss_sum / max(s.images, 1),
+                         val_loss=val["val_loss"], val_top1=val["val_top1"], val_top5=val["val_top5"],
+                         lr=s.last_lr, images_per_s=self.train_images / max(self.train_seconds, 1e-9))
+        weights = self.model.state_dict()
+        if not ckpt.all_finite(weights):  # same weights on every rank: all ranks stop here
+            raise _NonFinite(f"weights became non-finite at epoch {epoch} step {s.step}")
+        improved = m.val_top1 > s.best_top1
+        s.history.append(m)
+        if improved:
+            s.best_top1, s.best_epoch = m.val_top1, epoch
+        s.epoch, s.in_epoch, s.batches, s.loss_sum, s.images = epoch, False, 0, 0.0, 0
+        rngs = dist_utils.all_gather_objects(ckpt.capture_rng(self.device))
+        if self.d.is_main:
+            payload = self._payload(weights, rngs)
+            ckpt.save_atomic(payload, self.last_path)
+            self.saved_epoch = epoch
+            if improved:
+                ckpt.save_atomic(payload, self.best_path)
+            self.log.write(m.to_dict())
+            self.progress.epoch_done(m)
+
+    def _payload(self, weights: dict, rngs: list) -> dict:
+        s = self.state
+        partial = None
+        if s.in_epoch:
+            partial = {"batches": s.batches, "loss_sum": s.loss_sum, "images": s.images}
+        return {
+            "format": 1,
+            "model": weights,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": None,  # bf16 autocast needs no loss scaling
+            "epoch": s.epoch,
+            "step": s.step,
+            "best": {"top1": s.best_top1, "epoch": s.best_epoch},
+            "config": self.cfg.to_dict(),
+            "history": [m.to_dict() for m in s.history],
+            "initial": dict(s.initial),
+            "partial": partial,
+            "last_lr": s.last_lr,
+            "rng": rngs,
+            "world_size": self.d.world_size,
+        }
+
+    def save_interrupted(self, run_dir: Path) -> str:
+        """Save the current state after Ctrl-C (rank 0, finite weights only); the user message."""
+        s = self.state
+        resume = f"continue with --resume {run_dir}"
+        if not s.in_epoch:
+            if s.epoch == 0:
+                return "training interrupted before the first epoch; no checkpoint was written"
+            if self.saved_epoch == s.epoch:  # between epochs: last.pt already holds this state
+                return f"training interrupted after epoch {s.epoch}; {resume}"
+        where = f"epoch {s.epoch + 1} step {s.step}" if s.in_epoch else f"the end of epoch {s.epoch}"
+        if not self.d.is_main:
+            return f"training interrupted at {where}; {resume}"
+        weights = self.model.state_dict()
+        if not ckpt.all_finite(weights):
+            kept = f"the last good checkpoint is kept at {self.last_path}" if self.last_path.exists() \
+                else "no checkpoint was written"
+            return f"training interrupted at {where} with non-finite weights; {kept}"
+        # No collectives here: other ranks may be anywhere, so only rank 0's RNG state is kept.
+        # Mid-epoch the epoch-start state is kept: with nothing trained yet it resumes exactly.
+        rng = s.epoch_rng if s.in_epoch else ckpt.capture_rng(self.device)
+        ckpt.save_atomic(self._payload(weights, [rng]), self.last_path)
+        return f"training interrupted at {where}; state saved to {self.last_path}; {resume}"
+
+
+def _check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
+    old = saved.get("config", {})
+    diff = [f for f in _TRAJECTORY_FIELDS if f in old and old[f] != getattr(cfg, f)]
+    if diff:
+        shown = ", ".join(f"{f} {old[f]!r} -> {getattr(cfg, f)!r}" for f in diff)
+        raise UserInputError(f"cannot resume {path}: training settings changed ({shown})")
+
+
+def _restore(saved: dict, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+             state: _State) -> None:
+    try:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserInputError(f"training checkpoint does not match this model: {first}") from None
+    scheduler.load_state_dict(saved["scheduler"])
+    state.epoch, state.step = int(saved["epoch"]), int(saved["step"])
+    state.best_top1, state.best_epoch = float(saved["best"]["top1"]), int(saved["best"]["epoch"])
+    state.history = [EpochMetrics(**m) for m in saved["history"]]
+    state.initial = dict(saved["initial"])
+    state.last_lr = float(saved.get("last_lr", 0.0))
+    partial = saved.get("partial")
+    if partial:
+        state.in_epoch = True
+        state.batches, state.loss_sum = int(partial["batches"]), float(partial["loss_sum"])
+        state.images = int(partial["images"])
+
+
+def _restore_rng(saved: dict, d: dist_utils.DistInfo, device: torch.device, seed: int) -> None:
+    rngs = saved.get("rng") or []
+    if d.rank < len(rngs) and int(saved.get("world_size", 1)) == d.world_size:
+        ckpt.restore_rng(rngs[d.rank], device)
+    else:  # another world size, or a Ctrl-C checkpoint that only kept rank 0: reseed distinctly
+        _seed_all(seed + d.rank + 7919 * (int(saved["epoch"]) + 1))
