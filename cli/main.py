@@ -54,6 +54,7 @@ def finetune(
     limit_train: Optional[int] = typer.Option(None, help="Use a fixed random subset of N training images."),
     limit_val: Optional[int] = typer.Option(None, help="Use a fixed random subset of N validation images."),
     download: bool = typer.Option(False, help="Let torchvision download CIFAR into the given path."),
+    gpu_decode: bool = typer.Option(False, "--gpu-decode", help="Decode JPEGs and augment on the GPU (nvjpeg); imagefolder data only."),
     batch_size: int = typer.Option(128, help="Per-process batch size."),
     optimizer: str = typer.Option("sgd", help="sgd | adamw | lars"),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default per optimizer, see docs/training.md)."),
@@ -104,7 +105,7 @@ def finetune(
         cfg = RunConfig(
             model=model, out=out or Path("runs") / f"{model}-{scheme}", weights=weights,
             num_classes=num_classes, data=data, image_size=image_size, limit_train=limit_train,
-            limit_val=limit_val, download=download,
+            limit_val=limit_val, download=download, gpu_decode=gpu_decode,
             scheme=_scheme_config(scheme, gain, scale_grad, exclude, skip_depthwise),
             fold=FoldConfig(bn, granularity), verify=_verify_config(rtol, samples),
             train=train_cfg, no_export=no_export, overwrite=overwrite)
@@ -138,7 +139,8 @@ def _resume_config(manifest: dict, run_dir: Path):
         model=manifest["model"], out=Path(run_dir), weights="none",
         num_classes=manifest["num_classes"], data=manifest["data"],
         image_size=manifest["preprocess"]["image_size"], limit_train=manifest.get("limit_train"),
-        limit_val=manifest.get("limit_val"), scheme=SchemeConfig(**s),
+        limit_val=manifest.get("limit_val"), gpu_decode=manifest.get("gpu_decode", False),
+        scheme=SchemeConfig(**s),
         fold=FoldConfig(**manifest["fold"]), export=ExportConfig(**manifest["export"]),
         verify=VerifyConfig(**manifest["verify"]), train=TrainConfig(**manifest["train"]))
 

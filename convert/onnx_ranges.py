@@ -50,47 +50,54 @@ def load_model(path: Path) -> onnx.ModelProto:
 def weight_ranges(model: onnx.ModelProto) -> list[WeightRange]:
     graph = model.graph
     consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    producer = {}
     for node in graph.node:
         if node.op_type == "Constant":
             for attr in node.attribute:
                 if attr.name == "value":
                     consts[node.output[0]] = numpy_helper.to_array(attr.t)
-        for out in node.output:
-            producer[out] = node
-
-    def trace(name: str) -> tuple[str, str] | None:
-        """(initializer, how) for a constant operand, None for an activation."""
-        if name in consts:
-            return name, "direct"
-        node = producer.get(name)
-        if node is None:
-            return None
-        if node.op_type in PASS_THROUGH:
-            return trace(node.input[0])
-        sources = [trace(i) for i in node.input if i]
-        if any(s is None for s in sources):
-            return None
-        if node.op_type == "Mul" and len(sources) == 2:
-            big = max(sources, key=lambda s: consts[s[0]].size)
-            if big[1] == "direct":
-                return big[0], "weight-side Mul"
-        return sources[0][0] if sources else name, "computed in graph"
+    origin = _constant_origins(graph, consts)
 
     out = []
     for node in graph.node:
         for idx in WEIGHT_OPS.get(node.op_type, ()):
-            if idx >= len(node.input):
-                continue
-            found = trace(node.input[idx])
-            if found is None:
-                continue
-            init, how = found
+            if idx >= len(node.input) or node.input[idx] not in origin:
+                continue  # an activation operand
+            init, how = origin[node.input[idx]]
             arr = consts.get(init)
             max_abs = float(np.abs(arr).max()) if arr is not None and arr.size else float("nan")
             shape = list(arr.shape) if arr is not None else []
             out.append(WeightRange(node.name or node.output[0], node.op_type, init, shape, max_abs, how))
     return out
+
+
+def _constant_origins(graph, consts: dict[str, np.ndarray]) -> dict[str, tuple[str, str]]:
+    """For every value computed from constants only: ``(source initializer, how)``.
+
+    One pass in the graph's topological order (ONNX requires it), so deep and residual graphs
+    cost one visit per node.
+    """
+    origin = {name: (name, "direct") for name in consts}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            continue
+        ins = [i for i in node.input if i]
+        if not ins:
+            continue
+        if node.op_type in PASS_THROUGH:
+            if ins[0] not in origin:
+                continue
+            found = origin[ins[0]]
+        else:
+            if any(i not in origin for i in ins):
+                continue
+            found = (origin[ins[0]][0], "computed in graph")
+            if node.op_type == "Mul" and len(ins) == 2:
+                big = max((origin[i] for i in ins), key=lambda o: consts[o[0]].size)
+                if big[1] == "direct":
+                    found = (big[0], "weight-side Mul")
+        for o in node.output:
+            origin[o] = found
+    return origin
 
 
 def check_unit_range(ranges: list[WeightRange], what: str) -> None:

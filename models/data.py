@@ -14,13 +14,16 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import MISSING, asdict, dataclass, fields
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from ..convert.errors import UserInputError
+
+if TYPE_CHECKING:
+    from .gpu_decode import GpuBatchTransform
 
 
 class DataError(UserInputError):
@@ -398,6 +401,9 @@ class DataBundle:
     num_classes: int
     classes: list[str]
     small_images: bool
+    # Set by build_data(..., gpu_decode=True): train/val then yield encoded file bytes and train()
+    # decodes and augments each batch on the device with this transform (models/gpu_decode.py).
+    gpu_transform: GpuBatchTransform | None = None
 
 
 def _check_limit(name: str, value: Any) -> int | None:
@@ -423,10 +429,13 @@ def build_data(
     download: bool = False,
     train_augment: bool = True,
     seed: int = 0,
+    gpu_decode: bool = False,
 ) -> DataBundle:
     """Train and val datasets yielding (float32 3xHxW tensor, int label).
 
     ``limit_*`` keep a seeded random subset (classes stay mixed); for ``synthetic`` they set the size.
+    ``gpu_decode`` (imagefolder only): the datasets yield (encoded bytes, label, path) instead and
+    ``bundle.gpu_transform`` decodes, augments and normalizes whole batches on the training device.
     """
     from . import datasets as ds  # datasets.py imports DataError from here
 
@@ -434,6 +443,11 @@ def build_data(
     limit_train = _check_limit("limit_train", limit_train)
     limit_val = _check_limit("limit_val", limit_val)
     seed = _check_seed(seed)
+    if gpu_decode:  # same folders, subsets and preprocessing; decoding moves to the device
+        from .gpu_decode import build_encoded_data
+
+        return build_encoded_data(spec, preprocess, limit_train=limit_train, limit_val=limit_val,
+                                  train_augment=train_augment, seed=seed)
     small = ds.is_small(spec, preprocess)
     eval_tf = preprocess.eval_transform()
     train_tf = preprocess.train_transform(small) if train_augment else eval_tf

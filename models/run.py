@@ -54,6 +54,7 @@ class RunConfig:
     limit_train: int | None = None
     limit_val: int | None = None
     download: bool = False
+    gpu_decode: bool = False         # imagefolder JPEGs decoded and augmented on the GPU
     scheme: SchemeConfig = field(default_factory=SchemeConfig)
     fold: FoldConfig = field(default_factory=FoldConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -124,7 +125,7 @@ def run_finetune(cfg: RunConfig, console=None, resume: bool = False) -> RunSumma
         from .data import build_data
         preprocess = resolve_preprocess(cfg, built)
         data = build_data(cfg.data, preprocess, limit_train=cfg.limit_train,
-                          limit_val=cfg.limit_val, download=cfg.download)
+                          limit_val=cfg.limit_val, download=cfg.download, gpu_decode=cfg.gpu_decode)
         if data.num_classes != built.num_classes:
             if cfg.num_classes:
                 raise UserInputError(f"--num-classes {cfg.num_classes} does not match the "
@@ -147,6 +148,7 @@ def run_finetune(cfg: RunConfig, console=None, resume: bool = False) -> RunSumma
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": cfg.model, "weights": built.weights, "num_classes": built.num_classes,
         "data": cfg.data, "limit_train": cfg.limit_train, "limit_val": cfg.limit_val,
+        "gpu_decode": cfg.gpu_decode,
         "preprocess": preprocess.to_dict(),
         "input": {"name": "input", "layout": "NCHW", "dtype": "float32",
                   "shape": ["batch", *shape], "normalized": True},

@@ -27,7 +27,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Generator, Iterator
 
 import numpy as np
 import torch
@@ -142,7 +142,7 @@ def _logits(out: Any) -> Tensor:
 
 @torch.no_grad()
 def _evaluate_loader(forward: nn.Module, module: nn.Module, loader: DataLoader, device: torch.device,
-                     amp: bool, channels_last: bool) -> dict:
+                     amp: bool, channels_last: bool, gpu_transform: Any = None) -> dict:
     """Loss sum, top-1/top-5 hits and image count over this rank's loader, summed over ranks.
 
     ``forward`` runs the batches (maybe compiled); ``module`` is the plain model whose train/eval
@@ -153,8 +153,9 @@ def _evaluate_loader(forward: nn.Module, module: nn.Module, loader: DataLoader, 
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits
     images = 0
     fmt = torch.channels_last if channels_last else torch.preserve_format
+    batches = _device_batches(loader, gpu_transform, device, train=False)
     try:
-        for x, y in loader:
+        for x, y in batches:
             images += y.numel()
             x = x.to(device, non_blocking=True, memory_format=fmt)
             y = y.to(device, non_blocking=True)
@@ -165,6 +166,7 @@ def _evaluate_loader(forward: nn.Module, module: nn.Module, loader: DataLoader, 
             sums += torch.stack([F.cross_entropy(out, y, reduction="sum").double(),
                                  hits[:, 0].sum().double(), hits.any(dim=1).sum().double()])
     finally:
+        batches.close()
         module.train(was_training)
     totals = torch.cat([sums, torch.tensor([float(images)], dtype=torch.float64, device=device)])
     dist_utils.all_reduce_sum(totals)
@@ -175,24 +177,43 @@ def _evaluate_loader(forward: nn.Module, module: nn.Module, loader: DataLoader, 
 
 
 def _val_loader(dataset: Dataset, batch_size: int, device: torch.device, workers: int,
-                persistent: bool = False) -> DataLoader:
+                persistent: bool = False, gpu_transform: Any = None) -> DataLoader:
     d = dist_utils.info()
     if d.enabled:  # strided shard without padding: the reduced count is exactly len(dataset)
         dataset = Subset(dataset, dist_utils.shard(len(dataset), d.rank, d.world_size))
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      pin_memory=device.type == "cuda", persistent_workers=persistent and workers > 0)
+                      pin_memory=device.type == "cuda", persistent_workers=persistent and workers > 0,
+                      collate_fn=_collate(gpu_transform))
+
+
+def _collate(gpu_transform: Any) -> Any:
+    # GPU decode (models/gpu_decode.py): batches are lists of encoded bytes, not stacked tensors.
+    return None if gpu_transform is None else gpu_transform.collate
+
+
+def _device_batches(loader: DataLoader, gpu_transform: Any, device: torch.device, *,
+                    train: bool) -> Generator[tuple[Tensor, Tensor], None, None]:
+    """The loader's batches; with GPU decode, decoded and augmented on ``device`` (a batch ahead,
+    in a background thread, on CUDA). Close it when leaving the loop early."""
+    if gpu_transform is None:
+        return (batch for batch in loader)
+    from .gpu_decode import device_batches
+    return device_batches(loader, gpu_transform, device, train=train)
 
 
 def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256,
-             device: str | torch.device = "cpu", workers: int = 0, amp: bool = False) -> dict:
+             device: str | torch.device = "cpu", workers: int = 0, amp: bool = False,
+             gpu_transform: Any = None) -> dict:
     """``{"val_loss", "val_top1", "val_top5", "images"}`` of ``model`` (already on ``device``).
 
     Accuracies are fractions, the loss is plain cross entropy. Under an initialized process group
-    each rank evaluates a disjoint shard and the results are summed over all ranks.
+    each rank evaluates a disjoint shard and the results are summed over all ranks. Pass the
+    bundle's ``gpu_transform`` with the ``val`` of a ``build_data(..., gpu_decode=True)`` bundle.
     """
     dev = torch.device(device)
-    loader = _val_loader(dataset, batch_size, dev, workers)
-    return _evaluate_loader(model, model, loader, dev, amp, channels_last=False)
+    loader = _val_loader(dataset, batch_size, dev, workers, gpu_transform=gpu_transform)
+    return _evaluate_loader(model, model, loader, dev, amp, channels_last=False,
+                            gpu_transform=gpu_transform)
 
 
 # -- small helpers -----------------------------------------------------------------------------
@@ -392,10 +413,12 @@ def _run(model: nn.Module, data: Any, cfg: TrainConfig, d: dist_utils.DistInfo, 
     scheduler = warmup_cosine(optimizer, steps_per_epoch * cfg.epochs,
                               round(cfg.warmup_epochs * steps_per_epoch))
     persistent = cuda and cfg.workers > 0
+    gpu_transform = getattr(data, "gpu_transform", None)  # set by build_data(..., gpu_decode=True)
     train_loader = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler,
                               num_workers=cfg.workers, pin_memory=cuda, drop_last=drop_last,
-                              persistent_workers=persistent)
-    val_loader = _val_loader(data.val, 2 * cfg.batch_size, device, cfg.workers, persistent)
+                              persistent_workers=persistent, collate_fn=_collate(gpu_transform))
+    val_loader = _val_loader(data.val, 2 * cfg.batch_size, device, cfg.workers, persistent,
+                             gpu_transform)
     if saved is not None:
         _restore(saved, model, optimizer, scheduler, state)
 
@@ -413,7 +436,7 @@ def _run(model: nn.Module, data: Any, cfg: TrainConfig, d: dist_utils.DistInfo, 
     progress = _Progress(console, cfg.epochs, enabled=d.is_main and console is not None)
     loop = _Loop(cfg, d, device, model, train_fwd, eval_fwd, optimizer, scheduler, sampler,
                  train_loader, val_loader, amp, channels_last, log, progress, state,
-                 last_path, best_path)
+                 last_path, best_path, gpu_transform)
     try:
         if saved is None:
             state.initial = {k: v for k, v in loop.validate().items() if k != "images"}
@@ -427,6 +450,8 @@ def _run(model: nn.Module, data: Any, cfg: TrainConfig, d: dist_utils.DistInfo, 
     except KeyboardInterrupt:
         raise TrainingError(loop.save_interrupted(run_dir)) from None
     finally:
+        if loop.batches is not None:
+            loop.batches.close()  # stops the GPU-decode thread after Ctrl-C or a bad loss
         progress.close()
         log.close()
 
@@ -438,7 +463,8 @@ class _Loop:
                  train_fwd: nn.Module, eval_fwd: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: Any, sampler: _EpochSampler, train_loader: DataLoader,
                  val_loader: DataLoader, amp: bool, channels_last: bool, log: _MetricsLog,
-                 progress: _Progress, state: _State, last_path: Path, best_path: Path) -> None:
+                 progress: _Progress, state: _State, last_path: Path, best_path: Path,
+                 gpu_transform: Any = None) -> None:
         self.cfg, self.d, self.device, self.model = cfg, d, device, model
         self.train_fwd, self.eval_fwd = train_fwd, eval_fwd
         self.optimizer, self.scheduler, self.sampler = optimizer, scheduler, sampler
@@ -446,6 +472,8 @@ class _Loop:
         self.amp, self.channels_last = amp, channels_last
         self.log, self.progress, self.state = log, progress, state
         self.last_path, self.best_path = last_path, best_path
+        self.gpu_transform = gpu_transform
+        self.batches: Generator[tuple[Tensor, Tensor], None, None] | None = None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.train_seconds, self.train_images = 0.0, 0
@@ -453,7 +481,7 @@ class _Loop:
 
     def validate(self) -> dict:
         return _evaluate_loader(self.eval_fwd, self.model, self.val_loader, self.device, self.amp,
-                                self.channels_last)
+                                self.channels_last, self.gpu_transform)
 
     def run(self) -> None:
         s = self.state
@@ -474,7 +502,9 @@ class _Loop:
         fmt = torch.channels_last if self.channels_last else torch.preserve_format
         t0 = win_t0 = time.perf_counter()
         images0, win_loss, win_images = s.images, 0.0, 0
-        for x, y in self.train_loader:
+        # With GPU decode this feeds a background thread; _run's finally closes it on an error.
+        self.batches = _device_batches(self.train_loader, self.gpu_transform, self.device, train=True)
+        for x, y in self.batches:
             x = x.to(self.device, non_blocking=True, memory_format=fmt)
             y = y.to(self.device, non_blocking=True)
             loss = self._step(x, y, epoch)
