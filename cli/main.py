@@ -22,9 +22,10 @@ app = typer.Typer(
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
 
 
-def _scheme_config(scheme, gain, scale_grad, exclude, skip_depthwise):
+def _scheme_config(scheme, gain, scale_grad, exclude, skip_depthwise, weight_bits=None):
     from wnconvert.convert.schemes import SchemeConfig
-    return SchemeConfig(scheme, gain, scale_grad, tuple(exclude or ()), skip_depthwise)
+    return SchemeConfig(scheme, gain, scale_grad, tuple(exclude or ()), skip_depthwise,
+                        weight_bits=weight_bits)
 
 
 def _verify_config(rtol, samples, min_top1=1.0):
@@ -48,6 +49,7 @@ def finetune(
     scale_grad: str = typer.Option("full", help="full | detach: gradient through max/norm, or scale as a constant"),
     exclude: Optional[List[str]] = typer.Option(None, help="Leave layers matching this name pattern alone (repeatable)."),
     skip_depthwise: bool = typer.Option(False, help="Leave depthwise convs unreparametrized."),
+    weight_bits: Optional[int] = typer.Option(None, help="Fake-quantize N(W) to the symmetric B-bit grid on [-1, 1] during training (2..8; layer-max / channel-max)."),
     bn: str = typer.Option("keep", help="keep: absorb scales into BatchNorm | fold: fold BatchNorm into the weights"),
     granularity: str = typer.Option("tensor", help="tensor | channel: scale granularity where the fold re-normalizes"),
     image_size: Optional[int] = typer.Option(None, help="Input resolution (default: the data's or the weights')."),
@@ -56,7 +58,7 @@ def finetune(
     download: bool = typer.Option(False, help="Let torchvision download CIFAR into the given path."),
     gpu_decode: bool = typer.Option(False, "--gpu-decode", help="Decode JPEGs and augment on the GPU (nvjpeg); imagefolder data only."),
     batch_size: int = typer.Option(128, help="Per-process batch size."),
-    optimizer: str = typer.Option("sgd", help="sgd | adamw | lars"),
+    optimizer: str = typer.Option("adamw", help="adamw | sgd | lars (see docs/training.md for why adamw is the default)"),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default per optimizer, see docs/training.md)."),
     momentum: float = typer.Option(0.9),
     nesterov: bool = typer.Option(False),
@@ -73,6 +75,7 @@ def finetune(
     workers: int = typer.Option(2, help="DataLoader worker processes."),
     seed: int = typer.Option(0),
     log_every: int = typer.Option(50, help="Steps between step records in metrics.jsonl."),
+    diagnostics: int = typer.Option(0, "--diagnostics", metavar="K", help="Log per-layer training dynamics to dynamics.jsonl every K steps (0: off); see `wnconvert report`."),
     resume: Optional[Path] = typer.Option(None, help="Continue the run in this directory from its last checkpoint."),
     no_export: bool = typer.Option(False, "--no-export", help="Stop after training: no fold, export or verify."),
     rtol: float = typer.Option(1e-4, help="Parity: max |err| / max |ref| allowed."),
@@ -101,12 +104,12 @@ def finetune(
                 nesterov=nesterov, weight_decay=weight_decay, wd_mode=wd_mode, wd_eps=wd_eps,
                 warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, grad_clip=grad_clip,
                 device=device, amp=amp, channels_last=channels_last, compile=compile,
-                workers=workers, seed=seed, log_every=log_every)
+                workers=workers, seed=seed, log_every=log_every, diagnostics=diagnostics)
         cfg = RunConfig(
             model=model, out=out or Path("runs") / f"{model}-{scheme}", weights=weights,
             num_classes=num_classes, data=data, image_size=image_size, limit_train=limit_train,
             limit_val=limit_val, download=download, gpu_decode=gpu_decode,
-            scheme=_scheme_config(scheme, gain, scale_grad, exclude, skip_depthwise),
+            scheme=_scheme_config(scheme, gain, scale_grad, exclude, skip_depthwise, weight_bits),
             fold=FoldConfig(bn, granularity), verify=_verify_config(rtol, samples),
             train=train_cfg, no_export=no_export, overwrite=overwrite)
     from wnconvert.models import distributed
@@ -210,9 +213,33 @@ def export(
     granularity: Optional[str] = typer.Option(None, help="tensor | channel (default: the run's)"),
     opset: Optional[int] = typer.Option(None, help="ONNX opset (default: the run's)."),
     rtol: Optional[float] = typer.Option(None, help="Parity tolerance (default: the run's)."),
+    precision: str = typer.Option("fp32", help="fp32 (model.onnx) | fp16 | int8 | int4: writes model.PRECISION.onnx from model.onnx."),
+    data: Optional[str] = typer.Option(None, help="Calibration data spec (needed for int8 activations)."),
+    calib_samples: int = typer.Option(256, help="Calibration images taken from --data."),
+    act_bits: Optional[str] = typer.Option(None, help="8 | float: activations of int8/int4 files (default: 8 for int8, float for int4)."),
+    per_channel: Optional[bool] = typer.Option(None, "--per-channel/--per-tensor", help="Weight scales (default: per tensor for layer-max runs, else per channel)."),
+    calibrate_method: str = typer.Option("minmax", help="minmax | percentile | entropy"),
     json_out: bool = JsonOpt,
 ):
-    """Fold the run's checkpoint, write RUN_DIR/model.onnx, check weight ranges and parity."""
+    """Fold the run's checkpoint, write RUN_DIR/model.onnx, check weight ranges and parity.
+    With --precision fp16|int8|int4: write RUN_DIR/model.PRECISION.onnx from model.onnx instead."""
+    if precision != "fp32":
+        from .quant import export_precision
+        from wnconvert.convert.quantize import check_precision
+        check_precision(precision)
+        entry = export_precision(run_dir, precision, data=data, calib_samples=calib_samples,
+                                 act_bits=act_bits, per_channel=per_channel,
+                                 calibrate_method=calibrate_method, rtol=rtol)
+        if json_out:
+            print_json(entry)
+        else:
+            c = entry["vs_fp32"]
+            console.print(f"wrote {run_dir / entry['file']} ({entry['activations']} activations, "
+                          f"weights {entry['weight_storage'] or 'fp16'}): top-1 agreement "
+                          f"{c['top1_agreement']:.4f}, cosine {c['cosine_min']:.6f}, SQNR {c['sqnr_db']:.1f} dB")
+        return
+    from wnconvert.convert.quantize import check_precision
+    check_precision(precision)
     from wnconvert.convert.export import ExportConfig
     from wnconvert.convert.fold import FoldConfig
     from wnconvert.convert.pipeline import convert, require_parity
@@ -337,6 +364,16 @@ def models(json_out: bool = JsonOpt):
         return
     console.print(", ".join(names))
     console.print(f"{len(names)} models")
+
+
+from .report_cmd import report as _report_command  # noqa: E402  (heavy imports happen inside)
+
+app.command(name="report")(_report_command)
+
+
+from .quant import eval_command as _eval_command  # noqa: E402
+
+app.command(name="eval")(_eval_command)
 
 
 def main() -> None:

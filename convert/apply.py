@@ -39,7 +39,9 @@ def apply_scheme(model: nn.Module, config: SchemeConfig) -> ApplyReport:
             report.skipped[target.qualname] = why
             continue
         weight = getattr(module, target.tensor_name)
-        reparam = cls(weight, ChannelLayout.of(module), gain=config.gain, scale_grad=config.scale_grad)
+        extra = {"weight_bits": config.weight_bits} if getattr(config, "weight_bits", None) else {}
+        reparam = cls(weight, ChannelLayout.of(module), gain=config.gain, scale_grad=config.scale_grad,
+                      **extra)
         reparam.to(device=weight.device)
         parametrize.register_parametrization(module, target.tensor_name, reparam)
         report.applied.append(target.qualname)

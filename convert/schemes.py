@@ -38,7 +38,7 @@ class Reparam(nn.Module):
     per_channel: bool = True
 
     def __init__(self, weight: Tensor, layout: ChannelLayout, gain: str = "frozen",
-                 scale_grad: str = "full") -> None:
+                 scale_grad: str = "full", weight_bits: int | None = None) -> None:
         super().__init__()
         if gain not in GAIN_MODES:
             raise ValueError(f"gain must be one of {GAIN_MODES}, not {gain!r}")
@@ -47,6 +47,7 @@ class Reparam(nn.Module):
         self.layout = layout
         self.gain_mode = gain
         self.detach_scale = scale_grad == "detach"
+        self.weight_bits = weight_bits  # fake-quantize N(W) to this grid (max schemes only)
         with torch.no_grad():
             init = self.initial_gain(weight.detach())
         self._register_affine("gain", init if gain != "none" else None)
@@ -98,7 +99,15 @@ class Reparam(nn.Module):
         return self.normalize(weight), self.scale_vector(weight)
 
     def extra_repr(self) -> str:
-        return f"gain={self.gain_mode}, scale_grad={'detach' if self.detach_scale else 'full'}"
+        bits = f", weight_bits={self.weight_bits}" if getattr(self, "weight_bits", None) else ""
+        return f"gain={self.gain_mode}, scale_grad={'detach' if self.detach_scale else 'full'}{bits}"
+
+    def _fake_quant(self, n: Tensor) -> Tensor:
+        bits = getattr(self, "weight_bits", None)
+        if not bits:
+            return n
+        from .fakequant import fake_quant
+        return fake_quant(n, bits)
 
 
 class LayerMax(Reparam):
@@ -106,7 +115,7 @@ class LayerMax(Reparam):
     per_channel = False
 
     def normalize(self, weight: Tensor) -> Tensor:
-        return weight / safe_divisor(self._scale(weight.abs().amax()))
+        return self._fake_quant(weight / safe_divisor(self._scale(weight.abs().amax())))
 
     def initial_gain(self, weight: Tensor) -> Tensor:
         return weight.abs().amax()
@@ -117,7 +126,7 @@ class ChannelMax(Reparam):
 
     def normalize(self, weight: Tensor) -> Tensor:
         m = self._scale(self.layout.amax(weight))
-        return self.layout.div(weight, safe_divisor(m))
+        return self._fake_quant(self.layout.div(weight, safe_divisor(m)))
 
     def initial_gain(self, weight: Tensor) -> Tensor:
         return self.layout.amax(weight)
@@ -199,6 +208,8 @@ SCHEMES: dict[str, type[Reparam] | None] = {
     "none": None,
 }
 
+WEIGHT_BITS_SCHEMES = ("layer-max", "channel-max")
+
 SCHEME_HELP = {
     "layer-max": "W / max|W| over the whole tensor; one scale per layer",
     "channel-max": "W / max|W_c| per output channel",
@@ -217,6 +228,7 @@ class SchemeConfig:
     scale_grad: str = "full"
     exclude: tuple[str, ...] = ()
     skip_depthwise: bool = False
+    weight_bits: int | None = None   # fake-quantize N(W) to the symmetric B-bit grid (max schemes)
 
     def __post_init__(self) -> None:
         from .errors import UserInputError
@@ -230,3 +242,11 @@ class SchemeConfig:
             raise UserInputError(
                 f"unknown scale-grad mode {self.scale_grad!r}; choose one of: {', '.join(SCALE_GRAD_MODES)}")
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        if self.weight_bits is not None:
+            bits = self.weight_bits
+            if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+                raise UserInputError(f"--weight-bits must be an integer from 2 to 8, not {bits!r}")
+            if self.scheme not in WEIGHT_BITS_SCHEMES:
+                raise UserInputError(
+                    f"--weight-bits needs a scheme with a fixed [-1, 1] range "
+                    f"({', '.join(WEIGHT_BITS_SCHEMES)}), not {self.scheme!r}")

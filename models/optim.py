@@ -70,6 +70,13 @@ DEFAULTS: dict[str, OptimDefaults] = {
     "adamw": OptimDefaults(lr=1e-4, weight_decay=0.05),
     "lars": OptimDefaults(lr=0.01, weight_decay=1e-4),
 }
+# Training from scratch (`--weights none`) needs the usual from-scratch rates, ten times the
+# fine-tuning ones, and the CIFAR-style decay.
+SCRATCH_DEFAULTS: dict[str, OptimDefaults] = {
+    "sgd": OptimDefaults(lr=0.1, weight_decay=5e-4),
+    "adamw": OptimDefaults(lr=1e-3, weight_decay=0.05),
+    "lars": OptimDefaults(lr=0.1, weight_decay=5e-4),
+}
 DEFAULT_WD_EPS = 1e-3
 DEFAULT_MOMENTUM = 0.9
 # Myrtle's equilibrium relation at the sgd defaults; see the module docstring.

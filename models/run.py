@@ -132,6 +132,8 @@ def run_finetune(cfg: RunConfig, console=None, resume: bool = False) -> RunSumma
                                      f"{data.num_classes} classes of {cfg.data}")
             built = build_model(cfg.model, cfg.weights if not resume else "none", data.num_classes)
     preprocess = resolve_preprocess(cfg, built)
+    if cfg.train is not None and built.weights == "none" and not resume:
+        cfg.train = from_scratch_defaults(cfg.train)
     model = built.model.eval()
     shape = (3, preprocess.image_size, preprocess.image_size)
     original = copy.deepcopy(model)
@@ -160,6 +162,7 @@ def run_finetune(cfg: RunConfig, console=None, resume: bool = False) -> RunSumma
     }
     if rank.is_main:
         write_json(out / MANIFEST, manifest)
+        (out / METRICS).touch()  # every run directory has one; empty when nothing was trained
     report: dict = {"apply": apply_report.to_dict(), "step0_rel_deviation": step0}
 
     if cfg.train is not None and getattr(cfg.train, "epochs", 0) > 0:
@@ -187,6 +190,19 @@ def run_finetune(cfg: RunConfig, console=None, resume: bool = False) -> RunSumma
     if conversion is not None:
         require_parity(conversion)
     return RunSummary(out, manifest, report, conversion)
+
+
+def from_scratch_defaults(train_cfg):
+    """Fill an unset lr / weight decay with the from-scratch defaults (docs/training.md)."""
+    from dataclasses import replace
+
+    from .optim import SCRATCH_DEFAULTS
+
+    d = SCRATCH_DEFAULTS.get(train_cfg.optimizer)
+    if d is None:
+        return train_cfg
+    return replace(train_cfg, lr=d.lr if train_cfg.lr is None else train_cfg.lr,
+                   weight_decay=d.weight_decay if train_cfg.weight_decay is None else train_cfg.weight_decay)
 
 
 def finish_manifest(out: Path, manifest: dict) -> None:

@@ -68,6 +68,7 @@ class TrainConfig:
     workers: int = 2
     seed: int = 0
     log_every: int = 50               # steps between step records in metrics.jsonl; 0 = none
+    diagnostics: int = 0              # steps between dynamics.jsonl records (models/diagnostics.py); 0 = off
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,6 +97,8 @@ class TrainConfig:
             bad(f"workers must be >= 0, got {self.workers}")
         if self.log_every < 0:
             bad(f"log_every must be >= 0, got {self.log_every}")
+        if self.diagnostics < 0:
+            bad(f"diagnostics must be >= 0, got {self.diagnostics}")
         if not (0 <= self.warmup_epochs <= self.epochs):
             bad(f"warmup epochs must be between 0 and epochs ({self.epochs}), got {self.warmup_epochs}")
         if not 0 <= self.label_smoothing < 1:
@@ -437,6 +440,11 @@ def _run(model: nn.Module, data: Any, cfg: TrainConfig, d: dist_utils.DistInfo, 
     loop = _Loop(cfg, d, device, model, train_fwd, eval_fwd, optimizer, scheduler, sampler,
                  train_loader, val_loader, amp, channels_last, log, progress, state,
                  last_path, best_path, gpu_transform)
+    if cfg.diagnostics and d.is_main:
+        from .diagnostics import Diagnostics
+        loop.diagnostics = Diagnostics(model, optimizer, cfg.diagnostics, run_dir,
+                                       optimizer_name=cfg.optimizer, momentum=cfg.momentum,
+                                       write_initial=saved is None)
     try:
         if saved is None:
             state.initial = {k: v for k, v in loop.validate().items() if k != "images"}
@@ -454,6 +462,8 @@ def _run(model: nn.Module, data: Any, cfg: TrainConfig, d: dist_utils.DistInfo, 
             loop.batches.close()  # stops the GPU-decode thread after Ctrl-C or a bad loss
         progress.close()
         log.close()
+        if loop.diagnostics is not None:
+            loop.diagnostics.close()
 
 
 class _Loop:
@@ -478,6 +488,7 @@ class _Loop:
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.train_seconds, self.train_images = 0.0, 0
         self.saved_epoch = state.epoch  # epoch held by last.pt (the resumed one, or 0: none)
+        self.diagnostics: Any = None  # models.diagnostics.Diagnostics on rank 0 when enabled
 
     def validate(self) -> dict:
         return _evaluate_loader(self.eval_fwd, self.model, self.val_loader, self.device, self.amp,
@@ -542,7 +553,13 @@ class _Loop:
         if self.cfg.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         s.last_lr = float(self.optimizer.param_groups[0]["lr"])
+        diag = self.diagnostics if self.diagnostics is not None and \
+            self.diagnostics.due(s.step + 1) else None
+        if diag is not None:
+            diag.before_step(s.step + 1, epoch, s.last_lr)
         self.optimizer.step()
+        if diag is not None:
+            diag.after_step()
         self.scheduler.step()
         s.step += 1
         return value_f

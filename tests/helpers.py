@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torchvision
 from torch import nn
@@ -122,3 +123,14 @@ SPREAD = {
     "shared_output": (SharedOutput, 8),
     "dead_channel": (DeadChannel, 8),
 }
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: thread start-up and contention cost more than they save, and one thread keeps
+    CPU results bitwise repeatable. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``
+    after ``from helpers import one_thread``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -38,12 +38,9 @@ SHAPES = [(75, 100, "RGB", False), (90, 60, "RGB", True), (40, 52, "L", False),
           (64, 64, "CMYK", False), (30, 200, "RGB", False)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from helpers import one_thread  # noqa: E402,F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def natural_image(rng: np.random.Generator, h: int, w: int, tint: tuple[int, int, int]) -> np.ndarray:

@@ -33,14 +33,9 @@ class Bundle:  # stand-in for models.data.DataBundle
     small_images: bool = True
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: thread start-up and contention cost more than they save, and one thread keeps
-    # CPU results bitwise repeatable.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from helpers import one_thread  # noqa: E402,F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_net(seed: int = 0) -> nn.Sequential:

@@ -1,0 +1,446 @@
+"""Low-precision ONNX from an fp32 ONNX file: fp16, int8 (QDQ) and int4 (QDQ, opset 21).
+
+Knows nothing of schemes: it takes the fp32 path, calibration arrays (already preprocessed, NCHW
+float32), the precision and options.
+
+* ``fp16``: ``onnxruntime.transformers.float16.convert_float_to_float16`` with float32 inputs and
+  outputs kept (``keep_io_types``).
+* ``int8`` with int8 activations (W8A8, the default): ``quant_pre_process`` then
+  ``quantize_static`` in QDQ format, int8 weights (per channel by option) and int8 activations,
+  calibrated on the given arrays with MinMax, Percentile or Entropy.
+* weights only (``int4``'s default, ``int8`` with ``act_bits=None``): every Conv/ConvTranspose/
+  Gemm/MatMul weight initializer becomes ``DequantizeLinear(int initializer, scale, zero point 0)``;
+  activations stay float. Written with onnx helpers, not ``quantize_static``, because (1)
+  ``quantize_static`` always quantizes activations too, and (2) its symmetric weight scale is
+  ``2·max|w| / (qmax − qmin)`` (``2/15`` for int4 on a [-1, 1] tensor, ``2/255`` for int8), not the
+  grid step ``1/L`` a ``--weight-bits`` run trained on. When ``grid_bits`` is given and a weight
+  lies on the grid ``k / L`` (``L = 2**(grid_bits-1) − 1``), its scale is exactly ``1/L`` (per
+  tensor, or a per-channel vector of ``1/L``) and its integers are ``round(w·L)``: lossless.
+  Other weights get the symmetric max scale ``max|w_c| / qmax``, which is lossy.
+  onnxruntime (ENABLE_EXTENDED and up) rewrites ``DequantizeLinear -> MatMul`` into
+  ``MatMulNBits``, whose default accuracy level quantizes the activations to int8; the comparisons
+  here run with ``session.qdq_matmulnbits_accuracy_level=0`` (see :func:`exact_session`).
+* ``int4`` with int8 activations (W4A8): ``quantize_static`` with ``QInt4`` weights, then the
+  weights of a grid run are rewritten to the exact grid scale as above.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .errors import UserInputError
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+CALIBRATORS = ("minmax", "percentile", "entropy")
+ACT_BITS = (None, 8)
+INT_OPSET = 21  # DequantizeLinear with int4 inputs
+WEIGHT_INPUTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (0, 1), "MatMul": (0, 1)}
+
+
+def artifact_name(precision: str) -> str:
+    check_precision(precision)
+    return "model.onnx" if precision == "fp32" else f"model.{precision}.onnx"
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise UserInputError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    return precision
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    precision: str = "int8"
+    act_bits: int | None = 8            # None: float activations (weights only)
+    per_channel: bool = True            # weight scales per output channel
+    calibrate_method: str = "minmax"
+    grid_bits: int | None = None        # weights trained on the symmetric grid of this many bits
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision)
+        if self.act_bits not in ACT_BITS:
+            raise UserInputError(f"activation bits must be 8 or float, not {self.act_bits!r}")
+        if self.calibrate_method not in CALIBRATORS:
+            raise UserInputError(f"unknown calibration method {self.calibrate_method!r}; "
+                                 f"choose one of: {', '.join(CALIBRATORS)}")
+        if self.grid_bits is not None and not 2 <= self.grid_bits <= 8:
+            raise UserInputError(f"weight bits must be 2..8, not {self.grid_bits}")
+
+    @property
+    def weight_bits(self) -> int:
+        return {"int8": 8, "int4": 4}.get(self.precision, 0)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.precision in ("int8", "int4") and self.act_bits is not None
+
+
+@dataclass
+class QuantResult:
+    path: Path
+    precision: str
+    options: QuantOptions
+    exact_weights: list[str] = field(default_factory=list)   # written on the trained grid, lossless
+    lossy_weights: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        o = self.options
+        return {"file": self.path.name, "precision": self.precision,
+                "activations": "float" if o.act_bits is None or self.precision == "fp16" else f"int{o.act_bits}",
+                "per_channel": o.per_channel, "calibrate_method": o.calibrate_method if o.needs_calibration else None,
+                "grid_bits": o.grid_bits, "exact_weights": len(self.exact_weights),
+                "lossy_weights": len(self.lossy_weights), "notes": self.notes}
+
+
+class ArrayReader:
+    """An onnxruntime ``CalibrationDataReader`` over an NCHW float32 array, in small batches."""
+
+    def __init__(self, input_name: str, arrays: np.ndarray, batch: int = 16) -> None:
+        self.input_name = input_name
+        self.arrays = np.ascontiguousarray(arrays, dtype=np.float32)
+        self.batch = batch
+        self._i = 0
+
+    def get_next(self):
+        if self._i >= len(self.arrays):
+            return None
+        x = self.arrays[self._i:self._i + self.batch]
+        self._i += self.batch
+        return {self.input_name: x}
+
+    def rewind(self) -> None:
+        self._i = 0
+
+    def __len__(self) -> int:
+        return (len(self.arrays) + self.batch - 1) // self.batch
+
+
+def quantize(src: Path, dst: Path, options: QuantOptions, calib: np.ndarray | None = None) -> QuantResult:
+    """Write the ``options.precision`` version of the fp32 ONNX ``src`` to ``dst`` (atomically)."""
+    src, dst = Path(src), Path(dst)
+    if not src.exists():
+        raise UserInputError(f"{src} does not exist")
+    if options.precision == "fp32":
+        raise UserInputError("fp32 is the exported model.onnx itself; nothing to quantize")
+    if options.needs_calibration and (calib is None or len(calib) == 0):
+        raise UserInputError(f"--precision {options.precision} with int8 activations needs calibration "
+                             "data: pass --data SPEC (or weights only: --act-bits float)")
+    result = QuantResult(dst, options.precision, options)
+    with tempfile.TemporaryDirectory(prefix=".quant-", dir=dst.parent) as tmp:
+        tmp = Path(tmp)
+        out = tmp / dst.name
+        if options.precision == "fp16":
+            _to_fp16(src, out)
+        elif options.act_bits is None:
+            model = onnx.load(str(src))
+            model = _weights_only(model, options, result)
+            onnx.save(model, str(out))
+        else:
+            _static(src, out, tmp, options, calib, result)
+        onnx.checker.check_model(str(out))
+        shutil.move(str(out), str(dst))
+    return result
+
+
+# -- fp16 -------------------------------------------------------------------------------------------
+
+def _to_fp16(src: Path, out: Path) -> None:
+    model = onnx.load(str(src))
+    try:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+    except ImportError:  # pragma: no cover - onnxruntime ships it
+        model = _cast_initializers_fp16(model)
+    else:
+        model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
+        _topological_sort(model.graph)  # the converter appends its input casts at the end
+    onnx.save(model, str(out))
+
+
+def _topological_sort(graph) -> None:
+    known = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in known for i in n.input):
+                ordered.append(n)
+                known.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):  # a cycle or a missing input: leave the order to the checker
+            ordered.extend(rest)
+            break
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _cast_initializers_fp16(model: onnx.ModelProto) -> onnx.ModelProto:  # pragma: no cover
+    raise UserInputError("fp16 export needs onnxruntime.transformers.float16, which is not importable")
+
+
+# -- int8 / int4 with quantized activations (onnxruntime.quantization) -----------------------------
+
+def _static(src: Path, out: Path, tmp: Path, options: QuantOptions, calib: np.ndarray,
+            result: QuantResult) -> None:
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = tmp / "pre.onnx"
+    try:
+        # Keep the graph as exported (no ORT fusions), just shapes inferred.
+        quant_pre_process(str(src), str(pre), skip_optimization=True)
+    except Exception as e:  # symbolic shape inference can fail on exotic graphs; quantize as is
+        result.notes.append(f"quant_pre_process skipped: {type(e).__name__}")
+        shutil.copy(src, pre)
+    if options.precision == "int4":  # int4 DequantizeLinear is opset 21 (else com.microsoft)
+        onnx.save(_set_opset(onnx.load(str(pre)), INT_OPSET), str(pre))
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+              "entropy": CalibrationMethod.Entropy}[options.calibrate_method]
+    name = onnx.load(str(pre), load_external_data=False).graph.input[0].name
+    wtype = QuantType.QInt4 if options.precision == "int4" else QuantType.QInt8
+    import logging
+    level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # the quantizer warns per tensor on the root logger
+    try:
+        _quantize_static(quantize_static, pre, out, name, calib, QuantFormat, QuantType, wtype,
+                         options, method)
+    finally:
+        logging.getLogger().setLevel(level)
+    if options.grid_bits is not None:
+        model = onnx.load(str(out))
+        _exact_grid_rewrite(model, onnx.load(str(src)), options, result)
+        onnx.save(model, str(out))
+    else:
+        result.lossy_weights.extend(_dq_weight_names(onnx.load(str(out))))
+
+
+def _quantize_static(quantize_static, pre, out, name, calib, QuantFormat, QuantType, wtype, options, method):
+    quantize_static(
+        str(pre), str(out), ArrayReader(name, calib),
+        quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=wtype,
+        per_channel=options.per_channel, calibrate_method=method,
+        op_types_to_quantize=["Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Relu",
+                              "MaxPool", "GlobalAveragePool", "AveragePool", "Flatten", "Concat",
+                              "Reshape", "Transpose", "Sigmoid", "HardSigmoid", "HardSwish",
+                              "Clip"],
+        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+
+
+def _dq_weight_names(model: onnx.ModelProto) -> list[str]:
+    inits = {i.name for i in model.graph.initializer}
+    return [n.input[0] for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+
+
+def _exact_grid_rewrite(model: onnx.ModelProto, src: onnx.ModelProto, options: QuantOptions,
+                        result: QuantResult) -> None:
+    """After ``quantize_static``: every weight whose fp32 original lies on the trained grid gets
+    scale exactly ``1/L`` and integers ``round(w·L)`` (its scale would otherwise be
+    ``2·max|w|/(qmax − qmin)``)."""
+    L = 2 ** (options.grid_bits - 1) - 1
+    qmax = 2 ** (options.weight_bits - 1) - 1
+    originals = {i.name: i for i in src.graph.initializer}
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            continue
+        qname = node.input[0]
+        orig = originals.get(qname[:-len("_quantized")]) if qname.endswith("_quantized") else None
+        s_init = inits.get(node.input[1])
+        zp_init = inits.get(node.input[2]) if len(node.input) > 2 else None
+        if orig is None or s_init is None:
+            continue
+        w = numpy_helper.to_array(orig).astype(np.float64)
+        k = np.round(w * L)
+        zp_ok = zp_init is None or not np.any(numpy_helper.to_array(zp_init).astype(np.int64))
+        if L > qmax or not zp_ok or np.abs(k).max() > L or np.abs(w * L - k).max() > 1e-4:
+            result.lossy_weights.append(qname)
+            continue
+        q_init = inits[qname]
+        q_init.CopyFrom(helper.make_tensor(qname, q_init.data_type, list(w.shape),
+                                           k.astype(np.int64).ravel().tolist()))
+        scale = numpy_helper.to_array(s_init)
+        s_init.CopyFrom(numpy_helper.from_array(np.full(scale.shape, 1.0 / L, np.float32), s_init.name))
+        result.exact_weights.append(qname)
+
+
+# -- weights only (hand-written QDQ; see the module docstring for why) -----------------------------
+
+def _weight_initializers(model: onnx.ModelProto) -> dict[str, tuple[str, int]]:
+    """Initializer name -> (op, input index) for the weights of Conv/ConvTranspose/Gemm/MatMul."""
+    inits = {i.name for i in model.graph.initializer}
+    found: dict[str, tuple[str, int]] = {}
+    for node in model.graph.node:
+        for idx in WEIGHT_INPUTS.get(node.op_type, ()):
+            if idx < len(node.input) and node.input[idx] in inits:
+                if node.op_type == "Gemm" and idx == 0:
+                    continue  # Gemm's A is the activation in every exported classifier
+                found.setdefault(node.input[idx], (node.op_type, idx, node))  # type: ignore[arg-type]
+    return found  # type: ignore[return-value]
+
+
+def _channel_axis(op: str, idx: int, node, ndim: int) -> int | None:
+    if ndim < 2:
+        return None
+    if op == "Conv":
+        return 0
+    if op == "ConvTranspose":
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        return 1 if group == 1 else None   # grouped: channels span two axes, use one scale
+    if op == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    if op == "MatMul":
+        return ndim - 1 if idx == 1 else None
+    return None
+
+
+def _set_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if current >= version:
+        return model
+    # Not onnx.version_converter: it litters the graph with Identity nodes. The ops an exported
+    # classifier uses did not change meaning between opsets 18 and 21 (only new integer types).
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = version
+    return model
+
+
+def _weights_only(model: onnx.ModelProto, options: QuantOptions, result: QuantResult) -> onnx.ModelProto:
+    bits = options.weight_bits
+    qmax = 2 ** (bits - 1) - 1
+    dtype = TensorProto.INT4 if bits == 4 else TensorProto.INT8
+    grid = 2 ** (options.grid_bits - 1) - 1 if options.grid_bits else None
+    if grid is not None and grid > qmax:
+        result.notes.append(f"the {options.grid_bits}-bit training grid does not fit in int{bits}; "
+                            "weights are requantized (lossy)")
+        grid = None
+    model = _set_opset(model, INT_OPSET)
+    weights = _weight_initializers(model)
+    inits = {i.name: i for i in model.graph.initializer}
+    new_nodes = []
+    for name, (op, idx, node) in weights.items():
+        init = inits[name]
+        w = numpy_helper.to_array(init)
+        if w.dtype not in (np.float32, np.float64) or w.size == 0:
+            continue
+        w64 = w.astype(np.float64)
+        axis = _channel_axis(op, idx, node, w.ndim) if options.per_channel else None
+        nch = w.shape[axis] if axis is not None else 1
+        exact = grid is not None and np.abs(w64).max() <= 1.0 + 1e-6 and \
+            np.abs(w64 * grid - np.round(w64 * grid)).max() <= 1e-4
+        if exact:
+            q = np.round(w64 * grid)
+            scale = np.full(nch, 1.0 / grid) if axis is not None else np.asarray(1.0 / grid)
+            result.exact_weights.append(name)
+        else:
+            if axis is not None:
+                red = tuple(a for a in range(w.ndim) if a != axis)
+                m = np.abs(w64).max(axis=red)
+            else:
+                m = np.asarray(np.abs(w64).max())
+            scale = np.where(m > 0, m / qmax, 1.0)
+            shaped = scale if axis is None else scale.reshape([-1 if a == axis else 1 for a in range(w.ndim)])
+            q = np.clip(np.round(w64 / shaped), -qmax, qmax)
+            result.lossy_weights.append(name)
+        qname, sname, zname = f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"
+        zshape = [nch] if axis is not None else []
+        model.graph.initializer.append(
+            helper.make_tensor(qname, dtype, list(w.shape), q.astype(np.int64).ravel().tolist()))
+        model.graph.initializer.append(
+            numpy_helper.from_array(np.asarray(scale, np.float32).reshape(zshape), sname))
+        model.graph.initializer.append(
+            helper.make_tensor(zname, dtype, zshape, [0] * (nch if axis is not None else 1)))
+        attrs = {"axis": axis} if axis is not None else {}
+        new_nodes.append(helper.make_node("DequantizeLinear", [qname, sname, zname], [name],
+                                          name=f"{name}_DequantizeLinear", **attrs))
+        model.graph.initializer.remove(init)
+    if any(op == "MatMul" for op, _, _ in weights.values()):
+        result.notes.append("onnxruntime rewrites DequantizeLinear -> MatMul into MatMulNBits, which by "
+                            "default quantizes activations to int8; for exact results set session "
+                            "option session.qdq_matmulnbits_accuracy_level=0 (as verify does)")
+    # the dequantized weights keep the initializers' names, so consumers are untouched
+    for vi in list(model.graph.input):
+        if vi.name in weights:
+            model.graph.input.remove(vi)
+    for n in reversed(new_nodes):
+        model.graph.node.insert(0, n)
+    return model
+
+
+# -- comparing a quantized file with its fp32 model ------------------------------------------------
+
+def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    """Top-1 agreement, per-sample cosine (mean and min), SQNR in dB, max abs / relative error."""
+    ref = np.asarray(reference, np.float64).reshape(len(reference), -1)
+    out = np.asarray(candidate, np.float64).reshape(len(candidate), -1)
+    if ref.shape != out.shape:
+        raise UserInputError(f"logit shapes differ: {ref.shape} vs {out.shape}")
+    err = out - ref
+    max_abs = float(np.abs(err).max()) if err.size else 0.0
+    denom = float(np.abs(ref).max()) if ref.size else 0.0
+    rel = max_abs / denom if denom > 0 else (0.0 if max_abs == 0 else float("inf"))
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
+    cos = np.where(norms > 0, (ref * out).sum(1) / np.where(norms > 0, norms, 1.0), 1.0)
+    noise = float((err ** 2).sum())
+    signal = float((ref ** 2).sum())
+    sqnr = float("inf") if noise == 0 else 10.0 * np.log10(max(signal, 1e-300) / noise)
+    return {"samples": int(len(ref)),
+            "top1_agreement": float((ref.argmax(1) == out.argmax(1)).mean()) if ref.size else 1.0,
+            "cosine_mean": float(cos.mean()) if cos.size else 1.0,
+            "cosine_min": float(cos.min()) if cos.size else 1.0,
+            "sqnr_db": sqnr, "max_abs": max_abs, "rel": rel}
+
+
+MATMULNBITS_EXACT = ("session.qdq_matmulnbits_accuracy_level", "0")
+
+
+def exact_session(path: Path):
+    """A CPU onnxruntime session, all optimizations on, with its MatMulNBits rewrite computing in
+    float: at ENABLE_EXTENDED and up onnxruntime turns ``DequantizeLinear(int4/int8) -> MatMul``
+    into ``MatMulNBits``, whose default accuracy level 4 quantizes the *activations* to int8,
+    which would make lossless weights look lossy. Deployments wanting bit-exact weights-only
+    results set the same session option."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    opts.add_session_config_entry(*MATMULNBITS_EXACT)
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_file(path: Path, x: np.ndarray, batch: int = 64) -> np.ndarray:
+    sess = exact_session(path)
+    name = sess.get_inputs()[0].name
+    outs = [sess.run(None, {name: np.ascontiguousarray(x[i:i + batch], np.float32)})[0]
+            for i in range(0, len(x), batch)]
+    return np.concatenate(outs).astype(np.float32)
+
+
+def compare_files(fp32_path: Path, quant_path: Path, x: np.ndarray) -> dict:
+    return compare_logits(run_file(fp32_path, x), run_file(quant_path, x))
+
+
+def weight_storage(path: Path) -> dict:
+    """Counts of integer initializers feeding DequantizeLinear nodes, by element type."""
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    kinds: dict[str, int] = {}
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits:
+            t = TensorProto.DataType.Name(inits[n.input[0]].data_type).lower()
+            kinds[t] = kinds.get(t, 0) + 1
+    return kinds

@@ -1,0 +1,102 @@
+"""Accuracy of a checkpoint (PyTorch) or an ONNX file (onnxruntime) on a data spec.
+
+The preprocessing is the run's (``manifest.json`` of the run directory, or of the folder holding
+the ONNX file / checkpoint); without a manifest, the data spec's default at the model's input size.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from wnconvert.convert.errors import UserInputError
+
+from .data import Preprocess, default_preprocess, eval_arrays
+from .run import CHECKPOINT, MANIFEST, load_manifest, load_run
+
+
+def _topk(logits: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
+    order = np.argsort(-logits, axis=1)[:, :5]
+    return int((order[:, 0] == labels).sum()), int((order == labels[:, None]).any(axis=1).sum())
+
+
+def _onnx_runner(path: Path, provider: str):
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if provider == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise UserInputError("--provider cuda: onnxruntime has no CUDAExecutionProvider here")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), opts,
+                                    providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    else:
+        from wnconvert.convert.quantize import exact_session
+        sess = exact_session(path)
+    name = sess.get_inputs()[0].name
+    return sess, (lambda x: sess.run(None, {name: x})[0]), sess.get_providers()[0]
+
+
+def _preprocess_for(artifact: Path, spec: str, image_size: int | None) -> tuple[Preprocess, Path | None]:
+    run_dir = artifact if artifact.is_dir() else artifact.parent
+    if (run_dir / MANIFEST).exists():
+        return Preprocess.from_dict(load_manifest(run_dir)["preprocess"]), run_dir
+    return default_preprocess(spec, image_size), None
+
+
+def evaluate(artifact: Path, data: str, *, limit: int | None = None, batch: int = 64,
+             provider: str = "cpu") -> dict:
+    """Top-1, top-5 and images/s of ``artifact`` on the validation split of ``data``.
+
+    ``artifact``: an ``.onnx`` file, a run directory, or a run's ``checkpoint.safetensors``."""
+    artifact = Path(artifact)
+    if not artifact.exists():
+        raise UserInputError(f"{artifact} does not exist")
+    if provider not in ("cpu", "cuda"):
+        raise UserInputError(f"unknown provider {provider!r}; choose cpu or cuda")
+    if batch < 1:
+        raise UserInputError("--batch-size must be at least 1")
+    is_onnx = artifact.is_file() and artifact.suffix == ".onnx"
+    if not is_onnx and artifact.is_file() and artifact.name != CHECKPOINT:
+        raise UserInputError(f"{artifact} is neither an .onnx file, a run directory nor its {CHECKPOINT}")
+    image_size = None
+    if is_onnx:
+        import onnx
+        try:
+            dims = onnx.load(str(artifact), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+            image_size = dims[-1].dim_value or None
+        except Exception:
+            raise UserInputError(f"{artifact} is not a readable ONNX file") from None
+    pre, run_dir = _preprocess_for(artifact, data, image_size)
+    images, labels = eval_arrays(data, pre, limit=limit)
+    if is_onnx:
+        _, run, backend = _onnx_runner(artifact, provider)
+        backend = f"onnxruntime/{backend}"
+    else:
+        import torch
+
+        if run_dir is None:
+            raise UserInputError(f"{artifact} is not a run directory (no {MANIFEST})")
+        _, model, _ = load_run(run_dir)
+        device = "cuda" if provider == "cuda" and torch.cuda.is_available() else "cpu"
+        model = model.to(device).eval()
+
+        def run(x):
+            with torch.no_grad():
+                return model(torch.from_numpy(x).to(device)).float().cpu().numpy()
+        backend = f"pytorch/{device}"
+    run(images[:1])  # warm-up, not timed
+    top1 = top5 = 0
+    t0 = time.perf_counter()
+    for i in range(0, len(images), batch):
+        logits = run(np.ascontiguousarray(images[i:i + batch]))
+        a, b = _topk(logits, labels[i:i + batch])
+        top1, top5 = top1 + a, top5 + b
+    seconds = time.perf_counter() - t0
+    n = max(len(images), 1)
+    return {"artifact": str(artifact), "data": data, "backend": backend, "images": int(len(images)),
+            "top1": top1 / n, "top5": top5 / n,
+            "images_per_s": len(images) / seconds if seconds > 0 else float("inf")}

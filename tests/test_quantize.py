@@ -1,0 +1,174 @@
+"""fp16 / int8 / int4 ONNX from a run's model.onnx, their verification, `eval`, and bad inputs."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, numpy_helper
+from typer.testing import CliRunner
+
+from test_data import write_fashion
+from wnconvert.cli.main import app
+from wnconvert.convert.quantize import compare_logits, run_file
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def _finetune(out, scheme, *extra):
+    r = invoke("finetune", "resnet18", "--weights", "none", "--num-classes", 10, "--epochs", 0,
+               "--image-size", 32, "--scheme", scheme, "--samples", 4, "--out", out, *extra)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def fashion(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fm") / "fm"
+    write_fashion(root, n_train=20, n_test=40)
+    return f"fashion-mnist:{root}"
+
+
+@pytest.fixture(scope="module")
+def run_lm4(tmp_path_factory):
+    return _finetune(tmp_path_factory.mktemp("lm") / "run", "layer-max", "--weight-bits", 4)
+
+
+@pytest.fixture(scope="module")
+def run_cm4(tmp_path_factory):
+    return _finetune(tmp_path_factory.mktemp("cm") / "run", "channel-max", "--weight-bits", 4)
+
+
+def _dq_weights(path):
+    """(int initializer, scale, zero point, axis) of every DequantizeLinear fed by initializers."""
+    m = onnx.load(str(path))
+    inits = {i.name: i for i in m.graph.initializer}
+    out = []
+    for n in m.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits:
+            axis = next((a.i for a in n.attribute if a.name == "axis"), None)
+            zp = inits[n.input[2]] if len(n.input) > 2 else None
+            out.append((inits[n.input[0]], numpy_helper.to_array(inits[n.input[1]]), zp, axis))
+    return m, out
+
+
+def _fp32_weights(path):
+    m = onnx.load(str(path))
+    return {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+
+
+def _report(run):
+    return json.loads((run / "report.json").read_text())
+
+
+@pytest.mark.parametrize("which", ["lm", "cm"])
+def test_int4_weights_only_is_lossless(which, run_lm4, run_cm4):
+    run = run_lm4 if which == "lm" else run_cm4
+    r = invoke("export", run, "--precision", "int4", "--json")
+    assert r.exit_code == 0, r.output
+    path = run / "model.int4.onnx"
+    model, dqs = _dq_weights(path)
+    assert any(o.version == 21 for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    fp32 = _fp32_weights(run / "model.onnx")
+    conv_weights = [n.input[1] for n in onnx.load(str(run / "model.onnx")).graph.node
+                    if n.op_type in ("Conv", "Gemm", "MatMul")]
+    assert len(dqs) == len(conv_weights) > 10
+    for q_init, scale, zp, axis in dqs:
+        assert q_init.data_type == TensorProto.INT4
+        assert np.abs(numpy_helper.to_array(q_init).astype(np.int64)).max() <= 7
+        assert zp is not None and not numpy_helper.to_array(zp).astype(np.int64).any()
+        assert np.all(scale == np.float32(1 / 7))
+        if which == "lm":
+            assert scale.ndim == 0
+        else:
+            assert scale.ndim == 1 and axis in (0, 1) and len(scale) == numpy_helper.to_array(q_init).shape[axis]
+        w = fp32[q_init.name[:-len("_quantized")]].astype(np.float64)
+        q = numpy_helper.to_array(q_init).astype(np.int64)
+        assert np.array_equal(q, np.round(w * 7))
+        assert np.abs(w * 7 - q).max() <= 1e-5  # the fp32 weights are on the grid
+    x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    ref, out = run_file(run / "model.onnx", x), run_file(path, x)
+    assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
+    entry = _report(run)["quantized"]["int4"]
+    assert entry["lossless_check"]["passed"] and entry["exact_weights"] == len(dqs)
+    assert entry["vs_fp32"]["top1_agreement"] == 1.0
+
+
+def test_int8_static_qdq(run_cm4, fashion):
+    r = invoke("export", run_cm4, "--precision", "int8", "--data", fashion, "--calib-samples", 16,
+               "--calibrate-method", "minmax", "--json")
+    assert r.exit_code == 0, r.output
+    path = run_cm4 / "model.int8.onnx"
+    model, dqs = _dq_weights(path)
+    kinds = {TensorProto.DataType.Name(q.data_type) for q, *_ in dqs}
+    assert "INT8" in kinds
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    # every conv weight comes through a DequantizeLinear of an int8 initializer
+    dq_out = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert convs and all(n.input[1] in dq_out for n in convs)
+    entry = _report(run_cm4)["quantized"]["int8"]
+    assert entry["activations"] == "int8"
+    assert 0.0 <= entry["vs_fp32"]["top1_agreement"] <= 1.0
+    assert entry["vs_fp32"]["cosine_mean"] > 0.9 and np.isfinite(entry["vs_fp32"]["sqnr_db"])
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    assert run_file(path, x).shape == (2, 10)
+
+
+def test_fp16_runs(run_lm4):
+    r = invoke("export", run_lm4, "--precision", "fp16")
+    assert r.exit_code == 0, r.output
+    path = run_lm4 / "model.fp16.onnx"
+    m = onnx.load(str(path))
+    assert any(i.data_type == TensorProto.FLOAT16 for i in m.graph.initializer)
+    x = np.random.default_rng(2).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    c = compare_logits(run_file(run_lm4 / "model.onnx", x), run_file(path, x))
+    assert c["cosine_min"] > 0.999
+    assert "fp16" in _report(run_lm4)["quantized"]
+
+
+def test_eval_onnx_and_checkpoint(run_lm4, fashion):
+    r = invoke("eval", run_lm4 / "model.onnx", "--data", fashion, "--limit", 16, "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["images"] == 16 and 0 <= d["top1"] <= d["top5"] <= 1 and d["images_per_s"] > 0
+    r = invoke("eval", run_lm4, "--data", fashion, "--limit", 16, "--json")
+    assert r.exit_code == 0, r.output
+    t = json.loads(r.output)
+    assert t["backend"].startswith("pytorch") and t["top1"] == d["top1"]
+
+
+def test_compare_logits_metrics():
+    ref = np.array([[1.0, 2.0, 3.0], [3.0, 1.0, 0.0]])
+    c = compare_logits(ref, ref)
+    assert c["top1_agreement"] == 1.0 and c["sqnr_db"] == float("inf") and c["cosine_min"] == pytest.approx(1.0)
+    c = compare_logits(ref, ref + 0.1 * np.array([[0, 0, 1.0], [1.0, 0, 0]]))
+    assert 20 < c["sqnr_db"] < 40
+
+
+def _one_line_error(r):
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("wnconvert: error:"), r.output
+    return lines[0]
+
+
+def test_bad_inputs(run_lm4, tmp_path):
+    assert "unknown precision" in _one_line_error(invoke("export", run_lm4, "--precision", "int3"))
+    assert "calibration" in _one_line_error(invoke("export", run_lm4, "--precision", "int8"))
+    assert "--act-bits" in _one_line_error(invoke("export", run_lm4, "--precision", "int4",
+                                                  "--act-bits", "5"))
+    bare = tmp_path / "bare"
+    r = invoke("finetune", "resnet18", "--weights", "none", "--num-classes", 10, "--epochs", 0,
+               "--image-size", 32, "--no-export", "--out", bare)
+    assert r.exit_code == 0, r.output
+    assert "no model.onnx" in _one_line_error(invoke("export", bare, "--precision", "int4"))
+    assert "--weight-bits" in _one_line_error(invoke(
+        "finetune", "resnet18", "--weights", "none", "--num-classes", 10, "--epochs", 0,
+        "--image-size", 32, "--scheme", "weight-std", "--weight-bits", 4, "--out", tmp_path / "ws"))
+    _one_line_error(invoke("eval", tmp_path / "missing.onnx", "--data", "synthetic:10"))
