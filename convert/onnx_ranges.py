@@ -59,15 +59,29 @@ def weight_ranges(model: onnx.ModelProto) -> list[WeightRange]:
 
     out = []
     for node in graph.node:
-        for idx in WEIGHT_OPS.get(node.op_type, ()):
-            if idx >= len(node.input) or node.input[idx] not in origin:
-                continue  # an activation operand
+        idx = _weight_operand(node, origin)
+        if idx is not None:
             init, how = origin[node.input[idx]]
             arr = consts.get(init)
             max_abs = float(np.abs(arr).max()) if arr is not None and arr.size else float("nan")
             shape = list(arr.shape) if arr is not None else []
             out.append(WeightRange(node.name or node.output[0], node.op_type, init, shape, max_abs, how))
     return out
+
+
+def _weight_operand(node, origin) -> int | None:
+    """Index of the weight input of a Conv/ConvTranspose/Gemm/MatMul, None if it has none.
+
+    Conv takes its weight second. A Gemm or MatMul from ``nn.Linear`` does too (``x @ W^T``);
+    its first operand is the weight only when the second is an activation (``P @ x``). When both
+    are constant (a layer applied to a constant table, as in Swin V2's position bias) the first
+    one is data, not a weight.
+    """
+    candidates = WEIGHT_OPS.get(node.op_type, ())
+    constant = [i for i in candidates if i < len(node.input) and node.input[i] in origin]
+    if not constant:
+        return None
+    return 1 if 1 in constant else constant[0]
 
 
 def _constant_origins(graph, consts: dict[str, np.ndarray]) -> dict[str, tuple[str, str]]:

@@ -172,3 +172,27 @@ def test_small_images_through_a_vgg_style_pool_export(tmp_path):
     apply_scheme(model, SchemeConfig("layer-max"))
     result = convert(model, (3, 16, 16), tmp_path, original=original)
     assert result.parity.passed and result.parity_vs_original.passed
+
+
+def test_a_layer_applied_to_a_constant_table_checks_only_its_weight(tmp_path):
+    """Swin V2 runs an MLP over a constant coordinate table: the table is data, not a weight."""
+
+    class TableMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("table", torch.linspace(-8, 8, 12).reshape(6, 2))
+            self.mlp = nn.Linear(2, 3)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            bias = self.mlp(self.table).sum(0)
+            return self.head(x) + bias
+
+    model = TableMLP().eval()
+    apply_scheme(model, SchemeConfig("layer-max"))
+    folded = fold_model(model, torch.randn(2, 4)).model
+    path = export_onnx(folded, torch.randn(2, 4), tmp_path / "t.onnx", ExportConfig(constant_folding=False))
+    ranges = weight_ranges(onnx.load(str(path)))
+    assert {r.initializer for r in ranges} >= {"mlp.weight", "head.weight"}
+    assert "table" not in {r.initializer for r in ranges}
+    check_unit_range(ranges, "t.onnx")
