@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .fakequant import fake_quant
 from .layout import ChannelLayout, safe_divisor
 
 GAIN_MODES = ("frozen", "learned", "none")
@@ -104,10 +105,7 @@ class Reparam(nn.Module):
 
     def _fake_quant(self, n: Tensor) -> Tensor:
         bits = getattr(self, "weight_bits", None)
-        if not bits:
-            return n
-        from .fakequant import fake_quant
-        return fake_quant(n, bits)
+        return fake_quant(n, bits) if bits else n
 
 
 class LayerMax(Reparam):
