@@ -181,6 +181,12 @@ def _run_dir_model(run_dir: Path):
     return load_run(run_dir)
 
 
+def _fold_config(manifest: dict, bn: Optional[str], granularity: Optional[str]):
+    """The run's fold settings, with the command line's overrides."""
+    from wnconvert.convert.fold import FoldConfig
+    return FoldConfig(bn or manifest["fold"]["bn"], granularity or manifest["fold"]["granularity"])
+
+
 @app.command()
 @handle_errors
 def fold(
@@ -190,13 +196,12 @@ def fold(
     json_out: bool = JsonOpt,
 ):
     """Fold the run's checkpoint into static weights and print the per-layer certificate."""
-    from wnconvert.convert.fold import FoldConfig, fold_model
-    from wnconvert.convert.verify import VerifyConfig, make_inputs
+    from wnconvert.convert.fold import fold_model
+    from wnconvert.convert.pipeline import example_inputs
 
     manifest, model, pre = _run_dir_model(run_dir)
-    cfg = FoldConfig(bn or manifest["fold"]["bn"], granularity or manifest["fold"]["granularity"])
-    x = make_inputs((3, pre.image_size, pre.image_size), VerifyConfig(samples=2, seed=1234))
-    result = fold_model(model, x, cfg)
+    cfg = _fold_config(manifest, bn, granularity)
+    result = fold_model(model, example_inputs((3, pre.image_size, pre.image_size)), cfg)
     cert = result.certificate()
     if json_out:
         print_json({"fold": asdict(cfg), "certificate": cert, "stored_max_abs": result.max_stored})
@@ -241,14 +246,13 @@ def export(
     from wnconvert.convert.quantize import check_precision
     check_precision(precision)
     from wnconvert.convert.export import ExportConfig
-    from wnconvert.convert.fold import FoldConfig
     from wnconvert.convert.pipeline import convert, require_parity
     from wnconvert.convert.verify import VerifyConfig
     from wnconvert.models.run import REPORT, finish_manifest
     from wnconvert.convert.artifacts import read_json, write_json
 
     manifest, model, pre = _run_dir_model(run_dir)
-    fold_cfg = FoldConfig(bn or manifest["fold"]["bn"], granularity or manifest["fold"]["granularity"])
+    fold_cfg = _fold_config(manifest, bn, granularity)
     exp = dict(manifest["export"])
     if opset:
         exp["opset"] = opset

@@ -28,7 +28,7 @@ from .layout import ChannelLayout, safe_divisor
 from .scaled import (add_output_scale, add_weight_scale, has_weight_scales, stored_tensor,
                      strip_parametrizations)
 from .targets import WEIGHTED_TYPES, Target, iter_targets
-from .topology import Topology, _first_tensor, probe
+from .topology import Topology, first_tensor, probe
 
 BN_MODES = ("keep", "fold")
 GRANULARITIES = ("tensor", "channel")
@@ -113,7 +113,7 @@ def _fold(model: nn.Module, example_input: Tensor, config: FoldConfig) -> FoldRe
 
     topo = probe(work, example_input)
     placements: dict[Target, tuple[str, str]] = {}
-    for target, (scheme, stored, scale) in plan.items():
+    for target, (_, stored, scale) in plan.items():
         module = work.get_submodule(target.module_name)
         placements[target] = _place(work, target, module, stored, scale, topo, config)
 
@@ -218,7 +218,7 @@ def _capture(model: nn.Module, x: Tensor, names: list[str]) -> dict[str, Tensor]
         module = model.get_submodule(name) if name else model
 
         def hook(mod, args, result, name=name):
-            t = _first_tensor(result)
+            t = first_tensor(result)
             if t is not None and name not in out:
                 out[name] = t.detach()
         handles.append(module.register_forward_hook(hook))

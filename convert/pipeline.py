@@ -6,11 +6,10 @@ knows where the model came from.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import onnx
-import torch
 from torch import Tensor, nn
 
 from .errors import ParityError
@@ -54,11 +53,11 @@ def convert(model: nn.Module, input_shape: tuple[int, int, int], out_dir: Path, 
     Raises :class:`ParityError` when the export does not match the reparametrized model.
     """
     model = model.eval().cpu().float()
-    example = make_inputs(input_shape, VerifyConfig(samples=2, seed=1234))
+    example = example_inputs(input_shape)
     folded = fold_model(model, example, fold_config)
     export_cfg = export_config
-    if folded.weight_side_scales and export_config.constant_folding:
-        export_cfg = ExportConfig(export_config.opset, export_config.dynamic_batch, False)
+    if folded.weight_side_scales:
+        export_cfg = replace(export_config, constant_folding=False)
     path = export_onnx(folded.model, example, Path(out_dir) / ONNX_NAME, export_cfg)
     ranges = weight_ranges(onnx.load(str(path), load_external_data=True))
     check_unit_range(ranges, str(path))
@@ -75,6 +74,11 @@ def convert(model: nn.Module, input_shape: tuple[int, int, int], out_dir: Path, 
         result.notes.append("some weights are read directly by their parent module (attention); "
                             "their scale is a weight-side Mul and constant folding was off at export")
     return result
+
+
+def example_inputs(input_shape: tuple[int, int, int]) -> Tensor:
+    """The two inputs the fold probes the model with and the exporter traces."""
+    return make_inputs(input_shape, VerifyConfig(samples=2, seed=1234))
 
 
 def require_parity(result: ConversionResult) -> None:

@@ -35,17 +35,17 @@ class Topology:
         return name
 
 
-def _first_tensor(obj) -> Tensor | None:
+def first_tensor(obj) -> Tensor | None:
     if isinstance(obj, Tensor):
         return obj
     if isinstance(obj, (tuple, list)):
         for item in obj:
-            t = _first_tensor(item)
+            t = first_tensor(item)
             if t is not None:
                 return t
     if isinstance(obj, dict):
         for item in obj.values():
-            t = _first_tensor(item)
+            t = first_tensor(item)
             if t is not None:
                 return t
     return None
@@ -96,10 +96,10 @@ def probe(model: nn.Module, example_input: Tensor) -> Topology:
         def hook(mod, args, out):
             topo.calls[name] += 1
             if isinstance(mod, WEIGHTED_TYPES):
-                t = _first_tensor(out)
+                t = first_tensor(out)
                 layer_out.setdefault(name, []).append(None if t is None else t.grad_fn)
             elif isinstance(mod, _BatchNorm):
-                i, o = _first_tensor(args), _first_tensor(out)
+                i, o = first_tensor(args), first_tensor(out)
                 bn_io.setdefault(name, []).append(
                     (None if i is None else i.grad_fn, None if o is None else o.grad_fn))
         return hook
