@@ -12,7 +12,8 @@ from rich.table import Table
 from wnconvert.convert.errors import ParityError, RangeError, UserInputError
 
 from .errors import handle_errors
-from .render import (certificate_table, console, parity_table, print_json, ranges_table)
+from .render import (certificate_table, console, parity_table, print_json, quantized_table,
+                     ranges_table)
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -66,6 +67,7 @@ def finetune(
     wd_mode: str = typer.Option("l2", help="l2 | eps-shifted | none, for reparametrized weights"),
     wd_eps: Optional[float] = typer.Option(None, help="ε of the ε-shifted decay ½λ(‖W‖−ε)²."),
     warmup_epochs: float = typer.Option(0.0),
+    schedule: str = typer.Option("cosine", help="After warmup: cosine (to 0) | constant"),
     label_smoothing: float = typer.Option(0.0),
     grad_clip: Optional[float] = typer.Option(None, help="Clip the global gradient norm."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
@@ -102,8 +104,8 @@ def finetune(
             train_cfg = TrainConfig(
                 epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
                 nesterov=nesterov, weight_decay=weight_decay, wd_mode=wd_mode, wd_eps=wd_eps,
-                warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, grad_clip=grad_clip,
-                device=device, amp=amp, channels_last=channels_last, compile=compile,
+                warmup_epochs=warmup_epochs, schedule=schedule, label_smoothing=label_smoothing,
+                grad_clip=grad_clip, device=device, amp=amp, channels_last=channels_last, compile=compile,
                 workers=workers, seed=seed, log_every=log_every, diagnostics=diagnostics)
         cfg = RunConfig(
             model=model, out=out or Path("runs") / f"{model}-{scheme}", weights=weights,
@@ -221,6 +223,7 @@ def export(
     precision: str = typer.Option("fp32", help="fp32 (model.onnx) | fp16 | int8 | int4: writes model.PRECISION.onnx from model.onnx."),
     data: Optional[str] = typer.Option(None, help="Calibration data spec (needed for int8 activations)."),
     calib_samples: int = typer.Option(256, help="Calibration images taken from --data."),
+    calib_split: str = typer.Option("train", help="train | val: the split of --data calibration images come from (comparisons with model.onnx use val)."),
     act_bits: Optional[str] = typer.Option(None, help="8 | float: activations of int8/int4 files (default: 8 for int8, float for int4)."),
     per_channel: Optional[bool] = typer.Option(None, "--per-channel/--per-tensor", help="Weight scales (default: per tensor for layer-max runs, else per channel)."),
     calibrate_method: str = typer.Option("minmax", help="minmax | percentile | entropy"),
@@ -234,7 +237,7 @@ def export(
         check_precision(precision)
         entry = export_precision(run_dir, precision, data=data, calib_samples=calib_samples,
                                  act_bits=act_bits, per_channel=per_channel,
-                                 calibrate_method=calibrate_method, rtol=rtol)
+                                 calibrate_method=calibrate_method, rtol=rtol, calib_split=calib_split)
         if json_out:
             print_json(entry)
         else:
@@ -278,31 +281,75 @@ def export(
 @handle_errors
 def verify(
     run_dir: Path = typer.Argument(..., help="A run directory."),
-    onnx_file: Optional[Path] = typer.Option(None, "--onnx", help="ONNX file (default RUN_DIR/model.onnx)."),
+    onnx_file: Optional[Path] = typer.Option(None, "--onnx", help="ONNX file (default RUN_DIR/model.onnx and every model.<precision>.onnx)."),
+    precision: Optional[str] = typer.Option(None, help="Check only RUN_DIR's model.onnx (fp32) or model.<precision>.onnx (fp16 | int8 | int4)."),
     inputs: Optional[Path] = typer.Option(None, help=".npy array (N, 3, H, W) of normalized inputs; default generated."),
     samples: int = typer.Option(8, help="Number of generated inputs."),
     seed: int = typer.Option(0, help="Seed of the generated inputs."),
     rtol: float = typer.Option(1e-4, help="max |err| / max |ref| allowed."),
     min_cosine: float = typer.Option(0.99999, help="Smallest per-sample cosine allowed."),
     min_top1: float = typer.Option(1.0, help="Smallest top-1 agreement allowed."),
+    data: Optional[str] = typer.Option(None, help="Compare lossy low-precision files on images of this data spec (default: the run's --data; generated inputs without one)."),
+    limit: int = typer.Option(256, help="Images from --data for lossy low-precision files."),
+    min_agreement: float = typer.Option(0.9, help="Lossy low-precision files: smallest top-1 agreement with model.onnx."),
+    min_sqnr: float = typer.Option(10.0, help="Lossy low-precision files: smallest logit SQNR (dB) against model.onnx."),
     json_out: bool = JsonOpt,
 ):
     """Compare the ONNX file (onnxruntime, optimizations off and on) with the run's checkpoint
-    evaluated in float64. Exits 3 when parity fails."""
+    evaluated in float64, and each low-precision file under its contract: lossless weights
+    against the checkpoint at the same tolerance, lossy ones against model.onnx (top-1 agreement,
+    SQNR). Exits 3 when a check fails."""
     from wnconvert.convert.artifacts import read_json, write_json
+    from wnconvert.convert.quant_check import QuantThresholds, detect_precision
+    from wnconvert.convert.quantize import artifact_name
     from wnconvert.convert.verify import VerifyConfig, load_inputs, make_inputs, verify as run_verify
     from wnconvert.models.run import REPORT
 
+    from .quant import data_arrays, quantized_artifacts, verify_quantized
+
     manifest, model, pre = _run_dir_model(run_dir)
-    path = onnx_file or run_dir / "model.onnx"
-    if not path.exists():
-        raise UserInputError(f"{path} does not exist; run `wnconvert export {run_dir}` first")
+    thresholds = QuantThresholds(min_agreement, min_sqnr)
+    if onnx_file is not None and precision is not None:
+        raise UserInputError("give --onnx or --precision, not both")
+    if onnx_file is not None:
+        if not onnx_file.exists():
+            raise UserInputError(f"{onnx_file} does not exist")
+        targets = [(detect_precision(onnx_file), onnx_file)]
+    elif precision is not None:
+        path = run_dir / artifact_name(precision)
+        if not path.exists():
+            how = "" if precision == "fp32" else f" --precision {precision}"
+            raise UserInputError(f"{path} does not exist; run `wnconvert export {run_dir}{how}` first")
+        targets = [(precision, path)]
+    else:
+        path = run_dir / "model.onnx"
+        if not path.exists():
+            raise UserInputError(f"{path} does not exist; run `wnconvert export {run_dir}` first")
+        targets = [("fp32", path)] + quantized_artifacts(run_dir)
     cfg = VerifyConfig(rtol=rtol, min_cosine=min_cosine, min_top1=min_top1, samples=samples, seed=seed)
     shape = (3, pre.image_size, pre.image_size)
     x = load_inputs(inputs, shape) if inputs else make_inputs(shape, cfg)
-    report = run_verify(model, x, onnx_path=path, config=cfg,
-                        inputs_name=str(inputs) if inputs else f"{len(x)} generated samples, seed {seed}")
-    d = report.to_dict()
+    inputs_name = str(inputs) if inputs else f"{len(x)} generated samples, seed {seed}"
+    d: dict = {}
+    passed, failures = True, []
+    fp32 = [p for prec, p in targets if prec == "fp32"]
+    if fp32:
+        report = run_verify(model, x, onnx_path=fp32[0], config=cfg, inputs_name=inputs_name)
+        d = report.to_dict()
+        passed, failures = report.passed, report.failures()
+    low = [(prec, p) for prec, p in targets if prec != "fp32"]
+    if low:
+        spec = data or (manifest.get("data") if not inputs else None)
+        if spec:
+            xq = data_arrays(spec, pre, limit)
+            q_inputs = f"{len(xq)} images from {spec}"
+        else:
+            xq, q_inputs = x.numpy(), inputs_name
+        d["quantized"] = verify_quantized(run_dir, model, low, x, cfg, xq, q_inputs, thresholds)
+        for name, res in d["quantized"].items():
+            passed = passed and res["passed"]
+            failures += [f"{name}: {f}" for f in res["failures"]]
+        d["passed"] = passed
     if (run_dir / REPORT).exists():
         full = read_json(run_dir / REPORT)
         full["verify"] = d
@@ -310,9 +357,12 @@ def verify(
     if json_out:
         print_json(d)
     else:
-        console.print(parity_table(d))
-    if not report.passed:
-        raise ParityError("parity failed: " + "; ".join(report.failures()))
+        if fp32:
+            console.print(parity_table(d))
+        if low:
+            console.print(quantized_table(d["quantized"]))
+    if not passed:
+        raise ParityError("parity failed: " + "; ".join(failures))
 
 
 @app.command()

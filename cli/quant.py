@@ -22,19 +22,25 @@ def parse_act_bits(value: str | None, precision: str) -> int | None:
     raise UserInputError(f"--act-bits must be 8 or float, not {value!r}")
 
 
-def calibration_arrays(data: str, preprocess, samples: int) -> np.ndarray:
+CALIB_SPLITS = ("train", "val")
+
+
+def data_arrays(data: str, preprocess, samples: int, split: str = "val", what: str = "--limit") -> np.ndarray:
+    """``samples`` images of ``split`` (a fixed random subset), preprocessed like evaluation."""
     from wnconvert.models.data import eval_arrays
 
     if samples < 1:
-        raise UserInputError("--calib-samples must be at least 1")
-    images, _ = eval_arrays(data, preprocess, limit=samples)
+        raise UserInputError(f"{what} must be at least 1")
+    if split not in CALIB_SPLITS:
+        raise UserInputError(f"--calib-split must be train or val, not {split!r}")
+    images, _ = eval_arrays(data, preprocess, limit=samples, split=split)
     return images
 
 
 def export_precision(run_dir: Path, precision: str, *, data: str | None = None,
                      calib_samples: int = DEFAULT_CALIB_SAMPLES, act_bits: str | None = None,
                      per_channel: bool | None = None, calibrate_method: str = "minmax",
-                     rtol: float | None = None) -> dict:
+                     rtol: float | None = None, calib_split: str = "train") -> dict:
     """Write ``RUN_DIR/model.<precision>.onnx`` from ``RUN_DIR/model.onnx`` and compare them.
 
     Returns the entry written to ``report.json["quantized"][precision]``. Raises ParityError when a
@@ -64,21 +70,20 @@ def export_precision(run_dir: Path, precision: str, *, data: str | None = None,
         if not data:
             raise UserInputError(f"--precision {precision} quantizes activations and needs calibration "
                                  "data: pass --data SPEC (or --act-bits float for weights only)")
-        calib = calibration_arrays(data, pre, calib_samples)
+        calib = data_arrays(data, pre, calib_samples, calib_split, "--calib-samples")
     dst = Path(run_dir) / artifact_name(precision)
     result = quantize(src, dst, options, calib)
 
     ver = VerifyConfig(**manifest.get("verify", {}))
     tol = ver.rtol if rtol is None else rtol
-    if calib is not None:
-        x, inputs = calib, f"{len(calib)} calibration images from {data}"
-    elif data:
-        x = calibration_arrays(data, pre, calib_samples)
-        inputs = f"{len(x)} images from {data}"
+    if data:  # compared on held-out images, not on the calibration ones
+        x = data_arrays(data, pre, calib_samples, "val", "--calib-samples")
+        inputs = f"{len(x)} validation images from {data}"
     else:
         x = make_inputs((3, pre.image_size, pre.image_size), ver).numpy()
         inputs = f"{len(x)} generated samples"
-    entry = result.to_dict() | {"inputs": inputs, "vs_fp32": compare_files(src, dst, x),
+    entry = result.to_dict() | {"calibration": (f"{len(calib)} {calib_split} images from {data}"
+                                                if calib is not None else None), "inputs": inputs, "vs_fp32": compare_files(src, dst, x),
                                 "weight_storage": weight_storage(dst)}
     lossless = (grid_bits is not None and options.act_bits is None and precision in ("int8", "int4")
                 and not result.lossy_weights and result.exact_weights)
@@ -93,6 +98,44 @@ def export_precision(run_dir: Path, precision: str, *, data: str | None = None,
         raise ParityError(f"{dst.name}: weights are on the trained {grid_bits}-bit grid but the logits "
                           f"differ from model.onnx by rel {entry['vs_fp32']['rel']:.3g} > {tol:g}")
     return entry
+
+
+def quantized_artifacts(run_dir: Path) -> list[tuple[str, Path]]:
+    """``(precision, path)`` of every ``model.<precision>.onnx`` present in the run."""
+    from wnconvert.convert.quantize import PRECISIONS, artifact_name
+
+    return [(p, Path(run_dir) / artifact_name(p)) for p in PRECISIONS
+            if p != "fp32" and (Path(run_dir) / artifact_name(p)).exists()]
+
+
+def verify_quantized(run_dir: Path, model, targets: list[tuple[str, Path]], x_parity, parity_cfg,
+                     x: np.ndarray, inputs: str, thresholds) -> dict:
+    """Check each low-precision file under its contract (see ``convert/quant_check.py``): a
+    lossless one (report.json says export found every weight on the run's trained grid) against
+    the trained model at the fp32 tolerance, any other against ``model.onnx``."""
+    from wnconvert.convert.artifacts import read_json
+    from wnconvert.convert.quant_check import check_lossy
+    from wnconvert.convert.quantize import artifact_name
+    from wnconvert.convert.verify import verify as run_verify
+    from wnconvert.models.run import REPORT
+
+    report_path = Path(run_dir) / REPORT
+    made = (read_json(report_path).get("quantized", {}) if report_path.exists() else {})
+    fp32 = Path(run_dir) / "model.onnx"
+    out = {}
+    for precision, path in targets:
+        own = path.resolve() == (Path(run_dir) / artifact_name(precision)).resolve()
+        if own and "lossless_check" in made.get(precision, {}):
+            rep = run_verify(model, x_parity, onnx_path=path, config=parity_cfg,
+                             inputs_name=f"{len(x_parity)} samples")
+            res = {"contract": "lossless", "parity": rep.to_dict(), "passed": rep.passed,
+                   "failures": rep.failures()}
+        else:
+            if not fp32.exists():
+                raise UserInputError(f"{run_dir} has no model.onnx to compare {path.name} with")
+            res = check_lossy(fp32, path, x, thresholds) | {"inputs": inputs}
+        out[precision if own else str(path)] = res | {"file": str(path)}
+    return out
 
 
 def eval_artifact(artifact: Path, data: str, limit: int | None, batch_size: int, provider: str) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -35,6 +36,23 @@ def parity_table(parity: dict, title: str = "Parity") -> Table:
     for name, c in parity["candidates"].items():
         t.add_row(name, f"{c['max_abs']:.3e}", f"{c['rel']:.3e}", f"{c['cosine']:.8f}",
                   f"{c['top1']:.4f}", "[green]yes[/]" if c["passed"] else "[red]NO[/]")
+    return t
+
+
+def quantized_table(checks: dict) -> Table:
+    """One row per low-precision file: its contract and the numbers it was judged by."""
+    t = Table(title="Low-precision files")
+    for col in ("file", "contract", "against", "top-1 agree", "SQNR dB", "rel", "ok"):
+        t.add_column(col, justify="left" if col in ("file", "contract", "against") else "right")
+    for name, r in checks.items():
+        if r["contract"] == "lossless":
+            worst = max(r["parity"]["candidates"].values(), key=lambda c: c["rel"])
+            row = ("trained model, float64", f"{worst['top1']:.4f}", "-", f"{worst['rel']:.2e}")
+        else:
+            c = r["vs_fp32"]
+            row = (f"model.onnx, {r['inputs']}", f"{c['top1_agreement']:.4f}", f"{c['sqnr_db']:.1f}",
+                   f"{c['rel']:.2e}")
+        t.add_row(Path(r["file"]).name, r["contract"], *row, "[green]yes[/]" if r["passed"] else "[red]NO[/]")
     return t
 
 

@@ -19,7 +19,7 @@ float32), the precision and options.
   Other weights get the symmetric max scale ``max|w_c| / qmax``, which is lossy.
   onnxruntime (ENABLE_EXTENDED and up) rewrites ``DequantizeLinear -> MatMul`` into
   ``MatMulNBits``, whose default accuracy level quantizes the activations to int8; the comparisons
-  here run with ``session.qdq_matmulnbits_accuracy_level=0`` (see :func:`exact_session`).
+  here run with ``session.qdq_matmulnbits_accuracy_level=0`` (see ``verify.ort_session``).
 * ``int4`` with int8 activations (W4A8): ``quantize_static`` with ``QInt4`` weights, then the
   weights of a grid run are rewritten to the exact grid scale as above.
 """
@@ -36,6 +36,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import UserInputError
+from .verify import ort_session
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 CALIBRATORS = ("minmax", "percentile", "entropy")
@@ -402,28 +403,8 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict:
             "sqnr_db": sqnr, "max_abs": max_abs, "rel": rel}
 
 
-MATMULNBITS_EXACT = ("session.qdq_matmulnbits_accuracy_level", "0")
-
-
-def exact_session(path: Path):
-    """A CPU onnxruntime session, all optimizations on, with its MatMulNBits rewrite computing in
-    float: at ENABLE_EXTENDED and up onnxruntime turns ``DequantizeLinear(int4/int8) -> MatMul``
-    into ``MatMulNBits``, whose default accuracy level 4 quantizes the *activations* to int8,
-    which would make lossless weights look lossy. Deployments wanting bit-exact weights-only
-    results set the same session option."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    opts.add_session_config_entry(*MATMULNBITS_EXACT)
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def run_file(path: Path, x: np.ndarray, batch: int = 64) -> np.ndarray:
-    sess = exact_session(path)
+    sess = ort_session(path)
     name = sess.get_inputs()[0].name
     outs = [sess.run(None, {name: np.ascontiguousarray(x[i:i + batch], np.float32)})[0]
             for i in range(0, len(x), batch)]

@@ -464,24 +464,28 @@ def build_data(
 
 
 def eval_arrays(
-    spec: DataSpec | str, preprocess: Preprocess, limit: int | None = None, seed: int = 0
+    spec: DataSpec | str, preprocess: Preprocess, limit: int | None = None, seed: int = 0,
+    split: str = "val",
 ) -> tuple[np.ndarray, np.ndarray]:
     """The validation images build_data(..., limit_val=limit, seed=seed) would use, preprocessed as
-    float32 N,3,H,W, with int64 labels (for evaluating ONNX files in onnxruntime)."""
+    float32 N,3,H,W, with int64 labels (for evaluating ONNX files in onnxruntime). ``split="train"``
+    gives training images the same way, without augmentation (for calibrating quantizers)."""
     from . import datasets as ds
 
     spec = _as_spec(spec)
     limit = _check_limit("limit", limit)
     seed = _check_seed(seed)
+    if split not in ("train", "val"):
+        raise DataError(f"unknown split {split!r}; choose train or val")
     if spec.kind in ds.ARRAY_KINDS:
         # Same arrays and subset as build_data's val, but preprocessed in one vectorized pass.
-        images, labels, _ = ds.load_arrays(spec, "val", download=False)
-        keep = ds.subset_indices(len(labels), limit, seed, "val")
+        images, labels, _ = ds.load_arrays(spec, split, download=False)
+        keep = ds.subset_indices(len(labels), limit, seed, split)
         if keep is not None:
             images, labels = images[keep], labels[keep]
         return preprocess.apply_numpy(images), labels.astype(np.int64)
     val, _ = ds.load_split(
-        spec, "val", preprocess.eval_transform(),
+        spec, split, preprocess.eval_transform(),
         image_size=preprocess.image_size, limit=limit, seed=seed, download=False,
     )  # fmt: skip
     xs, ys = [], []
@@ -490,5 +494,5 @@ def eval_arrays(
         xs.append(x.numpy())
         ys.append(y)
     if not xs:
-        raise DataError(f"{spec}: the validation set is empty")
+        raise DataError(f"{spec}: the {'validation' if split == 'val' else 'training'} set is empty")
     return np.stack(xs).astype(np.float32, copy=False), np.asarray(ys, dtype=np.int64)

@@ -23,19 +23,9 @@ def _topk(logits: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
 
 
 def _onnx_runner(path: Path, provider: str):
-    import onnxruntime as ort
+    from wnconvert.convert.verify import ort_session
 
-    available = ort.get_available_providers()
-    if provider == "cuda":
-        if "CUDAExecutionProvider" not in available:
-            raise UserInputError("--provider cuda: onnxruntime has no CUDAExecutionProvider here")
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        sess = ort.InferenceSession(str(path), opts,
-                                    providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-    else:
-        from wnconvert.convert.quantize import exact_session
-        sess = exact_session(path)
+    sess = ort_session(path, provider=provider)
     name = sess.get_inputs()[0].name
     return sess, (lambda x: sess.run(None, {name: x})[0]), sess.get_providers()[0]
 
@@ -81,7 +71,9 @@ def evaluate(artifact: Path, data: str, *, limit: int | None = None, batch: int 
         if run_dir is None:
             raise UserInputError(f"{artifact} is not a run directory (no {MANIFEST})")
         _, model, _ = load_run(run_dir)
-        device = "cuda" if provider == "cuda" and torch.cuda.is_available() else "cpu"
+        if provider == "cuda" and not torch.cuda.is_available():
+            raise UserInputError("--provider cuda: PyTorch sees no CUDA device here")
+        device = provider
         model = model.to(device).eval()
 
         def run(x):

@@ -266,25 +266,36 @@ def build_optimizer(model: nn.Module, optimizer: str, *, lr: float, momentum: fl
 
 # -- schedule ----------------------------------------------------------------------------------
 
+SCHEDULES = ("cosine", "constant")
+
+
 class WarmupCosine:
     """LR factor for optimizer step ``k`` (0-based): linear warmup ``(k+1)/warmup`` over
-    ``warmup_steps``, then half a cosine from 1 to 0 over the remaining steps.
+    ``warmup_steps``, then half a cosine from 1 to 0 over the remaining steps, or (``shape=
+    "constant"``) 1 until the end. A constant rate is what lets SGD's weight norms reach the
+    equilibrium of docs/gradients.md; the cosine is the better default for accuracy.
 
     A plain class rather than a lambda so that LambdaLR's state_dict records its fields.
     """
 
-    def __init__(self, total_steps: int, warmup_steps: int = 0) -> None:
+    def __init__(self, total_steps: int, warmup_steps: int = 0, shape: str = "cosine") -> None:
+        if shape not in SCHEDULES:
+            raise UserInputError(f"unknown schedule {shape!r}; choose one of: {', '.join(SCHEDULES)}")
         self.total_steps = max(1, int(total_steps))
         self.warmup_steps = max(0, min(int(warmup_steps), self.total_steps))
+        self.shape = shape
 
     def __call__(self, k: int) -> float:
         if k < self.warmup_steps:
             return (k + 1) / self.warmup_steps
+        if self.shape == "constant":
+            return 1.0
         span = max(1, self.total_steps - self.warmup_steps)
         progress = min(1.0, (k - self.warmup_steps) / span)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def warmup_cosine(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0) -> LambdaLR:
+def warmup_cosine(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0,
+                  shape: str = "cosine") -> LambdaLR:
     """Per-iteration schedule: call ``.step()`` after every optimizer step."""
-    return LambdaLR(optimizer, WarmupCosine(total_steps, warmup_steps))
+    return LambdaLR(optimizer, WarmupCosine(total_steps, warmup_steps, shape))

@@ -116,6 +116,8 @@ def save_checkpoint(model: nn.Module, path: Path) -> None:
 
 def run_finetune(cfg: RunConfig, console=None, resume: bool = False) -> RunSummary:
     out = check_output_dir(cfg.out)
+    if cfg.train is not None:  # bad settings fail before anything is built or written
+        cfg.train.validate()
     if (out / MANIFEST).exists() and not (resume or cfg.overwrite):
         raise UserInputError(f"{out} already holds a run; use --resume to continue it, "
                              "--overwrite to replace it, or another --out")

@@ -38,12 +38,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 from ..convert.errors import TrainingError, UserInputError
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
-from .optim import OPTIMIZERS, WD_MODES, build_optimizer, resolve_defaults, warmup_cosine
+from .optim import OPTIMIZERS, SCHEDULES, WD_MODES, build_optimizer, resolve_defaults, warmup_cosine
 
 DEVICES = ("auto", "cpu", "cuda")
 # Fields that shape the optimization trajectory: a resumed run must use the same values.
 _TRAJECTORY_FIELDS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov",
-                      "weight_decay", "wd_mode", "wd_eps", "warmup_epochs", "label_smoothing",
+                      "weight_decay", "wd_mode", "wd_eps", "warmup_epochs", "schedule", "label_smoothing",
                       "grad_clip", "seed")
 
 
@@ -58,7 +58,8 @@ class TrainConfig:
     weight_decay: float | None = None  # None -> models.optim.DEFAULTS[optimizer].weight_decay
     wd_mode: str = "l2"               # decay of raw reparametrized weights: l2 | eps-shifted | none
     wd_eps: float | None = None       # None -> models.optim.DEFAULT_WD_EPS
-    warmup_epochs: float = 0.0        # linear warmup, then cosine to 0, stepped per iteration
+    warmup_epochs: float = 0.0        # linear warmup, then the schedule, stepped per iteration
+    schedule: str = "cosine"          # after warmup: cosine to 0 | constant
     label_smoothing: float = 0.0
     grad_clip: float | None = None    # max global grad norm
     device: str = "auto"              # auto | cpu | cuda
@@ -85,6 +86,8 @@ class TrainConfig:
 
         if self.optimizer not in OPTIMIZERS:
             bad(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            bad(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
         if self.wd_mode not in WD_MODES:
             bad(f"unknown wd mode {self.wd_mode!r}; choose one of: {', '.join(WD_MODES)}")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
@@ -414,7 +417,7 @@ def _run(model: nn.Module, data: Any, cfg: TrainConfig, d: dist_utils.DistInfo, 
     drop_last = per_rank >= cfg.batch_size  # avoid a ragged last batch (BN), unless it is all we have
     steps_per_epoch = per_rank // cfg.batch_size if drop_last else math.ceil(per_rank / cfg.batch_size)
     scheduler = warmup_cosine(optimizer, steps_per_epoch * cfg.epochs,
-                              round(cfg.warmup_epochs * steps_per_epoch))
+                              round(cfg.warmup_epochs * steps_per_epoch), cfg.schedule)
     persistent = cuda and cfg.workers > 0
     gpu_transform = getattr(data, "gpu_transform", None)  # set by build_data(..., gpu_decode=True)
     train_loader = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler,

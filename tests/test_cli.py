@@ -172,6 +172,13 @@ def test_unknown_scheme(tmp_path):
     assert_one_line_error(p, 2, "unknown scheme", "layer-max")
 
 
+def test_unknown_schedule(tmp_path):
+    p = run_cli("finetune", "resnet18", "--weights", "none", "--data", "synthetic", "--schedule", "step",
+                "--out", tmp_path / "o")
+    assert_one_line_error(p, 2, "unknown schedule 'step'", "constant")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("content,needle", [
     (None, "does not exist"),
     (b"this is not a checkpoint", "cannot read weights file"),

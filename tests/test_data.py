@@ -304,6 +304,12 @@ def test_fashion_mnist(fashion_dir: Path) -> None:
     images, labels = eval_arrays(spec, p32)
     np.testing.assert_allclose(images, val.numpy(), atol=1e-5, rtol=0)
     assert labels.dtype == np.int64 and labels.tolist() == [(3 * i) % 10 for i in range(20)]
+    # split="train": the training images without augmentation, same subset as limit_train
+    train = build_data(spec, p32, limit_train=12, train_augment=False).train
+    images, labels = eval_arrays(spec, p32, limit=12, split="train")
+    np.testing.assert_allclose(images, np.stack([train[i][0].numpy() for i in range(12)]), atol=1e-5, rtol=0)
+    assert labels.tolist() == [train[i][1] for i in range(12)]
+    raises_one_line(eval_arrays, spec, p32, split="test", match="unknown split")
 
 
 def test_fashion_mnist_limit(fashion_dir: Path) -> None:

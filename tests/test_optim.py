@@ -215,6 +215,13 @@ def test_warmup_then_cosine() -> None:
     assert g(0) == 1.0 and g(2) == pytest.approx(0.5)
 
 
+def test_warmup_then_constant() -> None:
+    f = WarmupCosine(total_steps=10, warmup_steps=2, shape="constant")
+    assert [f(k) for k in range(11)] == [0.5] + [1.0] * 10
+    with pytest.raises(UserInputError, match="unknown schedule 'step'"):
+        WarmupCosine(total_steps=10, shape="step")
+
+
 # -- documentation -----------------------------------------------------------------------------
 
 def test_defaults_match_docs() -> None:

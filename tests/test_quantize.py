@@ -114,6 +114,7 @@ def test_int8_static_qdq(run_cm4, fashion):
     assert convs and all(n.input[1] in dq_out for n in convs)
     entry = _report(run_cm4)["quantized"]["int8"]
     assert entry["activations"] == "int8"
+    assert entry["calibration"].startswith("16 train images") and entry["inputs"].startswith("16 validation")
     assert 0.0 <= entry["vs_fp32"]["top1_agreement"] <= 1.0
     assert entry["vs_fp32"]["cosine_mean"] > 0.9 and np.isfinite(entry["vs_fp32"]["sqnr_db"])
     x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
@@ -172,3 +173,115 @@ def test_bad_inputs(run_lm4, tmp_path):
         "finetune", "resnet18", "--weights", "none", "--num-classes", 10, "--epochs", 0,
         "--image-size", 32, "--scheme", "weight-std", "--weight-bits", 4, "--out", tmp_path / "ws"))
     _one_line_error(invoke("eval", tmp_path / "missing.onnx", "--data", "synthetic:10"))
+
+
+# -- verify on low-precision files ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, fashion):
+    """A --weight-bits 4 run with a lossless int4 (weights only) and a lossy W8A8 int8 file."""
+    run = _finetune(tmp_path_factory.mktemp("vq") / "run", "layer-max", "--weight-bits", 4)
+    for args in (("--precision", "int4"),
+                 ("--precision", "int8", "--data", fashion, "--calib-samples", 16)):
+        r = invoke("export", run, *args)
+        assert r.exit_code == 0, r.output
+    return run
+
+
+def _verify_json(*args):
+    r = invoke("verify", *args, "--json")
+    return r, (json.loads(r.output) if r.exit_code == 0 else None)
+
+
+def test_verify_checks_every_artifact_under_its_contract(exported, fashion):
+    r, d = _verify_json(exported, "--data", fashion, "--limit", 16, "--min-agreement", 0, "--min-sqnr", 0)
+    assert r.exit_code == 0, r.output
+    assert d["passed"] and set(d["candidates"]) == {"onnx-ort-no-opt", "onnx-ort-opt"}
+    q = d["quantized"]
+    assert set(q) == {"int4", "int8"}
+    # int4 weights-only of a 4-bit run: the trained model's own tolerance, opt off and on
+    assert q["int4"]["contract"] == "lossless"
+    assert set(q["int4"]["parity"]["candidates"]) == {"onnx-ort-no-opt", "onnx-ort-opt"}
+    assert all(c["rel"] <= 1e-4 and c["top1"] == 1.0 for c in q["int4"]["parity"]["candidates"].values())
+    # W8A8 quantizes activations: judged against model.onnx on the data's images
+    assert q["int8"]["contract"] == "lossy" and q["int8"]["inputs"].startswith("16 images from")
+    assert q["int8"]["vs_fp32"]["samples"] == 16 and np.isfinite(q["int8"]["vs_fp32"]["sqnr_db"])
+    assert json.loads((exported / "report.json").read_text())["verify"]["quantized"].keys() == q.keys()
+
+
+def test_verify_lossy_thresholds_fail_with_exit_3(exported, fashion):
+    r = invoke("verify", exported, "--precision", "int8", "--data", fashion, "--limit", 16,
+               "--min-sqnr", 200)
+    assert r.exit_code == 3, r.output
+    assert "int8: SQNR" in r.output and "< 200 dB" in r.output
+
+
+def test_verify_catches_a_wrong_int4_scale(exported, tmp_path):
+    """A single wrong scale in an otherwise lossless file breaks the trained model's tolerance."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(exported, run)
+    path = run / "model.int4.onnx"
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits)
+    scale = inits[dq.input[1]]
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float32(1.25), scale.name))
+    onnx.save(model, str(path))
+    r = invoke("verify", run, "--precision", "int4")
+    assert r.exit_code == 3, r.output
+    assert "int4: onnx-ort" in r.output
+
+
+def test_verify_onnx_option_detects_precision(exported, fashion):
+    from wnconvert.convert.quant_check import detect_precision
+
+    assert [detect_precision(exported / n) for n in ("model.onnx", "model.int8.onnx", "model.int4.onnx")] \
+        == ["fp32", "int8", "int4"]
+    r, d = _verify_json(exported, "--onnx", exported / "model.int8.onnx", "--data", fashion,
+                        "--limit", 8, "--min-agreement", 0, "--min-sqnr", 0)
+    assert r.exit_code == 0, r.output
+    assert list(d["quantized"]) == ["int8"] and "candidates" not in d
+
+
+def test_verify_bad_inputs(exported, run_lm4):
+    assert "--onnx or --precision" in _one_line_error(invoke(
+        "verify", exported, "--precision", "int4", "--onnx", exported / "model.int4.onnx"))
+    (run_lm4 / "model.fp16.onnx").unlink(missing_ok=True)
+    assert "export" in _one_line_error(invoke("verify", run_lm4, "--precision", "fp16"))
+    assert "unknown precision" in _one_line_error(invoke("verify", run_lm4, "--precision", "int3"))
+    assert "--min-agreement" in _one_line_error(invoke("verify", run_lm4, "--min-agreement", 2))
+
+
+def _cuda_here():
+    import onnxruntime as ort
+    import torch
+
+    return torch.cuda.is_available(), "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def test_cuda_provider_without_cuda_is_a_clear_error(run_lm4, fashion):
+    torch_cuda, ort_cuda = _cuda_here()
+    if not torch_cuda:
+        msg = _one_line_error(invoke("eval", run_lm4, "--data", fashion, "--provider", "cuda"))
+        assert "no CUDA device" in msg
+    if not ort_cuda:
+        msg = _one_line_error(invoke("eval", run_lm4 / "model.onnx", "--data", fashion, "--provider", "cuda"))
+        assert "CUDAExecutionProvider" in msg
+    if torch_cuda and ort_cuda:
+        pytest.skip("CUDA is available here: see test_eval_on_cuda_agrees_with_cpu")
+
+
+@pytest.mark.skipif(not any(_cuda_here()), reason="needs CUDA in PyTorch or onnxruntime")
+def test_eval_on_cuda_agrees_with_cpu(run_lm4, fashion):
+    torch_cuda, ort_cuda = _cuda_here()
+    for artifact, usable in ((run_lm4, torch_cuda), (run_lm4 / "model.onnx", ort_cuda)):
+        if not usable:
+            continue
+        r = invoke("eval", artifact, "--data", fashion, "--limit", 32, "--json")
+        g = invoke("eval", artifact, "--data", fashion, "--limit", 32, "--provider", "cuda", "--json")
+        assert r.exit_code == 0 and g.exit_code == 0, (r.output, g.output)
+        cpu, gpu = json.loads(r.output), json.loads(g.output)
+        assert "cuda" in gpu["backend"].lower()
+        assert abs(cpu["top1"] - gpu["top1"]) <= 1 / 32  # TF32 may flip a near tie

@@ -1,0 +1,69 @@
+"""Is a low-precision ONNX file still the model it was made from?
+
+Two contracts, depending on how the file was made:
+
+* **lossless** (a ``--weight-bits B`` run exported weights-only at ``B`` or more bits, so every
+  stored integer times its scale is the trained weight): the file must agree with the *trained
+  model* within the fp32 tolerance, exactly like ``model.onnx`` (see :func:`verify.verify`).
+* **lossy** (fp16, W8A8, post-training int4, ...): it is compared with the fp32 ``model.onnx`` on
+  the same inputs: top-1 agreement and the SQNR of the logits must reach the thresholds below.
+  They are floors that catch a broken artifact (wrong scales, saturated activations), not accuracy
+  targets; accuracy is what ``wnconvert eval`` measures on real data.
+
+Knows nothing of schemes: whether a file is lossless is told by the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from .errors import UserInputError
+from .quantize import compare_files
+
+
+@dataclass(frozen=True)
+class QuantThresholds:
+    min_agreement: float = 0.9   # top-1 agreement with the fp32 model
+    min_sqnr_db: float = 10.0    # 10·log10(Σ ref² / Σ (out − ref)²) of the logits
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_agreement <= 1:
+            raise UserInputError(f"--min-agreement must be in [0, 1], got {self.min_agreement}")
+
+
+_INT_TYPES = {TensorProto.INT4: "int4", TensorProto.UINT4: "int4",
+              TensorProto.INT8: "int8", TensorProto.UINT8: "int8"}
+
+
+def detect_precision(path: Path) -> str:
+    """fp32 | fp16 | int8 | int4 from the file's contents: the narrowest integer type feeding a
+    DequantizeLinear, else fp16 when any initializer is float16."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        raise UserInputError(f"{path} is not a readable ONNX file") from None
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    found = {_INT_TYPES[inits[n.input[0]]] for n in model.graph.node
+             if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) in _INT_TYPES}
+    if found:
+        return "int4" if "int4" in found else "int8"
+    return "fp16" if TensorProto.FLOAT16 in inits.values() else "fp32"
+
+
+def check_lossy(fp32_path: Path, path: Path, x: np.ndarray, thresholds: QuantThresholds) -> dict:
+    """Compare ``path`` with ``fp32_path`` on ``x`` (onnxruntime, all optimizations on)."""
+    c = compare_files(fp32_path, path, x)
+    failures = []
+    if not np.isfinite(c["max_abs"]):
+        failures.append("non-finite logits")
+    if c["top1_agreement"] < thresholds.min_agreement:
+        failures.append(f"top-1 agreement {c['top1_agreement']:.4f} < {thresholds.min_agreement:g}")
+    if c["sqnr_db"] < thresholds.min_sqnr_db:
+        failures.append(f"SQNR {c['sqnr_db']:.1f} dB < {thresholds.min_sqnr_db:g} dB")
+    return {"contract": "lossy", "vs_fp32": c, "thresholds": asdict(thresholds),
+            "failures": failures, "passed": not failures}
