@@ -11,6 +11,8 @@
      ``--wd-mode l2 | eps-shifted | none``. The default fine-tune (lr 0.01, λ 1e-4) has a time
      constant of 50 000 steps, far beyond any fine-tune, which is why its ratios stay where the
      pretrained norms put them;
+   * from scratch under layer-max (the setting of ``make demo``, one epoch): sgd vs adamw at their
+     from-scratch defaults;
 3. ``wnconvert report`` of the l2 equilibrium run;
 4. figures (PNG) and a summary (JSON + a markdown table) in ``--docs``.
 
@@ -43,6 +45,12 @@ def runs(recipe: Recipe, eq_epochs: int, every: int = 10) -> dict[str, list[str]
         name = f"lm-sgd-eq-{mode}"
         plan[name] = recipe.finetune_args(name, "layer-max", *EQ, "--wd-mode", mode,
                                           "--epochs", eq_epochs, *d)
+    for opt in ("sgd", "adamw"):  # from scratch under layer-max, as in `make demo`
+        name = f"scratch-lm-{opt}"
+        plan[name] = ["finetune", "resnet18", "--data", recipe.data, "--weights", "none",
+                      "--scheme", "layer-max", "--epochs", 1, "--limit-val", 2000,
+                      "--device", recipe.device, "--seed", 0, *recipe.extra, "--optimizer", opt,
+                      *d, "--out", recipe.runs / name]
     return plan
 
 
@@ -131,21 +139,30 @@ def figures(dyn: dict[str, list[dict]], docs: Path, recipe: Recipe) -> dict[str,
     save(fig, docs / "dyn_equilibrium.png")
     made["dyn_equilibrium.png"] = "lm-sgd-eq-l2 and lm-sgd"
 
+    norms = (relative_norms, "median over layers of ‖W‖ / ‖W‖ at start", False)
+    angles = (lambda d: per_step(d, "angle"), "angle turned per step (rad), median of layers", True)
+
+    def side_by_side(names: list[str], prefix: str, panels, legend: str, title: str, path: Path) -> None:
+        """One panel per (series, ylabel, log y) in ``panels``, one line per run in each."""
+        fig, axes = plt.subplots(1, len(panels), figsize=(11, 4))
+        for ax, (series, ylabel, logy) in zip(axes, panels):
+            for name in names:
+                ax.plot(*series(dyn[name]), label=name.removeprefix(prefix))
+            ax.set_ylabel(ylabel)
+            ax.set_xlabel("optimizer step")
+            ax.legend(title=legend, fontsize=8)
+            if logy:
+                ax.set_yscale("log")
+        fig.suptitle(f"{title} ({budget})", fontsize=10)
+        save(fig, path)
+        made[path.name] = ", ".join(names)
+
     # 2. weight norms and the effective step in the equilibrium regime: l2 vs eps-shifted vs none
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name in ("lm-sgd-eq-l2", "lm-sgd-eq-eps-shifted", "lm-sgd-eq-none"):
-        axes[0].plot(*relative_norms(dyn[name]), label=name.removeprefix("lm-sgd-eq-"))
-        axes[1].plot(*per_step(dyn[name], "eff_lr"), label=name.removeprefix("lm-sgd-eq-"))
-    axes[0].set_ylabel("median over layers of ‖W‖ / ‖W‖ at start")
-    axes[1].set_ylabel("median over layers of lr / ‖W‖²")
-    axes[1].set_yscale("log")
-    for ax in axes:
-        ax.set_xlabel("optimizer step")
-        ax.legend(title="--wd-mode", fontsize=8)
-    fig.suptitle(f"sgd lr 0.05, constant, wd 5e-3: weight norm and effective learning rate ({budget})",
-                 fontsize=10)
-    save(fig, docs / "dyn_wd_modes.png")
-    made["dyn_wd_modes.png"] = "lm-sgd-eq-{l2,eps-shifted,none}"
+    eff_lr = (lambda d: per_step(d, "eff_lr"), "median over layers of lr / ‖W‖²", True)
+    side_by_side(["lm-sgd-eq-l2", "lm-sgd-eq-eps-shifted", "lm-sgd-eq-none"], "lm-sgd-eq-",
+                 [norms, eff_lr], "--wd-mode",
+                 "sgd lr 0.05, constant, wd 5e-3: weight norm and effective learning rate",
+                 docs / "dyn_wd_modes.png")
 
     # 3. angular update per step: the common currency of sgd, adamw and lars
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
@@ -156,20 +173,32 @@ def figures(dyn: dict[str, list[dict]], docs: Path, recipe: Recipe) -> dict[str,
         ax.set_title(scheme, fontsize=9)
         ax.set_xlabel("optimizer step")
         ax.legend(title="optimizer (defaults)", fontsize=8)
-    axes[0].set_ylabel("median over layers of the angle between W before and after a step (rad)")
+    axes[0].set_ylabel(angles[1])
     fig.suptitle(f"How far each step turns the weights, at each optimizer's defaults ({budget})", fontsize=10)
     save(fig, docs / "dyn_angles.png")
     made["dyn_angles.png"] = "lm-{sgd,adamw,lars}, cm-{sgd,adamw,lars}"
 
-    # 4. the extra gradient path through max: layer-max vs channel-max
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in ("lm-sgd", "cm-sgd"):
-        ax.plot(*per_step(dyn[name], "grad_max_ratio"), label=name)
+    # 4. from scratch: how far sgd and adamw turn freshly initialized, max-normalized weights
+    side_by_side(["scratch-lm-sgd", "scratch-lm-adamw"], "scratch-lm-", [angles, norms],
+                 "optimizer (from-scratch defaults)",
+                 "ResNet-18 from scratch under layer-max, one epoch", docs / "dyn_scratch.png")
+
+    # 5. the gradient at the max element, per layer: layer-max vs channel-max
+    fig, ax = plt.subplots(figsize=(11, 4))
+    names = list(dyn["lm-sgd"][0]["layers"])
+    width = 0.4
+    for i, name in enumerate(("lm-sgd", "cm-sgd")):
+        med = [statistics.median([r["layers"][k]["grad_max_ratio"] for r in dyn[name]
+                                  if r["layers"].get(k, {}).get("grad_max_ratio")] or [float("nan")])
+               for k in names]
+        ax.bar([j + (i - 0.5) * width for j in range(len(names))], med, width, label=name)
+    ax.set_xticks(range(len(names)), [n.removesuffix(".weight") for n in names], rotation=60,
+                  ha="right", fontsize=7)
     ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("median over layers of |g| at argmax|W| / mean |g|")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_ylabel("|g| at argmax|W| / mean |g|\n(median over the run)")
     ax.legend(fontsize=8)
-    ax.set_title(f"Gradient at the max element ({budget})", fontsize=10)
+    ax.set_title(f"Gradient reaching the largest weight, per layer ({budget})", fontsize=10)
     save(fig, docs / "dyn_grad_at_max.png")
     made["dyn_grad_at_max.png"] = "lm-sgd, cm-sgd"
     return made

@@ -227,6 +227,8 @@ def export(
     act_bits: Optional[str] = typer.Option(None, help="8 | float: activations of int8/int4 files (default: 8 for int8, float for int4)."),
     per_channel: Optional[bool] = typer.Option(None, "--per-channel/--per-tensor", help="Weight scales (default: per tensor for layer-max runs, else per channel)."),
     calibrate_method: str = typer.Option("minmax", help="minmax | percentile | entropy"),
+    act_type: str = typer.Option("uint8", help="uint8 | int8: type of quantized activations (uint8 is onnxruntime's fast CPU path)."),
+    fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse", help="Fold BatchNorm and scales into Conv before quantizing activations (default: yes, except for --weight-bits runs, whose exact grid it would lose)."),
     json_out: bool = JsonOpt,
 ):
     """Fold the run's checkpoint, write RUN_DIR/model.onnx, check weight ranges and parity.
@@ -237,7 +239,8 @@ def export(
         check_precision(precision)
         entry = export_precision(run_dir, precision, data=data, calib_samples=calib_samples,
                                  act_bits=act_bits, per_channel=per_channel,
-                                 calibrate_method=calibrate_method, rtol=rtol, calib_split=calib_split)
+                                 calibrate_method=calibrate_method, rtol=rtol, calib_split=calib_split,
+                                 act_type=act_type, fuse=fuse)
         if json_out:
             print_json(entry)
         else:

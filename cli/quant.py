@@ -40,7 +40,8 @@ def data_arrays(data: str, preprocess, samples: int, split: str = "val", what: s
 def export_precision(run_dir: Path, precision: str, *, data: str | None = None,
                      calib_samples: int = DEFAULT_CALIB_SAMPLES, act_bits: str | None = None,
                      per_channel: bool | None = None, calibrate_method: str = "minmax",
-                     rtol: float | None = None, calib_split: str = "train") -> dict:
+                     rtol: float | None = None, calib_split: str = "train", act_type: str = "uint8",
+                     fuse: bool | None = None) -> dict:
     """Write ``RUN_DIR/model.<precision>.onnx`` from ``RUN_DIR/model.onnx`` and compare them.
 
     Returns the entry written to ``report.json["quantized"][precision]``. Raises ParityError when a
@@ -63,7 +64,7 @@ def export_precision(run_dir: Path, precision: str, *, data: str | None = None,
     options = QuantOptions(
         precision=precision, act_bits=parse_act_bits(act_bits, precision),
         per_channel=(scheme.get("scheme") != "layer-max") if per_channel is None else per_channel,
-        calibrate_method=calibrate_method, grid_bits=grid_bits)
+        calibrate_method=calibrate_method, grid_bits=grid_bits, act_type=act_type, fuse=fuse)
     pre = Preprocess.from_dict(manifest["preprocess"])
     calib = None
     if options.needs_calibration:

@@ -113,12 +113,48 @@ def test_int8_static_qdq(run_cm4, fashion):
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     assert convs and all(n.input[1] in dq_out for n in convs)
     entry = _report(run_cm4)["quantized"]["int8"]
-    assert entry["activations"] == "int8"
+    assert entry["activations"] == "uint8"
+    # a trained grid keeps its BatchNorms apart (folding them would change its exact integers)
+    assert entry["fused"] is False and "BatchNormalization" in ops
     assert entry["calibration"].startswith("16 train images") and entry["inputs"].startswith("16 validation")
     assert 0.0 <= entry["vs_fp32"]["top1_agreement"] <= 1.0
     assert entry["vs_fp32"]["cosine_mean"] > 0.9 and np.isfinite(entry["vs_fp32"]["sqnr_db"])
     x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
     assert run_file(path, x).shape == (2, 10)
+
+
+@pytest.fixture(scope="module")
+def run_plain(tmp_path_factory):
+    """A layer-max run without a trained grid, BatchNorm kept apart in model.onnx."""
+    return _finetune(tmp_path_factory.mktemp("plain") / "run", "layer-max")
+
+
+@pytest.mark.parametrize("act_type", ["uint8", "int8"])
+def test_int8_folds_batchnorm_into_quantized_convs(run_plain, fashion, act_type):
+    """Without a trained grid, BatchNorm and the scales are folded into the Convs before
+    quantizing: every Conv reads quantized input and weights and writes a quantized output."""
+    assert any(n.op_type == "BatchNormalization" for n in onnx.load(str(run_plain / "model.onnx")).graph.node)
+    r = invoke("export", run_plain, "--precision", "int8", "--data", fashion, "--calib-samples", 16,
+               "--act-type", act_type)
+    assert r.exit_code == 0, r.output
+    model = onnx.load(str(run_plain / "model.int8.onnx"))
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    consumers = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.op_type)
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 20 and not any(n.op_type == "BatchNormalization" for n in model.graph.node)
+    for n in convs:
+        assert producer[n.input[0]] == producer[n.input[1]] == "DequantizeLinear"
+        assert consumers[n.output[0]] == ["QuantizeLinear"]
+    inits = {i.name: i for i in model.graph.initializer}
+    zps = {inits[n.input[2]].data_type for n in model.graph.node
+           if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits}
+    assert zps == {TensorProto.UINT8 if act_type == "uint8" else TensorProto.INT8}
+    entry = _report(run_plain)["quantized"]["int8"]
+    assert entry["fused"] is True and entry["activations"] == act_type
+    assert entry["vs_fp32"]["cosine_mean"] > 0.9
 
 
 def test_fp16_runs(run_lm4):
@@ -164,6 +200,8 @@ def test_bad_inputs(run_lm4, tmp_path):
     assert "calibration" in _one_line_error(invoke("export", run_lm4, "--precision", "int8"))
     assert "--act-bits" in _one_line_error(invoke("export", run_lm4, "--precision", "int4",
                                                   "--act-bits", "5"))
+    assert "activation type" in _one_line_error(invoke("export", run_lm4, "--precision", "int4",
+                                                       "--act-bits", "8", "--act-type", "int16"))
     bare = tmp_path / "bare"
     r = invoke("finetune", "resnet18", "--weights", "none", "--num-classes", 10, "--epochs", 0,
                "--image-size", 32, "--no-export", "--out", bare)
