@@ -18,27 +18,30 @@ order, but random augmentations of the remaining batches may differ from an unin
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import itertools
-import json
 import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Generator, Iterator
+from typing import Any, Generator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from torch.utils.data import DataLoader
 
 from ..convert.errors import TrainingError, UserInputError
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
+from .batches import (EpochSampler, autocast, collate, device_batches_of, evaluate_loader, logits,
+                      make_val_loader)
+from .batches import evaluate
+from .progress import MetricsLog, Progress
 from .optim import OPTIMIZERS, SCHEDULES, WD_MODES, build_optimizer, resolve_defaults, warmup_cosine
+
+__all__ = ["TrainConfig", "EpochMetrics", "TrainResult", "train", "evaluate"]
 
 DEVICES = ("auto", "cpu", "cuda")
 # Fields that shape the optimization trajectory: a resumed run must use the same values.
@@ -131,174 +134,6 @@ class TrainResult:
     best_epoch: int
     initial: dict  # {"val_top1", "val_top5", "val_loss"} before training
     interrupted: bool = False  # always False on return: an interrupt raises TrainingError
-
-
-# -- evaluation --------------------------------------------------------------------------------
-
-def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _logits(out: Any) -> Tensor:
-    # torchvision's Inception/GoogLeNet return (logits, aux...) namedtuples in train mode.
-    return out if isinstance(out, Tensor) else out[0]
-
-
-@torch.no_grad()
-def _evaluate_loader(forward: nn.Module, module: nn.Module, loader: DataLoader, device: torch.device,
-                     amp: bool, channels_last: bool, gpu_transform: Any = None) -> dict:
-    """Loss sum, top-1/top-5 hits and image count over this rank's loader, summed over ranks.
-
-    ``forward`` runs the batches (maybe compiled); ``module`` is the plain model whose train/eval
-    flag is switched. Sums stay on the device so there is one host sync per call, not per batch.
-    """
-    was_training = module.training
-    module.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits
-    images = 0
-    fmt = torch.channels_last if channels_last else torch.preserve_format
-    batches = _device_batches(loader, gpu_transform, device, train=False)
-    try:
-        for x, y in batches:
-            images += y.numel()
-            x = x.to(device, non_blocking=True, memory_format=fmt)
-            y = y.to(device, non_blocking=True)
-            with _autocast(device, amp):
-                out = _logits(forward(x))
-            out = out.float()
-            hits = out.topk(min(5, out.shape[1]), dim=1).indices == y[:, None]
-            sums += torch.stack([F.cross_entropy(out, y, reduction="sum").double(),
-                                 hits[:, 0].sum().double(), hits.any(dim=1).sum().double()])
-    finally:
-        batches.close()
-        module.train(was_training)
-    totals = torch.cat([sums, torch.tensor([float(images)], dtype=torch.float64, device=device)])
-    dist_utils.all_reduce_sum(totals)
-    loss, top1, top5, n = totals.tolist()
-    if n == 0:
-        return {"val_loss": math.nan, "val_top1": math.nan, "val_top5": math.nan, "images": 0}
-    return {"val_loss": loss / n, "val_top1": top1 / n, "val_top5": top5 / n, "images": int(n)}
-
-
-def _val_loader(dataset: Dataset, batch_size: int, device: torch.device, workers: int,
-                persistent: bool = False, gpu_transform: Any = None) -> DataLoader:
-    d = dist_utils.info()
-    if d.enabled:  # strided shard without padding: the reduced count is exactly len(dataset)
-        dataset = Subset(dataset, dist_utils.shard(len(dataset), d.rank, d.world_size))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      pin_memory=device.type == "cuda", persistent_workers=persistent and workers > 0,
-                      collate_fn=_collate(gpu_transform))
-
-
-def _collate(gpu_transform: Any) -> Any:
-    # GPU decode (models/gpu_decode.py): batches are lists of encoded bytes, not stacked tensors.
-    return None if gpu_transform is None else gpu_transform.collate
-
-
-def _device_batches(loader: DataLoader, gpu_transform: Any, device: torch.device, *,
-                    train: bool) -> Generator[tuple[Tensor, Tensor], None, None]:
-    """The loader's batches; with GPU decode, decoded and augmented on ``device`` (a batch ahead,
-    in a background thread, on CUDA). Close it when leaving the loop early."""
-    if gpu_transform is None:
-        return (batch for batch in loader)
-    from .gpu_decode import device_batches
-    return device_batches(loader, gpu_transform, device, train=train)
-
-
-def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256,
-             device: str | torch.device = "cpu", workers: int = 0, amp: bool = False,
-             gpu_transform: Any = None) -> dict:
-    """``{"val_loss", "val_top1", "val_top5", "images"}`` of ``model`` (already on ``device``).
-
-    Accuracies are fractions, the loss is plain cross entropy. Under an initialized process group
-    each rank evaluates a disjoint shard and the results are summed over all ranks. Pass the
-    bundle's ``gpu_transform`` with the ``val`` of a ``build_data(..., gpu_decode=True)`` bundle.
-    """
-    dev = torch.device(device)
-    loader = _val_loader(dataset, batch_size, dev, workers, gpu_transform=gpu_transform)
-    return _evaluate_loader(model, model, loader, dev, amp, channels_last=False,
-                            gpu_transform=gpu_transform)
-
-
-# -- small helpers -----------------------------------------------------------------------------
-
-class _EpochSampler(Sampler[int]):
-    """This rank's share of a seeded shuffle (same permutation on every rank for a given epoch),
-    optionally without its first ``skip`` batches when resuming mid-epoch."""
-
-    def __init__(self, dataset: Dataset, rank: int, world_size: int, seed: int, batch_size: int) -> None:
-        self.base = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                       seed=seed, drop_last=False)
-        self.batch_size = batch_size
-        self.skip = 0
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.base.set_epoch(epoch)
-        self.skip = skip_batches * self.batch_size
-
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(iter(self.base), self.skip, None)
-
-    def __len__(self) -> int:
-        return max(0, len(self.base) - self.skip)
-
-
-class _MetricsLog:
-    """``metrics.jsonl`` writer; a no-op on ranks other than 0."""
-
-    def __init__(self, path: Path | None) -> None:
-        self._f = open(path, "a", encoding="utf-8") if path is not None else None
-
-    def write(self, record: dict) -> None:
-        if self._f is not None:
-            self._f.write(json.dumps(record) + "\n")
-            self._f.flush()
-
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-
-
-class _Progress:
-    """A rich progress bar on a terminal console, epoch summary lines on any other console,
-    nothing without one."""
-
-    def __init__(self, console: Any, epochs: int, enabled: bool) -> None:
-        self.console = console if enabled else None
-        self.epochs = epochs
-        self.bar = None
-        self.task = None
-        if self.console is not None and getattr(self.console, "is_terminal", False):
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeRemainingColumn)
-            self.bar = Progress(
-                TextColumn("epoch {task.fields[epoch]}/" + str(epochs)), BarColumn(),
-                MofNCompleteColumn(), TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),
-                console=self.console)
-            self.bar.start()
-
-    def start_epoch(self, epoch: int, total: int, done: int) -> None:
-        if self.bar is not None:
-            self.task = self.bar.add_task("train", total=total, completed=done, epoch=epoch, stats="")
-
-    def step(self, loss: float, lr: float, ips: float) -> None:
-        if self.bar is not None and self.task is not None:
-            self.bar.update(self.task, advance=1,
-                            stats=f"loss {loss:.4f}  lr {lr:.2e}  {ips:.0f} img/s")
-
-    def epoch_done(self, m: EpochMetrics) -> None:
-        if self.console is not None:
-            self.console.print(
-                f"epoch {m.epoch}/{self.epochs}: train loss {m.train_loss:.4f}, val loss "
-                f"{m.val_loss:.4f}, top-1 {100 * m.val_top1:.2f}%, top-5 {100 * m.val_top5:.2f}%, "
-                f"lr {m.lr:.2e}, {m.images_per_s:.0f} img/s", highlight=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
 
 
 class _NonFinite(Exception):
@@ -412,7 +247,7 @@ def _run(model: nn.Module, data: Any, cfg: TrainConfig, d: dist_utils.DistInfo, 
     optimizer = build_optimizer(model, cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
                                 nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
                                 wd_mode=cfg.wd_mode, wd_eps=cfg.wd_eps)
-    sampler = _EpochSampler(data.train, d.rank, d.world_size, cfg.seed, cfg.batch_size)
+    sampler = EpochSampler(data.train, d.rank, d.world_size, cfg.seed, cfg.batch_size)
     per_rank = len(sampler.base)
     drop_last = per_rank >= cfg.batch_size  # avoid a ragged last batch (BN), unless it is all we have
     steps_per_epoch = per_rank // cfg.batch_size if drop_last else math.ceil(per_rank / cfg.batch_size)
@@ -422,8 +257,8 @@ def _run(model: nn.Module, data: Any, cfg: TrainConfig, d: dist_utils.DistInfo, 
     gpu_transform = getattr(data, "gpu_transform", None)  # set by build_data(..., gpu_decode=True)
     train_loader = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler,
                               num_workers=cfg.workers, pin_memory=cuda, drop_last=drop_last,
-                              persistent_workers=persistent, collate_fn=_collate(gpu_transform))
-    val_loader = _val_loader(data.val, 2 * cfg.batch_size, device, cfg.workers, persistent,
+                              persistent_workers=persistent, collate_fn=collate(gpu_transform))
+    val_loader = make_val_loader(data.val, 2 * cfg.batch_size, device, cfg.workers, persistent,
                              gpu_transform)
     if saved is not None:
         _restore(saved, model, optimizer, scheduler, state)
@@ -438,8 +273,8 @@ def _run(model: nn.Module, data: Any, cfg: TrainConfig, d: dist_utils.DistInfo, 
         train_fwd = torch.compile(train_fwd)
         eval_fwd = torch.compile(model) if d.enabled else train_fwd
 
-    log = _MetricsLog(run_dir / "metrics.jsonl" if d.is_main else None)
-    progress = _Progress(console, cfg.epochs, enabled=d.is_main and console is not None)
+    log = MetricsLog(run_dir / "metrics.jsonl" if d.is_main else None)
+    progress = Progress(console, cfg.epochs, enabled=d.is_main and console is not None)
     loop = _Loop(cfg, d, device, model, train_fwd, eval_fwd, optimizer, scheduler, sampler,
                  train_loader, val_loader, amp, channels_last, log, progress, state,
                  last_path, best_path, gpu_transform)
@@ -474,9 +309,9 @@ class _Loop:
 
     def __init__(self, cfg: TrainConfig, d: dist_utils.DistInfo, device: torch.device, model: nn.Module,
                  train_fwd: nn.Module, eval_fwd: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: Any, sampler: _EpochSampler, train_loader: DataLoader,
-                 val_loader: DataLoader, amp: bool, channels_last: bool, log: _MetricsLog,
-                 progress: _Progress, state: _State, last_path: Path, best_path: Path,
+                 scheduler: Any, sampler: EpochSampler, train_loader: DataLoader,
+                 val_loader: DataLoader, amp: bool, channels_last: bool, log: MetricsLog,
+                 progress: Progress, state: _State, last_path: Path, best_path: Path,
                  gpu_transform: Any = None) -> None:
         self.cfg, self.d, self.device, self.model = cfg, d, device, model
         self.train_fwd, self.eval_fwd = train_fwd, eval_fwd
@@ -494,7 +329,7 @@ class _Loop:
         self.diagnostics: Any = None  # models.diagnostics.Diagnostics on rank 0 when enabled
 
     def validate(self) -> dict:
-        return _evaluate_loader(self.eval_fwd, self.model, self.val_loader, self.device, self.amp,
+        return evaluate_loader(self.eval_fwd, self.model, self.val_loader, self.device, self.amp,
                                 self.channels_last, self.gpu_transform)
 
     def run(self) -> None:
@@ -517,7 +352,7 @@ class _Loop:
         t0 = win_t0 = time.perf_counter()
         images0, win_loss, win_images = s.images, 0.0, 0
         # With GPU decode this feeds a background thread; _run's finally closes it on an error.
-        self.batches = _device_batches(self.train_loader, self.gpu_transform, self.device, train=True)
+        self.batches = device_batches_of(self.train_loader, self.gpu_transform, self.device, train=True)
         for x, y in self.batches:
             x = x.to(self.device, non_blocking=True, memory_format=fmt)
             y = y.to(self.device, non_blocking=True)
@@ -539,8 +374,8 @@ class _Loop:
 
     def _step(self, x: Tensor, y: Tensor, epoch: int) -> float:
         s = self.state
-        with _autocast(self.device, self.amp):
-            out = _logits(self.train_fwd(x))
+        with autocast(self.device, self.amp):
+            out = logits(self.train_fwd(x))
         loss = self.criterion(out.float(), y)
         # The mean over ranks, known on every rank, so all ranks stop together on a bad loss
         # (a lone rank raising would leave the others waiting in DDP's gradient all-reduce).
