@@ -303,32 +303,15 @@ def verify(
     against the checkpoint at the same tolerance, lossy ones against model.onnx (top-1 agreement,
     SQNR). Exits 3 when a check fails."""
     from wnconvert.convert.artifacts import read_json, write_json
-    from wnconvert.convert.quant_check import QuantThresholds, detect_precision
-    from wnconvert.convert.quantize import artifact_name
+    from wnconvert.convert.quant_check import QuantThresholds
     from wnconvert.convert.verify import VerifyConfig, load_inputs, make_inputs, verify as run_verify
     from wnconvert.models.run import REPORT
 
-    from .quant import data_arrays, quantized_artifacts, verify_quantized
+    from .quant import data_arrays, verify_quantized, verify_targets
 
     manifest, model, pre = _run_dir_model(run_dir)
     thresholds = QuantThresholds(min_agreement, min_sqnr)
-    if onnx_file is not None and precision is not None:
-        raise UserInputError("give --onnx or --precision, not both")
-    if onnx_file is not None:
-        if not onnx_file.exists():
-            raise UserInputError(f"{onnx_file} does not exist")
-        targets = [(detect_precision(onnx_file), onnx_file)]
-    elif precision is not None:
-        path = run_dir / artifact_name(precision)
-        if not path.exists():
-            how = "" if precision == "fp32" else f" --precision {precision}"
-            raise UserInputError(f"{path} does not exist; run `wnconvert export {run_dir}{how}` first")
-        targets = [(precision, path)]
-    else:
-        path = run_dir / "model.onnx"
-        if not path.exists():
-            raise UserInputError(f"{path} does not exist; run `wnconvert export {run_dir}` first")
-        targets = [("fp32", path)] + quantized_artifacts(run_dir)
+    targets = verify_targets(run_dir, onnx_file, precision)
     cfg = VerifyConfig(rtol=rtol, min_cosine=min_cosine, min_top1=min_top1, samples=samples, seed=seed)
     shape = (3, pre.image_size, pre.image_size)
     x = load_inputs(inputs, shape) if inputs else make_inputs(shape, cfg)

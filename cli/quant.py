@@ -109,6 +109,25 @@ def quantized_artifacts(run_dir: Path) -> list[tuple[str, Path]]:
             if p != "fp32" and (Path(run_dir) / artifact_name(p)).exists()]
 
 
+def verify_targets(run_dir: Path, onnx_file: Path | None, precision: str | None) -> list[tuple[str, Path]]:
+    """``(precision, path)`` pairs ``verify`` checks: ``--onnx F`` alone (its precision read from
+    the file), ``--precision P``'s file alone, or model.onnx and every low-precision file present."""
+    from wnconvert.convert.quant_check import detect_precision
+    from wnconvert.convert.quantize import artifact_name
+
+    if onnx_file is not None and precision is not None:
+        raise UserInputError("give --onnx or --precision, not both")
+    if onnx_file is not None:
+        if not onnx_file.exists():
+            raise UserInputError(f"{onnx_file} does not exist")
+        return [(detect_precision(onnx_file), onnx_file)]
+    path = Path(run_dir) / artifact_name(precision or "fp32")
+    if not path.exists():
+        how = "" if precision in (None, "fp32") else f" --precision {precision}"
+        raise UserInputError(f"{path} does not exist; run `wnconvert export {run_dir}{how}` first")
+    return [(precision or "fp32", path)] + (quantized_artifacts(run_dir) if precision is None else [])
+
+
 def verify_quantized(run_dir: Path, model, targets: list[tuple[str, Path]], x_parity, parity_cfg,
                      x: np.ndarray, inputs: str, thresholds) -> dict:
     """Check each low-precision file under its contract (see ``convert/quant_check.py``): a

@@ -426,8 +426,8 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict:
             "sqnr_db": sqnr, "max_abs": max_abs, "rel": rel}
 
 
-def run_file(path: Path, x: np.ndarray, batch: int = 64) -> np.ndarray:
-    sess = ort_session(path)
+def run_file(path: Path, x: np.ndarray, batch: int = 64, optimized: bool = True) -> np.ndarray:
+    sess = ort_session(path, optimized)
     name = sess.get_inputs()[0].name
     outs = [sess.run(None, {name: np.ascontiguousarray(x[i:i + batch], np.float32)})[0]
             for i in range(0, len(x), batch)]

@@ -244,6 +244,9 @@ def test_verify_checks_every_artifact_under_its_contract(exported, fashion):
     # W8A8 quantizes activations: judged against model.onnx on the data's images
     assert q["int8"]["contract"] == "lossy" and q["int8"]["inputs"].startswith("16 images from")
     assert q["int8"]["vs_fp32"]["samples"] == 16 and np.isfinite(q["int8"]["vs_fp32"]["sqnr_db"])
+    runs = q["int8"]["by_optimization"]  # the file as written and as deployed
+    assert set(runs) == {"off", "on"} and q["int8"]["vs_fp32"]["sqnr_db"] == min(
+        r["sqnr_db"] for r in runs.values())
     assert json.loads((exported / "report.json").read_text())["verify"]["quantized"].keys() == q.keys()
 
 
@@ -251,7 +254,8 @@ def test_verify_lossy_thresholds_fail_with_exit_3(exported, fashion):
     r = invoke("verify", exported, "--precision", "int8", "--data", fashion, "--limit", 16,
                "--min-sqnr", 200)
     assert r.exit_code == 3, r.output
-    assert "int8: SQNR" in r.output and "< 200 dB" in r.output
+    assert "int8: SQNR" in r.output and "< 200 dB (optimizations off)" in r.output
+    assert "< 200 dB (optimizations on)" in r.output
 
 
 def test_verify_catches_a_wrong_int4_scale(exported, tmp_path):
