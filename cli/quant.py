@@ -61,9 +61,12 @@ def export_precision(run_dir: Path, precision: str, *, data: str | None = None,
         raise UserInputError(f"{run_dir} has no model.onnx; run `wnconvert export {run_dir}` first")
     scheme = manifest.get("scheme") or {}
     grid_bits = scheme.get("weight_bits")
+    act = parse_act_bits(act_bits, precision)
+    if per_channel is None:  # layer-max stores one scale per tensor, until BatchNorm is folded in
+        folds = act is not None and precision in ("int8", "int4") and fuse is not False
+        per_channel = folds or scheme.get("scheme") != "layer-max"
     options = QuantOptions(
-        precision=precision, act_bits=parse_act_bits(act_bits, precision),
-        per_channel=(scheme.get("scheme") != "layer-max") if per_channel is None else per_channel,
+        precision=precision, act_bits=act, per_channel=per_channel,
         calibrate_method=calibrate_method, grid_bits=grid_bits, act_type=act_type, fuse=fuse)
     pre = Preprocess.from_dict(manifest["preprocess"])
     calib = None

@@ -11,8 +11,8 @@ float32), the precision and options.
   uint8 by default (``act_type``): with int8 activations this onnxruntime's CPU provider leaves the
   residual Adds (and the Convs feeding them) as float ops and the file ran 0.4x as fast as fp32
   on a ResNet-18, with uint8 1.5x faster (docs/results.md). BatchNorm and the scheme's per-channel
-  scales are folded into the Conv first (``fuse``), except for a run with a trained grid, whose
-  exact integers folding would change.
+  scales are folded into the Conv first (``fuse``); a trained grid keeps its exact integers, with
+  the folded factor moved into a per-channel scale.
 * weights only (``int4``'s default, ``int8`` with ``act_bits=None``): every Conv/ConvTranspose/
   Gemm/MatMul weight initializer becomes ``DequantizeLinear(int initializer, scale, zero point 0)``;
   activations stay float. Written with onnx helpers, not ``quantize_static``, because (1)
@@ -90,12 +90,10 @@ class QuantOptions:
 
     @property
     def fuses(self) -> bool:
-        """Whether BatchNorm and per-channel scales are folded into the Conv before quantizing:
-        by default for activation-quantized files, except those of a trained grid, whose exact
-        integers folding would change."""
-        if not self.needs_calibration:
-            return False
-        return self.grid_bits is None if self.fuse is None else self.fuse
+        """Whether BatchNorm and per-channel scales are folded into the Conv before quantizing
+        (activation-quantized files, unless ``fuse=False``). A trained grid survives it: each
+        channel's folded weights are its grid integers times one factor (see _grid_integers)."""
+        return self.needs_calibration and self.fuse is not False
 
     @property
     def needs_calibration(self) -> bool:
@@ -238,9 +236,9 @@ def _static(src: Path, out: Path, tmp: Path, options: QuantOptions, calib: np.nd
                          options, method)
     finally:
         logging.getLogger().setLevel(level)
-    if options.grid_bits is not None:
+    if options.grid_bits is not None:  # the quantized graph's own weights (BatchNorm folded or not)
         model = onnx.load(str(out))
-        _exact_grid_rewrite(model, onnx.load(str(src)), options, result)
+        _exact_grid_rewrite(model, onnx.load(str(pre)), options, result)
         onnx.save(model, str(out))
     else:
         result.lossy_weights.extend(_dq_weight_names(onnx.load(str(out))))
@@ -265,11 +263,30 @@ def _dq_weight_names(model: onnx.ModelProto) -> list[str]:
             if n.op_type == "DequantizeLinear" and n.input[0] in inits]
 
 
+def _grid_integers(w: np.ndarray, L: int, qmax: int) -> tuple[np.ndarray, float] | None:
+    """``(k, s)`` with integers ``|k| <= qmax`` and ``k·s == w`` up to float rounding, when ``w``
+    lies on a symmetric grid of at most ``L`` levels: its step ``s`` is ``max|w| / j`` for the
+    largest integer ``j <= L`` on it. ``w`` may be a trained grid ``k/L`` times a factor (BatchNorm
+    folded in), so the step is searched; the trained step ``1/L`` is tried first."""
+    m = float(np.abs(w).max()) if w.size else 0.0
+    if m == 0.0:
+        return np.zeros(w.shape, np.int64), 1.0 / L
+    steps = ([1.0 / L] if L <= qmax else []) + [m / j for j in range(min(L, qmax), 0, -1)]
+    for s in steps:  # the trained step first, then the folded ones, finest first
+        k = np.round(w / s)
+        if np.abs(k).max() <= qmax and np.abs(w / s - k).max() <= 1e-4:
+            return k.astype(np.int64), s
+    return None
+
+
 def _exact_grid_rewrite(model: onnx.ModelProto, src: onnx.ModelProto, options: QuantOptions,
                         result: QuantResult) -> None:
-    """After ``quantize_static``: every weight whose fp32 original lies on the trained grid gets
-    scale exactly ``1/L`` and integers ``round(w·L)`` (its scale would otherwise be
-    ``2·max|w|/(qmax − qmin)``)."""
+    """After ``quantize_static``: every weight whose fp32 original (in ``src``, the graph that was
+    quantized) lies on a grid of at most ``L`` levels per scale group (the tensor, or each channel
+    of a per-channel scale) gets that grid's step as its scale and the grid's integers: exactly
+    ``1/L`` and ``round(w·L)`` for a trained [-1, 1] grid, ``f_c/L`` per channel once BatchNorm
+    (factor ``f_c``) is folded in. Otherwise ``quantize_static``'s own scale
+    ``2·max|w|/(qmax − qmin)`` would move every weight off the trained grid."""
     L = 2 ** (options.grid_bits - 1) - 1
     qmax = 2 ** (options.weight_bits - 1) - 1
     originals = {i.name: i for i in src.graph.initializer}
@@ -282,18 +299,27 @@ def _exact_grid_rewrite(model: onnx.ModelProto, src: onnx.ModelProto, options: Q
         s_init = inits.get(node.input[1])
         zp_init = inits.get(node.input[2]) if len(node.input) > 2 else None
         if orig is None or s_init is None:
+            if qname.endswith("_quantized"):
+                result.lossy_weights.append(qname)  # a weight we cannot trace: not claimed exact
             continue
         w = numpy_helper.to_array(orig).astype(np.float64)
-        k = np.round(w * L)
+        scale = numpy_helper.to_array(s_init)
         zp_ok = zp_init is None or not np.any(numpy_helper.to_array(zp_init).astype(np.int64))
-        if L > qmax or not zp_ok or np.abs(k).max() > L or np.abs(w * L - k).max() > 1e-4:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % max(w.ndim, 1)
+        groups = ([w] if scale.ndim == 0 else
+                  [np.take(w, c, axis=axis) for c in range(w.shape[axis])])
+        found = [_grid_integers(g, L, qmax) for g in groups] if zp_ok else [None]
+        if any(f is None for f in found):
             result.lossy_weights.append(qname)
             continue
+        if scale.ndim == 0:
+            k, steps = found[0][0], np.float32(found[0][1])
+        else:
+            k = np.stack([f[0] for f in found], axis=axis)
+            steps = np.array([f[1] for f in found], np.float32)
         q_init = inits[qname]
-        q_init.CopyFrom(helper.make_tensor(qname, q_init.data_type, list(w.shape),
-                                           k.astype(np.int64).ravel().tolist()))
-        scale = numpy_helper.to_array(s_init)
-        s_init.CopyFrom(numpy_helper.from_array(np.full(scale.shape, 1.0 / L, np.float32), s_init.name))
+        q_init.CopyFrom(helper.make_tensor(qname, q_init.data_type, list(w.shape), k.ravel().tolist()))
+        s_init.CopyFrom(numpy_helper.from_array(np.asarray(steps, np.float32).reshape(scale.shape), s_init.name))
         result.exact_weights.append(qname)
 
 

@@ -114,8 +114,13 @@ def test_int8_static_qdq(run_cm4, fashion):
     assert convs and all(n.input[1] in dq_out for n in convs)
     entry = _report(run_cm4)["quantized"]["int8"]
     assert entry["activations"] == "uint8"
-    # a trained grid keeps its BatchNorms apart (folding them would change its exact integers)
-    assert entry["fused"] is False and "BatchNormalization" in ops
+    # BatchNorm folded into the Convs, and the trained 4-bit grid kept: each channel's integers
+    # are the grid's, the folded BatchNorm factor went into its scale
+    assert entry["fused"] is True and "BatchNormalization" not in ops
+    assert entry["exact_weights"] == len(dqs) and entry["lossy_weights"] == 0
+    for q, scale, _, axis in dqs:
+        k = numpy_helper.to_array(q).astype(np.int64)
+        assert np.abs(k).max() <= 7 and scale.ndim == 1 and len(scale) == k.shape[axis]
     assert entry["calibration"].startswith("16 train images") and entry["inputs"].startswith("16 validation")
     assert 0.0 <= entry["vs_fp32"]["top1_agreement"] <= 1.0
     assert entry["vs_fp32"]["cosine_mean"] > 0.9 and np.isfinite(entry["vs_fp32"]["sqnr_db"])
@@ -155,6 +160,22 @@ def test_int8_folds_batchnorm_into_quantized_convs(run_plain, fashion, act_type)
     entry = _report(run_plain)["quantized"]["int8"]
     assert entry["fused"] is True and entry["activations"] == act_type
     assert entry["vs_fp32"]["cosine_mean"] > 0.9
+
+
+def test_folded_grid_stays_exact_per_channel():
+    """A [-1, 1] grid times a per-channel factor (BatchNorm folded in) is recovered exactly; a
+    weight off any coarse grid is not claimed."""
+    from wnconvert.convert.quantize import _grid_integers
+
+    rng = np.random.default_rng(0)
+    k = rng.integers(-7, 8, size=(16, 9))
+    k[:, 0] = 5  # a channel's largest level need not be 7
+    for f in (1 / 7, 0.0371, 3.5):
+        out = _grid_integers((k * f).astype(np.float32).astype(np.float64), L=7, qmax=127)
+        assert out is not None and np.array_equal(out[0] * np.sign(f), k)
+        assert out[1] == pytest.approx(f, rel=1e-6)
+    assert _grid_integers(np.full(4, 3 / 7), 7, 7)[1] == 1 / 7  # the trained step, kept exact
+    assert _grid_integers(rng.standard_normal(64), 7, 127) is None
 
 
 def test_fp16_runs(run_lm4):
