@@ -225,10 +225,10 @@ def export(
     calib_samples: int = typer.Option(256, help="Calibration images taken from --data."),
     calib_split: str = typer.Option("train", help="train | val: the split of --data calibration images come from (comparisons with model.onnx use val)."),
     act_bits: Optional[str] = typer.Option(None, help="8 | float: activations of int8/int4 files (default: 8 for int8, float for int4)."),
-    per_channel: Optional[bool] = typer.Option(None, "--per-channel/--per-tensor", help="Weight scales (default: per tensor for layer-max runs, else per channel)."),
+    per_channel: Optional[bool] = typer.Option(None, "--per-channel/--per-tensor", help="Weight scales (default: per channel, except per tensor for layer-max weights-only files)."),
     calibrate_method: str = typer.Option("minmax", help="minmax | percentile | entropy"),
     act_type: str = typer.Option("uint8", help="uint8 | int8: type of quantized activations (uint8 is onnxruntime's fast CPU path)."),
-    fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse", help="Fold BatchNorm and scales into Conv before quantizing activations (default: yes, except for --weight-bits runs, whose exact grid it would lose)."),
+    fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse", help="Fold BatchNorm and scales into Conv before quantizing activations (default: yes; a --weight-bits run's grid stays exact, per channel)."),
     json_out: bool = JsonOpt,
 ):
     """Fold the run's checkpoint, write RUN_DIR/model.onnx, check weight ranges and parity.

@@ -117,10 +117,17 @@ def test_int8_static_qdq(run_cm4, fashion):
     # BatchNorm folded into the Convs, and the trained 4-bit grid kept: each channel's integers
     # are the grid's, the folded BatchNorm factor went into its scale
     assert entry["fused"] is True and "BatchNormalization" not in ops
-    assert entry["exact_weights"] == len(dqs) and entry["lossy_weights"] == 0
-    for q, scale, _, axis in dqs:
+    weights = [(q, sc, ax) for q, sc, _, ax in dqs if q.data_type == TensorProto.INT8]
+    assert entry["exact_weights"] == len(weights) == 21 and entry["lossy_weights"] == 0
+    for q, scale, axis in weights:
         k = numpy_helper.to_array(q).astype(np.int64)
         assert np.abs(k).max() <= 7 and scale.ndim == 1 and len(scale) == k.shape[axis]
+    # each int32 bias keeps the scale input_scale * weight_scale that onnxruntime's QLinearConv needs
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    dq = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    for n in convs:
+        x_s, w_s, b_s = (inits[dq[n.input[i]].input[1]] for i in range(3))
+        np.testing.assert_allclose(b_s, (x_s * w_s).astype(np.float32), rtol=1e-6)
     assert entry["calibration"].startswith("16 train images") and entry["inputs"].startswith("16 validation")
     assert 0.0 <= entry["vs_fp32"]["top1_agreement"] <= 1.0
     assert entry["vs_fp32"]["cosine_mean"] > 0.9 and np.isfinite(entry["vs_fp32"]["sqnr_db"])
