@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -61,13 +62,12 @@ def export_precision(run_dir: Path, precision: str, *, data: str | None = None,
         raise UserInputError(f"{run_dir} has no model.onnx; run `wnconvert export {run_dir}` first")
     scheme = manifest.get("scheme") or {}
     grid_bits = scheme.get("weight_bits")
-    act = parse_act_bits(act_bits, precision)
-    if per_channel is None:  # layer-max stores one scale per tensor, until BatchNorm is folded in
-        folds = act is not None and precision in ("int8", "int4") and fuse is not False
-        per_channel = folds or scheme.get("scheme") != "layer-max"
     options = QuantOptions(
-        precision=precision, act_bits=act, per_channel=per_channel,
+        precision=precision, act_bits=parse_act_bits(act_bits, precision),
+        per_channel=True if per_channel is None else per_channel,
         calibrate_method=calibrate_method, grid_bits=grid_bits, act_type=act_type, fuse=fuse)
+    if per_channel is None and not options.fuses and scheme.get("scheme") == "layer-max":
+        options = replace(options, per_channel=False)  # one scale per tensor, until BatchNorm is folded in
     pre = Preprocess.from_dict(manifest["preprocess"])
     calib = None
     if options.needs_calibration:
@@ -86,9 +86,9 @@ def export_precision(run_dir: Path, precision: str, *, data: str | None = None,
     else:
         x = make_inputs((3, pre.image_size, pre.image_size), ver).numpy()
         inputs = f"{len(x)} generated samples"
-    entry = result.to_dict() | {"calibration": (f"{len(calib)} {calib_split} images from {data}"
-                                                if calib is not None else None), "inputs": inputs, "vs_fp32": compare_files(src, dst, x),
-                                "weight_storage": weight_storage(dst)}
+    calibration = f"{len(calib)} {calib_split} images from {data}" if calib is not None else None
+    entry = result.to_dict() | {"calibration": calibration, "inputs": inputs,
+                                "vs_fp32": compare_files(src, dst, x), "weight_storage": weight_storage(dst)}
     lossless = (grid_bits is not None and options.act_bits is None and precision in ("int8", "int4")
                 and not result.lossy_weights and result.exact_weights)
     if lossless:

@@ -9,8 +9,8 @@ float32), the precision and options.
   ``quantize_static`` in QDQ format, int8 weights (per channel by option) and 8-bit activations,
   calibrated on the given arrays with MinMax, Percentile or Entropy. Activations are asymmetric
   uint8 by default (``act_type``): with int8 activations this onnxruntime's CPU provider leaves the
-  residual Adds (and the Convs feeding them) as float ops and the file ran 0.4x as fast as fp32
-  on a ResNet-18, with uint8 1.5x faster (docs/results.md). BatchNorm and the scheme's per-channel
+  residual Adds (and the Convs feeding them) as float ops and a ResNet-18 file ran 0.4x as fast as
+  fp32, with uint8 about 1.5x faster (docs/results.md). BatchNorm and the scheme's per-channel
   scales are folded into the Conv first (``fuse``); a trained grid keeps its exact integers, with
   the folded factor moved into a per-channel scale.
 * weights only (``int4``'s default, ``int8`` with ``act_bits=None``): every Conv/ConvTranspose/
@@ -293,6 +293,8 @@ def _exact_grid_rewrite(model: onnx.ModelProto, src: onnx.ModelProto, options: Q
     inits = {i.name: i for i in model.graph.initializer}
     weight_inputs = {n.input[1] for n in model.graph.node  # biases and activations stay as they are
                      if n.op_type in WEIGHT_INPUTS and len(n.input) > 1}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    reader = {n.input[1]: n for n in model.graph.node if n.op_type in WEIGHT_INPUTS and len(n.input) > 2}
     for node in model.graph.node:
         if node.op_type != "DequantizeLinear" or node.input[0] not in inits \
                 or node.output[0] not in weight_inputs:
@@ -324,33 +326,29 @@ def _exact_grid_rewrite(model: onnx.ModelProto, src: onnx.ModelProto, options: Q
         q_init.CopyFrom(helper.make_tensor(qname, q_init.data_type, list(w.shape), k.ravel().tolist()))
         new_scale = np.asarray(steps, np.float32).reshape(scale.shape)
         s_init.CopyFrom(numpy_helper.from_array(new_scale, s_init.name))
-        _requantize_bias(model, inits, node.output[0], new_scale)
+        if node.output[0] in reader:
+            _requantize_bias(reader[node.output[0]], producer, inits, new_scale)
         result.exact_weights.append(qname)
 
 
-def _requantize_bias(model: onnx.ModelProto, inits: dict, weight_out: str, w_scale: np.ndarray) -> None:
-    """The int32 bias of a QDQ Conv/Gemm has scale ``input_scale · weight_scale``; onnxruntime fuses
-    the node into QLinearConv only while that holds, so a changed weight scale re-scales the bias
-    (its float value unchanged up to the new step's rounding)."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    for node in model.graph.node:
-        if node.op_type not in ("Conv", "Gemm", "ConvTranspose") or len(node.input) < 3 \
-                or node.input[1] != weight_out:
-            continue
-        x_dq, b_dq = producer.get(node.input[0]), producer.get(node.input[2])
-        if x_dq is None or b_dq is None or x_dq.op_type != "DequantizeLinear" \
-                or b_dq.op_type != "DequantizeLinear" or b_dq.input[0] not in inits:
-            continue
-        x_scale = numpy_helper.to_array(inits[x_dq.input[1]]).astype(np.float64)
-        b_int, b_scale = inits[b_dq.input[0]], inits[b_dq.input[1]]
-        value = numpy_helper.to_array(b_int).astype(np.float64) * numpy_helper.to_array(b_scale)
-        step = (x_scale * w_scale.astype(np.float64)).astype(np.float32)
-        shape = numpy_helper.to_array(b_scale).shape
-        step = np.broadcast_to(step, value.shape)
-        ints = np.round(value / step).astype(np.int32)
-        b_int.CopyFrom(numpy_helper.from_array(ints, b_int.name))
-        b_scale.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(step).reshape(shape) if shape
-                                                 else np.float32(step.flat[0]), b_scale.name))
+def _requantize_bias(node, producer: dict, inits: dict, w_scale: np.ndarray) -> None:
+    """The int32 bias of a QDQ Conv/Gemm ``node`` has scale ``input_scale · weight_scale``;
+    onnxruntime fuses the node into QLinearConv only while that holds, so a changed weight scale
+    re-scales the bias (its float value unchanged up to the new step's rounding)."""
+    x_dq, b_dq = producer.get(node.input[0]), producer.get(node.input[2])
+    if x_dq is None or b_dq is None or x_dq.op_type != "DequantizeLinear" \
+            or b_dq.op_type != "DequantizeLinear" or b_dq.input[0] not in inits:
+        return
+    x_scale = numpy_helper.to_array(inits[x_dq.input[1]]).astype(np.float64)
+    b_int, b_scale = inits[b_dq.input[0]], inits[b_dq.input[1]]
+    value = numpy_helper.to_array(b_int).astype(np.float64) * numpy_helper.to_array(b_scale)
+    step = (x_scale * w_scale.astype(np.float64)).astype(np.float32)
+    shape = numpy_helper.to_array(b_scale).shape
+    step = np.broadcast_to(step, value.shape)
+    ints = np.round(value / step).astype(np.int32)
+    b_int.CopyFrom(numpy_helper.from_array(ints, b_int.name))
+    b_scale.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(step).reshape(shape) if shape
+                                             else np.float32(step.flat[0]), b_scale.name))
 
 
 # -- weights only (hand-written QDQ; see the module docstring for why) -----------------------------
