@@ -29,6 +29,14 @@ if TYPE_CHECKING:
 class DataError(UserInputError):
     """A data spec, dataset on disk or preprocessing option is unusable (one-line message)."""
 
+    def __init__(self, message: str = "") -> None:
+        # Raised in a DataLoader worker, it is re-raised in the main process as
+        # DataError("Caught DataError in DataLoader worker process N.\nOriginal Traceback ...
+        # \n...DataError: MESSAGE"): keep the worker's own one-line MESSAGE (it names the file).
+        if message.startswith("Caught DataError"):
+            message = message.rstrip().rsplit("DataError: ", 1)[-1]
+        super().__init__(message)
+
 
 KINDS = ("imagefolder", "cifar10", "cifar100", "fashion-mnist", "synthetic")
 _PATH_REQUIRED = ("imagefolder", "cifar10", "cifar100")

@@ -8,6 +8,7 @@ Every problem a user can cause (missing or corrupt files, empty folders) is a on
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -17,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from .data import FASHION_MNIST_DEFAULT_PATH, DataError, DataSpec, Preprocess
 
@@ -219,9 +222,72 @@ def _load_rgb(path: str) -> Image.Image:
         raise DataError(f"cannot read image {path}: {err}") from None
 
 
-def _image_folder(spec: DataSpec, split: str, transform: Transform) -> Dataset:
-    from torchvision.datasets import ImageFolder
+def _inside(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip(os.sep) + os.sep)
 
+
+def scan_image_tree(folder: Path, is_image: Callable[[str], bool]) -> tuple[list[str], list[tuple[str, int]]]:
+    """Class names and ``(path, class index)`` samples of ``folder/<class>/**/<image>``, in
+    torchvision's ImageFolder order.
+
+    Unlike torchvision's walk, which follows every directory link and loops forever (or until the
+    path gets too long) on a link to an ancestor, symbolic links are followed only while they stay
+    inside ``folder`` (itself resolved, so ``PATH/train`` may be a link to a mounted disk) and each
+    real directory is read once: a link that leaves the tree, or leads back to a directory already
+    read, is a DataError naming it, so no image is silently counted twice."""
+    top = os.path.realpath(folder)
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    if not classes:
+        raise DataError(f"imagefolder: {folder} has no class folders")
+    seen: set[str] = set()
+    samples: list[tuple[str, int]] = []
+    for index, name in enumerate(classes):
+        found: list[tuple[str, list[str]]] = []
+        stack = [os.path.join(folder, name)]
+        while stack:
+            d = stack.pop()
+            real = os.path.realpath(d)
+            if not _inside(real, top):
+                raise DataError(f"imagefolder: {d} links outside {folder} (to {real}); "
+                                "place or mount the images inside the tree")
+            if real in seen:
+                raise DataError(f"imagefolder: {d} leads back to {real}, already read "
+                                "(a symbolic link loop or a second path to one folder)")
+            seen.add(real)
+            files = []
+            for entry in os.scandir(d):
+                if entry.is_dir():
+                    stack.append(entry.path)
+                elif entry.is_file() and is_image(entry.path):
+                    if not _inside(os.path.realpath(entry.path), top):
+                        raise DataError(f"imagefolder: {entry.path} links outside {folder}; "
+                                        "place or mount the images inside the tree")
+                    files.append(entry.name)
+            found.append((d, sorted(files)))
+        images = [(os.path.join(d, f), index) for d, files in sorted(found) for f in files]
+        if not images:
+            raise DataError(f"imagefolder: {folder}/{name} holds no images")
+        samples += images
+    return classes, samples
+
+
+def _is_image(path: str) -> bool:
+    return has_file_allowed_extension(path, IMG_EXTENSIONS)
+
+
+class _ImageTree(ImageFolder):
+    """torchvision's ImageFolder over the classes and samples of :func:`scan_image_tree`."""
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        self._scanned = scan_image_tree(Path(directory), _is_image)
+        return self._scanned[0], {c: i for i, c in enumerate(self._scanned[0])}
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None,  # type: ignore[override]
+                     allow_empty=False) -> list[tuple[str, int]]:
+        return self._scanned[1]
+
+
+def _image_folder(spec: DataSpec, split: str, transform: Transform) -> Dataset:
     root = Path(spec.path or "").expanduser()
     if not root.is_dir():
         raise DataError(f"imagefolder: {root} is not a directory")
@@ -231,13 +297,7 @@ def _image_folder(spec: DataSpec, split: str, transform: Transform) -> Dataset:
             f"imagefolder: {root} has no {split}/ folder (expected {root}/train/<class>/<image> "
             f"and {root}/val/<class>/<image>)"
         )
-    try:
-        dataset = ImageFolder(str(folder), transform=transform, loader=_load_rgb)
-    except FileNotFoundError as err:  # no class folders, or a class folder without images
-        raise DataError(f"imagefolder: {folder}: {str(err).splitlines()[0]}") from None
-    if len(dataset) == 0:
-        raise DataError(f"imagefolder: {folder} holds no images")
-    return dataset
+    return _ImageTree(str(folder), transform=transform, loader=_load_rgb)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -251,6 +251,41 @@ def test_imagefolder_corrupt_image(image_folder: Path) -> None:
     raises_one_line(bundle.val.__getitem__, 0, match="cannot read image .*0.jpg")
 
 
+def test_imagefolder_symlink_loop_and_escape(image_folder: Path, tmp_path_factory) -> None:
+    p = default_preprocess("imagefolder:/x", image_size=16)
+    spec = f"imagefolder:{image_folder}"
+    loop = image_folder / "train" / "cat" / "again"
+    loop.symlink_to(image_folder / "train")  # torchvision's walk multiplies the images through it
+    raises_one_line(build_data, spec, p, match="leads back to .*already read")
+    loop.unlink()
+    outside = tmp_path_factory.mktemp("elsewhere")
+    (outside / "x.jpg").write_bytes((image_folder / "train" / "cat" / "0.jpg").read_bytes())
+    (image_folder / "train" / "dog" / "far").symlink_to(outside)
+    raises_one_line(build_data, spec, p, match="links outside")
+    (image_folder / "train" / "dog" / "far").unlink()
+    (image_folder / "train" / "dog" / "x.jpg").symlink_to(outside / "x.jpg")
+    raises_one_line(build_data, spec, p, match="x.jpg links outside")
+    (image_folder / "train" / "dog" / "x.jpg").unlink()
+    # A split folder that is itself a link (a mounted disk), and links inside it, are fine.
+    moved = tmp_path_factory.mktemp("mounted") / "train"
+    (image_folder / "train").rename(moved)
+    (image_folder / "train").symlink_to(moved)
+    (moved / "cat" / "sub").mkdir()
+    (moved / "cat" / "sub" / "link.jpg").symlink_to(moved / "dog" / "0.jpg")
+    bundle = build_data(spec, p)
+    assert len(bundle.train) == 8 and bundle.num_classes == 2
+
+
+def test_imagefolder_corrupt_image_in_worker(image_folder: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    (image_folder / "val" / "dog" / "1.jpg").write_bytes(b"not a jpeg")
+    bundle = build_data(f"imagefolder:{image_folder}", default_preprocess("imagefolder:/x", 16))
+    loader = DataLoader(bundle.val, batch_size=1, num_workers=2)
+    message = raises_one_line(lambda: list(loader), match="cannot read image .*dog.1.jpg")
+    assert "worker" not in message and "Traceback" not in message
+
+
 # --------------------------------------------------------------------------------------------------
 # Fashion-MNIST (idx files)
 
