@@ -51,3 +51,21 @@ def handle_errors(fn):
                  INTERNAL)
 
     return wrapper
+
+
+def run_app(app) -> None:
+    """Run the Typer app so that a usage error (unknown option, bad value, missing argument, an
+    unusable ``--config``) is one line on stderr and exit 2, like every other bad input."""
+    import typer
+
+    try:
+        result = app(standalone_mode=False)
+    except typer.TyperException as e:  # Click's usage errors
+        code = getattr(e, "exit_code", 2) or 2
+        if not e.format_message().strip():  # no arguments at all: the help was the message
+            raise SystemExit(code) from None
+        fail(e.format_message(), code)
+    except typer.Abort:
+        fail("interrupted", INTERRUPTED)
+    if isinstance(result, int) and result:  # --help and friends return their exit code
+        raise SystemExit(result)

@@ -11,7 +11,8 @@ from rich.table import Table
 
 from wnconvert.convert.errors import ParityError, RangeError, UserInputError
 
-from .errors import handle_errors
+from .config_option import ConfigOpt
+from .errors import handle_errors, run_app
 from .render import (certificate_table, console, parity_table, print_json, quantized_table,
                      ranges_table)
 
@@ -83,6 +84,7 @@ def finetune(
     rtol: float = typer.Option(1e-4, help="Parity: max |err| / max |ref| allowed."),
     samples: int = typer.Option(8, help="Parity: number of generated inputs."),
     overwrite: bool = typer.Option(False, help="Replace an existing run in --out."),
+    config: Optional[Path] = ConfigOpt,
     json_out: bool = JsonOpt,
 ):
     """Fine-tune MODEL under a weight-range scheme, then fold, export and verify it."""
@@ -417,7 +419,7 @@ app.command(name="eval")(_eval_command)
 
 
 def main() -> None:
-    app()
+    run_app(app)
 
 
 if __name__ == "__main__":
