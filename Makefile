@@ -24,7 +24,7 @@ data:
 	fi
 
 demo: venv data
-	$(VENV)/bin/wnconvert finetune resnet18 --data fashion-mnist --weights none --scheme layer-max \
+	WNCONVERT_OFFLINE=1 $(VENV)/bin/wnconvert finetune resnet18 --data fashion-mnist --weights none --scheme layer-max \
 	  --epochs 1 --limit-train 4096 --limit-val 1000 --device cpu --out $(DEMO_OUT) --overwrite
 	@echo "artifacts in $(DEMO_OUT): model.onnx manifest.json report.json checkpoint.safetensors metrics.jsonl"
 

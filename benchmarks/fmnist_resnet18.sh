@@ -3,6 +3,7 @@
 # checkpoint. The figures in docs/results.md come from this script on one H100.
 #   WNCONVERT="python -m wnconvert.cli" DATA=fashion-mnist:/path bash benchmarks/fmnist_resnet18.sh
 set -euo pipefail
+export WNCONVERT_OFFLINE=1   # both runs start from --weights none or a local file
 WNCONVERT=${WNCONVERT:-wnconvert}
 DATA=${DATA:-fashion-mnist}
 RUNS=${RUNS:-runs}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CLI = [sys.executable, "-m", "wnconvert.cli"]
+# The studies start from --weights none or their own checkpoints: never from the network.
+ENV = dict(os.environ, WNCONVERT_OFFLINE="1")
 
 
 def shown(args: list[str]) -> str:
@@ -30,7 +33,7 @@ def wnconvert(args: list[str], *, capture_json: bool = False) -> dict | None:
     args = [str(a) for a in args]
     print("$ " + shown(args), flush=True)
     proc = subprocess.run(CLI + args + (["--json"] if capture_json else []),
-                          stdout=subprocess.PIPE if capture_json else None, text=True)
+                          stdout=subprocess.PIPE if capture_json else None, text=True, env=ENV)
     if proc.returncode != 0:
         raise SystemExit(f"command failed with exit {proc.returncode}: {shown(args)}")
     return json.loads(proc.stdout) if capture_json else None

@@ -1,8 +1,8 @@
 """torchvision classification models: names, construction, pretrained weights, head replacement.
 
-Nothing is downloaded. ``--weights DEFAULT`` (or a weights name) goes through torchvision's own
-weights API, which reads the file from the torch hub cache when it is there; when it is not, the
-error names the file and the folder to put it in.
+``--weights DEFAULT`` (or a weights name) goes through torchvision's own weights API, which reads
+the file from the torch hub cache; ``download.fetch_weights`` puts it there first when it is
+missing (hash-checked, atomically), or, offline, names the URL, the file and the folder.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import torchvision
 from torch import nn
 
 from wnconvert.convert.errors import UserInputError
+
+from .download import fetch_weights
 
 # Models built with a fixed input resolution; every other model takes any size >= its minimum.
 FIXED_SIZE = {"maxvit_t": 224}
@@ -66,10 +68,12 @@ def _construct(name: str, **kwargs) -> nn.Module:
     return torchvision.models.get_model(name, **kwargs)
 
 
-def build_model(name: str, weights: str = "none", num_classes: int | None = None) -> BuiltModel:
+def build_model(name: str, weights: str = "none", num_classes: int | None = None,
+                offline: bool | None = None) -> BuiltModel:
     """``weights``: ``none``, ``DEFAULT``, a torchvision weights name, or a local file
     (``.pth``/``.pt`` state_dict, ``.safetensors``). ``num_classes`` other than the weights'
-    replaces the classifier head (a fresh layer)."""
+    replaces the classifier head (a fresh layer). ``offline`` forbids downloading torchvision
+    weights missing from the hub cache (None: the ``WNCONVERT_OFFLINE`` environment variable)."""
     name = check_model_name(name)
     spec = weights.strip()
     if spec.lower() == "none":
@@ -78,10 +82,11 @@ def build_model(name: str, weights: str = "none", num_classes: int | None = None
     path = Path(spec).expanduser()
     if path.suffix in (".pth", ".pt", ".safetensors") or path.exists():
         return _from_file(name, path, num_classes)
-    return _from_torchvision(name, spec, num_classes)
+    return _from_torchvision(name, spec, num_classes, offline)
 
 
-def _from_torchvision(name: str, spec: str, num_classes: int | None) -> BuiltModel:
+def _from_torchvision(name: str, spec: str, num_classes: int | None,
+                      offline: bool | None = None) -> BuiltModel:
     enum = torchvision.models.get_model_weights(name)
     key = spec.split(".")[-1]
     if key == "DEFAULT":
@@ -91,10 +96,7 @@ def _from_torchvision(name: str, spec: str, num_classes: int | None) -> BuiltMod
     else:
         raise UserInputError(f"unknown weights {spec!r} for {name}; choose DEFAULT, "
                              f"{', '.join(enum.__members__)}, none, or a .pth/.safetensors file")
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(w.url).name
-    if not cached.exists():
-        raise UserInputError(f"pretrained weights {w} are not in the torch hub cache and nothing is "
-                             f"downloaded: place {cached.name} in {cached.parent}")
+    cached = fetch_weights(w.url, offline)
     try:
         model = _construct(name, weights=w)
     except Exception as e:

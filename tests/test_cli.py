@@ -199,8 +199,10 @@ def test_bad_weights_files(tmp_path, content, needle):
 def test_pretrained_weights_not_cached_names_the_file(tmp_path, monkeypatch):
     p = subprocess.run([str(Path(sys.executable).with_name("wnconvert")), "finetune", "resnet18",
                         "--weights", "DEFAULT", "--out", str(tmp_path / "o")], capture_output=True,
-                       text=True, env={"TORCH_HOME": str(tmp_path / "hub"), "PATH": "/usr/bin:/bin"})
-    assert_one_line_error(p, 2, "resnet18-f37072fd.pth", str(tmp_path / "hub"))
+                       text=True, env={"TORCH_HOME": str(tmp_path / "hub"), "PATH": "/usr/bin:/bin",
+                                       "WNCONVERT_OFFLINE": "1"})
+    assert_one_line_error(p, 2, "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+                          str(tmp_path / "hub"))
 
 
 def test_unwritable_output(tmp_path):
