@@ -1,0 +1,118 @@
+"""Running the integer steps: requantization of each step's accumulator and the per-tensor record.
+
+Requantization of a step whose value is ``sum_i t_i * S_i`` (``t_i`` integers, ``S_i`` products of
+float32 scales) into an output of scale ``s_y`` and zero point ``z_y``:
+
+* every scale a power of two (``S_i = 2^e_i``, ``s_y = 2^e_y``): the terms are aligned to the finest
+  one in integers (``acc = sum_i t_i << (e_i - b)``, ``b = min e_i``) and
+  ``y = clamp(round_half_even(acc >> n) + z_y)`` with ``n = e_y - b`` (a left shift when ``n < 0``);
+  an average divides exactly: ``round_half_even(acc * 2^-n / count)`` in integer rationals.
+* otherwise the visible fallback: float32 ``rint(float32(acc) * float32(S / s_y))`` as onnxruntime's
+  QLinear kernels do; the tensor is marked ``integer_only=False`` with the reason.
+
+Relu/Clip between the core op and the QuantizeLinear become integer bounds (the quantized Clip
+bounds, ``z_y`` for Relu): quantization is monotone, so ``Q(clip(v)) == clip(Q(v), Q(lo), Q(hi))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .graph import QParams, Step
+from .ops import Accum, Term
+from .requant import float32_requant, po2_exponents, quantize_constant, round_div, round_shift, saturate
+
+FLOAT32_EXACT = 2 ** 24
+INT32_RANGE = (-(2 ** 31), 2 ** 31 - 1)
+
+
+@dataclass
+class Requant:
+    """How one step's output was rescaled, and how large its integers grew before that."""
+
+    shift: int | list[int] | None  # right shift n (y = acc >> n), per channel when it varies
+    integer_only: bool
+    reason: str
+    max_abs_acc: int
+    max_abs_partial: int
+
+
+def _exponent_sum(factors: list[np.ndarray]) -> np.ndarray | None:
+    total = np.int64(0)
+    for f in factors:
+        e = po2_exponents(f)
+        if e is None:
+            return None
+        total = total + e
+    return total
+
+
+def _float32_product(factors: list[np.ndarray]) -> np.ndarray:
+    total = np.float32(1)
+    for f in factors:
+        total = total * np.asarray(f, dtype=np.float32)
+    return total
+
+
+def _bounds(out: QParams, clamp: tuple[float, float]) -> tuple[int, int]:
+    lo, hi = out.qtype.qmin, out.qtype.qmax
+    zp = int(out.zero_point)
+    if np.isfinite(clamp[0]):
+        lo = max(lo, quantize_constant(clamp[0], float(out.scale), zp, out.qtype))
+    if np.isfinite(clamp[1]):
+        hi = min(hi, quantize_constant(clamp[1], float(out.scale), zp, out.qtype))
+    return lo, hi
+
+
+def _shift_value(n: np.ndarray) -> int | list[int]:
+    flat = np.unique(np.asarray(n).reshape(-1))
+    return int(flat[0]) if flat.size == 1 else [int(v) for v in np.asarray(n).reshape(-1)]
+
+
+def _max_abs(a) -> int:
+    return int(np.max(np.abs(a))) if np.size(a) else 0
+
+
+def requantize(terms: list[Term], divisor, abs_sum, out: QParams, clamp) -> tuple[np.ndarray, Requant]:
+    """Integer output (int64, saturated, zero point added) of ``terms`` and the record of how."""
+    exps = [_exponent_sum(t.factors) for t in terms]
+    e_y = po2_exponents(out.scale)
+    if all(e is not None for e in exps) and e_y is not None:
+        base = np.minimum.reduce(np.broadcast_arrays(*exps)) if len(exps) > 1 else exps[0]
+        acc = sum(t.values << (e - base) for t, e in zip(terms, exps))
+        n = e_y - base
+        if divisor is None:
+            q = round_shift(acc, n)
+        else:
+            q = round_div(acc << np.maximum(-n, 0), divisor << np.maximum(n, 0))
+        info = Requant(_shift_value(n), True, "", _max_abs(acc), _max_abs(acc))
+    else:
+        mults = [_float32_product(t.factors) / np.float32(out.scale) for t in terms]
+        q = float32_requant([t.values for t in terms], mults, divisor)
+        shown = ", ".join(np.array2string(np.unique(np.asarray(m)), precision=8) for m in mults)
+        info = Requant(None, False, f"requantization multiplier {shown} is not a power of two: "
+                       "float32 multiply and round half to even, as onnxruntime does",
+                       max(_max_abs(t.values) for t in terms), max(_max_abs(t.values) for t in terms))
+    if abs_sum is not None:
+        info.max_abs_partial = max(info.max_abs_partial, _max_abs(abs_sum))
+    lo, hi = _bounds(out, clamp)
+    return saturate(q + int(out.zero_point), lo, hi), info
+
+
+def requantize_accum(accum: Accum, out: QParams, clamp) -> tuple[np.ndarray, Requant]:
+    if accum.concat_axis is None:
+        return requantize(accum.terms, accum.divisor, accum.abs_sum, out, clamp)
+    parts = [requantize([t], None, None, out, clamp) for t in accum.terms]
+    infos = [p[1] for p in parts]
+    merged = Requant([i.shift for i in infos] if all(i.integer_only for i in infos) else None,
+                     all(i.integer_only for i in infos), "; ".join(i.reason for i in infos if i.reason),
+                     max(i.max_abs_acc for i in infos), max(i.max_abs_partial for i in infos))
+    return np.concatenate([p[0] for p in parts], axis=accum.concat_axis), merged
+
+
+def weight_scale(step: Step) -> np.ndarray | None:
+    if step.op in ("Conv", "Gemm", "MatMul") and len(step.operands) > 1:
+        return step.operands[1].params.scale
+    return None

@@ -1,0 +1,199 @@
+"""The pure-integer reference against onnxruntime (optimizations off and on) on hand-built QDQ graphs."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from qdq_graphs import QdqBuilder, ort_run
+
+from wnconvert.convert.errors import UserInputError
+from wnconvert.convert.intref import compare_runs, is_power_of_two, run_integer
+from wnconvert.convert.intref.requant import round_div, round_shift
+
+P = [2.0 ** -k for k in range(12)]  # P[k] = 2^-k
+
+
+def _conv(b, q, rng, cout, cin, k=3, w_scale=None, scale=P[3], zp=0, dtype="int8", bias=True, **attrs):
+    w_scale = np.asarray(w_scale if w_scale is not None else [P[7 + c % 2] for c in range(cout)], np.float32)
+    w = rng.integers(-127, 128, (cout, cin // attrs.get("group", 1), k, k))
+    extra = [b.weight(w, w_scale)]
+    if bias:
+        extra.append(b.bias(rng.integers(-3000, 3000, cout), b.scales[q] * w_scale))
+    return b.op("Conv", [b.dq(q)] + extra, **attrs), (scale, zp, dtype)
+
+
+def g_conv_relu(rng):
+    b = QdqBuilder()
+    x = b.input([2, 3, 9, 9], P[4])
+    y, qp = _conv(b, x, rng, 6, 3, pads=[1, 1, 1, 1])
+    b.q(b.op("Relu", [y]), *qp)
+    return b, rng.normal(size=(2, 3, 9, 9)) * 6
+
+
+def g_conv_depthwise_uint8(rng):
+    b = QdqBuilder()
+    x = b.input([1, 4, 10, 10], P[5], zp=128, dtype="uint8")
+    y, _ = _conv(b, x, rng, 4, 4, group=4, strides=[2, 2], pads=[1, 0, 1, 0], w_scale=P[6])
+    lo, hi = b.const("lo", np.float32(0)), b.const("hi", np.float32(3.5))
+    b.q(b.op("Clip", [y, lo, hi]), P[5], 0, "uint8")
+    return b, rng.normal(size=(1, 4, 10, 10)) * 3
+
+
+def g_conv_int4(rng):
+    b = QdqBuilder()
+    x = b.input([1, 3, 7, 7], P[3])
+    w = rng.integers(-7, 8, (5, 3, 3, 3))
+    b.step("Conv", [x], P[2], extra=[b.weight(w, [P[3]] * 5, "int4")], dilations=[2, 2], pads=[2, 2, 2, 2])
+    return b, rng.normal(size=(1, 3, 7, 7)) * 8
+
+
+def g_gemm(rng):
+    b = QdqBuilder()
+    x = b.input([3, 2, 2, 4], P[4])
+    f = b.step("Flatten", [x], P[4])
+    ws = np.asarray([P[6 + c % 3] for c in range(10)], np.float32)
+    w, bias = b.weight(rng.integers(-127, 128, (10, 16)), ws), b.bias(rng.integers(-900, 900, 10), P[4] * ws)
+    b.step("Gemm", [f], P[2], extra=[w, bias], transB=1)
+    m = b.step("MatMul", [f], P[3], extra=[b.weight(rng.integers(-127, 128, (16, 5)), P[7])])
+    b.step("Reshape", [m], P[3], extra=[b.const("shape", np.asarray([0, 5, 1], np.int64))])
+    return b, rng.normal(size=(3, 2, 2, 4)) * 5
+
+
+def g_add_concat(rng):
+    b = QdqBuilder()
+    x = b.input([2, 4, 5, 5], P[4])
+    y = b.step("Conv", [x], P[3], extra=[b.weight(rng.integers(-127, 128, (4, 4, 1, 1)), P[6])])
+    s = b.step("Add", [x, y], P[3])
+    b.step("Concat", [s, x, y], P[4], axis=1)
+    half = b.weight(np.full((1, 4, 1, 1), 3), P[2])  # a constant operand of Add
+    b.step("Add", [y], P[4], extra=[half])
+    return b, rng.normal(size=(2, 4, 5, 5)) * 4
+
+
+def g_relu_clip(rng):
+    b = QdqBuilder()
+    x = b.input([2, 3, 4, 4], P[4])
+    b.step("Relu", [x], P[5], 0, "uint8")
+    b.step("Clip", [x], P[3], extra=[b.const("lo", np.float32(-1.25)), b.const("hi", np.float32(2.0))])
+    b.q(b.dq(x), P[2], -3)  # requantization alone
+    return b, rng.normal(size=(2, 3, 4, 4)) * 5
+
+
+def g_pools(rng):
+    b = QdqBuilder()
+    x = b.input([2, 3, 8, 8], P[4])
+    b.step("MaxPool", [x], P[4], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    b.step("MaxPool", [x], P[2], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1)
+    b.step("AveragePool", [x], P[4], kernel_shape=[2, 2], strides=[2, 2])
+    b.step("AveragePool", [x], P[5], kernel_shape=[4, 4], strides=[2, 2], pads=[1, 1, 1, 1])
+    b.step("GlobalAveragePool", [x], P[6])
+    return b, rng.normal(size=(2, 3, 8, 8)) * 4
+
+
+GRAPHS = [g_conv_relu, g_conv_depthwise_uint8, g_conv_int4, g_gemm, g_add_concat, g_relu_clip, g_pools]
+
+
+
+
+@pytest.mark.parametrize("build", GRAPHS, ids=lambda f: f.__name__[2:])
+def test_reference_equals_onnxruntime(build):
+    rng = np.random.default_rng(0)
+    b, x = build(rng)
+    model = b.model()
+    run = run_integer(model, x)
+    assert run.integer_only and set(run.tensors) == set(b.outputs)
+    for level in ("off", "on"):
+        got = ort_run(model, x, level)
+        assert compare_runs(run, got) is None, (level, compare_runs(run, got))
+    # the fused graph, with only the last tensor read back, agrees as well
+    last = b.outputs[-1]
+    fused = ort_run(b.model(only=[last]), x, "on")
+    np.testing.assert_array_equal(run.tensors[last].values, fused[last])
+
+
+def test_rounding_ties_and_saturation_at_both_ends():
+    b = QdqBuilder()
+    x = b.input([1, 1, 16, 16], P[3])
+    y = b.step("Conv", [x], P[4], extra=[b.weight(np.full((1, 1, 1, 1), 3), P[2])])  # y = 3x/2
+    avg = b.step("AveragePool", [x], P[3], kernel_shape=[2, 2], strides=[2, 2])  # sum/4
+    grid = np.arange(-128, 128, dtype=np.float64) / 8
+    grid[:3], grid[-3:] = -40.0, 40.0  # beyond the input range: the input saturates too
+    model = b.model()
+    run = run_integer(model, grid.reshape(1, 1, 16, 16))
+    xq = run.tensors[x].values.astype(np.int64).reshape(-1)
+    assert xq[:3].tolist() == [-128] * 3 and xq[-3:].tolist() == [127] * 3
+    got = run.tensors[y].values.astype(np.int64).reshape(-1)
+    exact = 3 * xq
+    ties = exact % 2 == 1
+    assert ties.sum() > 50
+    for acc, want in ((3, 2), (9, 4), (15, 8), (-3, -2), (-9, -4), (-15, -8)):  # half to even
+        assert got[exact == acc].tolist() == [want]
+    assert (got[exact > 2 * 127] == 127).all() and (exact > 2 * 127).sum() > 10
+    assert (got[exact < -2 * 128] == -128).all() and (exact < -2 * 128).sum() > 10
+    sums = xq.reshape(8, 2, 8, 2).sum(axis=(1, 3))
+    assert (sums % 4 == 2).sum() > 0  # average ties
+    np.testing.assert_array_equal(run.tensors[avg].values.reshape(8, 8), round_div(sums, 4))
+    for level in ("off", "on"):
+        assert compare_runs(run, ort_run(model, grid.reshape(1, 1, 16, 16), level)) is None, level
+
+
+def test_integer_rounding_matches_exact_rationals():
+    rng = np.random.default_rng(1)
+    acc = np.concatenate([rng.integers(-10 ** 6, 10 ** 6, 2000), np.arange(-40, 41)])
+    for n in (0, 1, 2, 5, 13):
+        want = [round(Fraction(int(a), 2 ** n)) for a in acc]
+        assert round_shift(acc, n).tolist() == want
+    den = rng.integers(1, 50, acc.size)
+    want = [round(Fraction(int(a), int(d))) for a, d in zip(acc, den)]
+    assert round_div(acc, den).tolist() == want
+    assert round_shift(np.asarray([3, -3]), -2).tolist() == [12, -12]
+
+
+def test_is_power_of_two_reads_float32_bits():
+    assert is_power_of_two(1.0) == 0 and is_power_of_two(0.125) == -3 and is_power_of_two(2.0 ** 20) == 20
+    assert is_power_of_two(np.float32(2.0 ** -149)) == -149  # smallest subnormal
+    assert is_power_of_two(np.float32(2.0 ** -130)) == -130
+    one_up = np.nextafter(np.float32(0.25), np.float32(1))
+    one_down = np.nextafter(np.float32(0.25), np.float32(0))
+    assert is_power_of_two(one_up) is None and is_power_of_two(one_down) is None
+    assert is_power_of_two(np.nextafter(np.float32(2.0 ** -140), np.float32(1))) is None
+    for bad in (0.0, -0.5, 3.0, 0.1, float("inf"), float("nan")):
+        assert is_power_of_two(bad) is None
+
+
+def test_non_power_of_two_scales_fall_back_visibly():
+    rng = np.random.default_rng(2)
+    b = QdqBuilder()
+    x = b.input([2, 3, 6, 6], 0.05)
+    ws = np.asarray([0.011, 0.013, 0.0125, 0.02], np.float32)
+    w, bias = b.weight(rng.integers(-127, 128, (4, 3, 3, 3)), ws), b.bias(rng.integers(-99, 99, 4), 0.05 * ws)
+    y = b.q(b.op("Conv", [b.dq(x), w, bias], pads=[1, 1, 1, 1]), 0.3, 3)
+    model, xf = b.model(), rng.normal(size=(2, 3, 6, 6)) * 3
+    run = run_integer(model, xf)
+    t = run.tensors[y]
+    assert not t.integer_only and not run.integer_only and t.shift is None
+    assert "not a power of two" in t.reason
+    assert compare_runs(run, ort_run(model, xf, "on")) is None  # QLinearConv: float32 multiply, rint
+    off = ort_run(model, xf, "off")[y].astype(int)  # float Conv: another float rounding order
+    assert np.abs(off - t.values).max() <= 1
+
+
+def test_accumulators_beyond_2_24_are_flagged():
+    """acc = 127·127·2048 − 2049 = 31.5·2^20 − 1 is odd and above 2^24: float32 rounds it to the tie
+    31.5·2^20, which rounds to 32; the exact value rounds to 31. onnxruntime (both levels) is off."""
+    b = QdqBuilder()
+    x = b.input([1, 2048], P[0])
+    big = b.step("Gemm", [x], 2.0 ** 20, extra=[b.weight(np.full((1, 2048), 127), P[0]),
+                                               b.bias([-2049], P[0])], transB=1)
+    small = b.step("Gemm", [x], 2.0 ** 8, extra=[b.weight(np.full((1, 2048), 1), P[0])], transB=1)
+    model, xf = b.model(), np.full((1, 2048), 127.0)
+    run = run_integer(model, xf)
+    acc = 127 * 127 * 2048 - 2049
+    assert run.tensors[big].max_abs_acc == acc and run.tensors[big].acc_over_2_24
+    assert run.tensors[big].values.item() == round(Fraction(acc, 2 ** 20)) == 31
+    assert not run.tensors[small].acc_over_2_24 and not run.tensors[small].partial_over_2_24
+    assert run.over_2_24() == [big]
+    for level in ("off", "on"):
+        assert ort_run(model, xf, level)[big].item() == 32, level
