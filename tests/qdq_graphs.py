@@ -99,29 +99,31 @@ def ort_run(model: onnx.ModelProto, x: np.ndarray, level: str, optimized_path=No
     return dict(zip(names, sess.run(names, {"x": x.astype(np.float32)})))
 
 
-def tiny_cnn(seed: int = 0, weight_dtype: str = "int8") -> QdqBuilder:
-    """conv-relu-maxpool-conv-add(residual)-globalavgpool-flatten-gemm, every scale a power of two."""
+def tiny_cnn(seed: int = 0, act: str = "uint8", weight_dtype: str = "int8") -> QdqBuilder:
+    """conv-relu-maxpool-conv-add(residual)-relu-globalavgpool-flatten-gemm, every scale a power of
+    two. Weights within ±63 (int8) so that no u8s8 int16 pair sum can saturate in onnxruntime."""
     rng = np.random.default_rng(seed)
-    wmax = 7 if weight_dtype == "int4" else 127
+    wmax = 7 if weight_dtype == "int4" else 63
+    signed = 128 if act == "uint8" else 0
     b = QdqBuilder()
-    x = b.input([1, 3, 16, 16], 2.0 ** -5)
+    x = b.input([1, 3, 16, 16], 2.0 ** -5, signed, act)
 
-    def conv(q, cin, cout, out_scale, relu, zp=0, dtype="int8"):
-        ws = np.asarray([2.0 ** -(6 + c % 3) for c in range(cout)], np.float32)
+    def conv(q, cin, cout, relu):
+        ws = np.asarray([2.0 ** -(5 + c % 3) for c in range(cout)], np.float32)
         w = b.weight(rng.integers(-wmax, wmax + 1, (cout, cin, 3, 3)), ws, weight_dtype)
         bias = b.bias(rng.integers(-2000, 2000, cout), b.scales[q] * ws)
         y = b.op("Conv", [b.dq(q), w, bias], pads=[1, 1, 1, 1])
-        return b.q(b.op("Relu", [y]) if relu else y, out_scale, zp, dtype)
+        return b.q(b.op("Relu", [y]) if relu else y, 2.0 ** -3, 0 if relu else signed, act)
 
-    c1 = conv(x, 3, 8, 2.0 ** -3, relu=True)
-    p1 = b.step("MaxPool", [c1], 2.0 ** -3, kernel_shape=[2, 2], strides=[2, 2])
-    c2 = conv(p1, 8, 8, 2.0 ** -3, relu=False)
-    a = b.step("Add", [c2, p1], 2.0 ** -3)
-    r = b.step("Relu", [a], 2.0 ** -3)
-    g = b.step("GlobalAveragePool", [r], 2.0 ** -4)
-    f = b.step("Flatten", [g], 2.0 ** -4)
-    ws = np.full(10, 2.0 ** -7, np.float32)
+    c1 = conv(x, 3, 8, relu=True)
+    p1 = b.step("MaxPool", [c1], 2.0 ** -3, 0, act, kernel_shape=[2, 2], strides=[2, 2])
+    c2 = conv(p1, 8, 8, relu=False)
+    a = b.step("Add", [c2, p1], 2.0 ** -3, signed, act)
+    r = b.step("Relu", [a], 2.0 ** -3, 0, act)
+    g = b.step("GlobalAveragePool", [r], 2.0 ** -4, 0, act)
+    f = b.step("Flatten", [g], 2.0 ** -4, 0, act)
+    ws = np.full(10, 2.0 ** -6, np.float32)
     w = b.weight(rng.integers(-wmax, wmax + 1, (10, 8)), ws, weight_dtype)
     bias = b.bias(rng.integers(-500, 500, 10), b.scales[f] * ws)
-    b.step("Gemm", [f], 2.0 ** -2, extra=[w, bias], transB=1)
+    b.step("Gemm", [f], 2.0 ** -2, signed, act, extra=[w, bias], transB=1)
     return b

@@ -6,7 +6,8 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from qdq_graphs import QdqBuilder, ort_run
+import onnx
+from qdq_graphs import QdqBuilder, ort_run, tiny_cnn
 
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.intref import compare_runs, is_power_of_two, run_integer
@@ -15,92 +16,103 @@ from wnconvert.convert.intref.requant import round_div, round_shift
 P = [2.0 ** -k for k in range(12)]  # P[k] = 2^-k
 
 
-def _conv(b, q, rng, cout, cin, k=3, w_scale=None, scale=P[3], zp=0, dtype="int8", bias=True, **attrs):
-    w_scale = np.asarray(w_scale if w_scale is not None else [P[7 + c % 2] for c in range(cout)], np.float32)
-    w = rng.integers(-127, 128, (cout, cin // attrs.get("group", 1), k, k))
-    extra = [b.weight(w, w_scale)]
-    if bias:
-        extra.append(b.bias(rng.integers(-3000, 3000, cout), b.scales[q] * w_scale))
-    return b.op("Conv", [b.dq(q)] + extra, **attrs), (scale, zp, dtype)
+# onnxruntime (CPU, x86) fuses Q/DQ into its integer kernels (QLinearConv, QGemm, ...) only for uint8
+# activations; int8 activations stay DequantizeLinear -> float op -> QuantizeLinear. Both are checked.
+# Weights stay within ±63 so that a u8s8 kernel pairing two products in int16 (AVX2 without VNNI)
+# cannot saturate: 2·255·63 < 2^15.
+WMAX = 63
 
 
-def g_conv_relu(rng):
+def _signed(act: str) -> tuple[int, str]:
+    """Zero point and type of a tensor holding both signs."""
+    return (128 if act == "uint8" else 0), act
+
+
+def _weights(rng, shape, wmax=WMAX):
+    return rng.integers(-wmax, wmax + 1, shape)
+
+
+def g_conv_relu(rng, act):
     b = QdqBuilder()
-    x = b.input([2, 3, 9, 9], P[4])
-    y, qp = _conv(b, x, rng, 6, 3, pads=[1, 1, 1, 1])
-    b.q(b.op("Relu", [y]), *qp)
+    x = b.input([2, 3, 9, 9], P[4], *_signed(act))
+    ws = np.asarray([P[5 + c % 2] for c in range(6)], np.float32)
+    w, bias = b.weight(_weights(rng, (6, 3, 3, 3)), ws), b.bias(rng.integers(-3000, 3000, 6), P[4] * ws)
+    b.q(b.op("Relu", [b.op("Conv", [b.dq(x), w, bias], pads=[1, 1, 1, 1])]), P[3], 0, act)
     return b, rng.normal(size=(2, 3, 9, 9)) * 6
 
 
-def g_conv_depthwise_uint8(rng):
+def g_conv_depthwise_clip(rng, act):
     b = QdqBuilder()
-    x = b.input([1, 4, 10, 10], P[5], zp=128, dtype="uint8")
-    y, _ = _conv(b, x, rng, 4, 4, group=4, strides=[2, 2], pads=[1, 0, 1, 0], w_scale=P[6])
+    x = b.input([1, 4, 10, 10], P[5], *_signed(act))
+    w = b.weight(_weights(rng, (4, 1, 3, 3)), P[6])
+    y = b.op("Conv", [b.dq(x), w], group=4, strides=[2, 2], pads=[1, 0, 1, 0])
     lo, hi = b.const("lo", np.float32(0)), b.const("hi", np.float32(3.5))
-    b.q(b.op("Clip", [y, lo, hi]), P[5], 0, "uint8")
+    b.q(b.op("Clip", [y, lo, hi]), P[5], 0, act)
     return b, rng.normal(size=(1, 4, 10, 10)) * 3
 
 
-def g_conv_int4(rng):
+def g_conv_int4(rng, act):
     b = QdqBuilder()
-    x = b.input([1, 3, 7, 7], P[3])
-    w = rng.integers(-7, 8, (5, 3, 3, 3))
-    b.step("Conv", [x], P[2], extra=[b.weight(w, [P[3]] * 5, "int4")], dilations=[2, 2], pads=[2, 2, 2, 2])
+    x = b.input([1, 3, 7, 7], P[3], *_signed(act))
+    w = b.weight(_weights(rng, (5, 3, 3, 3), 7), [P[3]] * 5, "int4")
+    b.step("Conv", [x], P[2], *_signed(act), extra=[w], dilations=[2, 2], pads=[2, 2, 2, 2])
     return b, rng.normal(size=(1, 3, 7, 7)) * 8
 
 
-def g_gemm(rng):
+def g_gemm_matmul(rng, act):
     b = QdqBuilder()
-    x = b.input([3, 2, 2, 4], P[4])
-    f = b.step("Flatten", [x], P[4])
-    ws = np.asarray([P[6 + c % 3] for c in range(10)], np.float32)
-    w, bias = b.weight(rng.integers(-127, 128, (10, 16)), ws), b.bias(rng.integers(-900, 900, 10), P[4] * ws)
-    b.step("Gemm", [f], P[2], extra=[w, bias], transB=1)
-    m = b.step("MatMul", [f], P[3], extra=[b.weight(rng.integers(-127, 128, (16, 5)), P[7])])
-    b.step("Reshape", [m], P[3], extra=[b.const("shape", np.asarray([0, 5, 1], np.int64))])
+    x = b.input([3, 2, 2, 4], P[4], *_signed(act))
+    f = b.step("Flatten", [x], P[4], *_signed(act))
+    ws = np.asarray([P[5 + c % 3] for c in range(10)], np.float32)
+    w, bias = b.weight(_weights(rng, (10, 16)), ws), b.bias(rng.integers(-900, 900, 10), P[4] * ws)
+    b.step("Gemm", [f], P[2], *_signed(act), extra=[w, bias], transB=1)
+    m = b.step("MatMul", [f], P[3], *_signed(act), extra=[b.weight(_weights(rng, (16, 5)), P[6])])
+    b.step("Reshape", [m], P[3], *_signed(act), extra=[b.const("shape", np.asarray([0, 5, 1], np.int64))])
     return b, rng.normal(size=(3, 2, 2, 4)) * 5
 
 
-def g_add_concat(rng):
+def g_add_concat(rng, act):
     b = QdqBuilder()
-    x = b.input([2, 4, 5, 5], P[4])
-    y = b.step("Conv", [x], P[3], extra=[b.weight(rng.integers(-127, 128, (4, 4, 1, 1)), P[6])])
-    s = b.step("Add", [x, y], P[3])
-    b.step("Concat", [s, x, y], P[4], axis=1)
-    half = b.weight(np.full((1, 4, 1, 1), 3), P[2])  # a constant operand of Add
-    b.step("Add", [y], P[4], extra=[half])
+    x = b.input([2, 4, 5, 5], P[4], *_signed(act))
+    y = b.step("Conv", [x], P[3], *_signed(act), extra=[b.weight(_weights(rng, (4, 4, 1, 1)), P[5])])
+    s = b.step("Add", [x, y], P[3], *_signed(act))
+    b.step("Concat", [s, x, y], P[4], *_signed(act), axis=1)
+    three = b.weight(np.full((1, 4, 1, 1), 3), P[2])  # a constant operand of Add
+    b.step("Add", [y], P[4], *_signed(act), extra=[three])
     return b, rng.normal(size=(2, 4, 5, 5)) * 4
 
 
-def g_relu_clip(rng):
+def g_relu_clip(rng, act):
     b = QdqBuilder()
-    x = b.input([2, 3, 4, 4], P[4])
-    b.step("Relu", [x], P[5], 0, "uint8")
-    b.step("Clip", [x], P[3], extra=[b.const("lo", np.float32(-1.25)), b.const("hi", np.float32(2.0))])
-    b.q(b.dq(x), P[2], -3)  # requantization alone
+    x = b.input([2, 3, 4, 4], P[4], *_signed(act))
+    b.step("Relu", [x], P[5], 0, act)
+    lo, hi = b.const("lo", np.float32(-1.25)), b.const("hi", np.float32(2.0))
+    b.step("Clip", [x], P[3], *_signed(act), extra=[lo, hi])
+    b.q(b.dq(x), P[2], 125 if act == "uint8" else -3, act)  # requantization alone
     return b, rng.normal(size=(2, 3, 4, 4)) * 5
 
 
-def g_pools(rng):
+def g_pools(rng, act):
     b = QdqBuilder()
-    x = b.input([2, 3, 8, 8], P[4])
-    b.step("MaxPool", [x], P[4], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
-    b.step("MaxPool", [x], P[2], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1)
-    b.step("AveragePool", [x], P[4], kernel_shape=[2, 2], strides=[2, 2])
-    b.step("AveragePool", [x], P[5], kernel_shape=[4, 4], strides=[2, 2], pads=[1, 1, 1, 1])
-    b.step("GlobalAveragePool", [x], P[6])
-    return b, rng.normal(size=(2, 3, 8, 8)) * 4
+    x = b.input([2, 3, 9, 9], P[4], *_signed(act))
+    b.step("MaxPool", [x], P[4], *_signed(act), kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    b.step("MaxPool", [x], P[2], *_signed(act), kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1)
+    b.step("AveragePool", [x], P[4], *_signed(act), kernel_shape=[2, 2], strides=[2, 2])
+    b.step("AveragePool", [x], P[5], *_signed(act), kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    b.step("AveragePool", [x], P[5], *_signed(act), kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+           count_include_pad=1)
+    b.step("GlobalAveragePool", [x], P[6], *_signed(act))
+    return b, rng.normal(size=(2, 3, 9, 9)) * 4
 
 
-GRAPHS = [g_conv_relu, g_conv_depthwise_uint8, g_conv_int4, g_gemm, g_add_concat, g_relu_clip, g_pools]
+GRAPHS = [g_conv_relu, g_conv_depthwise_clip, g_conv_int4, g_gemm_matmul, g_add_concat, g_relu_clip, g_pools]
 
 
-
-
+@pytest.mark.parametrize("act", ["int8", "uint8"])
 @pytest.mark.parametrize("build", GRAPHS, ids=lambda f: f.__name__[2:])
-def test_reference_equals_onnxruntime(build):
+def test_reference_equals_onnxruntime(build, act):
     rng = np.random.default_rng(0)
-    b, x = build(rng)
+    b, x = build(rng, act)
     model = b.model()
     run = run_integer(model, x)
     assert run.integer_only and set(run.tensors) == set(b.outputs)
@@ -197,3 +209,49 @@ def test_accumulators_beyond_2_24_are_flagged():
     assert run.over_2_24() == [big]
     for level in ("off", "on"):
         assert ort_run(model, xf, level)[big].item() == 32, level
+
+
+FUSED = {"QLinearConv", "QLinearAdd", "QLinearGlobalAveragePool", "QGemm"}
+
+
+@pytest.mark.parametrize("act,weights", [("uint8", "int8"), ("int8", "int8"), ("uint8", "int4")])
+def test_tiny_cnn_every_tensor_equals_onnxruntime(tmp_path, act, weights):
+    b = tiny_cnn(seed=3, act=act, weight_dtype=weights)
+    model, last = b.model(), b.outputs[-1]
+    rng = np.random.default_rng(4)
+    for _ in range(4):
+        x = rng.normal(size=(1, 3, 16, 16)) * rng.uniform(0.5, 6)
+        run = run_integer(model, x)
+        assert run.integer_only and len(run.tensors) == len(b.outputs) == 9
+        for level in ("off", "on"):
+            assert compare_runs(run, ort_run(model, x, level)) is None, level
+        fused = ort_run(b.model(only=[last]), x, "on", tmp_path / "opt.onnx")
+        np.testing.assert_array_equal(run.tensors[last].values, fused[last])
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
+    if act == "uint8" and weights == "int8":  # what "on" means here: onnxruntime's integer kernels
+        assert FUSED <= ops and "Conv" not in ops, ops
+    shifts = [t.shift for t in run.tensors.values() if t.op == "Conv"]
+    assert shifts[0] == [7, 8, 9, 7, 8, 9, 7, 8]  # 2^-5 · 2^-(5+c%3) / 2^-3
+
+
+def test_unsupported_op_is_named():
+    b = QdqBuilder()
+    x = b.input([1, 4], P[3])
+    b.q(b.op("Sigmoid", [b.dq(x)]), P[7], 0, "uint8")
+    with pytest.raises(UserInputError, match="Sigmoid node 'sigmoid"):
+        run_integer(b.model(), np.zeros((1, 4)))
+    b = QdqBuilder()
+    x = b.input([1, 4], P[3])
+    b.op("Softmax", [b.dq(x)])
+    with pytest.raises(UserInputError, match="Softmax node"):
+        run_integer(b.model(), np.zeros((1, 4)))
+
+
+def test_bad_inputs_are_refused(tmp_path):
+    b = tiny_cnn()
+    with pytest.raises(UserInputError, match="NaN"):
+        run_integer(b.model(), np.full((1, 3, 16, 16), np.nan))
+    with pytest.raises(UserInputError, match="does not exist"):
+        run_integer(tmp_path / "missing.onnx", np.zeros((1, 3, 16, 16)))
+    with pytest.raises(UserInputError, match="Conv node"):
+        run_integer(b.model(), np.zeros((1, 5, 16, 16)))

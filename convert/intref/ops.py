@@ -84,7 +84,10 @@ def conv(step: Step, env) -> Accum:
     x, s_x = activation(step.operands[0], env)
     w, s_w = weight(step, step.operands[1], 0)
     kernel, strides, pads, dilations = _pool_attrs(step, x.ndim)
-    acc, abs_sum = kernels.conv2d(x, w, strides, pads, dilations, int(step.attrs.get("group", 1)))
+    group = int(step.attrs.get("group", 1))
+    if x.shape[1] != w.shape[1] * group or w.shape[0] % group:
+        raise _fail(step, f"input of {x.shape[1]} channels does not fit weight {list(w.shape)}, group {group}")
+    acc, abs_sum = kernels.conv2d(x, w, strides, pads, dilations, group)
     s_w = s_w.reshape(1, -1, 1, 1) if s_w.ndim else s_w
     if len(step.operands) > 2:
         b = _bias(step, step.operands[2], s_x, s_w, acc.shape[1]).reshape(1, -1, 1, 1)
