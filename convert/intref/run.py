@@ -48,6 +48,7 @@ class QTensor:
     zero_point: int
     dtype: str
     input_scales: list[float]
+    input_zero_points: list[int]
     weight_scales: list[float] | None
     shift: int | list | None
     integer_only: bool
@@ -117,9 +118,10 @@ def _inputs(steps: list[Step], x_float) -> dict[str, np.ndarray]:
 
 def _record(step: Step, values: np.ndarray, req: Requant | None, params: QParams) -> QTensor:
     w = weight_scale(step)
+    acts = [o for o in step.operands if o.params.axis is None and o.const is None]
     return QTensor(step.out, step.op, step.node, step.kind, values, float(params.scale),
                    int(params.zero_point), params.qtype.name,
-                   [float(o.params.scale) for o in step.operands if o.params.axis is None and o.const is None],
+                   [float(o.params.scale) for o in acts], [int(o.params.zero_point) for o in acts],
                    None if w is None else [float(v) for v in np.asarray(w).reshape(-1)],
                    req.shift if req else None, req.integer_only if req else True, req.reason if req else "",
                    req.max_abs_acc if req else 0, req.max_abs_partial if req else 0)
