@@ -49,6 +49,11 @@ def _exponent_sum(factors: list[np.ndarray]) -> np.ndarray | None:
     return total
 
 
+def _span(values) -> str:
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    return f"{v.min():.8g}" if v.min() == v.max() else f"{v.min():.8g}..{v.max():.8g}"
+
+
 def _float32_product(factors: list[np.ndarray]) -> np.ndarray:
     total = np.float32(1)
     for f in factors:
@@ -91,7 +96,7 @@ def requantize(terms: list[Term], divisor, abs_sum, out: QParams, clamp) -> tupl
     else:
         mults = [_float32_product(t.factors) / np.float32(out.scale) for t in terms]
         q = float32_requant([t.values for t in terms], mults, divisor)
-        shown = ", ".join(np.array2string(np.unique(np.asarray(m)), precision=8) for m in mults)
+        shown = ", ".join(_span(m) for m in mults)
         info = Requant(None, False, f"requantization multiplier {shown} is not a power of two: "
                        "float32 multiply and round half to even, as onnxruntime does",
                        max(_max_abs(t.values) for t in terms), max(_max_abs(t.values) for t in terms))
