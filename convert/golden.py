@@ -4,13 +4,16 @@ Format (a directory with two files)::
 
     golden.npz   one integer array per quantized tensor, keyed by the ONNX tensor name (the output
                  of its QuantizeLinear), batch first: the quantized network input and every layer.
-                 int8/uint8 arrays; int4/uint4 tensors are stored widened to int8/uint8.
+                 int8/uint8 arrays; int4/uint4 tensors are stored widened to int8/uint8. A
+                 Conv/Gemm/MatMul whose float output leaves the graph unquantized (logits) is
+                 stored as its int32 accumulator (op kind "acc", scale s_x·s_w, zero point 0).
     index.json   {"format": "wnconvert-golden/1", "inputs": <what the images are>,
                   "network_input": <name of the quantized input tensor>, "images": N,
                   "integer_only": <bool, every layer requantized by shifts>,
                   "layers": [ one object per tensor, in graph order:
-                    {"tensor", "op", "node", "shape", "dtype",
-                     "output_scale": {"value": 0.125, "log2": -3}, "zero_point",
+                    {"tensor", "op", "kind", "node", "shape", "dtype",
+                     "output_scale": {"value": 0.125, "log2": -3} (lists per channel for an
+                     int32 accumulator output), "zero_point",
                      "input_scales": [{"value", "log2"}...], "input_zero_points": [...],
                      "weight_scales": {"values": [...], "log2": [...]} or null,
                      "shift": n or [n per channel] or null,
@@ -52,7 +55,9 @@ FORMAT = "wnconvert-golden/1"
 NPZ, INDEX = "golden.npz", "index.json"
 
 
-def _scale(value: float) -> dict:
+def _scale(value: float | list[float]) -> dict:
+    if isinstance(value, list):  # a per-channel accumulator scale
+        return {"value": value, "log2": [is_power_of_two(v) for v in value]}
     return {"value": float(value), "log2": is_power_of_two(value)}
 
 
@@ -60,7 +65,7 @@ def _layer(t: QTensor) -> dict:
     weights = None
     if t.weight_scales is not None:
         weights = {"values": t.weight_scales, "log2": [is_power_of_two(v) for v in t.weight_scales]}
-    return {"tensor": t.name, "op": t.op, "node": t.node, "shape": list(t.values.shape), "dtype": t.dtype,
+    return {"tensor": t.name, "op": t.op, "kind": t.kind, "node": t.node, "shape": list(t.values.shape), "dtype": t.dtype,
             "output_scale": _scale(t.scale), "zero_point": t.zero_point,
             "input_scales": [_scale(s) for s in t.input_scales], "input_zero_points": t.input_zero_points,
             "weight_scales": weights, "shift": t.shift, "integer_only": t.integer_only, "reason": t.reason,

@@ -21,6 +21,7 @@ class QdqBuilder:
         self.nodes, self.inits, self.inputs, self.outputs = [], [], [], []
         self.qparams: dict[str, tuple[str, str, str]] = {}  # q tensor -> (scale, zp, dtype)
         self.scales: dict[str, float] = {}  # q tensor -> its scale
+        self.float_outputs: list[str] = []  # float tensors that leave the graph unquantized
         self.count = 0
 
     def _name(self, stem: str) -> str:
@@ -81,6 +82,7 @@ class QdqBuilder:
 
     def model(self, only: list[str] | None = None) -> onnx.ModelProto:
         outs = [helper.make_tensor_value_info(o, ELEM[self.qparams[o][2]], None) for o in (only or self.outputs)]
+        outs += [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in self.float_outputs]
         graph = helper.make_graph(self.nodes, "qdq", self.inputs, outs, self.inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
         model.ir_version = 10

@@ -255,3 +255,28 @@ def test_bad_inputs_are_refused(tmp_path):
         run_integer(tmp_path / "missing.onnx", np.zeros((1, 3, 16, 16)))
     with pytest.raises(UserInputError, match="Conv node"):
         run_integer(b.model(), np.zeros((1, 5, 16, 16)))
+
+
+@pytest.mark.parametrize("act", ["int8", "uint8"])
+def test_unquantized_outputs_are_int32_accumulators(act):
+    rng = np.random.default_rng(6)
+    b = QdqBuilder()
+    x = b.input([2, 3, 6, 6], P[4], *_signed(act))
+    ws = np.asarray([P[5], P[6], P[7], P[5]], np.float32)
+    conv = b.op("Conv", [b.dq(x), b.weight(_weights(rng, (4, 3, 3, 3)), ws),
+                         b.bias(rng.integers(-900, 900, 4), P[4] * ws)])
+    f = b.step("Flatten", [b.q(conv, P[3], *_signed(act))], P[3], *_signed(act))
+    w_logits = _weights(rng, (5, 64))
+    logits = b.op("Gemm", [b.dq(f), b.weight(w_logits, P[6])], transB=1)
+    b.float_outputs += [conv, logits]
+    model, xf = b.model(), rng.normal(size=(2, 3, 6, 6)) * 4
+    run = run_integer(model, xf)
+    acc = run.tensors[logits]
+    assert acc.kind == "acc" and acc.dtype == "int32" and acc.values.dtype == np.int32
+    assert acc.scale == P[3] * P[6] and run.tensors[conv].scale == [float(P[4] * s) for s in ws]
+    expected = (run.tensors[f].values.astype(np.int64) - _signed(act)[0]) @ w_logits.T
+    np.testing.assert_array_equal(acc.values, expected)
+    for level in ("off", "on"):
+        got = ort_run(model, xf, level)
+        assert compare_runs(run, got) is None, level
+        np.testing.assert_array_equal(got[logits], (acc.values * np.float32(acc.scale)).astype(np.float32))

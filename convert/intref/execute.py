@@ -22,7 +22,7 @@ import numpy as np
 
 from .graph import QParams, Step
 from .ops import Accum, Term
-from .requant import float32_requant, po2_exponents, quantize_constant, round_div, round_shift, saturate
+from .requant import QTYPES, float32_requant, po2_exponents, quantize_constant, round_div, round_shift, saturate
 
 FLOAT32_EXACT = 2 ** 24
 INT32_RANGE = (-(2 ** 31), 2 ** 31 - 1)
@@ -115,6 +115,21 @@ def requantize_accum(accum: Accum, out: QParams, clamp) -> tuple[np.ndarray, Req
                      all(i.integer_only for i in infos), "; ".join(i.reason for i in infos if i.reason),
                      max(i.max_abs_acc for i in infos), max(i.max_abs_partial for i in infos))
     return np.concatenate([p[0] for p in parts], axis=accum.concat_axis), merged
+
+
+def accumulator(accum: Accum) -> tuple[np.ndarray, QParams, Requant]:
+    """The int32 accumulator of a product op left unrequantized (a float graph output)."""
+    term = accum.terms[0]
+    scale = _float32_product(term.factors)
+    scale = np.asarray(scale).reshape((1,) * (term.values.ndim - np.ndim(scale)) + np.shape(scale))
+    axis = next((i for i, n in enumerate(scale.shape) if n > 1), None)
+    flat = scale.reshape(-1) if axis is not None else scale.reshape(())
+    params = QParams(flat, np.zeros(flat.shape, np.int64), QTYPES["int32"], axis)
+    exps = po2_exponents(flat)
+    reason = "" if exps is not None else "accumulator scale s_x * s_w is not a power of two"
+    peak = _max_abs(term.values)
+    partial = peak if accum.abs_sum is None else max(peak, _max_abs(accum.abs_sum))
+    return term.values, params, Requant(None, exps is not None, reason, peak, partial)
 
 
 def weight_scale(step: Step) -> np.ndarray | None:

@@ -8,6 +8,8 @@ A *step* produces one quantized tensor, the output of a ``QuantizeLinear`` (name
   ``QuantizeLinear``. Weights and biases are ``DequantizeLinear`` of integer initializers.
 * ``move``: MaxPool/Flatten/Reshape/Concat applied directly to integer tensors (no DQ/Q around);
   the output keeps the input's scale and zero point and is named like the ONNX tensor.
+* ``acc``: a Conv/Gemm/MatMul of DequantizeLinear inputs whose float output is a graph output
+  (logits left unquantized): its int32 accumulator, of scale ``s_x * s_w``, named like that output.
 
 Any other float op, or an op the walk cannot place in one of these patterns, is refused with a
 :class:`UserInputError` naming the op and its node.
@@ -28,6 +30,7 @@ from .requant import QTYPES, QType
 CORE_OPS = {"Conv", "Gemm", "MatMul", "Add", "MaxPool", "AveragePool", "GlobalAveragePool",
             "Concat", "Flatten", "Reshape"}
 MOVE_OPS = {"MaxPool", "Flatten", "Reshape", "Concat"}
+ACC_OPS = {"Conv", "Gemm", "MatMul"}
 ACTIVATIONS = {"Relu", "Clip"}
 _ONNX_QTYPES = {TensorProto.INT8: "int8", TensorProto.UINT8: "uint8", TensorProto.INT4: "int4",
                 TensorProto.UINT4: "uint4", TensorProto.INT16: "int16", TensorProto.UINT16: "uint16",
@@ -55,7 +58,7 @@ class Operand:
 
 @dataclass
 class Step:
-    kind: str  # "input" | "requant" | "move"
+    kind: str  # "input" | "requant" | "move" | "acc"
     out: str
     op: str
     node: str
@@ -96,6 +99,7 @@ class GraphReader:
         self.init_types = {i.name: i.data_type for i in self.graph.initializer}
         self.producer: dict[str, onnx.NodeProto] = {}
         self.float_inputs = {i.name for i in self.graph.input if i.name not in self.consts}
+        self.graph_outputs = {o.name for o in self.graph.output}
         self.integer: dict[str, QParams | None] = {}  # integer tensors known so far
         self.covered: set[int] = set()
         self.steps: list[Step] = []
@@ -126,6 +130,11 @@ class GraphReader:
             self.covered.add(id(node))
         elif op in MOVE_OPS and node.input[0] in self.integer:
             self._move(node)
+        elif op in ACC_OPS and node.output[0] in self.graph_outputs:
+            operands = [self._operand(self._dq_of(node, i)) for i in self._data_inputs(node)]
+            self.covered.add(id(node))
+            self.steps.append(Step("acc", node.output[0], op, node.name or node.output[0], None, operands,
+                                   self._attrs(node), core=node))
 
     def params(self, node: onnx.NodeProto) -> QParams:
         a = attributes(node)

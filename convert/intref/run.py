@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import UserInputError
-from .execute import FLOAT32_EXACT, INT32_RANGE, Requant, requantize_accum, weight_scale
+from .execute import FLOAT32_EXACT, INT32_RANGE, Requant, accumulator, requantize_accum, weight_scale
 from .graph import QParams, Step, load_model, read_steps
 from .ops import evaluate, move
 from .requant import quantize_float
@@ -42,9 +42,9 @@ class QTensor:
     name: str
     op: str  # the core op: "QuantizeLinear" for the network input, "Conv", "Add", "Relu", ...
     node: str
-    kind: str  # "input" | "requant" | "move"
-    values: np.ndarray  # int8/uint8 (int4 stored in int8), shape as in the graph
-    scale: float
+    kind: str  # "input" | "requant" | "move" | "acc" (an int32 accumulator output, not requantized)
+    values: np.ndarray  # int8/uint8 (int4 stored in int8), shape as in the graph; int32 for "acc"
+    scale: float | list[float]  # a list: a per-channel accumulator scale (kind "acc")
     zero_point: int
     dtype: str
     input_scales: list[float]
@@ -119,21 +119,25 @@ def _inputs(steps: list[Step], x_float) -> dict[str, np.ndarray]:
 def _record(step: Step, values: np.ndarray, req: Requant | None, params: QParams) -> QTensor:
     w = weight_scale(step)
     acts = [o for o in step.operands if o.params.axis is None and o.const is None]
-    return QTensor(step.out, step.op, step.node, step.kind, values, float(params.scale),
-                   int(params.zero_point), params.qtype.name,
+    scale = float(params.scale) if params.axis is None else [float(v) for v in params.scale]
+    return QTensor(step.out, step.op, step.node, step.kind, values, scale,
+                   int(np.asarray(params.zero_point).reshape(-1)[0]), params.qtype.name,
                    [float(o.params.scale) for o in acts], [int(o.params.zero_point) for o in acts],
                    None if w is None else [float(v) for v in np.asarray(w).reshape(-1)],
                    req.shift if req else None, req.integer_only if req else True, req.reason if req else "",
                    req.max_abs_acc if req else 0, req.max_abs_partial if req else 0)
 
 
-def _execute(step: Step, env: dict, inputs: dict) -> tuple[np.ndarray, Requant | None]:
+def _execute(step: Step, env: dict, inputs: dict) -> tuple[np.ndarray, Requant | None, QParams]:
     p = step.out_params
     if step.kind == "input":
-        return quantize_float(inputs[step.source], float(p.scale), int(p.zero_point), p.qtype), None
+        return quantize_float(inputs[step.source], float(p.scale), int(p.zero_point), p.qtype), None, p
     if step.kind == "move":
-        return move(step, env), None
-    return requantize_accum(evaluate(step, env), p, step.clamp)
+        return move(step, env), None, p
+    if step.kind == "acc":
+        values, params, req = accumulator(evaluate(step, env))
+        return values, req, params
+    return *requantize_accum(evaluate(step, env), p, step.clamp), p
 
 
 def run_integer(onnx_path_or_model, x_float) -> IntegerRun:
@@ -145,22 +149,33 @@ def run_integer(onnx_path_or_model, x_float) -> IntegerRun:
     env: dict[str, np.ndarray] = {}
     for step in steps:
         try:
-            values, req = _execute(step, env, inputs)
+            values, req, params = _execute(step, env, inputs)
         except ValueError as e:  # shapes that do not fit the op's attributes
             raise UserInputError(f"{step.op} node '{step.node}': {e}") from None
-        values = values.astype(step.out_params.qtype.storage)
+        wide = req is not None and not INT32_RANGE[0] <= req.max_abs_acc <= INT32_RANGE[1]
+        values = values.astype(np.int64 if step.kind == "acc" and wide else params.qtype.storage)
         env[step.out] = values
-        run.tensors[step.out] = _record(step, values, req, step.out_params)
+        run.tensors[step.out] = _record(step, values, req, params)
         if step.kind == "input" and not run.input_name:
             run.input_name = step.out
     run.seconds = time.perf_counter() - start
     return run
 
 
+def _broadcast_scale(t: QTensor) -> np.ndarray:
+    scale = np.asarray(t.scale, dtype=np.float64)
+    if scale.ndim == 0:
+        return scale
+    axis = 1 if t.op == "Conv" else t.values.ndim - 1  # the output-channel axis
+    return scale.reshape([-1 if i == axis else 1 for i in range(t.values.ndim)])
+
+
 def compare_runs(a: IntegerRun, b: IntegerRun | dict[str, np.ndarray]) -> Mismatch | None:
     """The first tensor of ``a`` (graph order) that differs in ``b``, or ``None`` when all agree.
 
-    Tensors of ``a`` that ``b`` does not hold are skipped; no tensor in common is an error.
+    Tensors of ``a`` that ``b`` does not hold are skipped; no tensor in common is an error. A float
+    array in ``b`` (a runtime's float output of an accumulator tensor) is compared in units of the
+    tensor's scale: ``rint(value / scale)``.
     """
     other = b.arrays() if isinstance(b, IntegerRun) else b
     common = [n for n in a.tensors if n in other]
@@ -168,6 +183,8 @@ def compare_runs(a: IntegerRun, b: IntegerRun | dict[str, np.ndarray]) -> Mismat
         raise UserInputError("the two runs have no quantized tensor name in common")
     for name in common:
         t, ref = a.tensors[name], np.asarray(other[name])
+        if np.issubdtype(ref.dtype, np.floating):
+            ref = np.rint(ref.astype(np.float64) / _broadcast_scale(t))
         if t.values.shape != ref.shape:
             return Mismatch(name, t.op, t.node, t.values.size, t.values.size, None)
         diff = t.values.astype(np.int64) - ref.astype(np.int64)
