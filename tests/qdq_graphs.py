@@ -80,6 +80,13 @@ class QdqBuilder:
         """DQ(each of qs) -> op(..., *extra) -> Q."""
         return self.q(self.op(op_type, [self.dq(q) for q in qs] + list(extra), **attrs), scale, zp, dtype)
 
+    def move(self, op_type: str, qs, extra=(), **attrs) -> str:
+        """An op applied directly to integer tensors (no DQ/Q): the output keeps qs[0]'s parameters."""
+        out = self.op(op_type, list(qs) + list(extra), **attrs)
+        self.qparams[out], self.scales[out] = self.qparams[qs[0]], self.scales[qs[0]]
+        self.outputs.append(out)
+        return out
+
     def model(self, only: list[str] | None = None) -> onnx.ModelProto:
         outs = [helper.make_tensor_value_info(o, ELEM[self.qparams[o][2]], None) for o in (only or self.outputs)]
         outs += [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in self.float_outputs]

@@ -105,7 +105,18 @@ def g_pools(rng, act):
     return b, rng.normal(size=(2, 3, 9, 9)) * 4
 
 
-GRAPHS = [g_conv_relu, g_conv_depthwise_clip, g_conv_int4, g_gemm_matmul, g_add_concat, g_relu_clip, g_pools]
+def g_moves(rng, act):
+    b = QdqBuilder()
+    x = b.input([2, 3, 6, 6], P[4], *_signed(act))
+    m = b.move("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    c = b.move("Concat", [m, m], axis=1)
+    f = b.move("Flatten", [c])
+    r = b.move("Reshape", [f], extra=[b.const("shape", np.asarray([2, -1, 3], np.int64))])
+    b.step("Relu", [r], P[3], 0, act)
+    return b, rng.normal(size=(2, 3, 6, 6)) * 4
+
+
+GRAPHS = [g_moves, g_conv_relu, g_conv_depthwise_clip, g_conv_int4, g_gemm_matmul, g_add_concat, g_relu_clip, g_pools]
 
 
 @pytest.mark.parametrize("act", ["int8", "uint8"])
@@ -116,6 +127,7 @@ def test_reference_equals_onnxruntime(build, act):
     model = b.model()
     run = run_integer(model, x)
     assert run.integer_only and set(run.tensors) == set(b.outputs)
+    assert [t.kind for t in run.tensors.values()].count("move") == (4 if build is g_moves else 0)
     for level in ("off", "on"):
         got = ort_run(model, x, level)
         assert compare_runs(run, got) is None, (level, compare_runs(run, got))
