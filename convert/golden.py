@@ -65,7 +65,8 @@ def _layer(t: QTensor) -> dict:
     weights = None
     if t.weight_scales is not None:
         weights = {"values": t.weight_scales, "log2": [is_power_of_two(v) for v in t.weight_scales]}
-    return {"tensor": t.name, "op": t.op, "kind": t.kind, "node": t.node, "shape": list(t.values.shape), "dtype": t.dtype,
+    return {"tensor": t.name, "op": t.op, "kind": t.kind, "node": t.node, "shape": list(t.values.shape),
+            "dtype": t.dtype,
             "output_scale": _scale(t.scale), "zero_point": t.zero_point,
             "input_scales": [_scale(s) for s in t.input_scales], "input_zero_points": t.input_zero_points,
             "weight_scales": weights, "shift": t.shift, "integer_only": t.integer_only, "reason": t.reason,

@@ -137,28 +137,29 @@ def test_reference_equals_onnxruntime(build, act):
     np.testing.assert_array_equal(run.tensors[last].values, fused[last])
 
 
-def test_rounding_ties_and_saturation_at_both_ends():
+@pytest.mark.parametrize("act", ["int8", "uint8"])
+def test_rounding_ties_and_saturation_at_both_ends(act):
+    z, _ = _signed(act)
     b = QdqBuilder()
-    x = b.input([1, 1, 16, 16], P[3])
-    y = b.step("Conv", [x], P[4], extra=[b.weight(np.full((1, 1, 1, 1), 3), P[2])])  # y = 3x/2
-    avg = b.step("AveragePool", [x], P[3], kernel_shape=[2, 2], strides=[2, 2])  # sum/4
+    x = b.input([1, 1, 16, 16], P[3], z, act)
+    y = b.step("Conv", [x], P[4], z, act, extra=[b.weight(np.full((1, 1, 1, 1), 3), P[2])])  # 3x/2
+    avg = b.step("AveragePool", [x], P[3], z, act, kernel_shape=[2, 2], strides=[2, 2])  # sum/4
     grid = np.arange(-128, 128, dtype=np.float64) / 8
     grid[:3], grid[-3:] = -40.0, 40.0  # beyond the input range: the input saturates too
     model = b.model()
     run = run_integer(model, grid.reshape(1, 1, 16, 16))
-    xq = run.tensors[x].values.astype(np.int64).reshape(-1)
+    xq = run.tensors[x].values.astype(np.int64).reshape(-1) - z
     assert xq[:3].tolist() == [-128] * 3 and xq[-3:].tolist() == [127] * 3
-    got = run.tensors[y].values.astype(np.int64).reshape(-1)
+    got = run.tensors[y].values.astype(np.int64).reshape(-1) - z
     exact = 3 * xq
-    ties = exact % 2 == 1
-    assert ties.sum() > 50
+    assert (exact % 2 == 1).sum() > 50
     for acc, want in ((3, 2), (9, 4), (15, 8), (-3, -2), (-9, -4), (-15, -8)):  # half to even
         assert got[exact == acc].tolist() == [want]
     assert (got[exact > 2 * 127] == 127).all() and (exact > 2 * 127).sum() > 10
     assert (got[exact < -2 * 128] == -128).all() and (exact < -2 * 128).sum() > 10
     sums = xq.reshape(8, 2, 8, 2).sum(axis=(1, 3))
     assert (sums % 4 == 2).sum() > 0  # average ties
-    np.testing.assert_array_equal(run.tensors[avg].values.reshape(8, 8), round_div(sums, 4))
+    np.testing.assert_array_equal(run.tensors[avg].values.astype(np.int64).reshape(8, 8) - z, round_div(sums, 4))
     for level in ("off", "on"):
         assert compare_runs(run, ort_run(model, grid.reshape(1, 1, 16, 16), level)) is None, level
 
@@ -204,14 +205,15 @@ def test_non_power_of_two_scales_fall_back_visibly():
     assert np.abs(off - t.values).max() <= 1
 
 
-def test_accumulators_beyond_2_24_are_flagged():
+@pytest.mark.parametrize("act", ["int8", "uint8"])
+def test_accumulators_beyond_2_24_are_flagged(act):
     """acc = 127·127·2048 − 2049 = 31.5·2^20 − 1 is odd and above 2^24: float32 rounds it to the tie
     31.5·2^20, which rounds to 32; the exact value rounds to 31. onnxruntime (both levels) is off."""
     b = QdqBuilder()
-    x = b.input([1, 2048], P[0])
-    big = b.step("Gemm", [x], 2.0 ** 20, extra=[b.weight(np.full((1, 2048), 127), P[0]),
-                                               b.bias([-2049], P[0])], transB=1)
-    small = b.step("Gemm", [x], 2.0 ** 8, extra=[b.weight(np.full((1, 2048), 1), P[0])], transB=1)
+    x = b.input([1, 2048], P[0], 0, act)
+    big = b.step("Gemm", [x], 2.0 ** 20, 0, act, extra=[b.weight(np.full((1, 2048), 127), P[0]),
+                                                       b.bias([-2049], P[0])], transB=1)
+    small = b.step("Gemm", [x], 2.0 ** 8, 0, act, extra=[b.weight(np.full((1, 2048), 1), P[0])], transB=1)
     model, xf = b.model(), np.full((1, 2048), 127.0)
     run = run_integer(model, xf)
     acc = 127 * 127 * 2048 - 2049
