@@ -102,6 +102,9 @@ def g_pools(rng, act):
     b.step("AveragePool", [x], P[5], *_signed(act), kernel_shape=[3, 3], pads=[1, 1, 1, 1],
            count_include_pad=1)
     b.step("GlobalAveragePool", [x], P[6], *_signed(act))
+    b.step("ReduceMean", [x], P[5], *_signed(act), extra=[b.const("axes", np.asarray([2, 3], np.int64))])
+    b.step("ReduceMean", [x], P[4], *_signed(act), extra=[b.const("axes", np.asarray([-1], np.int64))],
+           keepdims=0)
     return b, rng.normal(size=(2, 3, 9, 9)) * 4
 
 

@@ -4,8 +4,8 @@ A *step* produces one quantized tensor, the output of a ``QuantizeLinear`` (name
 
 * ``input``: ``QuantizeLinear`` of a float graph input (the network input, quantized once);
 * ``requant``: ``DequantizeLinear``(s) -> one core op (Conv, Gemm, MatMul, Add, MaxPool,
-  AveragePool, GlobalAveragePool, Concat, Flatten, Reshape, or none) -> any chain of Relu/Clip ->
-  ``QuantizeLinear``. Weights and biases are ``DequantizeLinear`` of integer initializers.
+  AveragePool, GlobalAveragePool, ReduceMean, Concat, Flatten, Reshape, or none) -> any chain of
+  Relu/Clip -> ``QuantizeLinear``. Weights and biases are ``DequantizeLinear`` of integer initializers.
 * ``move``: MaxPool/Flatten/Reshape/Concat applied directly to integer tensors (no DQ/Q around);
   the output keeps the input's scale and zero point and is named like the ONNX tensor.
 * ``acc``: a Conv/Gemm/MatMul of DequantizeLinear inputs whose float output is a graph output
@@ -28,7 +28,7 @@ from ..errors import UserInputError
 from .requant import QTYPES, QType
 
 CORE_OPS = {"Conv", "Gemm", "MatMul", "Add", "MaxPool", "AveragePool", "GlobalAveragePool",
-            "Concat", "Flatten", "Reshape"}
+            "ReduceMean", "Concat", "Flatten", "Reshape"}
 MOVE_OPS = {"MaxPool", "Flatten", "Reshape", "Concat"}
 ACC_OPS = {"Conv", "Gemm", "MatMul"}
 ACTIVATIONS = {"Relu", "Clip"}
@@ -209,6 +209,8 @@ class GraphReader:
         attrs = attributes(node)
         if node.op_type == "Reshape":
             attrs["shape"] = np.asarray(self._const(node, 1)).astype(np.int64)
+        if node.op_type == "ReduceMean" and len(node.input) > 1 and node.input[1]:  # opset 18: an input
+            attrs["axes"] = np.asarray(self._const(node, 1)).astype(np.int64).reshape(-1)
         return attrs
 
     def _activation_bounds(self, node: onnx.NodeProto) -> tuple[float, float]:
@@ -223,7 +225,7 @@ class GraphReader:
         return float(lo), float(hi)
 
     def _data_inputs(self, node: onnx.NodeProto) -> list[int]:
-        if node.op_type == "Reshape":
+        if node.op_type in ("Reshape", "ReduceMean"):
             return [0]
         return [i for i, name in enumerate(node.input) if name]
 

@@ -128,11 +128,12 @@ def _term(op: Operand, env):
 
 def pool(step: Step, env) -> Accum:
     x, s_x = activation(step.operands[0], env)
-    if step.op == "GlobalAveragePool":
-        if x.ndim != 4:
-            raise _fail(step, "only 2-D (NCHW) tensors are supported")
-        sums = x.sum(axis=(2, 3), keepdims=True, dtype=np.int64)
-        return Accum([Term(sums, [s_x])], divisor=np.full(sums.shape, x.shape[2] * x.shape[3], np.int64))
+    if step.op in ("GlobalAveragePool", "ReduceMean"):
+        axes = _mean_axes(step, x.ndim)
+        keep = step.op == "GlobalAveragePool" or bool(step.attrs.get("keepdims", 1))
+        sums = x.sum(axis=axes, keepdims=keep, dtype=np.int64)
+        count = int(np.prod([x.shape[a] for a in axes]))
+        return Accum([Term(sums, [s_x])], divisor=np.full(sums.shape, count, np.int64))
     kernel, strides, pads, dilations = _pool_attrs(step, x.ndim)
     if step.op == "MaxPool":
         return Accum([Term(kernels.max_pool(x, kernel, strides, pads, dilations,
@@ -141,6 +142,19 @@ def pool(step: Step, env) -> Accum:
         raise _fail(step, "ceil_mode and dilations are not supported for average pooling")
     sums, counts = kernels.sum_pool(x, kernel, strides, pads, bool(step.attrs.get("count_include_pad", 0)))
     return Accum([Term(sums, [s_x])], divisor=counts)
+
+
+def _mean_axes(step: Step, ndim: int) -> tuple[int, ...]:
+    if step.op == "GlobalAveragePool":
+        if ndim < 3:
+            raise _fail(step, "the input needs spatial dimensions")
+        return tuple(range(2, ndim))
+    axes = step.attrs.get("axes")
+    if axes is None or not len(axes):
+        if step.attrs.get("noop_with_empty_axes", 0):
+            raise _fail(step, "noop_with_empty_axes is not supported")
+        return tuple(range(ndim))
+    return tuple(sorted(int(a) % ndim for a in axes))
 
 
 def concat(step: Step, env) -> Accum:
@@ -168,7 +182,8 @@ def identity_like(step: Step, env) -> Accum:
 
 
 CORE = {"Conv": conv, "Gemm": gemm, "MatMul": gemm, "Add": add, "MaxPool": pool, "AveragePool": pool,
-        "GlobalAveragePool": pool, "Concat": concat, "Flatten": identity_like, "Reshape": identity_like}
+        "GlobalAveragePool": pool, "ReduceMean": pool, "Concat": concat, "Flatten": identity_like,
+        "Reshape": identity_like}
 
 
 def evaluate(step: Step, env: dict[str, np.ndarray]) -> Accum:
