@@ -264,6 +264,25 @@ def test_unsupported_op_is_named():
         run_integer(b.model(), np.zeros((1, 4)))
 
 
+def test_unsupported_patterns_are_named():
+    b = QdqBuilder()
+    x = b.input([1, 2, 4, 4], P[3])
+    w = b.weight(np.ones((2, 2, 1, 1)), P[4])
+    b.step("Conv", [x], P[3], extra=[w, b.bias([1, 2], P[6])])  # bias scale is not 2^-3 · 2^-4
+    with pytest.raises(UserInputError, match="Conv node 'conv.*bias .* not input scale × weight scale"):
+        run_integer(b.model(), np.zeros((1, 2, 4, 4)))
+    b = QdqBuilder()
+    x = b.input([1, 2, 4, 4], P[3])
+    b.step("Conv", [x], P[3], extra=[b.weight(np.ones((2, 2, 1, 1)), [P[4], P[5]], axis=1)])
+    with pytest.raises(UserInputError, match="per channel on axis 1, not on its output-channel axis 0"):
+        run_integer(b.model(), np.zeros((1, 2, 4, 4)))
+    b = QdqBuilder()
+    x = b.input([1, 2, 4, 4], P[3])
+    b.step("AveragePool", [x], P[3], kernel_shape=[2, 2], auto_pad="SAME_UPPER")
+    with pytest.raises(UserInputError, match="AveragePool node .*auto_pad"):
+        run_integer(b.model(), np.zeros((1, 2, 4, 4)))
+
+
 def test_bad_inputs_are_refused(tmp_path):
     b = tiny_cnn()
     with pytest.raises(UserInputError, match="NaN"):
