@@ -3,9 +3,10 @@
 Requantization of a step whose value is ``sum_i t_i * S_i`` (``t_i`` integers, ``S_i`` products of
 float32 scales) into an output of scale ``s_y`` and zero point ``z_y``:
 
-* every scale a power of two (``S_i = 2^e_i``, ``s_y = 2^e_y``): the terms are aligned to the finest
-  one in integers (``acc = sum_i t_i << (e_i - b)``, ``b = min e_i``) and
-  ``y = clamp(round_half_even(acc >> n) + z_y)`` with ``n = e_y - b`` (a left shift when ``n < 0``);
+* every multiplier ``M_i = S_i / s_y`` an exact power of two, ``2^k_i`` (true when every scale is
+  one, and also, say, for a MaxPool or Flatten that keeps its input's scale): the terms are aligned
+  to the finest one in integers (``acc = sum_i t_i << (k_i - b)``, ``b = min k_i``) and
+  ``y = clamp(round_half_even(acc >> n) + z_y)`` with ``n = -b`` (a left shift when ``n < 0``);
   an average divides exactly: ``round_half_even(acc * 2^-n / count)`` in integer rationals.
 * otherwise the visible fallback: float32 ``rint(float32(acc) * float32(S / s_y))`` as onnxruntime's
   QLinear kernels do; the tensor is marked ``integer_only=False`` with the reason.
@@ -39,14 +40,22 @@ class Requant:
     max_abs_partial: int
 
 
-def _exponent_sum(factors: list[np.ndarray]) -> np.ndarray | None:
-    total = np.int64(0)
+def _ratio_log2(factors: list[np.ndarray], s_y: np.ndarray) -> np.ndarray | None:
+    """``k`` with ``prod(factors) / s_y == 2^k`` exactly (per element), or ``None``.
+
+    The product of two float32 values is exact in float64 (48 significant bits), so comparing the
+    float64 mantissas of the product and of ``s_y`` decides the ratio exactly.
+    """
+    if len(factors) > 2:
+        raise ValueError("at most two scale factors per term")
+    product = np.float64(1)
     for f in factors:
-        e = po2_exponents(f)
-        if e is None:
-            return None
-        total = total + e
-    return total
+        product = product * np.asarray(f, dtype=np.float32).astype(np.float64)
+    m_in, e_in = np.frexp(product)
+    m_out, e_out = np.frexp(np.asarray(s_y, dtype=np.float32).astype(np.float64))
+    if not (np.all(m_in == m_out) and np.all(product > 0)):
+        return None
+    return (e_in - e_out).astype(np.int64)
 
 
 def _span(values) -> str:
@@ -82,12 +91,11 @@ def _max_abs(a) -> int:
 
 def requantize(terms: list[Term], divisor, abs_sum, out: QParams, clamp) -> tuple[np.ndarray, Requant]:
     """Integer output (int64, saturated, zero point added) of ``terms`` and the record of how."""
-    exps = [_exponent_sum(t.factors) for t in terms]
-    e_y = po2_exponents(out.scale)
-    if all(e is not None for e in exps) and e_y is not None:
-        base = np.minimum.reduce(np.broadcast_arrays(*exps)) if len(exps) > 1 else exps[0]
-        acc = sum(t.values << (e - base) for t, e in zip(terms, exps))
-        n = e_y - base
+    ks = [_ratio_log2(t.factors, out.scale) for t in terms]
+    if all(k is not None for k in ks):
+        base = np.minimum.reduce(np.broadcast_arrays(*ks)) if len(ks) > 1 else ks[0]
+        acc = sum(t.values << (k - base) for t, k in zip(terms, ks))
+        n = -base
         if divisor is None:
             q = round_shift(acc, n)
         else:
