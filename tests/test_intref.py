@@ -97,6 +97,8 @@ def g_pools(rng, act):
     x = b.input([2, 3, 9, 9], P[4], *_signed(act))
     b.step("MaxPool", [x], P[4], *_signed(act), kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
     b.step("MaxPool", [x], P[2], *_signed(act), kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1)
+    b.step("MaxPool", [x], P[4], *_signed(act), kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1,
+           pads=[1, 1, 1, 1])  # ceil mode: the window that would start in the right padding is dropped
     b.step("AveragePool", [x], P[4], *_signed(act), kernel_shape=[2, 2], strides=[2, 2])
     b.step("AveragePool", [x], P[5], *_signed(act), kernel_shape=[3, 3], pads=[1, 1, 1, 1])
     b.step("AveragePool", [x], P[5], *_signed(act), kernel_shape=[3, 3], pads=[1, 1, 1, 1],
