@@ -23,7 +23,7 @@ import numpy as np
 
 from .graph import QParams, Step
 from .ops import Accum, Term
-from .requant import QTYPES, float32_requant, po2_exponents, quantize_constant, round_div, round_shift, saturate
+from .requant import QTYPES, float32_requant, quantize_constant, round_div, round_shift, saturate
 
 FLOAT32_EXACT = 2 ** 24
 INT32_RANGE = (-(2 ** 31), 2 ** 31 - 1)
@@ -133,11 +133,9 @@ def accumulator(accum: Accum) -> tuple[np.ndarray, QParams, Requant]:
     axis = next((i for i, n in enumerate(scale.shape) if n > 1), None)
     flat = scale.reshape(-1) if axis is not None else scale.reshape(())
     params = QParams(flat, np.zeros(flat.shape, np.int64), QTYPES["int32"], axis)
-    exps = po2_exponents(flat)
-    reason = "" if exps is not None else "accumulator scale s_x * s_w is not a power of two"
     peak = _max_abs(term.values)
     partial = peak if accum.abs_sum is None else max(peak, _max_abs(accum.abs_sum))
-    return term.values, params, Requant(None, exps is not None, reason, peak, partial)
+    return term.values, params, Requant(None, True, "", peak, partial)  # no rounding: exact integers
 
 
 def weight_scale(step: Step) -> np.ndarray | None:
