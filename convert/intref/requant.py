@@ -40,15 +40,6 @@ def is_power_of_two(value: float) -> int | None:
     return exponent - _F32_EXP_BIAS if mantissa == 0 else None
 
 
-def po2_exponents(scales: np.ndarray) -> np.ndarray | None:
-    """Per-element exponents of an array of float32 scales, or ``None`` if any is not a power of 2."""
-    flat = np.asarray(scales, dtype=np.float32).reshape(-1)
-    exps = [is_power_of_two(s) for s in flat]
-    if any(e is None for e in exps):
-        return None
-    return np.asarray(exps, dtype=np.int64).reshape(np.shape(scales))
-
-
 @dataclass(frozen=True)
 class QType:
     """An ONNX integer element type: its name, numpy storage dtype and saturation bounds."""
