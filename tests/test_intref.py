@@ -341,3 +341,13 @@ def test_power_of_two_multiplier_between_float_scales_is_a_shift(act):
             assert compare_runs(run, got) is None
         else:
             assert max(np.abs(got[n].astype(int) - t.values.astype(int)).max() for n, t in run.tensors.items()) <= 1
+
+
+def test_per_channel_activation_is_refused_with_its_node():
+    b = QdqBuilder()
+    x = b.input([1, 2, 3, 3], P[3])
+    s, z = b.const("s", np.asarray([P[3], P[4]], np.float32)), b.const("z", np.zeros(2, np.int8))
+    dq = b.op("DequantizeLinear", [x, s, z], axis=1)
+    b.q(b.op("MaxPool", [dq], kernel_shape=[2, 2]), P[3])
+    with pytest.raises(UserInputError, match="MaxPool node 'maxpool.*per-channel quantization"):
+        run_integer(b.model(), np.zeros((1, 2, 3, 3)))

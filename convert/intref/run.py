@@ -159,6 +159,10 @@ def run_integer(onnx_path_or_model, x_float) -> IntegerRun:
             values, req, params = _execute(step, env, inputs)
         except ValueError as e:  # shapes that do not fit the op's attributes
             raise UserInputError(f"{step.op} node '{step.node}': {e}") from None
+        except UserInputError as e:
+            if f"'{step.node}'" in str(e):
+                raise
+            raise UserInputError(f"{step.op} node '{step.node}': {e}") from None
         wide = req is not None and not INT32_RANGE[0] <= req.max_abs_acc <= INT32_RANGE[1]
         values = values.astype(np.int64 if step.kind == "acc" and wide else params.qtype.storage)
         env[step.out] = values
