@@ -19,9 +19,11 @@ Reshape, ...) to where it comes from:
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import helper
 
@@ -125,16 +127,23 @@ class _Plan:
     direct: tuple[list[int], float] | None = None
     operands: list[Request] | None = None     # Mul(a, b): both evaluated or read
     product: Request | None = None            # the value itself, when it must be evaluated
+    consumer: Request | None = None           # the weight as the node gets it (for its shape)
+    slot: int = 1
 
     def requests(self) -> list[Request]:
         if self.operands is not None:
-            return [r for r in self.operands if r.result is None]
+            return [r for r in self.operands + [self.consumer] if r is not None and r.result is None]
         return [self.product] if self.product is not None and self.direct is None else []
 
     def stored(self) -> Request | None:
-        """The operand of a weight-side Mul that is stored, when the other one is a scale."""
+        """The operand of a weight-side Mul that is stored, when the other one is a scale: a
+        scalar, or per output channel with no more values than the node has output channels."""
         a, b = self.operands
-        cands = [x for x, s in ((a, b), (b, a)) if _is_scale(s.result[0], x.result[0])]
+        shape = self.consumer.result[0] if self.consumer is not None else None
+        if self.name == self.node.input[self.slot]:  # the node reads the product itself
+            shape = list(np.broadcast_shapes(tuple(a.result[0]), tuple(b.result[0])))
+        fan_in = _fan_in(self.node, self.slot, shape) if shape else None
+        cands = [x for x, s in ((a, b), (b, a)) if _is_scale(s.result[0], x.result[0], fan_in)]
         return max(cands, key=lambda r: r.result[1]) if cands else None
 
     def needs_product(self) -> bool:
@@ -150,14 +159,30 @@ class _Plan:
         return WeightRange(who, op, self.name, *self.product.result, self.via)
 
 
-def _is_scale(scale: list[int], stored: list[int]) -> bool:
-    """A scalar, or one value per index of the first axis of ``stored`` (``[C, 1, ..., 1]``)."""
-    size = 1
-    for d in scale:
-        size *= d
+def _is_scale(scale: list[int], stored: list[int], fan_in: int | None) -> bool:
+    """A scalar, or ``[C, 1, ..., 1]`` over the first axis of ``stored`` where the node that reads
+    the weight sums ``fan_in`` weights per output: at most one scale per output channel (a
+    weight reshaped to ``[N, 1]`` cannot pass a per-element factor off as a scale)."""
+    size, total = math.prod(scale), math.prod(stored)
     if size == 1:
         return len(scale) <= len(stored)
-    return len(scale) == len(stored) and scale[0] == stored[0] and all(d == 1 for d in scale[1:])
+    return (fan_in is not None and size * fan_in <= total and len(scale) == len(stored)
+            and scale[0] == stored[0] and all(d == 1 for d in scale[1:]))
+
+
+def _fan_in(node: onnx.NodeProto, slot: int, shape: list[int]) -> int | None:
+    """How many weights of ``shape`` (the node's weight input) each output sums."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Conv":
+        return math.prod(shape[1:])
+    if node.op_type == "ConvTranspose":
+        return shape[0] // max(int(attrs.get("group", 1)), 1) * math.prod(shape[2:])
+    if len(shape) < 2:
+        return None
+    if node.op_type == "Gemm":
+        transposed = bool(attrs.get("transB" if slot == 1 else "transA", 0))
+        return shape[1 if transposed == (slot == 1) else 0]
+    return shape[-2] if slot == 1 else shape[-1]  # MatMul
 
 
 def _plan(index: GraphIndex, k: int, slot: int) -> _Plan:
@@ -178,7 +203,10 @@ def _plan(index: GraphIndex, k: int, slot: int) -> _Plan:
     if producer.op_type == "Mul" and len([i for i in producer.input if i]) == 2:
         p_scope = index.scopes[b.node]
         ops = [_operand(index, i, p_scope, why) for i in producer.input]
-        return _Plan(node, name, "computed in graph", operands=ops, product=Request(name, src_scope, why))
+        w = node.input[slot]
+        consumer = Request(w, scope, why) if w != name and index.binding(w, scope).status == CONST else None
+        return _Plan(node, name, "computed in graph", operands=ops, product=Request(name, src_scope, why),
+                     consumer=consumer, slot=slot)
     via = {"Constant": "direct", "DequantizeLinear": "dequantized"}.get(producer.op_type, "computed in graph")
     return _Plan(node, name, via, product=Request(name, src_scope, why))
 

@@ -279,3 +279,21 @@ def test_fp32_and_quantized_exports_pass_with_their_dequantized_values(tmp_path)
             for r in got:
                 assert r.max_abs == pytest.approx(ref[r.initializer].max_abs, rel=1e-6), (name, r)
             check_unit_range(got, name)
+
+
+def test_a_weight_reshaped_to_one_column_cannot_pass_a_factor_per_element_as_a_scale():
+    """Flatten the weight to [N, 1], multiply by an [N, 1] "scale", reshape back: one factor per
+    element, more than the Conv's 4 output channels, so it is computed, not a weight-side scale."""
+    w = _unit(W_SHAPE)
+    nodes = [helper.make_node("Mul", ["stored", "scale"], ["prod"]),
+             helper.make_node("Reshape", ["prod", "shape"], ["w"])]
+    inits = [_init("stored", w.reshape(-1, 1)), _init("scale", np.full([w.size, 1], 1.5, np.float32)),
+             _init("shape", np.array(W_SHAPE, np.int64))]
+    model = _conv_model(nodes, inits, "w")
+    _run_conv(model, w * np.float32(1.5))
+    [r] = weight_ranges(model)
+    assert (r.via, r.max_abs) == ("computed in graph", 1.5)
+    # the same Mul with one scale per output channel, on the weight as it is read, is a scale
+    inits[0], inits[1] = _init("stored", w.reshape(4, -1)), _init("scale", np.full([4, 1], 1.5, np.float32))
+    [r] = weight_ranges(_conv_model(nodes, inits, "w"))
+    assert (r.via, r.initializer, r.max_abs) == ("weight-side Mul", "stored", 1.0)
