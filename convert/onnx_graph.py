@@ -129,7 +129,9 @@ def summarize(arr: np.ndarray) -> tuple[list[int], float]:
         raise ValueError(f"a weight of type {arr.dtype}")
     if arr.size == 0:
         return list(arr.shape), float("nan")
-    return list(arr.shape), float(np.abs(arr.astype(np.float64)).max())
+    if arr.dtype.kind != "f":  # abs of the most negative integer overflows in its own type
+        arr = arr.astype(np.int64)
+    return list(arr.shape), float(np.abs(arr).max())  # exact: |x| of a float is a float
 
 
 def read_initializer(t: TensorProto) -> tuple[list[int], float]:
@@ -187,13 +189,15 @@ def _evaluate_group(index: GraphIndex, reqs: list[Request], closures) -> None:
     inits = {name: t for _, i in closures for name, t in i.items()}
     nodes = [index.nodes[n] for n in node_ids] + [r.extra for r in reqs if r.extra is not None]
     outputs = [r.extra.output[0] if r.extra is not None else r.name for r in reqs]
-    graph = helper.make_graph(nodes, "weights", [], [helper.make_empty_tensor_value_info(o) for o in outputs],
-                              initializer=list(inits.values()))
+    # initializers are fed as inputs: copying them into a new graph costs more than evaluating
+    inputs = [helper.make_tensor_value_info(name, t.data_type, list(t.dims)) for name, t in inits.items()]
+    graph = helper.make_graph(nodes, "weights", inputs, [helper.make_empty_tensor_value_info(o) for o in outputs])
     model = helper.make_model(graph, opset_imports=index.model.opset_import,
                               ir_version=index.model.ir_version)
     old = next((o.version < 19 for o in model.opset_import if o.domain in DEFAULT_DOMAINS), False)
     try:
-        values = ReferenceEvaluator(model, new_ops=[DequantizeLinear] if old else None).run(None, {})
+        feeds = {name: numpy_helper.to_array(t) for name, t in inits.items()}
+        values = ReferenceEvaluator(model, new_ops=[DequantizeLinear] if old else None).run(None, feeds)
         for r, v in zip(reqs, values):
             r.result = summarize(v)
     except Exception as e:
