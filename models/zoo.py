@@ -17,6 +17,7 @@ import torchvision
 from torch import nn
 
 from wnconvert.convert.errors import UserInputError
+from wnconvert.models.unpickle import load_restricted
 
 from .download import fetch_weights
 
@@ -124,7 +125,9 @@ def load_state_file(path: Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
             sd = load_file(str(path))
         else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            sd = load_restricted(path)
+    except UserInputError:
+        raise
     except Exception as e:
         raise UserInputError(f"cannot read weights file {path}: {type(e).__name__}: "
                              f"{(str(e).splitlines() or [''])[0][:200]}") from None
