@@ -175,7 +175,7 @@ def test_exported_weights_are_the_trained_integers(resnet):
 
 def test_lossless_check_passes_off_and_on_and_fails_on_one_percent(resnet, tmp_path):
     q, path, _ = resnet
-    x = _images(16)
+    x = _images(8)
     res = check_lossless_activations(q, path, x)
     assert res["passed"], res["failures"]
     for level in ("off", "on"):
@@ -220,9 +220,15 @@ def test_w4a4_exports_4bit_types_at_opset_21_and_is_lossless(tmp_path):
     assert info.opset == 21
     model = onnx.load(str(path))
     inits = {i.name: i for i in model.graph.initializer}
-    types = {TensorProto.DataType.Name(inits[n.input[2]].data_type) for n in model.graph.node
+    types = {n.doc_string: TensorProto.DataType.Name(inits[n.input[2]].data_type) for n in model.graph.node
              if n.op_type == "QuantizeLinear"}
-    assert types == {"UINT4", "INT4"}
+    # points feeding max pooling / flatten are stored in 8 bits behind a Clip to the 4-bit range
+    assert sorted(info.clipped_points) == ["avgpool", "conv1"]
+    assert {types[p] for p in info.clipped_points} == {"UINT8"}
+    assert {t for p, t in types.items() if p not in info.clipped_points} == {"UINT4", "INT4"}
+    clips = {n.input[0].removesuffix("_clip") for n in model.graph.node if n.op_type == "QuantizeLinear"
+             and n.input[0].endswith("_clip")}
+    assert clips == set(info.clipped_points)
     assert {inits[f"{n}_w_q"].data_type for n in qlayers_by_point(q)} == {TensorProto.INT4}
     res = check_lossless_activations(q, path, _images(8))
     assert res["passed"], res["failures"]

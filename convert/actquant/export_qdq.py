@@ -56,7 +56,12 @@ class _Value:
     point: str | None = None
     int_name: str | None = None
     float_name: str | None = None
-    small: bool = False    # stored in a 4-bit type
+    qtype: int = TensorProto.UINT8   # element type and zero point of the integers
+    zero: int = 0
+
+    @property
+    def small(self) -> bool:
+        return self.qtype in (TensorProto.UINT4, TensorProto.INT4)
 
 
 SIGNED_STORAGE = ("offset", "int8")
@@ -101,8 +106,7 @@ class _Emitter:
             tag = v.point if i == 0 else f"{v.point}_{i}"
             q = self.gm.get_submodule(f"act_quant.{v.point}")
             scale = self.init(f"{tag}_dq_scale", np.float32(q.scale_value()))
-            qtype, zero = _qtype(q.bits, q.signed, self.opset, self.storage)
-            zp = self.init(f"{tag}_dq_zp", np.full((), zero, np.int64), qtype)
+            zp = self.init(f"{tag}_dq_zp", np.full((), v.zero, np.int64), v.qtype)
             self.node("DequantizeLinear", [v.int_name, scale, zp], out or f"{tag}_dq", f"DQ_{tag}")
             self.nodes[-1].doc_string = v.point
             if out is not None:
@@ -125,11 +129,10 @@ class _Emitter:
         mod = self.gm.get_submodule(n.target) if n.op == "call_module" else None
         ins = [self.env[a] for a in n.all_input_nodes]
         if isinstance(mod, ActQuantizer):
-            return self.quantize(n.target.split(".", 1)[1], mod, ins[0])
+            return self.quantize(n.target.split(".", 1)[1], mod, ins[0], self._feeds_pass_op(n))
         if isinstance(mod, QLayer):
             return _Value(float_name=self.layer(n.target.split(".", 1)[1], mod, ins[0]))
-        if (mod is not None and isinstance(mod, PASS_MOD)) or (n.op == "call_function" and n.target in PASS_FN) \
-                or (n.op == "call_method" and n.target in PASS_METHOD):
+        if _is_pass(n, mod):
             return self.passthrough(n, mod, ins[0])
         if n.op == "call_function" and n.target in ADD or n.op == "call_method" and n.target in ("add", "add_"):
             return _Value(float_name=self.node("Add", [self.as_float(v) for v in ins], n.name, n.name))
@@ -142,11 +145,27 @@ class _Emitter:
             return _Value(float_name=self.avgpool(n, mod, self.as_float(ins[0])))
         raise UserInputError(f"node {n.name!r} ({n.target}) has no QDQ export")
 
-    def quantize(self, point: str, q: ActQuantizer, v: _Value) -> _Value:
-        qtype, zero = _qtype(q.bits, q.signed, self.opset, self.storage)
+    def _feeds_pass_op(self, n: fx.Node) -> bool:
+        """Whether the point's integers go through max pooling or flatten."""
+        for u in n.users:
+            mod = self.gm.get_submodule(u.target) if u.op == "call_module" else None
+            if _is_pass(u, mod) and _pass_op(u, mod) is not None:
+                return True
+        return False
+
+    def _width(self, q: ActQuantizer, feeds_pass: bool) -> int:
+        """4-bit storage needs opset 21; onnxruntime 1.32's optimizer (level extended and up)
+        rewrites a 4-bit DQ -> MaxPool into a MaxPool on the 4-bit tensor, which it then rejects
+        as invalid, so a 4-bit point feeding max pooling or flatten is stored in 8 bits (with the
+        Clip that keeps its 4-bit range)."""
+        return 4 if q.bits == 4 and self.opset >= INT4_OPSET and not feeds_pass else 8
+
+    def quantize(self, point: str, q: ActQuantizer, v: _Value, feeds_pass: bool) -> _Value:
+        width = self._width(q, feeds_pass)
+        qtype, zero = _qtype(q.bits if width == 4 else 8, q.signed, self.opset, self.storage)
         s = np.float32(q.scale_value())
         x = self.as_float(v)
-        if (q.bits, self.opset >= INT4_OPSET) not in ((8, False), (8, True), (4, True)):
+        if q.bits not in (8, width):
             lo, hi = self.init(f"{point}_lo", np.float32(q.qmin * s)), self.init(f"{point}_hi", np.float32(q.qmax * s))
             x = self.node("Clip", [x, lo, hi], f"{point}_clip", f"Clip_{point}")
             self.info.clipped_points.append(point)
@@ -156,7 +175,7 @@ class _Emitter:
         self.nodes[-1].doc_string = point
         self.info.points.append(point)
         self.info.activation_types[point] = TensorProto.DataType.Name(qtype) + (f"+{zero}" if zero else "")
-        return _Value(point=point, int_name=out, small=qtype in (TensorProto.UINT4, TensorProto.INT4))
+        return _Value(point=point, int_name=out, qtype=qtype, zero=zero)
 
     def layer(self, name: str, q: QLayer, v: _Value) -> str:
         d = deployed_parts(q)
@@ -190,7 +209,7 @@ class _Emitter:
         on_int = v.int_name is not None and not v.small
         src = v.int_name if on_int else self.as_float(v)
         out = self.node(op[0], [src], n.name, n.name, **op[1])
-        return _Value(point=v.point, int_name=out) if on_int else _Value(float_name=out)
+        return _Value(v.point, out, qtype=v.qtype, zero=v.zero) if on_int else _Value(float_name=out)
 
     def avgpool(self, n: fx.Node, mod: nn.Module | None, x: str) -> str:
         if isinstance(mod, nn.AdaptiveAvgPool2d) or n.target is torch.nn.functional.adaptive_avg_pool2d:
@@ -203,6 +222,11 @@ class _Emitter:
         k, s, p = (_pair(mod.kernel_size), _pair(mod.stride or mod.kernel_size), _pair(mod.padding))
         return self.node("AveragePool", [x], n.name, n.name, kernel_shape=k, strides=s, pads=p + p,
                          ceil_mode=int(mod.ceil_mode), count_include_pad=int(mod.count_include_pad))
+
+
+def _is_pass(n: fx.Node, mod: nn.Module | None) -> bool:
+    return ((mod is not None and isinstance(mod, PASS_MOD)) or (n.op == "call_function" and n.target in PASS_FN)
+            or (n.op == "call_method" and n.target in PASS_METHOD))
 
 
 def _pair(v) -> list[int]:

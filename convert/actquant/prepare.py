@@ -264,3 +264,24 @@ def freeze_bn(qat_model: nn.Module) -> int:
             q.bn_frozen.fill_(True)
             n += 1
     return n
+
+
+@torch.no_grad()
+def activation_diagnostics(qat_model: nn.Module, x: torch.Tensor) -> dict[str, dict]:
+    """Per point: its scale, the fraction of elements clipped and the SQNR (dB) of its quantized
+    tensor, on one batch ``x`` run in eval mode (the deployed network)."""
+    out: dict[str, dict] = {}
+    handles = []
+    for name, q in quantizers(qat_model).items():
+        def hook(mod, args, name=name):
+            out[name] = mod.diagnose(args[0])
+        handles.append(q.register_forward_pre_hook(hook))
+    was_training = qat_model.training
+    qat_model.eval()
+    try:
+        qat_model(x)
+    finally:
+        qat_model.train(was_training)
+        for h in handles:
+            h.remove()
+    return out
