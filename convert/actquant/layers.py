@@ -85,16 +85,32 @@ class QLayer(nn.Module):
             return F.relu6(y)
         return y
 
+    def _state_key(self) -> tuple:
+        """Changes whenever anything the deployed layer depends on changes (in-place updates
+        bump a tensor's ``_version``)."""
+        tensors = [t for t in (*self.layer.parameters(), *self.layer.buffers(),
+                               *(self.bn.parameters() if self.bn is not None else ()),
+                               *(self.bn.buffers() if self.bn is not None else ()))]
+        s_x = self._input_quant.log2_scale if self._input_quant is not None else None
+        return tuple((id(t), t._version) for t in tensors) + (
+            (id(s_x), s_x._version, float(s_x)) if s_x is not None else ())
+
     @torch.no_grad()
     def deployed_tensors(self) -> tuple[Tensor, Tensor]:
         """Weight and bias of the deployed layer as float32 tensors (``int · scale`` in float32,
-        what ``DequantizeLinear`` computes)."""
+        what ``DequantizeLinear`` computes); cached until a parameter or the input scale changes."""
+        key = self._state_key()
+        cached = self.__dict__.get("_deployed_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
         d = deployed_parts(self)
         dev = self.layer.parametrizations.weight.original.device
         shape = (-1,) + (1,) * (d.weight_int.ndim - 1)
         w = torch.from_numpy(d.weight_int.astype(np.float32)) * torch.from_numpy(d.weight_scale).reshape(shape)
         b = torch.from_numpy(d.bias_int.astype(np.float32)) * torch.from_numpy(d.bias_scale)
-        return w.to(dev), b.to(dev)
+        out = (w.to(dev), b.to(dev))
+        self.__dict__["_deployed_cache"] = (key, out)
+        return out
 
 
 def _weight_grid(q: QLayer) -> tuple[np.ndarray, np.ndarray, int]:
