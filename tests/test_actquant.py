@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -171,6 +172,37 @@ def test_exported_weights_are_the_trained_integers(resnet):
         d = deployed_parts(layer)
         assert np.array_equal(inits[f"{name}_b_q"], d.bias_int.astype(np.int32))
         assert np.array_equal(inits[f"{name}_b_scale"], d.bias_scale)
+
+
+def test_eval_layer_is_the_trained_layer_with_batchnorm_folded(resnet):
+    """Eval (deployed: BN in the per-channel weight scale, int32 bias) equals training mode with
+    frozen BatchNorm up to the int32 bias rounding, half a bias step per channel."""
+    q = resnet[0]
+    g = torch.Generator().manual_seed(7)
+    layers = qlayers_by_point(q)
+    for name in ["conv1", "layer1_0_conv2", "layer2_0_downsample_0", "layer4_1_conv1", "fc"]:
+        layer = copy.deepcopy(layers[name])
+        layer.set_input_quantizer(layers[name]._input_quant)
+        if layer.bn is not None:   # negative and zero BatchNorm factors: sign into k, dead channel
+            with torch.no_grad():
+                layer.bn.weight[::3] *= -1
+                layer.bn.weight[1] = 0
+        shape = (4, layer.layer.in_channels, 8, 8) if layer.is_conv else (4, layer.layer.in_features)
+        s_x = layer._input_quant.scale()
+        x = torch.round(torch.rand(shape, generator=g) * 100) * s_x   # on the input grid
+        try:
+            layer.train()
+            with torch.no_grad():
+                trained = layer(x)
+        finally:
+            layer.eval()
+        with torch.no_grad():
+            deployed = layer(x)
+        d = deployed_parts(layer)
+        bound = torch.from_numpy(d.bias_scale).reshape((-1,) + (1,) * (trained.dim() - 2)) * 0.5
+        err = (deployed - trained).abs()
+        assert float(err.max()) > 0, name                  # the bias really is rounded
+        assert torch.all(err <= bound + 1e-5 * trained.abs().max()), name
 
 
 def test_lossless_check_passes_off_and_on_and_fails_on_one_percent(resnet, tmp_path):
