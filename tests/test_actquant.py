@@ -10,8 +10,9 @@ import pytest
 import torch
 from onnx import TensorProto, numpy_helper
 
-from wnconvert.convert.actquant import (ActQuantConfig, ActQuantizer, calibrate, check_lossless_activations,
-                                        deployed_parts, export_qdq, freeze_bn, prepare_qat, qlayers, quantizers)
+from wnconvert.convert.actquant import (ActQuantConfig, ActQuantizer, act_points, activation_diagnostics,
+                                        calibrate, check_lossless_activations, deployed_parts, export_qdq,
+                                        freeze_bn, prepare_qat, qlayers, quantizers)
 from wnconvert.convert.apply import apply_scheme, reparam_of
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.schemes import SchemeConfig
@@ -111,16 +112,16 @@ def test_config_rejects_bad_bits_and_range():
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
 def test_fake_quant_points_equal_qdq_points(name, request):
     q, path, info = request.getfixturevalue("resnet" if name == "resnet18" else "mobilenet")
-    points = [p.name for p in q.act_points]
+    points = [p.name for p in act_points(q)]
     assert len(points) == len(set(points)) == len(list(q.modules()) and quantizers(q))
     assert sorted(_tagged(path, "QuantizeLinear")) == sorted(points) == sorted(info.points)
     assert sorted(_tagged(path, "DequantizeLinear")) == sorted(points)
-    kinds = {p.kind for p in q.act_points}
+    kinds = {p.kind for p in act_points(q)}
     assert kinds == {"input", "layer", "add", "pool"}
-    assert len([p for p in q.act_points if p.kind == "layer"]) == len(qlayers(q))
-    after_relu = [p for p in q.act_points if p.kind == "layer" and qlayers_by_point(q)[p.name].act]
+    assert len([p for p in act_points(q) if p.kind == "layer"]) == len(qlayers(q))
+    after_relu = [p for p in act_points(q) if p.kind == "layer" and qlayers_by_point(q)[p.name].act]
     assert after_relu and all(not p.signed for p in after_relu)
-    assert next(p for p in q.act_points if p.kind == "input").signed
+    assert next(p for p in act_points(q) if p.kind == "input").signed
 
 
 def qlayers_by_point(q):
@@ -212,10 +213,10 @@ def test_lossless_check_passes_off_and_on_and_fails_on_one_percent(resnet, tmp_p
     assert res["passed"], res["failures"]
     for level in ("off", "on"):
         stats = res["levels"][level]["points"]
-        assert set(stats) == {p.name for p in q.act_points}
+        assert set(stats) == {p.name for p in act_points(q)}
         assert all(s["off_ties"] == 0 and s["max_steps"] <= 1 for s in stats.values())
     model = onnx.load(str(path))
-    victim = q.act_points[len(q.act_points) // 2].name
+    victim = act_points(q)[len(act_points(q)) // 2].name
     init = next(i for i in model.graph.initializer if i.name == f"{victim}_scale")
     init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(1.01), init.name))
     bad = tmp_path / "bad.onnx"
@@ -264,3 +265,29 @@ def test_w4a4_exports_4bit_types_at_opset_21_and_is_lossless(tmp_path):
     assert {inits[f"{n}_w_q"].data_type for n in qlayers_by_point(q)} == {TensorProto.INT4}
     res = check_lossless_activations(q, path, _images(8))
     assert res["passed"], res["failures"]
+
+
+def test_state_dict_round_trip_rebuilds_the_same_network(resnet, tmp_path):
+    """Resume: prepare the same model again, load the state: same points, scales, frozen
+    BatchNorm, outputs and exported file."""
+    q, path, _ = resnet
+    again = prepare_qat(_model("resnet18"), ActQuantConfig(8))
+    again.load_state_dict(q.state_dict())
+    again.eval()
+    twin = copy.deepcopy(q)
+    assert act_points(again) == act_points(q) == act_points(twin)
+    assert all(bool(layer.bn_frozen) for layer in qlayers(again) if layer.bn is not None)
+    x = _images(4)
+    with torch.no_grad():
+        assert torch.equal(again(x), q(x)) and torch.equal(twin(x), q(x))
+    assert twin.get_submodule("qlayers.fc")._input_quant is twin.get_submodule("act_quant.avgpool")
+    export_qdq(again, tmp_path / "again.onnx", example_shape=SHAPE)
+    assert (tmp_path / "again.onnx").read_bytes() == path.read_bytes()
+
+
+def test_activation_diagnostics_per_point(resnet):
+    q = resnet[0]
+    d = activation_diagnostics(q, _images(4))
+    assert list(d) == [p.name for p in act_points(q)]
+    assert all(v["scale"] == quantizers(q)[k].scale_value() for k, v in d.items())
+    assert all(0.0 <= v["clipped"] < 0.5 and v["sqnr_db"] > 10 for v in d.values())

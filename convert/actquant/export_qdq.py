@@ -25,7 +25,7 @@ from torch import fx, nn
 from ..artifacts import atomic_path
 from ..errors import UserInputError
 from .layers import QLayer, deployed_parts
-from .prepare import ADD, AVGPOOL_FN, CAT, PASS_FN, PASS_METHOD, PASS_MOD, qlayers
+from .prepare import ADD, AVGPOOL_FN, CAT, PASS_FN, PASS_METHOD, PASS_MOD, act_points, qlayers
 from .quantizer import ActQuantizer
 
 INT4_OPSET = 21
@@ -258,7 +258,7 @@ def export_qdq(qat_model: fx.GraphModule, path: Path, *, example_shape: tuple[in
     points as uint8 with zero point 128, fully fused by onnxruntime) or ``int8`` (zero point 0)."""
     if signed_storage not in SIGNED_STORAGE:
         raise UserInputError(f"signed storage must be one of {', '.join(SIGNED_STORAGE)}, not {signed_storage!r}")
-    four = any(p.bits == 4 for p in qat_model.act_points) or any(
+    four = any(p.bits == 4 for p in act_points(qat_model)) or any(
         q.weight_bits <= 4 for q in qlayers(qat_model))
     opset = opset or (INT4_OPSET if four else DEFAULT_OPSET)
     if four and opset < INT4_OPSET and any(q.weight_bits <= 4 for q in qlayers(qat_model)):

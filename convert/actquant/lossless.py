@@ -22,7 +22,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import fx
 
-from .prepare import quantizers
+from .prepare import act_points, quantizers
 
 TIE_WINDOW = 1.0 / 128   # steps: |x/s - (k + 1/2)| below this is a rounding tie
 
@@ -98,7 +98,7 @@ def check_lossless_activations(qat_model: fx.GraphModule, onnx_path: Path, x: to
     was_training = qat_model.training
     qat_model.eval()
     try:
-        points = [p.name for p in qat_model.act_points]
+        points = [p.name for p in act_points(qat_model)]
         ref = qat_model(x).float()
         step = quantizers(qat_model)[points[-1]].scale_value()
         result = {"passed": True, "failures": [], "tie_window": tie_window, "levels": {}}

@@ -206,7 +206,8 @@ class _Builder:
 def prepare_qat(model: nn.Module, config: ActQuantConfig) -> fx.GraphModule:
     """A fake-quant copy of ``model`` (already reparametrized with ``weight_bits``): an fx
     GraphModule with one :class:`ActQuantizer` per point under ``act_quant.<point>`` and one
-    :class:`QLayer` per conv/linear under ``qlayers.<node>``; ``.act_points`` lists the points.
+    :class:`QLayer` per conv/linear under ``qlayers.<node>``; :func:`act_points` lists the points
+    (kept in ``gm.meta``, which survives ``copy.deepcopy``).
     The source model is not modified. Scales start at 1: call :func:`calibrate` next."""
     work = copy.deepcopy(model)
     try:
@@ -216,15 +217,24 @@ def prepare_qat(model: nn.Module, config: ActQuantConfig) -> fx.GraphModule:
     b = _Builder(traced, config)
     b.run()
     gm = fx.GraphModule(b.modules, b.graph, class_name="ActQuantModel")
-    gm.act_points = list(b.points)
-    gm.act_config = config
+    gm.meta["act_points"] = tuple(b.points)
+    gm.meta["act_config"] = config
     gm.train(model.training)
     return gm
 
 
+def act_points(qat_model: fx.GraphModule) -> tuple[QuantPoint, ...]:
+    """The quantization points of a :func:`prepare_qat` model, in graph order."""
+    return qat_model.meta["act_points"]
+
+
+def act_config(qat_model: fx.GraphModule) -> ActQuantConfig:
+    return qat_model.meta["act_config"]
+
+
 def quantizers(qat_model: nn.Module) -> dict[str, ActQuantizer]:
     """Point name -> its quantizer, in graph order."""
-    return {p.name: qat_model.get_submodule(f"act_quant.{p.name}") for p in qat_model.act_points}
+    return {p.name: qat_model.get_submodule(f"act_quant.{p.name}") for p in act_points(qat_model)}
 
 
 def qlayers(qat_model: nn.Module) -> list[QLayer]:
