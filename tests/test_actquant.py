@@ -291,3 +291,42 @@ def test_activation_diagnostics_per_point(resnet):
     assert list(d) == [p.name for p in act_points(q)]
     assert all(v["scale"] == quantizers(q)[k].scale_value() for k, v in d.items())
     assert all(0.0 <= v["clipped"] < 0.5 and v["sqnr_db"] > 10 for v in d.values())
+
+
+class _CatNet(torch.nn.Module):
+    """Concatenation of a signed and an unsigned branch, AvgPool2d, functional ReLU, dropout."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.pool = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.conv3, self.bn3 = nn.Conv2d(8, 4, 1, bias=False), nn.BatchNorm2d(4)
+        self.avg, self.drop, self.fc = nn.AvgPool2d(2), nn.Dropout(0.1), nn.Linear(10 * 8 * 8, 10)
+
+    def forward(self, x):
+        p = self.pool(torch.nn.functional.relu(self.bn1(self.conv1(x))))
+        m = torch.cat([self.conv2(p), torch.relu(self.bn3(self.conv3(p)))], dim=1)
+        return self.fc(self.drop(torch.flatten(self.avg(m), 1)))
+
+
+@pytest.mark.parametrize("bits,storage", [(6, "int8"), (8, "int8"), (5, "offset")])
+def test_concat_and_narrow_activations_are_lossless(bits, storage, tmp_path):
+    torch.manual_seed(0)
+    m = _CatNet()
+    apply_scheme(m, SchemeConfig("layer-max", weight_bits=6))
+    q = prepare_qat(m, ActQuantConfig(bits))
+    assert [(p.name, p.kind, p.signed) for p in act_points(q)] == [
+        ("input", "input", True), ("conv1", "layer", False), ("conv2", "layer", True),
+        ("conv3", "layer", False), ("cat", "cat", True), ("avg", "pool", True), ("fc", "layer", True)]
+    calibrate(q, [_images(8)])
+    _train(q, 1)
+    freeze_bn(q)
+    path = tmp_path / "cat.onnx"
+    info = export_qdq(q.eval(), path, example_shape=SHAPE, signed_storage=storage)
+    assert sorted(info.clipped_points) == (sorted(info.points) if bits < 8 else [])
+    signed_type = {"int8": "INT8", "offset": "UINT8+128"}[storage]
+    assert {info.activation_types[p.name] for p in act_points(q) if p.signed} == {signed_type}
+    res = check_lossless_activations(q, path, _images(8))
+    assert res["passed"], res["failures"]
