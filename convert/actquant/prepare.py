@@ -1,0 +1,297 @@
+"""Capture a reparametrized model with torch.fx and insert activation quantizers.
+
+One description of the quantized graph, the list of :class:`QuantPoint`, is produced here and used
+both by the fake-quant model and by the exporter. A point sits on every tensor the deployed integer
+graph holds in integers: the network input; the output of every conv(+BN)(+ReLU/ReLU6) and linear
+(one :class:`~.layers.QLayer`); residual adds (after a following ReLU when there is one); average
+pooling; concatenation. Max pooling, flatten, dropout and identity pass their input's integers on
+(no new point). Any other operation is refused: it has no integer form here.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..errors import UserInputError
+from .layers import QLayer
+from .quantizer import ActQuantConfig, ActQuantizer
+
+LAYER_TYPES = (nn.Conv2d, nn.Linear)
+BN_TYPES = (nn.BatchNorm2d, nn.BatchNorm1d)
+ADD = (operator.add, operator.iadd, torch.add)
+CAT = (torch.cat, torch.concat)
+RELU_FN = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
+RELU_MOD = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
+MAXPOOL = (nn.MaxPool2d,)
+AVGPOOL = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+AVGPOOL_FN = (F.avg_pool2d, F.adaptive_avg_pool2d)
+PASS_MOD = (nn.Dropout, nn.Identity, nn.Flatten) + MAXPOOL
+PASS_FN = (torch.flatten, F.dropout, F.max_pool2d)
+PASS_METHOD = ("flatten", "view", "reshape")
+
+
+@dataclass(frozen=True)
+class QuantPoint:
+    """A tensor held in integers: ``name`` (also the quantizer's key and the ONNX node tag), the
+    fx node it follows, the kind of producer, signedness and bits."""
+
+    name: str
+    node: str
+    kind: str      # input | layer | add | pool | cat
+    signed: bool
+    bits: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, LAYER_TYPES) or super().is_leaf_module(m, qualname)
+
+
+def _op_name(gm: fx.GraphModule, n: fx.Node) -> str:
+    if n.op == "call_module":
+        return type(gm.get_submodule(n.target)).__name__
+    return getattr(n.target, "__name__", str(n.target))
+
+
+def _module(gm: fx.GraphModule, n: fx.Node, types) -> nn.Module | None:
+    if n.op != "call_module":
+        return None
+    m = gm.get_submodule(n.target)
+    return m if isinstance(m, types) else None
+
+
+def _relu_kind(gm: fx.GraphModule, n: fx.Node) -> str | None:
+    if n.op == "call_module":
+        return RELU_MOD.get(type(gm.get_submodule(n.target)))
+    if n.op == "call_function":
+        return RELU_FN.get(n.target)
+    if n.op == "call_method" and n.target in ("relu", "relu_"):
+        return "relu"
+    return None
+
+
+def _sole_user(n: fx.Node) -> fx.Node | None:
+    return next(iter(n.users)) if len(n.users) == 1 else None
+
+
+def _is_passthrough(gm: fx.GraphModule, n: fx.Node) -> bool:
+    if n.op == "call_module":
+        return isinstance(gm.get_submodule(n.target), PASS_MOD)
+    if n.op == "call_function":
+        return n.target in PASS_FN
+    return n.op == "call_method" and n.target in PASS_METHOD
+
+
+class _Builder:
+    """Walks the traced graph once and writes the quantized graph."""
+
+    def __init__(self, gm: fx.GraphModule, config: ActQuantConfig) -> None:
+        self.gm, self.config = gm, config
+        self.graph = fx.Graph()
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.nonneg: dict[fx.Node, bool] = {}     # per new node: known non-negative
+        self.quant_of: dict[fx.Node, ActQuantizer] = {}  # per new node: quantizer of its integers
+        self.modules: dict[str, nn.Module] = {}
+        self.points: list[QuantPoint] = []
+        self.absorbed: set[fx.Node] = set()
+
+    def _call(self, target: str, module: nn.Module, args) -> fx.Node:
+        self.modules[target] = module
+        return self.graph.call_module(target, args)
+
+    def quantize(self, new: fx.Node, old: fx.Node, kind: str, max_scale: float | None = None) -> fx.Node:
+        name = "input" if kind == "input" else old.name
+        signed = not self.nonneg.get(new, False)
+        bits = self.config.bits
+        q = ActQuantizer(bits, signed, self.config.range == "learned",
+                         max_scale=None if max_scale is None else max_scale / (2 ** bits - 1))
+        out = self._call(f"act_quant.{name}", q, (new,))
+        self.points.append(QuantPoint(name, old.name, kind, signed, bits))
+        self.nonneg[out] = not signed
+        self.quant_of[out] = q
+        return out
+
+    def input_quant(self, new: fx.Node, who: str) -> ActQuantizer:
+        q = self.quant_of.get(new)
+        if q is None:
+            raise UserInputError(f"{who} reads a tensor that is not quantized; cannot quantize this graph")
+        return q
+
+    def run(self) -> None:
+        for n in self.gm.graph.nodes:
+            if n in self.absorbed:
+                continue
+            if n.op == "placeholder":
+                self.env[n] = self.quantize(self.graph.placeholder(n.name), n, "input")
+            elif n.op == "output":
+                self.graph.output(fx.node.map_arg(n.args[0], lambda a: self.env[a]))
+            elif _module(self.gm, n, LAYER_TYPES) is not None:
+                self._layer(n)
+            else:
+                self._other(n)
+
+    def _layer(self, n: fx.Node) -> None:
+        bn, act, last = None, None, n
+        user = _sole_user(last)
+        if user is not None and _module(self.gm, user, BN_TYPES) is not None:
+            bn, last = self.gm.get_submodule(user.target), user
+            self.absorbed.add(user)
+        user = _sole_user(last)
+        if user is not None and _relu_kind(self.gm, user):
+            act, last = _relu_kind(self.gm, user), user
+            self.absorbed.add(user)
+        x = self.env[n.args[0]]
+        q = QLayer(self.gm.get_submodule(n.target), bn, act, n.target)
+        q.set_input_quantizer(self.input_quant(x, f"layer {n.target}"))
+        new = self._call(f"qlayers.{n.name}", q, (x,))
+        self.nonneg[new] = act is not None
+        self.env[last] = self.quantize(new, n, "layer", 6.0 if act == "relu6" else None)
+
+    def _other(self, n: fx.Node) -> None:
+        args = fx.node.map_arg(n.args, lambda a: self.env[a])
+        kwargs = fx.node.map_arg(n.kwargs, lambda a: self.env[a])
+        new = self.graph.node_copy(n, lambda a: self.env[a])
+        if n.op == "call_module":
+            self.modules[n.target] = self.gm.get_submodule(n.target)
+        ins = [a for a in list(args) + list(kwargs.values()) if isinstance(a, fx.Node)]
+        if n.op == "call_method" and n.target == "size":
+            self.env[n] = new
+            return
+        if _is_passthrough(self.gm, n):
+            self.nonneg[new] = self.nonneg.get(ins[0], False)
+            self.quant_of[new] = self.input_quant(ins[0], f"{_op_name(self.gm, n)} node {n.name!r}")
+            self.env[n] = new
+        elif n.op == "call_function" and n.target in ADD or (n.op == "call_method" and n.target in ("add", "add_")):
+            self._add(n, new, ins)
+        elif n.op == "call_function" and n.target in CAT:
+            self.nonneg[new] = all(self.nonneg.get(a, False) for a in args[0])
+            self.env[n] = self.quantize(new, n, "cat")
+        elif _module(self.gm, n, AVGPOOL) is not None or (n.op == "call_function" and n.target in AVGPOOL_FN):
+            self.nonneg[new] = self.nonneg.get(ins[0], False)
+            self.env[n] = self.quantize(new, n, "pool")
+        else:
+            raise UserInputError(
+                f"operation {_op_name(self.gm, n)} (node {n.name!r}) has no integer form; "
+                "activation quantization supports conv/linear(+BN)(+ReLU/ReLU6), add, cat, "
+                "max/average pooling, flatten and dropout")
+        for a in ins:
+            self.input_quant(a, f"{_op_name(self.gm, n)} node {n.name!r}")
+
+    def _add(self, n: fx.Node, new: fx.Node, ins: list[fx.Node]) -> None:
+        if len(ins) != 2:
+            raise UserInputError(f"add node {n.name!r} with a constant operand has no integer form here")
+        user = _sole_user(n)
+        kind = _relu_kind(self.gm, user) if user is not None else None
+        if kind == "relu6":
+            raise UserInputError(f"ReLU6 after add node {n.name!r} is not supported")
+        if kind == "relu":
+            self.absorbed.add(user)
+            new = self.graph.call_function(F.relu, (new,))
+            self.nonneg[new] = True
+            self.env[user] = self.quantize(new, n, "add")
+        else:
+            self.nonneg[new] = all(self.nonneg.get(a, False) for a in ins)
+            self.env[n] = self.quantize(new, n, "add")
+
+
+def prepare_qat(model: nn.Module, config: ActQuantConfig) -> fx.GraphModule:
+    """A fake-quant copy of ``model`` (already reparametrized with ``weight_bits``): an fx
+    GraphModule with one :class:`ActQuantizer` per point under ``act_quant.<point>`` and one
+    :class:`QLayer` per conv/linear under ``qlayers.<node>``; :func:`act_points` lists the points
+    (kept in ``gm.meta``, which survives ``copy.deepcopy``).
+    The source model is not modified. Scales start at 1: call :func:`calibrate` next."""
+    work = copy.deepcopy(model)
+    try:
+        traced = fx.GraphModule(work, _Tracer().trace(work))
+    except Exception as err:  # data-dependent control flow and the like
+        raise UserInputError(f"cannot capture the model graph with torch.fx: {err}".splitlines()[0]) from err
+    b = _Builder(traced, config)
+    b.run()
+    gm = fx.GraphModule(b.modules, b.graph, class_name="ActQuantModel")
+    gm.meta["act_points"] = tuple(b.points)
+    gm.meta["act_config"] = config
+    gm.train(model.training)
+    return gm
+
+
+def act_points(qat_model: fx.GraphModule) -> tuple[QuantPoint, ...]:
+    """The quantization points of a :func:`prepare_qat` model, in graph order."""
+    return qat_model.meta["act_points"]
+
+
+def act_config(qat_model: fx.GraphModule) -> ActQuantConfig:
+    return qat_model.meta["act_config"]
+
+
+def quantizers(qat_model: nn.Module) -> dict[str, ActQuantizer]:
+    """Point name -> its quantizer, in graph order."""
+    return {p.name: qat_model.get_submodule(f"act_quant.{p.name}") for p in act_points(qat_model)}
+
+
+def qlayers(qat_model: nn.Module) -> list[QLayer]:
+    return [m for m in qat_model.modules() if isinstance(m, QLayer)]
+
+
+@torch.no_grad()
+def calibrate(qat_model: nn.Module, batches) -> dict[str, float]:
+    """Set every activation scale from a few (training) batches: the network runs in training
+    mode with its quantizers passing activations through; BatchNorm running statistics are left
+    as they were. Returns point -> scale."""
+    qs = quantizers(qat_model)
+    bns = [m for m in qat_model.modules() if isinstance(m, BN_TYPES)]
+    saved = [copy.deepcopy(bn.state_dict()) for bn in bns]
+    was_training = qat_model.training
+    qat_model.train()
+    for q in qs.values():
+        q.calibrating = True
+    try:
+        for x in batches:
+            qat_model(x)
+    finally:
+        for q in qs.values():
+            q.finish_calibration()
+        for bn, state in zip(bns, saved):
+            bn.load_state_dict(state)
+        qat_model.train(was_training)
+    return {name: q.scale_value() for name, q in qs.items()}
+
+
+def freeze_bn(qat_model: nn.Module) -> int:
+    """From now on every fused BatchNorm uses (and keeps) its running statistics, in training
+    too, so training and the deployed layer agree. Returns how many were frozen."""
+    n = 0
+    for q in qlayers(qat_model):
+        if q.bn is not None:
+            q.bn_frozen.fill_(True)
+            n += 1
+    return n
+
+
+@torch.no_grad()
+def activation_diagnostics(qat_model: nn.Module, x: torch.Tensor) -> dict[str, dict]:
+    """Per point: its scale, the fraction of elements clipped and the SQNR (dB) of its quantized
+    tensor, on one batch ``x`` run in eval mode (the deployed network)."""
+    out: dict[str, dict] = {}
+    handles = []
+    for name, q in quantizers(qat_model).items():
+        def hook(mod, args, name=name):
+            out[name] = mod.diagnose(args[0])
+        handles.append(q.register_forward_pre_hook(hook))
+    was_training = qat_model.training
+    qat_model.eval()
+    try:
+        qat_model(x)
+    finally:
+        qat_model.train(was_training)
+        for h in handles:
+            h.remove()
+    return out
