@@ -14,7 +14,7 @@ import numpy as np
 from wnconvert.convert.errors import UserInputError
 
 from .data import Preprocess, default_preprocess, eval_arrays
-from .run import CHECKPOINT, MANIFEST, load_manifest, load_run
+from .rundir import CHECKPOINT, MANIFEST, RunDir
 
 
 def _topk(logits: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
@@ -33,7 +33,7 @@ def _onnx_runner(path: Path, provider: str):
 def _preprocess_for(artifact: Path, spec: str, image_size: int | None) -> tuple[Preprocess, Path | None]:
     run_dir = artifact if artifact.is_dir() else artifact.parent
     if (run_dir / MANIFEST).exists():
-        return Preprocess.from_dict(load_manifest(run_dir)["preprocess"]), run_dir
+        return RunDir(run_dir).manifest().preprocess, run_dir
     return default_preprocess(spec, image_size), None
 
 
@@ -70,7 +70,7 @@ def evaluate(artifact: Path, data: str, *, limit: int | None = None, batch: int 
 
         if run_dir is None:
             raise UserInputError(f"{artifact} is not a run directory (no {MANIFEST})")
-        _, model, _ = load_run(run_dir)
+        _, model, _ = RunDir(run_dir).load()
         if provider == "cuda" and not torch.cuda.is_available():
             raise UserInputError("--provider cuda: PyTorch sees no CUDA device here")
         device = provider

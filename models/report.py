@@ -114,7 +114,7 @@ def _folded_weights(model, manifest: dict, image_size: int) -> dict[str, torch.T
     from ..convert.targets import iter_targets
     from ..convert.verify import VerifyConfig, make_inputs
 
-    cfg = FoldConfig(**manifest.get("fold", {}))
+    cfg = FoldConfig(**manifest["fold"])
     x = make_inputs((3, image_size, image_size), VerifyConfig(samples=2, seed=1234))
     result = fold_model(model, x, cfg)
     return {t.qualname: stored_tensor(m, t.tensor_name).detach()
@@ -135,10 +135,11 @@ def build_report(run_dir: Path) -> ReportResult:
     """Write ``RUN_DIR/report/`` (see the module docstring); returns what was written."""
     import matplotlib
     matplotlib.use("Agg", force=True)
-    from .run import METRICS, load_run
+    from .rundir import METRICS, RunDir
 
     run_dir = Path(run_dir)
-    manifest, model, pre = load_run(run_dir)  # raises UserInputError for a non-run directory
+    loaded, model, pre = RunDir(run_dir).load()  # raises UserInputError for a non-run directory
+    manifest = loaded.to_dict()
     out = run_dir / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     res = ReportResult(out=out, html=out / "report.html")
