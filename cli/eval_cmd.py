@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from .errors import handle_errors
+from .options import Provider, value
 from .render import JsonOpt, console, print_json
 
 
@@ -17,13 +18,13 @@ def eval_command(
     data: str = typer.Option(..., help="Data spec, e.g. fashion-mnist:PATH (validation split)."),
     limit: Optional[int] = typer.Option(None, help="Evaluate a fixed random subset of N images."),
     batch_size: int = typer.Option(64, help="Batch size."),
-    provider: str = typer.Option("cpu", help="cpu | cuda (onnxruntime provider, or PyTorch device)."),
+    provider: Provider = typer.Option("cpu", help="onnxruntime provider, or PyTorch device."),
     json_out: bool = JsonOpt,
 ):
     """Top-1 / top-5 and images/s of a checkpoint (PyTorch) or an ONNX file (onnxruntime)."""
     from wnconvert.models.evaluate import evaluate
 
-    res = evaluate(artifact, data, limit=limit, batch=batch_size, provider=provider)
+    res = evaluate(artifact, data, limit=limit, batch=batch_size, provider=value(provider))
     if json_out:
         print_json(res)
         return

@@ -9,15 +9,20 @@ from rich.table import Table
 
 from wnconvert.convert.errors import RangeError
 
-from .errors import handle_errors
+from .errors import OneLineErrors, handle_errors
 from .eval_cmd import eval_command
 from .finetune import finetune
 from .render import JsonOpt, console, print_json, ranges_table
+from .options import usage_message
 from .report_cmd import report
 from .runs import export, fold, verify
 
+class _Group(OneLineErrors):
+    message = staticmethod(usage_message)
+
+
 app = typer.Typer(
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    cls=_Group, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Fine-tune torchvision models with every conv/linear weight in [-1, 1], fold the "
          "reparametrization, export ONNX and prove it computes what the trained model does.")
 

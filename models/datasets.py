@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
-from .data import FASHION_MNIST_DEFAULT_PATH, DataError, DataSpec, Preprocess
+from .dataspec import FASHION_MNIST_DEFAULT_PATH, DataError, DataSpec
+from .preprocess import Preprocess
 
 ARRAY_KINDS = ("fashion-mnist", "cifar10", "cifar100")
 SYNTHETIC_SIZES = {"train": 1024, "val": 256}

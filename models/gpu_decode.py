@@ -30,7 +30,9 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 
-from .data import DataBundle, DataError, DataSpec, Preprocess, _resized_size
+from . import datasets as ds
+from .dataspec import DataBundle, DataError, DataSpec
+from .preprocess import Preprocess, resized_size
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec and warns on every call
 # (thousands per epoch here). The ops still work; silence just that message.
@@ -228,7 +230,7 @@ class GpuBatchTransform:
         out = []
         for img in images:
             h, w = img.shape[-2:]
-            new_h, new_w = _resized_size(h, w, p.resize_size)  # the rule Preprocess uses
+            new_h, new_w = resized_size(h, w, p.resize_size)  # the rule Preprocess uses
             x = img[None]
             x = self._resize(x, (new_h, new_w)) if (new_h, new_w) != (h, w) else x.float()
             top, left = int(round((new_h - s) / 2.0)), int(round((new_w - s) / 2.0))
@@ -410,8 +412,6 @@ def build_encoded_data(spec: DataSpec, preprocess: Preprocess, *, limit_train: i
     """The bundle build_data(..., gpu_decode=True) returns: same files, classes and seeded subsets
     as the PIL path (the folders are read by the same code), encoded-byte datasets, and the
     transform train() runs on the device."""
-    from . import datasets as ds
-
     if spec.kind != "imagefolder":
         raise DataError(f"GPU decoding reads JPEG files and needs an imagefolder data spec, not {spec}")
     size = preprocess.image_size

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from ..convert import metrics
+from ..convert.artifacts import read_jsonl
 from ..convert.errors import UserInputError
 from .diagnostics import DYNAMICS, INITIAL, read_dynamics, unit_histogram
 
@@ -51,17 +53,7 @@ def sqnr_db(w: torch.Tensor, bits: int) -> float:
     x = w.detach().double().flatten()
     levels = 2 ** (bits - 1) - 1
     q = torch.round(x.clamp(-1, 1) * levels) / levels
-    noise = float(((x - q) ** 2).sum())
-    signal = float((x ** 2).sum())
-    if noise == 0:
-        return math.inf
-    if signal == 0:
-        return -math.inf
-    return 10 * math.log10(signal / noise)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return read_dynamics(path)
+    return metrics.sqnr_db(x.numpy(), q.numpy())
 
 
 def _fig():
@@ -143,7 +135,7 @@ def build_report(run_dir: Path) -> ReportResult:
     out = run_dir / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     res = ReportResult(out=out, html=out / "report.html")
-    metrics = _read_jsonl(run_dir / METRICS)
+    metrics = read_jsonl(run_dir / METRICS)
     steps = [m for m in metrics if "step" in m]
     epochs = [m for m in metrics if "train_loss" in m]
     # After a resume the steps since the last checkpoint are logged again: keep the latest.

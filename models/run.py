@@ -17,12 +17,14 @@ from wnconvert.convert.artifacts import atomic_path, check_output_dir, ensure_wr
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.export import ExportConfig
 from wnconvert.convert.fold import FoldConfig
+from wnconvert.convert.metrics import topk_correct
 from wnconvert.convert.pipeline import ONNX_NAME, ConversionResult, convert, require_parity
+from wnconvert.convert.runtime import run_onnx
 from wnconvert.convert.schemes import SchemeConfig
 from wnconvert.convert.verify import VerifyConfig, make_inputs
 
 from . import distributed
-from .data import Preprocess, default_preprocess, parse_data_spec
+from .data import Preprocess, default_preprocess, eval_arrays, parse_data_spec
 from .rundir import CHECKPOINT, MANIFEST, METRICS, REPORT, Manifest, RunDir  # noqa: F401 (re-exported)
 from .train import TrainConfig, train
 from .zoo import BuiltModel, build_model, fixed_image_size, min_image_size
@@ -48,6 +50,10 @@ class RunConfig:
     train: TrainConfig | None = None  # None for --epochs 0
     no_export: bool = False
     overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.verify.samples < 1:
+            raise UserInputError("--samples must be at least 1")
 
 
 @dataclass
@@ -171,6 +177,17 @@ def run_finetune(cfg: RunConfig, console=None, resume: bool = False) -> RunSumma
     return RunSummary(out, manifest, report, conversion)
 
 
+def finetune_run(cfg: RunConfig, console=None, resume: bool = False) -> RunSummary | None:
+    """:func:`run_finetune`, under torchrun on every rank (a plain call outside it); the summary
+    on rank 0, None on the others."""
+    rank = distributed.init_distributed()  # a no-op outside torchrun
+    try:
+        summary = run_finetune(cfg, console=console, resume=resume)
+    finally:
+        distributed.cleanup()
+    return summary if rank.is_main else None
+
+
 def from_scratch_defaults(train_cfg):
     """Fill an unset lr / weight decay with the from-scratch defaults (docs/training.md)."""
     from dataclasses import replace
@@ -187,22 +204,8 @@ def from_scratch_defaults(train_cfg):
 def onnx_accuracy(path: Path, data: str, preprocess: Preprocess, limit: int | None,
                   batch: int = 256) -> dict:
     """Top-1/top-5 of an ONNX file in onnxruntime on the validation split, fed with ``preprocess``."""
-    import numpy as np
-
-    from wnconvert.convert.verify import ort_session
-
-    from .data import eval_arrays
-
     images, labels = eval_arrays(data, preprocess, limit=limit)
-    sess = ort_session(path)
-    name = sess.get_inputs()[0].name
-    top1 = top5 = 0
-    for i in range(0, len(images), batch):
-        logits = sess.run(None, {name: images[i:i + batch]})[0]
-        order = np.argsort(-logits, axis=1)[:, :5]
-        y = labels[i:i + batch]
-        top1 += int((order[:, 0] == y).sum())
-        top5 += int((order == y[:, None]).any(axis=1).sum())
+    top1, top5 = topk_correct(run_onnx(path, images, batch=batch), labels)
     n = max(len(images), 1)
     return {"images": len(images), "top1": top1 / n, "top5": top5 / n}
 

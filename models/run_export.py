@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from wnconvert.convert.errors import ParityError, UserInputError
-from wnconvert.convert.export import ExportConfig
 from wnconvert.convert.fold import FoldConfig, FoldResult, fold_model
 from wnconvert.convert.pipeline import ConversionResult, convert, example_inputs
 from wnconvert.convert.quantize import (QuantOptions, artifact_name, check_precision, compare_files,
                                         quantize, weight_storage)
+from wnconvert.convert.schemes import REGISTRY
 from wnconvert.convert.verify import make_inputs
 
 from .data import Preprocess, eval_arrays
@@ -84,8 +84,8 @@ class PrecisionOptions:
     calib_split: str = "train"
     act_bits: str | None = None          # "8" | "float"; None: 8 for int8, float for int4
     per_channel: bool | None = None      # None: per channel, except layer-max weights-only files
-    calibrate_method: str = "minmax"
-    act_type: str = "uint8"
+    calibrate_method: str = QuantOptions.calibrate_method
+    act_type: str = QuantOptions.act_type
     fuse: bool | None = None
     rtol: float | None = None            # lossless check tolerance (default: the run's)
 
@@ -97,7 +97,7 @@ def quant_options(precision: str, opts: PrecisionOptions, scheme) -> QuantOption
         per_channel=True if opts.per_channel is None else opts.per_channel,
         calibrate_method=opts.calibrate_method, grid_bits=scheme.weight_bits,
         act_type=opts.act_type, fuse=opts.fuse)
-    if opts.per_channel is None and not options.fuses and scheme.scheme == "layer-max":
+    if opts.per_channel is None and not options.fuses and not REGISTRY[scheme.scheme].per_channel:
         options = replace(options, per_channel=False)  # one scale per tensor, until BatchNorm is folded in
     return options
 

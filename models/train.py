@@ -54,7 +54,7 @@ _TRAJECTORY_FIELDS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "ne
 class TrainConfig:
     epochs: int = 1
     batch_size: int = 128             # per process; the global batch is batch_size * world size
-    optimizer: str = "sgd"            # sgd | adamw | lars
+    optimizer: str = "adamw"          # sgd | adamw | lars (docs/training.md: why adamw)
     lr: float | None = None           # None -> models.optim.DEFAULTS[optimizer].lr
     momentum: float = 0.9             # SGD/LARS momentum; AdamW beta1
     nesterov: bool = False

@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from test_data import write_fashion
 from wnconvert.cli.main import app
-from wnconvert.convert.quantize import compare_logits, run_file
+from wnconvert.convert.metrics import compare_logits
+from wnconvert.convert.runtime import run_onnx
 
 runner = CliRunner()
 
@@ -91,7 +92,7 @@ def test_int4_weights_only_is_lossless(which, run_lm4, run_cm4):
         assert np.array_equal(q, np.round(w * 7))
         assert np.abs(w * 7 - q).max() <= 1e-5  # the fp32 weights are on the grid
     x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
-    ref, out = run_file(run / "model.onnx", x), run_file(path, x)
+    ref, out = run_onnx(run / "model.onnx", x), run_onnx(path, x)
     assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
     entry = _report(run)["quantized"]["int4"]
     assert entry["lossless_check"]["passed"] and entry["exact_weights"] == len(dqs)
@@ -132,7 +133,7 @@ def test_int8_static_qdq(run_cm4, fashion):
     assert 0.0 <= entry["vs_fp32"]["top1_agreement"] <= 1.0
     assert entry["vs_fp32"]["cosine_mean"] > 0.9 and np.isfinite(entry["vs_fp32"]["sqnr_db"])
     x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
-    assert run_file(path, x).shape == (2, 10)
+    assert run_onnx(path, x).shape == (2, 10)
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +173,7 @@ def test_int8_folds_batchnorm_into_quantized_convs(run_plain, fashion, act_type)
 def test_folded_grid_stays_exact_per_channel():
     """A [-1, 1] grid times a per-channel factor (BatchNorm folded in) is recovered exactly; a
     weight off any coarse grid is not claimed."""
-    from wnconvert.convert.quantize import _grid_integers
+    from wnconvert.convert.quantize.grid import grid_integers as _grid_integers
 
     rng = np.random.default_rng(0)
     k = rng.integers(-7, 8, size=(16, 9))
@@ -192,7 +193,7 @@ def test_fp16_runs(run_lm4):
     m = onnx.load(str(path))
     assert any(i.data_type == TensorProto.FLOAT16 for i in m.graph.initializer)
     x = np.random.default_rng(2).standard_normal((4, 3, 32, 32)).astype(np.float32)
-    c = compare_logits(run_file(run_lm4 / "model.onnx", x), run_file(path, x))
+    c = compare_logits(run_onnx(run_lm4 / "model.onnx", x), run_onnx(path, x))
     assert c["cosine_min"] > 0.999
     assert "fp16" in _report(run_lm4)["quantized"]
 

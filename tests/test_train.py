@@ -56,7 +56,7 @@ def tiny_data(n_train: int = 48, n_val: int = 20, size: int = 8) -> Bundle:
 
 
 def cfg(**kw) -> TrainConfig:
-    base = dict(epochs=2, batch_size=8, lr=0.05, workers=0, log_every=2, device="cpu")
+    base = dict(epochs=2, batch_size=8, optimizer="sgd", lr=0.05, workers=0, log_every=2, device="cpu")
     return TrainConfig(**{**base, **kw})
 
 
