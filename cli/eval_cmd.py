@@ -22,9 +22,9 @@ def eval_command(
     json_out: bool = JsonOpt,
 ):
     """Top-1 / top-5 and images/s of a checkpoint (PyTorch) or an ONNX file (onnxruntime)."""
-    from wnconvert.models.evaluate import evaluate
+    from wnconvert.models.accuracy import artifact_accuracy
 
-    res = evaluate(artifact, data, limit=limit, batch=batch_size, provider=value(provider))
+    res = artifact_accuracy(artifact, data, limit=limit, batch=batch_size, provider=value(provider))
     if json_out:
         print_json(res)
         return

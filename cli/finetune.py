@@ -20,6 +20,7 @@ from .options import (Bn, Gain, Granularity, Optimizer, ScaleGrad, Schedule, Sch
 from .render import JsonOpt, certificate_table, console, parity_table, print_json
 
 
+# Long only by its option list (one line per option); the body is parsing and one library call.
 @handle_errors
 def finetune(
     model: str = typer.Argument(..., help="torchvision model name, e.g. resnet50 (see `wnconvert models`)."),

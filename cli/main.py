@@ -39,11 +39,12 @@ def inspect(
     json_out: bool = JsonOpt,
 ):
     """Per-layer weight ranges. For a run directory, its model.onnx."""
-    from wnconvert.convert.inspect import inspect_file
+    from wnconvert.convert.inspect_weights import inspect_file
+    from wnconvert.models.rundir import RunDir
     from wnconvert.models.zoo import load_state_file
 
     if path.is_dir():
-        path = path / "model.onnx"
+        path = RunDir(path).onnx_path
     rows = inspect_file(path, load_state_file)
     bad = [r for r in rows if not r["in_unit_range"]]
     if json_out:

@@ -23,19 +23,12 @@ def choices(name: str, values) -> type[Enum]:
     return Enum(name, {v: v for v in values}, type=str)
 
 
-Scheme = choices("Scheme", REGISTRY)
-Gain = choices("Gain", GAIN_MODES)
-ScaleGrad = choices("ScaleGrad", SCALE_GRAD_MODES)
-Bn = choices("Bn", BN_MODES)
-Granularity = choices("Granularity", GRANULARITIES)
-Optimizer = choices("Optimizer", OPTIMIZERS)
-WdMode = choices("WdMode", WD_MODES)
-Schedule = choices("Schedule", SCHEDULES)
-Precision = choices("Precision", PRECISIONS)
-Calibrator = choices("Calibrator", CALIBRATORS)
-ActType = choices("ActType", ACT_TYPES)
-CalibSplit = choices("CalibSplit", CALIB_SPLITS)
-Provider = choices("Provider", PROVIDERS)
+_REGISTRIES = {"Scheme": REGISTRY, "Gain": GAIN_MODES, "ScaleGrad": SCALE_GRAD_MODES, "Bn": BN_MODES,
+               "Granularity": GRANULARITIES, "Optimizer": OPTIMIZERS, "WdMode": WD_MODES,
+               "Schedule": SCHEDULES, "Precision": PRECISIONS, "Calibrator": CALIBRATORS,
+               "ActType": ACT_TYPES, "CalibSplit": CALIB_SPLITS, "Provider": PROVIDERS}
+(Scheme, Gain, ScaleGrad, Bn, Granularity, Optimizer, WdMode, Schedule, Precision, Calibrator, ActType,
+ CalibSplit, Provider) = (choices(name, values) for name, values in _REGISTRIES.items())
 
 
 def value(choice):

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .errors import UserInputError
 from .fakequant import fake_quant
 from .layout import ChannelLayout, safe_divisor
 
@@ -243,8 +244,6 @@ class SchemeConfig:
     weight_bits: int | None = None   # fake-quantize N(W) to the symmetric B-bit grid (max schemes)
 
     def __post_init__(self) -> None:
-        from .errors import UserInputError
-
         if self.scheme not in SCHEMES:
             raise UserInputError(
                 f"unknown scheme {self.scheme!r}; choose one of: {', '.join(SCHEMES)}")

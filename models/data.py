@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from torch.utils.data import Dataset, Subset
+
 import numpy as np
 
 from . import datasets as ds
 from .dataspec import (FASHION_MNIST_DEFAULT_PATH, KINDS, SYNTHETIC_DEFAULT_CLASSES,  # noqa: F401 (re-exported)
                        DataBundle, DataError, DataSpec, as_spec, parse_data_spec)
-from .gpu_decode import build_encoded_data
+from .encoded import EncodedImageDataset
+from .gpu_decode import GpuBatchTransform
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, is_int  # noqa: F401 (re-exported)
 
 
@@ -129,3 +132,28 @@ def eval_arrays(
         raise DataError(f"{spec}: the {'validation' if split == 'val' else 'training'} set is empty")
     return np.stack(xs).astype(np.float32, copy=False), np.asarray(ys, dtype=np.int64)
 
+
+def _folder_samples(dataset: Dataset) -> list[tuple[str, int]]:
+    if isinstance(dataset, Subset):
+        return [dataset.dataset.samples[i] for i in dataset.indices]  # type: ignore[attr-defined]
+    return list(dataset.samples)  # type: ignore[attr-defined]
+
+
+def build_encoded_data(spec: DataSpec, preprocess: Preprocess, *, limit_train: int | None,
+                       limit_val: int | None, train_augment: bool, seed: int) -> DataBundle:
+    """The bundle build_data(..., gpu_decode=True) returns: same files, classes and seeded subsets
+    as the PIL path (the folders are read by the same code), encoded-byte datasets, and the
+    transform train() runs on the device."""
+    if spec.kind != "imagefolder":
+        raise DataError(f"GPU decoding reads JPEG files and needs an imagefolder data spec, not {spec}")
+    size = preprocess.image_size
+    train, classes = ds.load_split(spec, "train", None, image_size=size,  # type: ignore[arg-type]
+                                   limit=limit_train, seed=seed, download=False)
+    val, val_classes = ds.load_split(spec, "val", None, image_size=size,  # type: ignore[arg-type]
+                                     limit=limit_val, seed=seed, download=False)
+    if val_classes != classes:
+        raise DataError(ds.describe_class_mismatch(spec, classes, val_classes))
+    return DataBundle(train=EncodedImageDataset(_folder_samples(train)),
+                      val=EncodedImageDataset(_folder_samples(val)), num_classes=len(classes),
+                      classes=classes, small_images=False,
+                      gpu_transform=GpuBatchTransform(preprocess, augment=train_augment))

@@ -4,14 +4,11 @@ the error every data problem raises, and the bundle :func:`wnconvert.models.data
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from ..convert.errors import UserInputError
-
-if TYPE_CHECKING:
-    from .gpu_decode import GpuBatchTransform
 
 
 class DataError(UserInputError):
@@ -88,4 +85,4 @@ class DataBundle:
     small_images: bool
     # Set by build_data(..., gpu_decode=True): train/val then yield encoded file bytes and train()
     # decodes and augments each batch on the device with this transform (models/gpu_decode.py).
-    gpu_transform: GpuBatchTransform | None = None
+    gpu_transform: Any = None  # models.gpu_decode.GpuBatchTransform

@@ -30,8 +30,14 @@ from typing import Any
 import torch
 
 from ..convert import metrics
+from ..convert.apply import raw_weight
+from ..convert.fold import FoldConfig, fold_model
+from ..convert.scaled import stored_tensor
+from ..convert.targets import iter_targets
+from ..convert.verify import VerifyConfig, make_inputs
 from ..convert.artifacts import read_jsonl
 from ..convert.errors import UserInputError
+from .rundir import METRICS, RunDir
 from .diagnostics import DYNAMICS, INITIAL, read_dynamics, unit_histogram
 
 REPORT_DIR = "report"
@@ -101,10 +107,6 @@ def _per_layer_plot(series: dict, title: str, ylabel: str, path: Path, logy: boo
 
 
 def _folded_weights(model, manifest: dict, image_size: int) -> dict[str, torch.Tensor]:
-    from ..convert.fold import FoldConfig, fold_model
-    from ..convert.scaled import stored_tensor
-    from ..convert.targets import iter_targets
-    from ..convert.verify import VerifyConfig, make_inputs
 
     cfg = FoldConfig(**manifest["fold"])
     x = make_inputs((3, image_size, image_size), VerifyConfig(samples=2, seed=1234))
@@ -114,8 +116,6 @@ def _folded_weights(model, manifest: dict, image_size: int) -> dict[str, torch.T
 
 
 def _raw_weights(model) -> dict[str, torch.Tensor]:
-    from ..convert.apply import raw_weight
-    from ..convert.targets import iter_targets
     return {t.qualname: raw_weight(m, t.tensor_name).detach() for t, m in iter_targets(model)}
 
 
@@ -127,7 +127,6 @@ def build_report(run_dir: Path) -> ReportResult:
     """Write ``RUN_DIR/report/`` (see the module docstring); returns what was written."""
     import matplotlib
     matplotlib.use("Agg", force=True)
-    from .rundir import METRICS, RunDir
 
     run_dir = Path(run_dir)
     loaded, model, pre = RunDir(run_dir).load()  # raises UserInputError for a non-run directory
@@ -146,7 +145,28 @@ def build_report(run_dir: Path) -> ReportResult:
         initial = json.loads((run_dir / INITIAL).read_text(encoding="utf-8"))
     captions: dict[str, str] = {}
 
-    # -- curves ---------------------------------------------------------------------------------
+    _curves(res, captions, steps, epochs)
+    _dynamics(res, captions, dyn)
+    after = _raw_weights(model)
+    try:
+        folded = _folded_weights(model, manifest, pre.image_size)
+    except Exception as err:  # the report should still show what it can
+        folded = {}
+        res.notes.append(f"fold failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    _histograms(res, captions, after, folded, initial, "after fine-tuning" if epochs else "checkpoint")
+    _layers(res, captions, after, folded, dyn[-1]["layers"] if dyn else {})
+
+    summary = {"run_dir": str(run_dir), "model": manifest.get("model"),
+               "scheme": manifest.get("scheme"), "final": res.final, "layers": res.layers,
+               "notes": res.notes}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))
+    res.html.write_text(_html(manifest, res, captions), encoding="utf-8")
+    return res
+
+
+def _curves(res: ReportResult, captions: dict, steps: list[dict], epochs: list[dict]) -> None:
+    """Loss and accuracy curves from metrics.jsonl."""
+    out = res.out
     if steps or epochs:
         fig = _fig()
         ax = fig.add_subplot()
@@ -179,7 +199,10 @@ def build_report(run_dir: Path) -> ReportResult:
     else:
         res.notes.append("no epoch records in metrics.jsonl (the run did not train)")
 
-    # -- dynamics -------------------------------------------------------------------------------
+
+def _dynamics(res: ReportResult, captions: dict, dyn: list[dict]) -> None:
+    """Per-layer ||W||, effective learning rate and ||W||/||g|| from dynamics.jsonl."""
+    out = res.out
     if dyn:
         res.figures.append(_per_layer_plot(_layer_series(dyn, "w_norm"), "Raw weight norm ||W||",
                                            "||W||", out / "weight_norm.png"))
@@ -207,15 +230,12 @@ def build_report(run_dir: Path) -> ReportResult:
     else:
         res.notes.append("no dynamics.jsonl: train with --diagnostics K for per-layer dynamics")
 
-    # -- weights --------------------------------------------------------------------------------
-    after = _raw_weights(model)
-    try:
-        folded = _folded_weights(model, manifest, pre.image_size)
-    except Exception as err:  # the report should still show what it can
-        folded = {}
-        res.notes.append(f"fold failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+
+def _histograms(res: ReportResult, captions: dict, after: dict, folded: dict, initial: dict | None,
+                after_label: str) -> None:
+    """Weight histograms before and after fine-tuning, and of the folded model's stored values."""
+    out = res.out
     bins = initial["bins"] if initial else 64
-    after_label = "after fine-tuning" if epochs else "checkpoint"
     hists = {after_label: _sum_hists([unit_histogram(w, bins) for w in after.values()])}
     if initial:
         hists = {"before fine-tuning": _sum_hists(list(initial["layers"].values())), **hists}
@@ -241,7 +261,10 @@ def build_report(run_dir: Path) -> ReportResult:
                                   "tensor's max |W|, before and after fine-tuning, and the values "
                                   "the folded model stores.")
 
-    last = dyn[-1]["layers"] if dyn else {}
+
+def _layers(res: ReportResult, captions: dict, after: dict, folded: dict, last: dict) -> None:
+    """The per-layer rows of the summary, and the SQNR of the folded weights at 8 and 4 bits."""
+    out = res.out
     for name, w in after.items():
         row: dict[str, Any] = {"layer": name, "numel": int(w.numel()),
                                "w_norm": float(torch.linalg.vector_norm(w.float())),
@@ -270,13 +293,6 @@ def build_report(run_dir: Path) -> ReportResult:
         res.figures.append(_save(fig, out / "sqnr.png"))
         captions["sqnr.png"] = ("10·log10(||w||² / ||w − q(w)||²) of each stored tensor on the "
                                 "symmetric 8- and 4-bit grids over [-1, 1].")
-
-    summary = {"run_dir": str(run_dir), "model": manifest.get("model"),
-               "scheme": manifest.get("scheme"), "final": res.final, "layers": res.layers,
-               "notes": res.notes}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))
-    res.html.write_text(_html(manifest, res, captions), encoding="utf-8")
-    return res
 
 
 def _json_default(x: Any) -> Any:

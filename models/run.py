@@ -6,14 +6,14 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from wnconvert.convert.apply import apply_scheme, max_step0_deviation
-from wnconvert.convert.artifacts import atomic_path, check_output_dir, ensure_writable_dir
+from wnconvert.convert.artifacts import check_output_dir, ensure_writable_dir
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.export import ExportConfig
 from wnconvert.convert.fold import FoldConfig
@@ -24,7 +24,8 @@ from wnconvert.convert.schemes import SchemeConfig
 from wnconvert.convert.verify import VerifyConfig, make_inputs
 
 from . import distributed
-from .data import Preprocess, default_preprocess, eval_arrays, parse_data_spec
+from .data import DataBundle, Preprocess, build_data, default_preprocess, eval_arrays, parse_data_spec
+from .optim import SCRATCH_DEFAULTS
 from .rundir import CHECKPOINT, MANIFEST, METRICS, REPORT, Manifest, RunDir  # noqa: F401 (re-exported)
 from .train import TrainConfig, train
 from .zoo import BuiltModel, build_model, fixed_image_size, min_image_size
@@ -94,18 +95,6 @@ def resolve_preprocess(cfg: RunConfig, built: BuiltModel) -> Preprocess:
     return Preprocess(size, max(resize, size), built.mean, built.std)
 
 
-def _state_for_file(model: nn.Module) -> dict[str, torch.Tensor]:
-    # safetensors refuses shared or non-contiguous storage; clone every tensor.
-    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-
-
-def save_checkpoint(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file(_state_for_file(model), str(tmp))
-
-
 def run_finetune(cfg: RunConfig, console=None, resume: bool = False) -> RunSummary:
     out = check_output_dir(cfg.out)
     if cfg.train is not None:  # bad settings fail before anything is built or written
@@ -113,18 +102,7 @@ def run_finetune(cfg: RunConfig, console=None, resume: bool = False) -> RunSumma
     if (out / MANIFEST).exists() and not (resume or cfg.overwrite):
         raise UserInputError(f"{out} already holds a run; use --resume to continue it, "
                              "--overwrite to replace it, or another --out")
-    built = build_model(cfg.model, cfg.weights if not resume else "none", cfg.num_classes)
-    data = None
-    if cfg.data and (cfg.train is not None or not cfg.no_export):
-        from .data import build_data
-        preprocess = resolve_preprocess(cfg, built)
-        data = build_data(cfg.data, preprocess, limit_train=cfg.limit_train,
-                          limit_val=cfg.limit_val, download=cfg.download, gpu_decode=cfg.gpu_decode)
-        if data.num_classes != built.num_classes:
-            if cfg.num_classes:
-                raise UserInputError(f"--num-classes {cfg.num_classes} does not match the "
-                                     f"{data.num_classes} classes of {cfg.data}")
-            built = build_model(cfg.model, cfg.weights if not resume else "none", data.num_classes)
+    built, data = _model_and_data(cfg, resume)
     preprocess = resolve_preprocess(cfg, built)
     if cfg.train is not None and built.weights == "none" and not resume:
         cfg.train = from_scratch_defaults(cfg.train)
@@ -160,7 +138,7 @@ def run_finetune(cfg: RunConfig, console=None, resume: bool = False) -> RunSumma
     if not rank.is_main:  # under torchrun, rank 0 alone writes and converts
         return RunSummary(out, manifest, report, None)
     model = model.cpu().eval()
-    save_checkpoint(model, out / CHECKPOINT)
+    run.save_model_state(model)
 
     conversion = None
     if not cfg.no_export:
@@ -177,6 +155,23 @@ def run_finetune(cfg: RunConfig, console=None, resume: bool = False) -> RunSumma
     return RunSummary(out, manifest, report, conversion)
 
 
+def _model_and_data(cfg: RunConfig, resume: bool) -> tuple[BuiltModel, DataBundle | None]:
+    """The model (its head sized to the data's classes unless --num-classes says otherwise) and,
+    when the run trains or measures accuracy, the data."""
+    weights = cfg.weights if not resume else "none"
+    built = build_model(cfg.model, weights, cfg.num_classes)
+    if not cfg.data or (cfg.train is None and cfg.no_export):
+        return built, None
+    data = build_data(cfg.data, resolve_preprocess(cfg, built), limit_train=cfg.limit_train,
+                      limit_val=cfg.limit_val, download=cfg.download, gpu_decode=cfg.gpu_decode)
+    if data.num_classes != built.num_classes:
+        if cfg.num_classes:
+            raise UserInputError(f"--num-classes {cfg.num_classes} does not match the "
+                                 f"{data.num_classes} classes of {cfg.data}")
+        built = build_model(cfg.model, weights, data.num_classes)
+    return built, data
+
+
 def finetune_run(cfg: RunConfig, console=None, resume: bool = False) -> RunSummary | None:
     """:func:`run_finetune`, under torchrun on every rank (a plain call outside it); the summary
     on rank 0, None on the others."""
@@ -190,10 +185,6 @@ def finetune_run(cfg: RunConfig, console=None, resume: bool = False) -> RunSumma
 
 def from_scratch_defaults(train_cfg):
     """Fill an unset lr / weight decay with the from-scratch defaults (docs/training.md)."""
-    from dataclasses import replace
-
-    from .optim import SCRATCH_DEFAULTS
-
     d = SCRATCH_DEFAULTS.get(train_cfg.optimizer)
     if d is None:
         return train_cfg

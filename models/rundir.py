@@ -21,25 +21,27 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
+from safetensors.torch import save_file
 from torch import nn
 
 from wnconvert.convert.apply import apply_scheme
-from wnconvert.convert.artifacts import read_json, sha256, write_json
+from wnconvert.convert.artifacts import atomic_path, read_json, sha256, write_json
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.export import ExportConfig
 from wnconvert.convert.fold import FoldConfig
+from wnconvert.convert.pipeline import ONNX_NAME
 from wnconvert.convert.schemes import SchemeConfig
 from wnconvert.convert.verify import VerifyConfig
 
 from .data import Preprocess
-from .train import TrainConfig
+from .train_config import TrainConfig
 from .zoo import build_model, load_into, load_state_file
 
 MANIFEST = "manifest.json"
 REPORT = "report.json"
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
-ONNX = "model.onnx"
+ONNX = ONNX_NAME
 
 # 1: the first versioned layout. Manifests without "version" (written before it existed) have the
 # same keys, some missing (gpu_decode, newer train options); their dataclass defaults fill them.
@@ -180,6 +182,13 @@ class RunDir:
         return report
 
     # -- the trained model --------------------------------------------------------------------
+
+    def save_model_state(self, model: nn.Module) -> None:
+        """checkpoint.safetensors: every tensor of the reparametrized model's state_dict."""
+        # safetensors refuses shared or non-contiguous storage; clone every tensor.
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+        with atomic_path(self.checkpoint_path) as tmp:
+            save_file(state, str(tmp))
 
     def load(self) -> tuple[Manifest, nn.Module, Preprocess]:
         """The manifest, the reparametrized model with its checkpoint loaded, its preprocessing."""

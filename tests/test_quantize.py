@@ -8,10 +8,14 @@ import pytest
 from onnx import TensorProto, numpy_helper
 from typer.testing import CliRunner
 
+from helpers import scale_first_dequantized_weight
 from test_data import write_fashion
 from wnconvert.cli.main import app
 from wnconvert.convert.metrics import compare_logits
+from wnconvert.convert.quant_check import QuantThresholds
 from wnconvert.convert.runtime import run_onnx
+from wnconvert.models.run_export import export_precision
+from wnconvert.models.run_verify import VerifyRequest, verify_run
 
 runner = CliRunner()
 
@@ -69,8 +73,7 @@ def _report(run):
 @pytest.mark.parametrize("which", ["lm", "cm"])
 def test_int4_weights_only_is_lossless(which, run_lm4, run_cm4):
     run = run_lm4 if which == "lm" else run_cm4
-    r = invoke("export", run, "--precision", "int4", "--json")
-    assert r.exit_code == 0, r.output
+    export_precision(run, "int4")
     path = run / "model.int4.onnx"
     model, dqs = _dq_weights(path)
     assert any(o.version == 21 for o in model.opset_import if o.domain in ("", "ai.onnx"))
@@ -261,9 +264,9 @@ def _verify_json(*args):
 
 
 def test_verify_checks_every_artifact_under_its_contract(exported, fashion):
-    r, d = _verify_json(exported, "--data", fashion, "--limit", 16, "--min-agreement", 0, "--min-sqnr", 0)
-    assert r.exit_code == 0, r.output
-    assert d["passed"] and set(d["candidates"]) == {"onnx-ort-no-opt", "onnx-ort-opt"}
+    out = verify_run(exported, VerifyRequest(data=fashion, limit=16, thresholds=QuantThresholds(0, 0)))
+    d = json.loads(json.dumps(out.result))
+    assert out.passed and d["passed"] and set(d["candidates"]) == {"onnx-ort-no-opt", "onnx-ort-opt"}
     q = d["quantized"]
     assert set(q) == {"int4", "int8"}
     # int4 weights-only of a 4-bit run: the trained model's own tolerance, opt off and on
@@ -293,13 +296,7 @@ def test_verify_catches_a_wrong_int4_scale(exported, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(exported, run)
-    path = run / "model.int4.onnx"
-    model = onnx.load(str(path))
-    inits = {i.name: i for i in model.graph.initializer}
-    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits)
-    scale = inits[dq.input[1]]
-    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float32(1.25), scale.name))
-    onnx.save(model, str(path))
+    scale_first_dequantized_weight(run / "model.int4.onnx", 1.25)
     r = invoke("verify", run, "--precision", "int4")
     assert r.exit_code == 3, r.output
     assert "int4: onnx-ort" in r.output

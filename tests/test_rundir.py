@@ -5,12 +5,10 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
-import onnx
 import pytest
 import torch
-from onnx import numpy_helper
 
+from helpers import scale_first_dequantized_weight
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.export import ExportConfig
 from wnconvert.convert.fold import FoldConfig
@@ -164,13 +162,7 @@ def test_verify_run_catches_a_wrong_scale(grid_run, tmp_path):
     shutil.copytree(grid_run, run)
     if not (run / "model.int4.onnx").exists():
         export_precision(run, "int4")
-    path = run / "model.int4.onnx"
-    model = onnx.load(str(path))
-    inits = {i.name: i for i in model.graph.initializer}
-    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits)
-    scale = inits[dq.input[1]]
-    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float32(1.25), scale.name))
-    onnx.save(model, str(path))
+    scale_first_dequantized_weight(run / "model.int4.onnx", 1.25)
     out = verify_run(run, VerifyRequest(precision="int4"))
     assert not out.passed and out.failures and out.failures[0].startswith("int4: onnx-ort")
     assert RunDir(run).report()["verify"]["passed"] is False

@@ -31,7 +31,7 @@ def _preprocess_for(artifact: Path, spec: str, image_size: int | None) -> tuple[
     return default_preprocess(spec, image_size), None
 
 
-def evaluate(artifact: Path, data: str, *, limit: int | None = None, batch: int = 64,
+def artifact_accuracy(artifact: Path, data: str, *, limit: int | None = None, batch: int = 64,
              provider: str = "cpu") -> dict:
     """Top-1, top-5 and images/s of ``artifact`` on the validation split of ``data``.
 
