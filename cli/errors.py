@@ -12,6 +12,9 @@ import os
 import sys
 import traceback
 
+import typer
+from typer.core import TyperGroup
+
 from wnconvert.convert.errors import WnError
 
 INTERNAL = 70
@@ -53,19 +56,23 @@ def handle_errors(fn):
     return wrapper
 
 
-def run_app(app) -> None:
-    """Run the Typer app so that a usage error (unknown option, bad value, missing argument, an
-    unusable ``--config``) is one line on stderr and exit 2, like every other bad input."""
-    import typer
+class OneLineErrors(TyperGroup):
+    """The command group: a parser error (an unknown option, a value outside a choice, a missing
+    argument) is one line on stderr and exit 2, like every other bad input; ``message`` turns
+    the parser's wording into the library's."""
 
-    try:
-        result = app(standalone_mode=False)
-    except typer.TyperException as e:  # Click's usage errors
-        code = getattr(e, "exit_code", 2) or 2
-        if not e.format_message().strip():  # no arguments at all: the help was the message
-            raise SystemExit(code) from None
-        fail(e.format_message(), code)
-    except typer.Abort:
-        fail("interrupted", INTERRUPTED)
-    if isinstance(result, int) and result:  # --help and friends return their exit code
-        raise SystemExit(result)
+    message = staticmethod(lambda param_name, text: text)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        argv = sys.argv[1:] if args is None else list(args)
+        if not standalone_mode or not argv:  # no arguments: the help, as Typer shows it
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as e:
+            param = getattr(e, "param", None)
+            fail(self.message(getattr(param, "name", None), getattr(e, "message", None) or e.format_message()),
+                 getattr(e, "exit_code", 2))
+        except typer.Abort:
+            fail("interrupted", INTERRUPTED)
+        raise SystemExit(code if isinstance(code, int) else 0)

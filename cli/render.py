@@ -6,10 +6,13 @@ import json
 import sys
 from pathlib import Path
 
+import typer
 from rich.console import Console
 from rich.table import Table
 
 console = Console(stderr=False, highlight=False)
+
+JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
 
 
 def print_json(obj) -> None:

@@ -45,11 +45,19 @@ def write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
 
 
-def append_jsonl(path: Path, obj) -> None:
-    """One JSON object per line; appends are single writes, flushed at once."""
-    with open(path, "a") as f:
-        f.write(json.dumps(obj, default=_jsonable) + "\n")
-        f.flush()
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file, [] when it is absent; a torn last line (a crash while
+    appending) is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
 
 
 def _jsonable(obj):

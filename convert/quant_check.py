@@ -23,7 +23,8 @@ import onnx
 from onnx import TensorProto
 
 from .errors import UserInputError
-from .quantize import compare_logits, run_file
+from .metrics import compare_logits
+from .runtime import run_onnx
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,8 @@ def check_lossy(fp32_path: Path, path: Path, x: np.ndarray, thresholds: QuantThr
     optimizations off (the file as written) and on (what a deployment runs: QDQ pairs become
     integer kernels that round differently). Both must meet the thresholds; ``vs_fp32`` is the
     worse of the two."""
-    ref = run_file(fp32_path, x)
-    runs = {level: compare_logits(ref, run_file(path, x, optimized=(level == "on")))
+    ref = run_onnx(fp32_path, x)
+    runs = {level: compare_logits(ref, run_onnx(path, x, optimized=(level == "on")))
             for level in ("off", "on")}
     failures = []
     for level, c in runs.items():

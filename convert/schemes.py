@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .errors import UserInputError
 from .fakequant import fake_quant
 from .layout import ChannelLayout, safe_divisor
 
@@ -198,23 +199,37 @@ def _expand(layout: ChannelLayout, per_channel: Tensor, like: Tensor) -> Tensor:
     return layout.mul(torch.ones_like(like), per_channel)
 
 
-SCHEMES: dict[str, type[Reparam] | None] = {
-    "layer-max": LayerMax,
-    "channel-max": ChannelMax,
-    "weight-std": WeightStd,
-    "weight-norm": WeightNorm,
-    "none": None,
+@dataclass(frozen=True)
+class SchemeInfo:
+    """One entry of the scheme registry: everything the rest of wnconvert asks about a scheme."""
+
+    reparam: type[Reparam] | None   # None: no reparametrization
+    help: str                       # what ``wnconvert schemes`` and ``--help`` say
+    weight_bits: bool               # a fixed [-1, 1] range, so ``--weight-bits`` trains on its grid
+
+    @property
+    def per_channel(self) -> bool:
+        """One scale per output channel (False: one per tensor). ``none`` has no scale of its own;
+        weights-only files default to per-channel scales for it, as for the others."""
+        return self.reparam is None or self.reparam.per_channel
+
+
+# A new scheme: a Reparam subclass above and one entry here.
+REGISTRY: dict[str, SchemeInfo] = {
+    "layer-max": SchemeInfo(LayerMax, "W / max|W| over the whole tensor; one scale per layer",
+                            weight_bits=True),
+    "channel-max": SchemeInfo(ChannelMax, "W / max|W_c| per output channel", weight_bits=True),
+    "weight-std": SchemeInfo(WeightStd, "(W - mean_c) / std_c per output channel (Weight Standardization)",
+                             weight_bits=False),
+    "weight-norm": SchemeInfo(WeightNorm, "W / ||W_c|| per output channel (Weight Normalization)",
+                              weight_bits=False),
+    "none": SchemeInfo(None, "no reparametrization (baseline); the fold still stores weights in [-1, 1]",
+                       weight_bits=False),
 }
 
-WEIGHT_BITS_SCHEMES = ("layer-max", "channel-max")
-
-SCHEME_HELP = {
-    "layer-max": "W / max|W| over the whole tensor; one scale per layer",
-    "channel-max": "W / max|W_c| per output channel",
-    "weight-std": "(W - mean_c) / std_c per output channel (Weight Standardization)",
-    "weight-norm": "W / ||W_c|| per output channel (Weight Normalization)",
-    "none": "no reparametrization (baseline); the fold still stores weights in [-1, 1]",
-}
+SCHEMES: dict[str, type[Reparam] | None] = {k: v.reparam for k, v in REGISTRY.items()}
+WEIGHT_BITS_SCHEMES = tuple(k for k, v in REGISTRY.items() if v.weight_bits)
+SCHEME_HELP = {k: v.help for k, v in REGISTRY.items()}
 
 
 @dataclass(frozen=True)
@@ -229,8 +244,6 @@ class SchemeConfig:
     weight_bits: int | None = None   # fake-quantize N(W) to the symmetric B-bit grid (max schemes)
 
     def __post_init__(self) -> None:
-        from .errors import UserInputError
-
         if self.scheme not in SCHEMES:
             raise UserInputError(
                 f"unknown scheme {self.scheme!r}; choose one of: {', '.join(SCHEMES)}")

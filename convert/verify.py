@@ -23,6 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from .errors import UserInputError
+from .metrics import as_rows, cosines, max_errors, top1_agreement
+from .runtime import MATMULNBITS_EXACT, PROVIDERS, ort_session, run_onnx  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -69,20 +71,13 @@ class ParityReport:
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray, config: VerifyConfig) -> Comparison:
-    ref = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)
-    out = np.asarray(candidate, dtype=np.float64).reshape(len(candidate), -1)
+    ref, out = as_rows(reference), as_rows(candidate)
     if ref.shape != out.shape:
         return Comparison(float("inf"), float("inf"), 0.0, 0.0, passed=False)
-    diff = np.abs(out - ref)
-    max_abs = float(diff.max()) if diff.size else 0.0
-    denom = float(np.abs(ref).max()) if ref.size else 0.0
-    rel = max_abs / denom if denom > 0 else (0.0 if max_abs == 0 else float("inf"))
-    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
-    dots = (ref * out).sum(axis=1)
-    cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0),
-                   np.where(np.linalg.norm(ref - out, axis=1) == 0, 1.0, 0.0))
+    max_abs, rel = max_errors(ref, out)
+    cos = cosines(ref, out)
     cosine = float(cos.min()) if cos.size else 1.0
-    top1 = float((ref.argmax(1) == out.argmax(1)).mean()) if ref.size else 1.0
+    top1 = top1_agreement(ref, out)
     ok = (np.isfinite(out).all() and rel <= config.rtol and cosine >= config.min_cosine
           and top1 >= config.min_top1)
     return Comparison(max_abs, rel, cosine, top1, bool(ok))
@@ -113,46 +108,6 @@ def run_torch(model: nn.Module, x: Tensor, dtype: torch.dtype = torch.float32) -
     return out.numpy()
 
 
-# onnxruntime (ENABLE_EXTENDED and up) rewrites ``DequantizeLinear(int4/int8) -> MatMul`` into
-# ``MatMulNBits``, whose default accuracy level quantizes the *activations* to int8 and would make
-# lossless weights look lossy. Every session here computes it in float; deployments wanting
-# bit-exact weights-only results set the same option. It changes nothing else.
-MATMULNBITS_EXACT = ("session.qdq_matmulnbits_accuracy_level", "0")
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-
-
-def ort_session(path: Path, optimized: bool = True, provider: str = "cpu"):
-    """An onnxruntime session on ``provider`` (cpu | cuda; cuda falls back to the CPU for the
-    nodes it lacks). Its worker threads do not spin-wait: on a machine shared with other work
-    (CI, a training job) spinning threads slow every run down many times over."""
-    import onnxruntime as ort
-
-    if provider not in PROVIDERS:
-        raise UserInputError(f"unknown provider {provider!r}; choose one of: {', '.join(PROVIDERS)}")
-    if PROVIDERS[provider] not in ort.get_available_providers():
-        raise UserInputError(f"onnxruntime {ort.__version__} here has no {PROVIDERS[provider]} "
-                             "(install onnxruntime-gpu for --provider cuda)")
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
-                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    opts.add_session_config_entry(*MATMULNBITS_EXACT)
-    providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
-    sess = ort.InferenceSession(str(path), opts, providers=providers)
-    if sess.get_providers()[0] != PROVIDERS[provider]:  # onnxruntime falls back silently
-        raise UserInputError(f"onnxruntime could not start {PROVIDERS[provider]} for {path} "
-                             "(CUDA/cuDNN libraries missing?)")
-    return sess
-
-
-def run_onnx(path: Path, x: np.ndarray, optimized: bool) -> np.ndarray:
-    sess = ort_session(path, optimized)
-    name = sess.get_inputs()[0].name
-    return sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
-
-
 def verify(reference: nn.Module, x: Tensor, *, folded: nn.Module | None = None,
            onnx_path: Path | None = None, config: VerifyConfig = VerifyConfig(),
            reference_name: str = "reparametrized model", inputs_name: str = "") -> ParityReport:
@@ -162,6 +117,6 @@ def verify(reference: nn.Module, x: Tensor, *, folded: nn.Module | None = None,
         report.candidates["folded-torch-fp32"] = compare(ref, run_torch(folded, x), config)
     if onnx_path is not None:
         xs = x.cpu().float().numpy()
-        report.candidates["onnx-ort-no-opt"] = compare(ref, run_onnx(onnx_path, xs, False), config)
-        report.candidates["onnx-ort-opt"] = compare(ref, run_onnx(onnx_path, xs, True), config)
+        report.candidates["onnx-ort-no-opt"] = compare(ref, run_onnx(onnx_path, xs, optimized=False), config)
+        report.candidates["onnx-ort-opt"] = compare(ref, run_onnx(onnx_path, xs, optimized=True), config)
     return report

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from . import distributed as dist_utils
+from .gpu_decode import device_batches
 
 
 # -- evaluation --------------------------------------------------------------------------------
@@ -86,7 +87,6 @@ def device_batches_of(loader: DataLoader, gpu_transform: Any, device: torch.devi
     in a background thread, on CUDA). Close it when leaving the loop early."""
     if gpu_transform is None:
         return (batch for batch in loader)
-    from .gpu_decode import device_batches
     return device_batches(loader, gpu_transform, device, train=train)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..convert.artifacts import atomic_path
 from ..convert.errors import UserInputError
 
 LAST = "last.pt"
@@ -29,23 +29,12 @@ def train_dir(run_dir: Path) -> Path:
 
 
 def save_atomic(payload: Mapping[str, Any], path: Path) -> None:
-    """``torch.save`` to ``path`` such that readers see either the old or the new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(payload), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Includes KeyboardInterrupt: drop the partial temp file, keep the old checkpoint.
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """``torch.save`` to ``path`` such that readers see either the old or the new file (a
+    KeyboardInterrupt drops the partial temporary file and keeps the old checkpoint)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(dict(payload), f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

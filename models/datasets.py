@@ -21,7 +21,8 @@ from torch.utils.data import Dataset, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from .data import FASHION_MNIST_DEFAULT_PATH, DataError, DataSpec, Preprocess
+from .dataspec import FASHION_MNIST_DEFAULT_PATH, DataError, DataSpec
+from .preprocess import Preprocess
 
 ARRAY_KINDS = ("fashion-mnist", "cifar10", "cifar100")
 SYNTHETIC_SIZES = {"train": 1024, "val": 256}

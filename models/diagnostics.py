@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from ..convert.apply import reparametrized
+from ..convert.artifacts import read_jsonl
 
 DYNAMICS = "dynamics.jsonl"
 INITIAL = "initial_weights.json"
@@ -185,13 +186,4 @@ class Diagnostics:
 
 def read_dynamics(path: Path) -> list[dict]:
     """The records of a ``dynamics.jsonl`` (a torn last line after a crash is skipped)."""
-    out = []
-    path = Path(path)
-    if not path.exists():
-        return out
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+    return read_jsonl(path)

@@ -2,7 +2,7 @@
 
 With PIL, every image is decoded, cropped and resized by CPU DataLoader workers; 16 workers feed an
 H100 well under half of what it trains. Here the workers only read file bytes
-(:class:`EncodedImageDataset`, :func:`collate_encoded`); :class:`GpuBatchTransform` decodes a whole
+(:mod:`.encoded`); :class:`GpuBatchTransform` decodes a whole
 batch with nvjpeg (``torchvision.io.decode_jpeg(list, device="cuda")``) and crops, resizes, flips
 and normalizes it on the device. :func:`device_batches` runs that transform a batch or two ahead
 in a background thread on a side CUDA stream, so decoding overlaps the training step.
@@ -18,122 +18,22 @@ from __future__ import annotations
 import contextlib
 import math
 import queue
-import re
 import threading
-import warnings
-from dataclasses import dataclass
-from typing import Callable, Generator, Iterable, Sequence
+from typing import Callable, Generator, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset, Subset
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-from .data import DataBundle, DataError, DataSpec, Preprocess, _resized_size
-
-# torchvision 0.29 deprecates its image codecs in favour of TorchCodec and warns on every call
-# (thousands per epoch here). The ops still work; silence just that message.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
+from .dataspec import DataError
+from .encoded import (EncodedBatch, EncodedImageDataset, collate_encoded,  # noqa: F401 (re-exported)
+                      nvjpeg_decodable, reason)
+from .preprocess import Preprocess, resized_size
 
 RRC_SCALE = (0.08, 1.0)        # RandomResizedCrop defaults, as in Preprocess.train_transform
 RRC_RATIO = (3 / 4, 4 / 3)
 _RRC_ATTEMPTS = 10
-# SOF markers nvjpeg decodes: baseline, extended and progressive Huffman. Arithmetic-coded,
-# lossless and hierarchical JPEGs go to the CPU decoder.
-_NVJPEG_SOF = (0xC0, 0xC1, 0xC2)
-_NO_LENGTH_MARKERS = frozenset([0x01, *range(0xD0, 0xD8)])  # TEM, RST0-7: no length field
-
-
-# --------------------------------------------------------------------------------------------------
-# Encoded images: what the DataLoader workers produce
-
-
-def nvjpeg_decodable(data: Tensor) -> bool:
-    """True for an 8-bit, 3-component Huffman JPEG: the files the GPU decodes.
-
-    Everything else goes to the CPU decoder: CMYK/YCCK JPEGs (4 components), which nvjpeg does
-    not convert to RGB the way libjpeg/PIL do; grayscale ones (1 component), whose gray-to-RGB
-    output from nvjpeg is unverified here (together about 1-2% of ImageNet); other formats (PNG,
-    ...) and files that are not images at all (the CPU decoder names them).
-    Walks the marker segments up to the frame header: a few reads per file, done in the workers.
-    """
-    b = memoryview(data.numpy()) if data.numel() else memoryview(b"")
-    n = len(b)
-    if n < 4 or b[0] != 0xFF or b[1] != 0xD8:
-        return False
-    i = 2
-    while i + 4 <= n:
-        if b[i] != 0xFF:
-            return False
-        marker = b[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in _NO_LENGTH_MARKERS:
-            i += 2
-            continue
-        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
-            return False
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn (not DHT/JPG/DAC)
-            if i + 10 > n:
-                return False
-            precision, components = b[i + 4], b[i + 9]
-            return marker in _NVJPEG_SOF and precision == 8 and components == 3
-        i += 2 + ((b[i + 2] << 8) | b[i + 3])
-    return False
-
-
-class EncodedImageDataset(Dataset):
-    """ImageFolder samples as ``(encoded file bytes: 1-D uint8 tensor, label, path)``.
-
-    Reading a file is all a worker does, so a few workers feed any GPU. The path travels with the
-    bytes so that a file that cannot be decoded on the device is named in the error.
-    """
-
-    def __init__(self, samples: Sequence[tuple[str, int]]) -> None:
-        self.samples = list(samples)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int, str]:
-        path, label = self.samples[index]
-        try:
-            data = read_file(path)
-        except RuntimeError as err:
-            raise DataError(f"cannot read image {path}: {_reason(err)}") from None
-        return data, label, path
-
-
-@dataclass
-class EncodedBatch:
-    """A batch of encoded images stored back to back in one uint8 buffer.
-
-    One buffer means one shared-memory segment per batch between worker and main process (instead
-    of one per image). A plain class, not a tuple: DataLoader's pin_memory leaves it alone, as
-    nvjpeg copies the bitstreams itself.
-    """
-
-    buffer: Tensor
-    sizes: list[int]
-    paths: list[str]
-    on_gpu: list[bool]  # nvjpeg_decodable() of each image, computed in the worker
-
-    def __len__(self) -> int:
-        return len(self.sizes)
-
-    def images(self) -> list[Tensor]:
-        return list(torch.split(self.buffer, self.sizes))
-
-
-def collate_encoded(samples: Sequence[tuple[Tensor, int, str]]) -> tuple[EncodedBatch, Tensor]:
-    """DataLoader collate for EncodedImageDataset: (EncodedBatch, int64 labels)."""
-    datas, labels, paths = zip(*samples)
-    batch = EncodedBatch(torch.cat(datas), [d.numel() for d in datas], list(paths),
-                         [nvjpeg_decodable(d) for d in datas])
-    return batch, torch.tensor(labels, dtype=torch.int64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,7 +128,7 @@ class GpuBatchTransform:
         out = []
         for img in images:
             h, w = img.shape[-2:]
-            new_h, new_w = _resized_size(h, w, p.resize_size)  # the rule Preprocess uses
+            new_h, new_w = resized_size(h, w, p.resize_size)  # the rule Preprocess uses
             x = img[None]
             x = self._resize(x, (new_h, new_w)) if (new_h, new_w) != (h, w) else x.float()
             top, left = int(round((new_h - s) / 2.0)), int(round((new_w - s) / 2.0))
@@ -285,16 +185,10 @@ def _decode_cpu(data: Tensor, path: str) -> Tensor:
         # JPEG (gray and CMYK converted to RGB, as PIL's convert("RGB") does), PNG, WebP, GIF
         image = decode_image(data, mode=ImageReadMode.RGB)
     except RuntimeError as err:
-        raise DataError(f"cannot read image {path}: {_reason(err)}") from None
+        raise DataError(f"cannot read image {path}: {reason(err)}") from None
     if image.ndim == 4:  # animated GIF: first frame
         image = image[0]
     return image if image.dtype == torch.uint8 else image.float().div_(257)  # 16-bit PNG
-
-
-def _reason(err: Exception) -> str:
-    """First line of a torchvision error, without its "function, source.cpp:LINE, " prefix."""
-    line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return re.sub(r"^\w+, \S+:\d+, ", "", line)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -387,41 +281,9 @@ def _prefetch(loader: Iterable[tuple[EncodedBatch, Tensor]],
         thread.join(timeout=60)  # the producer stops after the batch it is working on
 
 
-# --------------------------------------------------------------------------------------------------
-# build_data(..., gpu_decode=True)
-
-
 def _indexed(device: torch.device) -> torch.device:
     """cuda -> cuda:N. torchvision rebuilds its nvjpeg decoder whenever it is handed a device that
     compares unequal to the last one, and "cuda" != "cuda:0"."""
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-def _folder_samples(dataset: Dataset) -> list[tuple[str, int]]:
-    if isinstance(dataset, Subset):
-        return [dataset.dataset.samples[i] for i in dataset.indices]  # type: ignore[attr-defined]
-    return list(dataset.samples)  # type: ignore[attr-defined]
-
-
-def build_encoded_data(spec: DataSpec, preprocess: Preprocess, *, limit_train: int | None,
-                       limit_val: int | None, train_augment: bool, seed: int) -> DataBundle:
-    """The bundle build_data(..., gpu_decode=True) returns: same files, classes and seeded subsets
-    as the PIL path (the folders are read by the same code), encoded-byte datasets, and the
-    transform train() runs on the device."""
-    from . import datasets as ds
-
-    if spec.kind != "imagefolder":
-        raise DataError(f"GPU decoding reads JPEG files and needs an imagefolder data spec, not {spec}")
-    size = preprocess.image_size
-    train, classes = ds.load_split(spec, "train", None, image_size=size,  # type: ignore[arg-type]
-                                   limit=limit_train, seed=seed, download=False)
-    val, val_classes = ds.load_split(spec, "val", None, image_size=size,  # type: ignore[arg-type]
-                                     limit=limit_val, seed=seed, download=False)
-    if val_classes != classes:
-        raise DataError(ds.describe_class_mismatch(spec, classes, val_classes))
-    return DataBundle(train=EncodedImageDataset(_folder_samples(train)),
-                      val=EncodedImageDataset(_folder_samples(val)), num_classes=len(classes),
-                      classes=classes, small_images=False,
-                      gpu_transform=GpuBatchTransform(preprocess, augment=train_augment))

@@ -29,7 +29,15 @@ from typing import Any
 
 import torch
 
+from ..convert import metrics
+from ..convert.apply import raw_weight
+from ..convert.fold import FoldConfig, fold_model
+from ..convert.scaled import stored_tensor
+from ..convert.targets import iter_targets
+from ..convert.verify import VerifyConfig, make_inputs
+from ..convert.artifacts import read_jsonl
 from ..convert.errors import UserInputError
+from .rundir import METRICS, RunDir
 from .diagnostics import DYNAMICS, INITIAL, read_dynamics, unit_histogram
 
 REPORT_DIR = "report"
@@ -51,17 +59,7 @@ def sqnr_db(w: torch.Tensor, bits: int) -> float:
     x = w.detach().double().flatten()
     levels = 2 ** (bits - 1) - 1
     q = torch.round(x.clamp(-1, 1) * levels) / levels
-    noise = float(((x - q) ** 2).sum())
-    signal = float((x ** 2).sum())
-    if noise == 0:
-        return math.inf
-    if signal == 0:
-        return -math.inf
-    return 10 * math.log10(signal / noise)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return read_dynamics(path)
+    return metrics.sqnr_db(x.numpy(), q.numpy())
 
 
 def _fig():
@@ -109,12 +107,8 @@ def _per_layer_plot(series: dict, title: str, ylabel: str, path: Path, logy: boo
 
 
 def _folded_weights(model, manifest: dict, image_size: int) -> dict[str, torch.Tensor]:
-    from ..convert.fold import FoldConfig, fold_model
-    from ..convert.scaled import stored_tensor
-    from ..convert.targets import iter_targets
-    from ..convert.verify import VerifyConfig, make_inputs
 
-    cfg = FoldConfig(**manifest.get("fold", {}))
+    cfg = FoldConfig(**manifest["fold"])
     x = make_inputs((3, image_size, image_size), VerifyConfig(samples=2, seed=1234))
     result = fold_model(model, x, cfg)
     return {t.qualname: stored_tensor(m, t.tensor_name).detach()
@@ -122,8 +116,6 @@ def _folded_weights(model, manifest: dict, image_size: int) -> dict[str, torch.T
 
 
 def _raw_weights(model) -> dict[str, torch.Tensor]:
-    from ..convert.apply import raw_weight
-    from ..convert.targets import iter_targets
     return {t.qualname: raw_weight(m, t.tensor_name).detach() for t, m in iter_targets(model)}
 
 
@@ -135,14 +127,14 @@ def build_report(run_dir: Path) -> ReportResult:
     """Write ``RUN_DIR/report/`` (see the module docstring); returns what was written."""
     import matplotlib
     matplotlib.use("Agg", force=True)
-    from .run import METRICS, load_run
 
     run_dir = Path(run_dir)
-    manifest, model, pre = load_run(run_dir)  # raises UserInputError for a non-run directory
+    loaded, model, pre = RunDir(run_dir).load()  # raises UserInputError for a non-run directory
+    manifest = loaded.to_dict()
     out = run_dir / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     res = ReportResult(out=out, html=out / "report.html")
-    metrics = _read_jsonl(run_dir / METRICS)
+    metrics = read_jsonl(run_dir / METRICS)
     steps = [m for m in metrics if "step" in m]
     epochs = [m for m in metrics if "train_loss" in m]
     # After a resume the steps since the last checkpoint are logged again: keep the latest.
@@ -153,7 +145,28 @@ def build_report(run_dir: Path) -> ReportResult:
         initial = json.loads((run_dir / INITIAL).read_text(encoding="utf-8"))
     captions: dict[str, str] = {}
 
-    # -- curves ---------------------------------------------------------------------------------
+    _curves(res, captions, steps, epochs)
+    _dynamics(res, captions, dyn)
+    after = _raw_weights(model)
+    try:
+        folded = _folded_weights(model, manifest, pre.image_size)
+    except Exception as err:  # the report should still show what it can
+        folded = {}
+        res.notes.append(f"fold failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    _histograms(res, captions, after, folded, initial, "after fine-tuning" if epochs else "checkpoint")
+    _layers(res, captions, after, folded, dyn[-1]["layers"] if dyn else {})
+
+    summary = {"run_dir": str(run_dir), "model": manifest.get("model"),
+               "scheme": manifest.get("scheme"), "final": res.final, "layers": res.layers,
+               "notes": res.notes}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))
+    res.html.write_text(_html(manifest, res, captions), encoding="utf-8")
+    return res
+
+
+def _curves(res: ReportResult, captions: dict, steps: list[dict], epochs: list[dict]) -> None:
+    """Loss and accuracy curves from metrics.jsonl."""
+    out = res.out
     if steps or epochs:
         fig = _fig()
         ax = fig.add_subplot()
@@ -186,7 +199,10 @@ def build_report(run_dir: Path) -> ReportResult:
     else:
         res.notes.append("no epoch records in metrics.jsonl (the run did not train)")
 
-    # -- dynamics -------------------------------------------------------------------------------
+
+def _dynamics(res: ReportResult, captions: dict, dyn: list[dict]) -> None:
+    """Per-layer ||W||, effective learning rate and ||W||/||g|| from dynamics.jsonl."""
+    out = res.out
     if dyn:
         res.figures.append(_per_layer_plot(_layer_series(dyn, "w_norm"), "Raw weight norm ||W||",
                                            "||W||", out / "weight_norm.png"))
@@ -214,15 +230,12 @@ def build_report(run_dir: Path) -> ReportResult:
     else:
         res.notes.append("no dynamics.jsonl: train with --diagnostics K for per-layer dynamics")
 
-    # -- weights --------------------------------------------------------------------------------
-    after = _raw_weights(model)
-    try:
-        folded = _folded_weights(model, manifest, pre.image_size)
-    except Exception as err:  # the report should still show what it can
-        folded = {}
-        res.notes.append(f"fold failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+
+def _histograms(res: ReportResult, captions: dict, after: dict, folded: dict, initial: dict | None,
+                after_label: str) -> None:
+    """Weight histograms before and after fine-tuning, and of the folded model's stored values."""
+    out = res.out
     bins = initial["bins"] if initial else 64
-    after_label = "after fine-tuning" if epochs else "checkpoint"
     hists = {after_label: _sum_hists([unit_histogram(w, bins) for w in after.values()])}
     if initial:
         hists = {"before fine-tuning": _sum_hists(list(initial["layers"].values())), **hists}
@@ -248,7 +261,10 @@ def build_report(run_dir: Path) -> ReportResult:
                                   "tensor's max |W|, before and after fine-tuning, and the values "
                                   "the folded model stores.")
 
-    last = dyn[-1]["layers"] if dyn else {}
+
+def _layers(res: ReportResult, captions: dict, after: dict, folded: dict, last: dict) -> None:
+    """The per-layer rows of the summary, and the SQNR of the folded weights at 8 and 4 bits."""
+    out = res.out
     for name, w in after.items():
         row: dict[str, Any] = {"layer": name, "numel": int(w.numel()),
                                "w_norm": float(torch.linalg.vector_norm(w.float())),
@@ -277,13 +293,6 @@ def build_report(run_dir: Path) -> ReportResult:
         res.figures.append(_save(fig, out / "sqnr.png"))
         captions["sqnr.png"] = ("10·log10(||w||² / ||w − q(w)||²) of each stored tensor on the "
                                 "symmetric 8- and 4-bit grids over [-1, 1].")
-
-    summary = {"run_dir": str(run_dir), "model": manifest.get("model"),
-               "scheme": manifest.get("scheme"), "final": res.final, "layers": res.layers,
-               "notes": res.notes}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))
-    res.html.write_text(_html(manifest, res, captions), encoding="utf-8")
-    return res
 
 
 def _json_default(x: Any) -> Any:

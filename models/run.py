@@ -1,46 +1,35 @@
-"""A run: the job behind ``wnconvert finetune``, and loading a run directory back.
-
-Run directory (all written atomically):
-
-* ``manifest.json``  model, weights, data, scheme/fold/export/verify/train configs, preprocessing,
-  library versions, sha256 of each artifact. Written first (status ``running``) and last.
-* ``checkpoint.safetensors``  the reparametrized state (raw weights, gains, BN statistics).
-* ``model.onnx``  fp32, input NCHW float32 already normalized per ``preprocess``, output logits.
-* ``report.json``  what was reparametrized, the step-0 deviation, the fold certificate, weight
-  ranges and parity (and the ONNX accuracy when data was given).
-* ``metrics.jsonl``  one JSON object per line: training steps and epochs.
-* ``train/last.pt``, ``train/best.pt``  training checkpoints (resume).
-"""
+"""A run: the job behind ``wnconvert finetune`` (and its resumption). The files it writes are
+described in :mod:`wnconvert.models.rundir`."""
 
 from __future__ import annotations
 
 import copy
 import datetime as _dt
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from wnconvert.convert.apply import apply_scheme, max_step0_deviation
-from wnconvert.convert.artifacts import (atomic_path, check_output_dir, ensure_writable_dir,
-                                         read_json, sha256, write_json)
+from wnconvert.convert.artifacts import check_output_dir, ensure_writable_dir
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.export import ExportConfig
 from wnconvert.convert.fold import FoldConfig
+from wnconvert.convert.metrics import topk_correct
 from wnconvert.convert.pipeline import ONNX_NAME, ConversionResult, convert, require_parity
+from wnconvert.convert.runtime import run_onnx
 from wnconvert.convert.schemes import SchemeConfig
 from wnconvert.convert.verify import VerifyConfig, make_inputs
 
 from . import distributed
-from .data import Preprocess, default_preprocess, parse_data_spec
+from .data import DataBundle, Preprocess, build_data, default_preprocess, eval_arrays, parse_data_spec
+from .optim import SCRATCH_DEFAULTS
+from .rundir import CHECKPOINT, MANIFEST, METRICS, REPORT, Manifest, RunDir  # noqa: F401 (re-exported)
+from .train import TrainConfig, train
 from .zoo import BuiltModel, build_model, fixed_image_size, min_image_size
 
-MANIFEST = "manifest.json"
-REPORT = "report.json"
-CHECKPOINT = "checkpoint.safetensors"
-METRICS = "metrics.jsonl"
 
 
 @dataclass
@@ -59,15 +48,20 @@ class RunConfig:
     fold: FoldConfig = field(default_factory=FoldConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
-    train: object | None = None      # models.train.TrainConfig; None for --epochs 0
+    train: TrainConfig | None = None  # None for --epochs 0
     no_export: bool = False
     overwrite: bool = False
+    offline: bool | None = None      # None: WNCONVERT_OFFLINE decides whether weights may be downloaded
+
+    def __post_init__(self) -> None:
+        if self.verify.samples < 1:
+            raise UserInputError("--samples must be at least 1")
 
 
 @dataclass
 class RunSummary:
     out: Path
-    manifest: dict
+    manifest: Manifest
     report: dict
     conversion: ConversionResult | None
 
@@ -102,18 +96,6 @@ def resolve_preprocess(cfg: RunConfig, built: BuiltModel) -> Preprocess:
     return Preprocess(size, max(resize, size), built.mean, built.std)
 
 
-def _state_for_file(model: nn.Module) -> dict[str, torch.Tensor]:
-    # safetensors refuses shared or non-contiguous storage; clone every tensor.
-    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-
-
-def save_checkpoint(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file(_state_for_file(model), str(tmp))
-
-
 def run_finetune(cfg: RunConfig, console=None, resume: bool = False) -> RunSummary:
     out = check_output_dir(cfg.out)
     if cfg.train is not None:  # bad settings fail before anything is built or written
@@ -121,18 +103,7 @@ def run_finetune(cfg: RunConfig, console=None, resume: bool = False) -> RunSumma
     if (out / MANIFEST).exists() and not (resume or cfg.overwrite):
         raise UserInputError(f"{out} already holds a run; use --resume to continue it, "
                              "--overwrite to replace it, or another --out")
-    built = build_model(cfg.model, cfg.weights if not resume else "none", cfg.num_classes)
-    data = None
-    if cfg.data and (cfg.train is not None or not cfg.no_export):
-        from .data import build_data
-        preprocess = resolve_preprocess(cfg, built)
-        data = build_data(cfg.data, preprocess, limit_train=cfg.limit_train,
-                          limit_val=cfg.limit_val, download=cfg.download, gpu_decode=cfg.gpu_decode)
-        if data.num_classes != built.num_classes:
-            if cfg.num_classes:
-                raise UserInputError(f"--num-classes {cfg.num_classes} does not match the "
-                                     f"{data.num_classes} classes of {cfg.data}")
-            built = build_model(cfg.model, cfg.weights if not resume else "none", data.num_classes)
+    built, data = _model_and_data(cfg, resume)
     preprocess = resolve_preprocess(cfg, built)
     if cfg.train is not None and built.weights == "none" and not resume:
         cfg.train = from_scratch_defaults(cfg.train)
@@ -147,28 +118,19 @@ def run_finetune(cfg: RunConfig, console=None, resume: bool = False) -> RunSumma
     rank = distributed.info()
     if rank.is_main:
         ensure_writable_dir(out)
-    manifest = {
-        "status": "running",
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": cfg.model, "weights": built.weights, "num_classes": built.num_classes,
-        "data": cfg.data, "limit_train": cfg.limit_train, "limit_val": cfg.limit_val,
-        "gpu_decode": cfg.gpu_decode,
-        "preprocess": preprocess.to_dict(),
-        "input": {"name": "input", "layout": "NCHW", "dtype": "float32",
-                  "shape": ["batch", *shape], "normalized": True},
-        "output": {"name": "logits", "shape": ["batch", built.num_classes]},
-        "scheme": asdict(cfg.scheme), "fold": asdict(cfg.fold), "export": asdict(cfg.export),
-        "verify": asdict(cfg.verify),
-        "train": cfg.train.to_dict() if cfg.train is not None else None,
-        "versions": versions(), "artifacts": {},
-    }
+    manifest = Manifest(
+        model=cfg.model, num_classes=built.num_classes, preprocess=preprocess, weights=built.weights,
+        data=cfg.data, limit_train=cfg.limit_train, limit_val=cfg.limit_val,
+        gpu_decode=cfg.gpu_decode, scheme=cfg.scheme, fold=cfg.fold, export=cfg.export,
+        verify=cfg.verify, train=cfg.train,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), versions=versions())
+    run = RunDir(out)
     if rank.is_main:
-        write_json(out / MANIFEST, manifest)
-        (out / METRICS).touch()  # every run directory has one; empty when nothing was trained
+        run.write_manifest(manifest)
+        run.metrics_path.touch()  # every run directory has one; empty when nothing was trained
     report: dict = {"apply": apply_report.to_dict(), "step0_rel_deviation": step0}
 
     if cfg.train is not None and getattr(cfg.train, "epochs", 0) > 0:
-        from .train import train
         result = train(model, data, cfg.train, out, resume=resume,
                        console=console if rank.is_main else None)
         report["training"] = {"initial": result.initial, "best_top1": result.best_top1,
@@ -177,7 +139,7 @@ def run_finetune(cfg: RunConfig, console=None, resume: bool = False) -> RunSumma
     if not rank.is_main:  # under torchrun, rank 0 alone writes and converts
         return RunSummary(out, manifest, report, None)
     model = model.cpu().eval()
-    save_checkpoint(model, out / CHECKPOINT)
+    run.save_model_state(model)
 
     conversion = None
     if not cfg.no_export:
@@ -187,19 +149,43 @@ def run_finetune(cfg: RunConfig, console=None, resume: bool = False) -> RunSumma
         report.update(conversion.to_dict())
         if data is not None:
             report["onnx_accuracy"] = onnx_accuracy(out / ONNX_NAME, cfg.data, preprocess, cfg.limit_val)
-    write_json(out / REPORT, report)
-    finish_manifest(out, manifest)
+    run.write_report(report)  # a new (or resumed) run starts its report afresh
+    run.finish(manifest)
     if conversion is not None:
         require_parity(conversion)
     return RunSummary(out, manifest, report, conversion)
 
 
+def _model_and_data(cfg: RunConfig, resume: bool) -> tuple[BuiltModel, DataBundle | None]:
+    """The model (its head sized to the data's classes unless --num-classes says otherwise) and,
+    when the run trains or measures accuracy, the data."""
+    weights = cfg.weights if not resume else "none"
+    built = build_model(cfg.model, weights, cfg.num_classes, offline=cfg.offline)
+    if not cfg.data or (cfg.train is None and cfg.no_export):
+        return built, None
+    data = build_data(cfg.data, resolve_preprocess(cfg, built), limit_train=cfg.limit_train,
+                      limit_val=cfg.limit_val, download=cfg.download, gpu_decode=cfg.gpu_decode)
+    if data.num_classes != built.num_classes:
+        if cfg.num_classes:
+            raise UserInputError(f"--num-classes {cfg.num_classes} does not match the "
+                                 f"{data.num_classes} classes of {cfg.data}")
+        built = build_model(cfg.model, weights, data.num_classes, offline=cfg.offline)
+    return built, data
+
+
+def finetune_run(cfg: RunConfig, console=None, resume: bool = False) -> RunSummary | None:
+    """:func:`run_finetune`, under torchrun on every rank (a plain call outside it); the summary
+    on rank 0, None on the others."""
+    rank = distributed.init_distributed()  # a no-op outside torchrun
+    try:
+        summary = run_finetune(cfg, console=console, resume=resume)
+    finally:
+        distributed.cleanup()
+    return summary if rank.is_main else None
+
+
 def from_scratch_defaults(train_cfg):
     """Fill an unset lr / weight decay with the from-scratch defaults (docs/training.md)."""
-    from dataclasses import replace
-
-    from .optim import SCRATCH_DEFAULTS
-
     d = SCRATCH_DEFAULTS.get(train_cfg.optimizer)
     if d is None:
         return train_cfg
@@ -207,64 +193,43 @@ def from_scratch_defaults(train_cfg):
                    weight_decay=d.weight_decay if train_cfg.weight_decay is None else train_cfg.weight_decay)
 
 
-def finish_manifest(out: Path, manifest: dict) -> None:
-    manifest["status"] = "complete"
-    manifest["artifacts"] = {p.name: sha256(p) for p in sorted(out.iterdir())
-                             if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
-    write_json(out / MANIFEST, manifest)
-
-
 def onnx_accuracy(path: Path, data: str, preprocess: Preprocess, limit: int | None,
                   batch: int = 256) -> dict:
     """Top-1/top-5 of an ONNX file in onnxruntime on the validation split, fed with ``preprocess``."""
-    import numpy as np
-
-    from wnconvert.convert.verify import ort_session
-
-    from .data import eval_arrays
-
     images, labels = eval_arrays(data, preprocess, limit=limit)
-    sess = ort_session(path)
-    name = sess.get_inputs()[0].name
-    top1 = top5 = 0
-    for i in range(0, len(images), batch):
-        logits = sess.run(None, {name: images[i:i + batch]})[0]
-        order = np.argsort(-logits, axis=1)[:, :5]
-        y = labels[i:i + batch]
-        top1 += int((order[:, 0] == y).sum())
-        top5 += int((order == y[:, None]).any(axis=1).sum())
+    top1, top5 = topk_correct(run_onnx(path, images, batch=batch), labels)
     n = max(len(images), 1)
     return {"images": len(images), "top1": top1 / n, "top5": top5 / n}
 
 
 # -- loading a run directory back ---------------------------------------------------------------
 
-def load_manifest(run_dir: Path) -> dict:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserInputError(f"{run_dir} is not a run directory")
-    if not (run_dir / MANIFEST).exists():
-        raise UserInputError(f"{run_dir} has no {MANIFEST}; is it a wnconvert run directory?")
-    return read_json(run_dir / MANIFEST)
+def load_manifest(run_dir: Path) -> Manifest:
+    return RunDir(run_dir).manifest()
 
 
-def load_run(run_dir: Path) -> tuple[dict, nn.Module, Preprocess]:
+def load_run(run_dir: Path) -> tuple[Manifest, nn.Module, Preprocess]:
     """The manifest, the reparametrized model with its checkpoint loaded, and its preprocessing."""
-    from .zoo import load_into, load_state_file
+    return RunDir(run_dir).load()
 
-    manifest = load_manifest(run_dir)
-    try:
-        scheme = SchemeConfig(**{k: tuple(v) if k == "exclude" else v
-                                 for k, v in manifest["scheme"].items()})
-        built = build_model(manifest["model"], "none", manifest["num_classes"])
-        preprocess = Preprocess.from_dict(manifest["preprocess"])
-    except KeyError as e:
-        raise UserInputError(f"{run_dir}/{MANIFEST} lacks {e}") from None
-    model = built.model.eval()
-    apply_scheme(model, scheme)
-    state = load_state_file(Path(run_dir) / CHECKPOINT)
-    own = model.state_dict()
-    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
-        raise UserInputError(f"{run_dir}/{CHECKPOINT} does not match the model in {MANIFEST}")
-    load_into(model, state)
-    return manifest, model, preprocess
+
+def resume_config(run_dir: Path) -> RunConfig:
+    """The configuration that continues the training run in ``run_dir`` from its last checkpoint."""
+    m = load_manifest(run_dir)
+    if m.train is None:
+        raise UserInputError(f"{run_dir} was not a training run; nothing to resume")
+    return RunConfig(
+        model=m.model, out=Path(run_dir), weights="none", num_classes=m.num_classes, data=m.data,
+        image_size=m.preprocess.image_size, limit_train=m.limit_train, limit_val=m.limit_val,
+        gpu_decode=m.gpu_decode, scheme=m.scheme, fold=m.fold, export=m.export, verify=m.verify,
+        train=m.train)
+
+
+def training_epochs(epochs: int | None, data: str | None) -> int:
+    """``--epochs``: 5 with data and 0 (convert only) without, unless given; training needs data."""
+    epochs = (5 if data else 0) if epochs is None else epochs
+    if epochs < 0:
+        raise UserInputError("--epochs must be >= 0")
+    if epochs > 0 and not data:
+        raise UserInputError("training needs --data (or use --epochs 0 to convert only)")
+    return epochs

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
 import pytest
 import torch
 import torchvision
+from onnx import numpy_helper
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -134,3 +137,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def scale_first_dequantized_weight(path, factor: float) -> None:
+    """Multiply the scale of the first initializer-fed DequantizeLinear of the ONNX file ``path``."""
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits)
+    scale = inits[dq.input[1]]
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float32(factor), scale.name))
+    onnx.save(model, str(path))

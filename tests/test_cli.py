@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from helpers import randomize
 from wnconvert.cli.main import app
-from wnconvert.convert.verify import run_onnx
+from wnconvert.convert.runtime import run_onnx
 
 runner = CliRunner()
 
@@ -74,7 +74,7 @@ def test_finetune_epochs0_reproduces_original(sd_files, tmp_path, name, scheme, 
     with torch.no_grad():
         ref = reparam(x).numpy()
     for opt in (False, True):
-        got = run_onnx(out / "model.onnx", x.numpy(), opt)
+        got = run_onnx(out / "model.onnx", x.numpy(), optimized=opt)
         assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
         assert (got.argmax(1) == ref.argmax(1)).all()
     # every Conv/Gemm/MatMul weight initializer in [-1, 1]
@@ -91,7 +91,7 @@ def test_safetensors_weights_and_parity_against_original(sd_files, tmp_path):
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         ref = original(x).numpy()
-    got = run_onnx(out / "model.onnx", x.numpy(), True)
+    got = run_onnx(out / "model.onnx", x.numpy())
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
 
 

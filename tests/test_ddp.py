@@ -71,7 +71,7 @@ WORKER = textwrap.dedent(f"""
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.1)
-    config = TrainConfig(epochs=2, batch_size=4, lr=0.05, workers=0, log_every=1, device="cpu",
+    config = TrainConfig(epochs=2, batch_size=4, optimizer="sgd", lr=0.05, workers=0, log_every=1, device="cpu",
                          wd_mode="eps-shifted")
     result = train(model, Bundle(train_set, val_set), config, out / "run")
     again = evaluate(model, val_set, batch_size=3)

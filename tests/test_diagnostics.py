@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _train(tmp_path, scheme="layer-max", **kw):
     model = tiny_net()
     apply_scheme(model, SchemeConfig(scheme))
-    cfg = dict(epochs=1, batch_size=8, lr=0.05, weight_decay=5e-4, device="cpu", workers=0,
+    cfg = dict(epochs=1, batch_size=8, optimizer="sgd", lr=0.05, weight_decay=5e-4, device="cpu", workers=0,
                log_every=0, diagnostics=1)
     cfg.update(kw)
     train(model, tiny_data(), TrainConfig(**cfg), tmp_path)
@@ -81,7 +81,7 @@ def test_grid_changed_with_weight_bits(tmp_path):
     from wnconvert.convert.apply import reparametrized
     for _, _, p in reparametrized(model):
         p.weight_bits = 4  # what a QAT parametrization carries
-    train(model, tiny_data(), TrainConfig(epochs=1, batch_size=8, lr=0.05, device="cpu", workers=0,
+    train(model, tiny_data(), TrainConfig(epochs=1, batch_size=8, optimizer="sgd", lr=0.05, device="cpu", workers=0,
                                           log_every=0, diagnostics=2), tmp_path)
     recs = read_dynamics(tmp_path / DYNAMICS)
     assert report.applied and recs

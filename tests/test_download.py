@@ -191,16 +191,17 @@ def run_cli(*args, env):
                           timeout=120)
 
 
-@pytest.mark.parametrize("case", ["offline", "closed-port"])
+@pytest.mark.parametrize("case", ["offline", "--offline", "closed-port"])
 def test_cli_one_line_and_exit_2(tmp_path, case):
     base = f"http://127.0.0.1:{closed_port()}/m"
     env = {"PATH": "/usr/bin:/bin", "TORCH_HOME": str(tmp_path / "torch"), "no_proxy": "127.0.0.1",
            download.BASE_URL_ENV: base, download.OFFLINE_ENV: "1" if case == "offline" else "0"}
-    p = run_cli("finetune", "resnet18", "--epochs", 0, "--out", tmp_path / "o", env=env)
+    flag = ["--offline"] if case == "--offline" else []
+    p = run_cli("finetune", "resnet18", "--epochs", 0, "--out", tmp_path / "o", *flag, env=env)
     assert p.returncode == 2, p.stderr
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in p.stderr and p.stdout == ""
-    needle = "downloads are off" if case == "offline" else "Connection refused"
+    needle = "Connection refused" if case == "closed-port" else "downloads are off"
     folder = tmp_path / "torch" / "hub" / "checkpoints"
     for n in (needle, f"{base}/resnet18-f37072fd.pth", str(folder)):
         assert n in err[0], err[0]

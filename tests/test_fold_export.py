@@ -17,7 +17,8 @@ from wnconvert.convert.fold import FoldConfig, fold_model
 from wnconvert.convert.onnx_ranges import check_unit_range, weight_ranges
 from wnconvert.convert.pipeline import convert
 from wnconvert.convert.schemes import SchemeConfig
-from wnconvert.convert.verify import VerifyConfig, run_onnx
+from wnconvert.convert.runtime import run_onnx
+from wnconvert.convert.verify import VerifyConfig
 
 SCHEMES = ["layer-max", "channel-max", "weight-std", "weight-norm", "none"]
 

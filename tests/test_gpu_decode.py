@@ -295,7 +295,7 @@ def test_train_with_gpu_decode(folder: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
-    config = TrainConfig(epochs=1, batch_size=4, lr=0.05, workers=0, log_every=1, device="cpu")
+    config = TrainConfig(epochs=1, batch_size=4, optimizer="sgd", lr=0.05, workers=0, log_every=1, device="cpu")
     result = train(model, bundle, config, tmp_path / "run")
     assert len(result.history) == 1 and math.isfinite(result.history[0].train_loss)
     assert (tmp_path / "run" / "train" / "last.pt").is_file()

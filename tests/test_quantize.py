@@ -8,9 +8,14 @@ import pytest
 from onnx import TensorProto, numpy_helper
 from typer.testing import CliRunner
 
+from helpers import scale_first_dequantized_weight
 from test_data import write_fashion
 from wnconvert.cli.main import app
-from wnconvert.convert.quantize import compare_logits, run_file
+from wnconvert.convert.metrics import compare_logits
+from wnconvert.convert.quant_check import QuantThresholds
+from wnconvert.convert.runtime import run_onnx
+from wnconvert.models.run_export import export_precision
+from wnconvert.models.run_verify import VerifyRequest, verify_run
 
 runner = CliRunner()
 
@@ -68,8 +73,7 @@ def _report(run):
 @pytest.mark.parametrize("which", ["lm", "cm"])
 def test_int4_weights_only_is_lossless(which, run_lm4, run_cm4):
     run = run_lm4 if which == "lm" else run_cm4
-    r = invoke("export", run, "--precision", "int4", "--json")
-    assert r.exit_code == 0, r.output
+    export_precision(run, "int4")
     path = run / "model.int4.onnx"
     model, dqs = _dq_weights(path)
     assert any(o.version == 21 for o in model.opset_import if o.domain in ("", "ai.onnx"))
@@ -91,7 +95,7 @@ def test_int4_weights_only_is_lossless(which, run_lm4, run_cm4):
         assert np.array_equal(q, np.round(w * 7))
         assert np.abs(w * 7 - q).max() <= 1e-5  # the fp32 weights are on the grid
     x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
-    ref, out = run_file(run / "model.onnx", x), run_file(path, x)
+    ref, out = run_onnx(run / "model.onnx", x), run_onnx(path, x)
     assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
     entry = _report(run)["quantized"]["int4"]
     assert entry["lossless_check"]["passed"] and entry["exact_weights"] == len(dqs)
@@ -132,7 +136,7 @@ def test_int8_static_qdq(run_cm4, fashion):
     assert 0.0 <= entry["vs_fp32"]["top1_agreement"] <= 1.0
     assert entry["vs_fp32"]["cosine_mean"] > 0.9 and np.isfinite(entry["vs_fp32"]["sqnr_db"])
     x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
-    assert run_file(path, x).shape == (2, 10)
+    assert run_onnx(path, x).shape == (2, 10)
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +176,7 @@ def test_int8_folds_batchnorm_into_quantized_convs(run_plain, fashion, act_type)
 def test_folded_grid_stays_exact_per_channel():
     """A [-1, 1] grid times a per-channel factor (BatchNorm folded in) is recovered exactly; a
     weight off any coarse grid is not claimed."""
-    from wnconvert.convert.quantize import _grid_integers
+    from wnconvert.convert.quantize.grid import grid_integers as _grid_integers
 
     rng = np.random.default_rng(0)
     k = rng.integers(-7, 8, size=(16, 9))
@@ -192,7 +196,7 @@ def test_fp16_runs(run_lm4):
     m = onnx.load(str(path))
     assert any(i.data_type == TensorProto.FLOAT16 for i in m.graph.initializer)
     x = np.random.default_rng(2).standard_normal((4, 3, 32, 32)).astype(np.float32)
-    c = compare_logits(run_file(run_lm4 / "model.onnx", x), run_file(path, x))
+    c = compare_logits(run_onnx(run_lm4 / "model.onnx", x), run_onnx(path, x))
     assert c["cosine_min"] > 0.999
     assert "fp16" in _report(run_lm4)["quantized"]
 
@@ -260,9 +264,9 @@ def _verify_json(*args):
 
 
 def test_verify_checks_every_artifact_under_its_contract(exported, fashion):
-    r, d = _verify_json(exported, "--data", fashion, "--limit", 16, "--min-agreement", 0, "--min-sqnr", 0)
-    assert r.exit_code == 0, r.output
-    assert d["passed"] and set(d["candidates"]) == {"onnx-ort-no-opt", "onnx-ort-opt"}
+    out = verify_run(exported, VerifyRequest(data=fashion, limit=16, thresholds=QuantThresholds(0, 0)))
+    d = json.loads(json.dumps(out.result))
+    assert out.passed and d["passed"] and set(d["candidates"]) == {"onnx-ort-no-opt", "onnx-ort-opt"}
     q = d["quantized"]
     assert set(q) == {"int4", "int8"}
     # int4 weights-only of a 4-bit run: the trained model's own tolerance, opt off and on
@@ -292,13 +296,7 @@ def test_verify_catches_a_wrong_int4_scale(exported, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(exported, run)
-    path = run / "model.int4.onnx"
-    model = onnx.load(str(path))
-    inits = {i.name: i for i in model.graph.initializer}
-    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits)
-    scale = inits[dq.input[1]]
-    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float32(1.25), scale.name))
-    onnx.save(model, str(path))
+    scale_first_dequantized_weight(run / "model.int4.onnx", 1.25)
     r = invoke("verify", run, "--precision", "int4")
     assert r.exit_code == 3, r.output
     assert "int4: onnx-ort" in r.output

@@ -12,32 +12,26 @@ from pathlib import Path
 import numpy as np
 
 from wnconvert.convert.errors import UserInputError
+from wnconvert.convert.metrics import topk_correct
+from wnconvert.convert.runtime import ort_session, session_runner
 
 from .data import Preprocess, default_preprocess, eval_arrays
-from .run import CHECKPOINT, MANIFEST, load_manifest, load_run
-
-
-def _topk(logits: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
-    order = np.argsort(-logits, axis=1)[:, :5]
-    return int((order[:, 0] == labels).sum()), int((order == labels[:, None]).any(axis=1).sum())
+from .rundir import CHECKPOINT, MANIFEST, RunDir
 
 
 def _onnx_runner(path: Path, provider: str):
-    from wnconvert.convert.verify import ort_session
-
     sess = ort_session(path, provider=provider)
-    name = sess.get_inputs()[0].name
-    return sess, (lambda x: sess.run(None, {name: x})[0]), sess.get_providers()[0]
+    return session_runner(sess), sess.get_providers()[0]
 
 
 def _preprocess_for(artifact: Path, spec: str, image_size: int | None) -> tuple[Preprocess, Path | None]:
     run_dir = artifact if artifact.is_dir() else artifact.parent
     if (run_dir / MANIFEST).exists():
-        return Preprocess.from_dict(load_manifest(run_dir)["preprocess"]), run_dir
+        return RunDir(run_dir).manifest().preprocess, run_dir
     return default_preprocess(spec, image_size), None
 
 
-def evaluate(artifact: Path, data: str, *, limit: int | None = None, batch: int = 64,
+def artifact_accuracy(artifact: Path, data: str, *, limit: int | None = None, batch: int = 64,
              provider: str = "cpu") -> dict:
     """Top-1, top-5 and images/s of ``artifact`` on the validation split of ``data``.
 
@@ -63,14 +57,14 @@ def evaluate(artifact: Path, data: str, *, limit: int | None = None, batch: int 
     pre, run_dir = _preprocess_for(artifact, data, image_size)
     images, labels = eval_arrays(data, pre, limit=limit)
     if is_onnx:
-        _, run, backend = _onnx_runner(artifact, provider)
+        run, backend = _onnx_runner(artifact, provider)
         backend = f"onnxruntime/{backend}"
     else:
         import torch
 
         if run_dir is None:
             raise UserInputError(f"{artifact} is not a run directory (no {MANIFEST})")
-        _, model, _ = load_run(run_dir)
+        _, model, _ = RunDir(run_dir).load()
         if provider == "cuda" and not torch.cuda.is_available():
             raise UserInputError("--provider cuda: PyTorch sees no CUDA device here")
         device = provider
@@ -85,7 +79,7 @@ def evaluate(artifact: Path, data: str, *, limit: int | None = None, batch: int 
     t0 = time.perf_counter()
     for i in range(0, len(images), batch):
         logits = run(np.ascontiguousarray(images[i:i + batch]))
-        a, b = _topk(logits, labels[i:i + batch])
+        a, b = topk_correct(logits, labels[i:i + batch])
         top1, top5 = top1 + a, top5 + b
     seconds = time.perf_counter() - t0
     n = max(len(images), 1)

@@ -1,0 +1,32 @@
+"""``wnconvert eval ARTIFACT --data SPEC``: accuracy and speed of an ONNX file or a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import handle_errors
+from .options import Provider, value
+from .render import JsonOpt, console, print_json
+
+
+@handle_errors
+def eval_command(
+    artifact: Path = typer.Argument(..., help="An .onnx file, a run directory or its checkpoint.safetensors."),
+    data: str = typer.Option(..., help="Data spec, e.g. fashion-mnist:PATH (validation split)."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate a fixed random subset of N images."),
+    batch_size: int = typer.Option(64, help="Batch size."),
+    provider: Provider = typer.Option("cpu", help="onnxruntime provider, or PyTorch device."),
+    json_out: bool = JsonOpt,
+):
+    """Top-1 / top-5 and images/s of a checkpoint (PyTorch) or an ONNX file (onnxruntime)."""
+    from wnconvert.models.accuracy import artifact_accuracy
+
+    res = artifact_accuracy(artifact, data, limit=limit, batch=batch_size, provider=value(provider))
+    if json_out:
+        print_json(res)
+        return
+    console.print(f"{res['artifact']} on {res['images']} images of {res['data']} ({res['backend']}): "
+                  f"top-1 {res['top1']:.4f}, top-5 {res['top5']:.4f}, {res['images_per_s']:.1f} images/s")

@@ -1,0 +1,129 @@
+"""``wnconvert finetune MODEL``: build, reparametrize, train, fold, export and verify a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+
+from wnconvert.convert.fold import FoldConfig
+from wnconvert.convert.schemes import SchemeConfig
+from wnconvert.convert.verify import VerifyConfig
+from wnconvert.models.train import TrainConfig
+
+from .config_option import ConfigOpt
+from .errors import handle_errors
+from .options import (Bn, Gain, Granularity, Optimizer, ScaleGrad, Schedule, Scheme, WdMode, default,
+                      value)
+from .render import JsonOpt, certificate_table, console, parity_table, print_json
+
+
+# Long only by its option list (one line per option); the body is parsing and one library call.
+@handle_errors
+def finetune(
+    model: str = typer.Argument(..., help="torchvision model name, e.g. resnet50 (see `wnconvert models`)."),
+    scheme: Scheme = typer.Option(default(SchemeConfig, "scheme"), help="Weight-range scheme (see `wnconvert schemes`)."),
+    weights: str = typer.Option("DEFAULT", help="DEFAULT, a torchvision weights name, a .pth/.pt/.safetensors state_dict, or none."),
+    num_classes: Optional[int] = typer.Option(None, help="Replace the classifier head when it differs from the weights'."),
+    data: Optional[str] = typer.Option(None, help="imagefolder:PATH | cifar10:PATH | cifar100:PATH | fashion-mnist[:PATH] | synthetic[:K]"),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs (default 5 with --data, 0 without: apply, fold, export, verify only)."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/MODEL-SCHEME)."),
+    gain: Gain = typer.Option(default(SchemeConfig, "gain"), help="none: the raw divide, changes the function."),
+    scale_grad: ScaleGrad = typer.Option(default(SchemeConfig, "scale_grad"), help="Gradient through max/norm (full), or the scale as a constant (detach)."),
+    exclude: Optional[List[str]] = typer.Option(None, help="Leave layers matching this name pattern alone (repeatable)."),
+    skip_depthwise: bool = typer.Option(default(SchemeConfig, "skip_depthwise"), help="Leave depthwise convs unreparametrized."),
+    weight_bits: Optional[int] = typer.Option(None, help="Fake-quantize N(W) to the symmetric B-bit grid on [-1, 1] during training (2..8; layer-max / channel-max)."),
+    bn: Bn = typer.Option(default(FoldConfig, "bn"), help="keep: absorb scales into BatchNorm | fold: fold BatchNorm into the weights"),
+    granularity: Granularity = typer.Option(default(FoldConfig, "granularity"), help="Scale granularity where the fold re-normalizes."),
+    image_size: Optional[int] = typer.Option(None, help="Input resolution (default: the data's or the weights')."),
+    limit_train: Optional[int] = typer.Option(None, help="Use a fixed random subset of N training images."),
+    limit_val: Optional[int] = typer.Option(None, help="Use a fixed random subset of N validation images."),
+    download: bool = typer.Option(False, help="Let torchvision download CIFAR into the given path."),
+    gpu_decode: bool = typer.Option(False, "--gpu-decode", help="Decode JPEGs and augment on the GPU (nvjpeg); imagefolder data only."),
+    batch_size: int = typer.Option(default(TrainConfig, "batch_size"), help="Per-process batch size."),
+    optimizer: Optimizer = typer.Option(default(TrainConfig, "optimizer"), help="See docs/training.md for why adamw is the default."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default per optimizer, see docs/training.md)."),
+    momentum: float = typer.Option(default(TrainConfig, "momentum")),
+    nesterov: bool = typer.Option(default(TrainConfig, "nesterov")),
+    weight_decay: Optional[float] = typer.Option(None, help="Default per optimizer."),
+    wd_mode: WdMode = typer.Option(default(TrainConfig, "wd_mode"), help="Weight decay of the reparametrized weights."),
+    wd_eps: Optional[float] = typer.Option(None, help="ε of the ε-shifted decay ½λ(‖W‖−ε)²."),
+    warmup_epochs: float = typer.Option(default(TrainConfig, "warmup_epochs")),
+    schedule: Schedule = typer.Option(default(TrainConfig, "schedule"), help="After warmup: cosine (to 0) or constant."),
+    label_smoothing: float = typer.Option(default(TrainConfig, "label_smoothing")),
+    grad_clip: Optional[float] = typer.Option(None, help="Clip the global gradient norm."),
+    device: str = typer.Option(default(TrainConfig, "device"), help="auto | cpu | cuda | cuda:N"),
+    amp: bool = typer.Option(default(TrainConfig, "amp"), help="bf16 autocast on CUDA."),
+    channels_last: bool = typer.Option(default(TrainConfig, "channels_last"), help="channels_last memory format on CUDA."),
+    compile: bool = typer.Option(default(TrainConfig, "compile"), "--compile", help="torch.compile the training model."),
+    workers: int = typer.Option(default(TrainConfig, "workers"), help="DataLoader worker processes."),
+    seed: int = typer.Option(default(TrainConfig, "seed")),
+    log_every: int = typer.Option(default(TrainConfig, "log_every"), help="Steps between step records in metrics.jsonl."),
+    diagnostics: int = typer.Option(default(TrainConfig, "diagnostics"), "--diagnostics", metavar="K", help="Log per-layer training dynamics to dynamics.jsonl every K steps (0: off); see `wnconvert report`."),
+    resume: Optional[Path] = typer.Option(None, help="Continue the run in this directory from its last checkpoint."),
+    no_export: bool = typer.Option(False, "--no-export", help="Stop after training: no fold, export or verify."),
+    rtol: float = typer.Option(default(VerifyConfig, "rtol"), help="Parity: max |err| / max |ref| allowed."),
+    samples: int = typer.Option(default(VerifyConfig, "samples"), help="Parity: number of generated inputs."),
+    overwrite: bool = typer.Option(False, help="Replace an existing run in --out."),
+    offline: bool = typer.Option(False, "--offline", help="Never download pretrained weights (also WNCONVERT_OFFLINE=1)."),
+    config: Optional[Path] = ConfigOpt,
+    json_out: bool = JsonOpt,
+):
+    """Fine-tune MODEL under a weight-range scheme, then fold, export and verify it."""
+    from wnconvert.models.run import RunConfig, finetune_run, resume_config, training_epochs
+
+    if resume is not None:
+        cfg = resume_config(resume)
+    else:
+        epochs = training_epochs(epochs, data)
+        train = TrainConfig(
+            epochs=epochs, batch_size=batch_size, optimizer=value(optimizer), lr=lr, momentum=momentum,
+            nesterov=nesterov, weight_decay=weight_decay, wd_mode=value(wd_mode), wd_eps=wd_eps,
+            warmup_epochs=warmup_epochs, schedule=value(schedule), label_smoothing=label_smoothing,
+            grad_clip=grad_clip, device=device, amp=amp, channels_last=channels_last, compile=compile,
+            workers=workers, seed=seed, log_every=log_every, diagnostics=diagnostics) if epochs > 0 else None
+        cfg = RunConfig(
+            model=model, out=out or Path("runs") / f"{model}-{value(scheme)}", weights=weights,
+            num_classes=num_classes, data=data, image_size=image_size, limit_train=limit_train,
+            limit_val=limit_val, download=download, gpu_decode=gpu_decode,
+            scheme=SchemeConfig(value(scheme), value(gain), value(scale_grad), tuple(exclude or ()),
+                                skip_depthwise, weight_bits=weight_bits),
+            fold=FoldConfig(value(bn), value(granularity)), verify=VerifyConfig(rtol=rtol, samples=samples),
+            train=train, no_export=no_export, overwrite=overwrite, offline=offline or None)
+    summary = finetune_run(cfg, console=None if json_out else console, resume=resume is not None)
+    if summary is None:  # another rank under torchrun: rank 0 reports
+        return
+    if json_out:
+        return print_json({"out": str(summary.out), "manifest": summary.manifest.to_dict(), "report": summary.report})
+    _print_summary(summary)
+
+
+def _print_summary(summary) -> None:
+    rep = summary.report
+    if "certificate" in rep:
+        console.print(certificate_table(rep["certificate"], limit=12))
+        console.print(parity_table(rep["parity"]))
+        if rep.get("parity_vs_original"):
+            console.print(parity_table(rep["parity_vs_original"], "Against the original model"))
+    t = Table(title="Run", show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("run directory", str(summary.out))
+    t.add_row("step-0 deviation", f"{rep['step0_rel_deviation']:.2e} (relative, reparametrized vs original)")
+    tr = rep.get("training")
+    if tr:
+        t.add_row("val top-1 before", f"{tr['initial'].get('val_top1', float('nan')):.4f}")
+        if tr.get("final"):
+            t.add_row("val top-1 after", f"{tr['final']['val_top1']:.4f} (best {tr['best_top1']:.4f}, epoch {tr['best_epoch']})")
+    if rep.get("onnx_accuracy"):
+        a = rep["onnx_accuracy"]
+        t.add_row("ONNX top-1", f"{a['top1']:.4f} on {a['images']} val images (onnxruntime)")
+    if "stored_max_abs" in rep:
+        t.add_row("max |stored weight|", f"{rep['stored_max_abs']:.6f}")
+        t.add_row("parity", "[green]passed[/]" if rep["parity"]["passed"] else "[red]FAILED[/]")
+    for name in sorted(summary.manifest.artifacts):
+        t.add_row("artifact", str(summary.out / name))
+    console.print(t)

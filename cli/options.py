@@ -1,0 +1,59 @@
+"""Choices and defaults of the command-line options, taken from the library.
+
+Every choice option is typed with an enum built from the registry it comes from, so ``--help``
+lists the values and the parser rejects any other; defaults are read from the dataclass fields,
+so the CLI cannot drift from the library."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from enum import Enum
+
+from wnconvert.convert.fold import BN_MODES, GRANULARITIES
+from wnconvert.convert.quantize import ACT_TYPES, CALIBRATORS, PRECISIONS
+from wnconvert.convert.runtime import PROVIDERS
+from wnconvert.convert.schemes import GAIN_MODES, REGISTRY, SCALE_GRAD_MODES
+from wnconvert.models.optim import OPTIMIZERS, SCHEDULES, WD_MODES
+from wnconvert.models.run_export import CALIB_SPLITS
+
+
+def choices(name: str, values) -> type[Enum]:
+    """A str enum whose members are ``values`` (names and values alike)."""
+    return Enum(name, {v: v for v in values}, type=str)
+
+
+_REGISTRIES = {"Scheme": REGISTRY, "Gain": GAIN_MODES, "ScaleGrad": SCALE_GRAD_MODES, "Bn": BN_MODES,
+               "Granularity": GRANULARITIES, "Optimizer": OPTIMIZERS, "WdMode": WD_MODES,
+               "Schedule": SCHEDULES, "Precision": PRECISIONS, "Calibrator": CALIBRATORS,
+               "ActType": ACT_TYPES, "CalibSplit": CALIB_SPLITS, "Provider": PROVIDERS}
+(Scheme, Gain, ScaleGrad, Bn, Granularity, Optimizer, WdMode, Schedule, Precision, Calibrator, ActType,
+ CalibSplit, Provider) = (choices(name, values) for name, values in _REGISTRIES.items())
+
+
+def value(choice):
+    """The plain string of an enum option (None stays None)."""
+    return choice.value if isinstance(choice, Enum) else choice
+
+
+def default(cls, name: str):
+    """The default of dataclass ``cls``'s field ``name``."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+# what the library's own checks call these options
+_LABELS = {"gain": "gain mode", "scale_grad": "scale-grad mode", "bn": "--bn mode",
+           "act_type": "activation type", "calibrate_method": "calibration method"}
+_NOT_ONE_OF = re.compile(r"'(?P<value>[^']*)' is not one of (?P<choices>.*?)\.?$", re.S)
+
+
+def usage_message(param_name: str | None, message: str) -> str:
+    """A parser error in the wording of the library's own checks: ``unknown scheme 'x'; choose
+    one of: a, b`` for a value outside a choice option's enum."""
+    m = _NOT_ONE_OF.search(message.strip())
+    if m and param_name:
+        names = ", ".join(c.strip().strip("'") for c in m["choices"].split(","))
+        label = _LABELS.get(param_name, param_name.replace("_", " "))
+        return f"unknown {label} {m['value']!r}; choose one of: {names}"
+    return message

@@ -1,0 +1,117 @@
+"""``wnconvert fold | export | verify RUN_DIR``: a run directory folded, exported and checked again.
+
+Each command parses its options, makes one call into ``wnconvert.models`` and renders the result."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from wnconvert.convert.errors import ParityError
+
+from wnconvert.convert.pipeline import require_parity
+from wnconvert.convert.quant_check import QuantThresholds
+from wnconvert.convert.verify import VerifyConfig
+from wnconvert.models.run_export import PrecisionOptions, export_precision, export_run, fold_run
+from wnconvert.models.run_verify import VerifyRequest, verify_run
+
+from .errors import handle_errors
+from .options import ActType, Bn, CalibSplit, Calibrator, Granularity, Precision, default, value
+from .render import JsonOpt, certificate_table, console, parity_table, print_json, quantized_table
+
+
+@handle_errors
+def fold(
+    run_dir: Path = typer.Argument(..., help="A run directory."),
+    bn: Optional[Bn] = typer.Option(None, help="Default: the run's."),
+    granularity: Optional[Granularity] = typer.Option(None, help="Default: the run's."),
+    json_out: bool = JsonOpt,
+):
+    """Fold the run's checkpoint into static weights and print the per-layer certificate."""
+    cfg, result = fold_run(run_dir, value(bn), value(granularity))
+    cert = result.certificate()
+    if json_out:
+        print_json({"fold": asdict(cfg), "certificate": cert, "stored_max_abs": result.max_stored})
+        return
+    console.print(certificate_table(cert, limit=None))
+    console.print(f"max |stored weight| = {result.max_stored:.6f}, worst layer rel. diff = {result.max_rel_diff:.2e}")
+
+
+@handle_errors
+def export(
+    run_dir: Path = typer.Argument(..., help="A run directory."),
+    bn: Optional[Bn] = typer.Option(None, help="Default: the run's."),
+    granularity: Optional[Granularity] = typer.Option(None, help="Default: the run's."),
+    opset: Optional[int] = typer.Option(None, help="ONNX opset (default: the run's)."),
+    rtol: Optional[float] = typer.Option(None, help="Parity tolerance (default: the run's)."),
+    precision: Precision = typer.Option("fp32", help="fp32: model.onnx; otherwise writes model.PRECISION.onnx from model.onnx."),
+    data: Optional[str] = typer.Option(None, help="Calibration data spec (needed for int8 activations)."),
+    calib_samples: int = typer.Option(default(PrecisionOptions, "calib_samples"), help="Calibration images taken from --data."),
+    calib_split: CalibSplit = typer.Option(default(PrecisionOptions, "calib_split"), help="The split of --data calibration images come from (comparisons with model.onnx use val)."),
+    act_bits: Optional[str] = typer.Option(None, help="8 | float: activations of int8/int4 files (default: 8 for int8, float for int4)."),
+    per_channel: Optional[bool] = typer.Option(None, "--per-channel/--per-tensor", help="Weight scales (default: per channel, except per tensor for layer-max weights-only files)."),
+    calibrate_method: Calibrator = typer.Option(default(PrecisionOptions, "calibrate_method"), help="Activation range calibration."),
+    act_type: ActType = typer.Option(default(PrecisionOptions, "act_type"), help="Type of quantized activations (uint8 is onnxruntime's fast CPU path)."),
+    fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse", help="Fold BatchNorm and scales into Conv before quantizing activations (default: yes; a --weight-bits run's grid stays exact, per channel)."),
+    json_out: bool = JsonOpt,
+):
+    """Fold the run's checkpoint, write RUN_DIR/model.onnx, check weight ranges and parity.
+    With --precision fp16|int8|int4: write RUN_DIR/model.PRECISION.onnx from model.onnx instead."""
+    if value(precision) != "fp32":
+        opts = PrecisionOptions(data=data, calib_samples=calib_samples, calib_split=value(calib_split),
+                                act_bits=act_bits, per_channel=per_channel, rtol=rtol,
+                                calibrate_method=value(calibrate_method), act_type=value(act_type), fuse=fuse)
+        entry = export_precision(run_dir, value(precision), opts)
+        if json_out:
+            return print_json(entry)
+        c = entry["vs_fp32"]
+        return console.print(f"wrote {run_dir / entry['file']} ({entry['activations']} activations, "
+                             f"weights {entry['weight_storage'] or 'fp16'}): top-1 agreement "
+                             f"{c['top1_agreement']:.4f}, cosine {c['cosine_min']:.6f}, SQNR {c['sqnr_db']:.1f} dB")
+    result = export_run(run_dir, bn=value(bn), granularity=value(granularity), opset=opset, rtol=rtol)
+    if json_out:
+        print_json(result.to_dict())
+    else:
+        console.print(parity_table(result.to_dict()["parity"]))
+        console.print(f"wrote {result.onnx_path} ({result.onnx_weights} weight tensors, max |w| = {result.onnx_max_abs:.6f})")
+    require_parity(result)
+
+
+@handle_errors
+def verify(
+    run_dir: Path = typer.Argument(..., help="A run directory."),
+    onnx_file: Optional[Path] = typer.Option(None, "--onnx", help="ONNX file (default RUN_DIR/model.onnx and every model.<precision>.onnx)."),
+    precision: Optional[Precision] = typer.Option(None, help="Check only RUN_DIR's model.onnx (fp32) or model.<precision>.onnx."),
+    inputs: Optional[Path] = typer.Option(None, help=".npy array (N, 3, H, W) of normalized inputs; default generated."),
+    samples: int = typer.Option(default(VerifyConfig, "samples"), help="Number of generated inputs."),
+    seed: int = typer.Option(default(VerifyConfig, "seed"), help="Seed of the generated inputs."),
+    rtol: float = typer.Option(default(VerifyConfig, "rtol"), help="max |err| / max |ref| allowed."),
+    min_cosine: float = typer.Option(default(VerifyConfig, "min_cosine"), help="Smallest per-sample cosine allowed."),
+    min_top1: float = typer.Option(default(VerifyConfig, "min_top1"), help="Smallest top-1 agreement allowed."),
+    data: Optional[str] = typer.Option(None, help="Compare lossy low-precision files on images of this data spec (default: the run's --data; generated inputs without one)."),
+    limit: int = typer.Option(default(VerifyRequest, "limit"), help="Images from --data for lossy low-precision files."),
+    min_agreement: float = typer.Option(default(QuantThresholds, "min_agreement"), help="Lossy low-precision files: smallest top-1 agreement with model.onnx."),
+    min_sqnr: float = typer.Option(default(QuantThresholds, "min_sqnr_db"), help="Lossy low-precision files: smallest logit SQNR (dB) against model.onnx."),
+    json_out: bool = JsonOpt,
+):
+    """Compare the ONNX file (onnxruntime, optimizations off and on) with the run's checkpoint
+    evaluated in float64, and each low-precision file under its contract: lossless weights
+    against the checkpoint at the same tolerance, lossy ones against model.onnx (top-1 agreement,
+    SQNR). Exits 3 when a check fails."""
+    req = VerifyRequest(
+        onnx_file=onnx_file, precision=value(precision), inputs=inputs, data=data, limit=limit,
+        config=VerifyConfig(rtol=rtol, min_cosine=min_cosine, min_top1=min_top1, samples=samples, seed=seed),
+        thresholds=QuantThresholds(min_agreement, min_sqnr))
+    out = verify_run(run_dir, req)
+    if json_out:
+        print_json(out.result)
+    else:
+        if out.checked_fp32:
+            console.print(parity_table(out.result))
+        if out.checked_quantized:
+            console.print(quantized_table(out.result["quantized"]))
+    if not out.passed:
+        raise ParityError("parity failed: " + "; ".join(out.failures))

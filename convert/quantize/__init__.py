@@ -1,0 +1,57 @@
+"""Low-precision ONNX from an fp32 ONNX file: fp16, int8 (QDQ) and int4 (QDQ, opset 21).
+
+Knows nothing of schemes: it takes the fp32 path, calibration arrays (already preprocessed, NCHW
+float32), the precision and options. One module per format, each with ``handles(options)`` and
+``write(src, out, tmp, options, calib, result)``; :data:`FORMATS` lists them in the order they are
+asked, and a new format is a new module added there:
+
+* :mod:`.fp16`: ``convert_float_to_float16``, float32 inputs and outputs kept.
+* :mod:`.weights_only`: hand-written QDQ weights, float activations (``int4``'s default, ``int8``
+  with ``act_bits=None``); a ``--weight-bits`` run's grid is kept exactly.
+* :mod:`.static`: ``quantize_static`` with 8-bit activations (W8A8, W4A8), BatchNorm folded first,
+  then the exact-grid rewrite (:mod:`.grid`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..errors import UserInputError
+from ..metrics import compare_logits
+from ..runtime import run_onnx
+from . import fp16, static, weights_only
+from .graph import WEIGHT_INPUTS, weight_storage  # noqa: F401 (public)
+from .options import (ACT_BITS, ACT_TYPES, CALIBRATORS, INT_OPSET, PRECISIONS,  # noqa: F401 (public)
+                      QuantOptions, QuantResult, artifact_name, check_precision)
+from .static import ArrayReader  # noqa: F401 (public)
+
+FORMATS = (fp16, weights_only, static)
+
+
+def quantize(src: Path, dst: Path, options: QuantOptions, calib: np.ndarray | None = None) -> QuantResult:
+    """Write the ``options.precision`` version of the fp32 ONNX ``src`` to ``dst`` (atomically)."""
+    src, dst = Path(src), Path(dst)
+    if not src.exists():
+        raise UserInputError(f"{src} does not exist")
+    if options.precision == "fp32":
+        raise UserInputError("fp32 is the exported model.onnx itself; nothing to quantize")
+    if options.needs_calibration and (calib is None or len(calib) == 0):
+        raise UserInputError(f"--precision {options.precision} with int8 activations needs calibration "
+                             "data: pass --data SPEC (or weights only: --act-bits float)")
+    fmt = next(f for f in FORMATS if f.handles(options))
+    result = QuantResult(dst, options.precision, options)
+    with tempfile.TemporaryDirectory(prefix=".quant-", dir=dst.parent) as tmp:
+        out = Path(tmp) / dst.name
+        fmt.write(src, out, Path(tmp), options, calib, result)
+        onnx.checker.check_model(str(out))
+        shutil.move(str(out), str(dst))
+    return result
+
+
+def compare_files(fp32_path: Path, quant_path: Path, x: np.ndarray) -> dict:
+    return compare_logits(run_onnx(fp32_path, x), run_onnx(quant_path, x))

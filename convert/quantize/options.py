@@ -1,0 +1,82 @@
+"""What a low-precision export is asked for (:class:`QuantOptions`) and what it did (:class:`QuantResult`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UserInputError
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+CALIBRATORS = ("minmax", "percentile", "entropy")
+ACT_BITS = (None, 8)
+ACT_TYPES = ("uint8", "int8")
+INT_OPSET = 21  # DequantizeLinear with int4 inputs
+
+
+def artifact_name(precision: str) -> str:
+    check_precision(precision)
+    return "model.onnx" if precision == "fp32" else f"model.{precision}.onnx"
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise UserInputError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    return precision
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    precision: str = "int8"
+    act_bits: int | None = 8            # None: float activations (weights only)
+    per_channel: bool = True            # weight scales per output channel
+    calibrate_method: str = "minmax"
+    grid_bits: int | None = None        # weights trained on the symmetric grid of this many bits
+    act_type: str = "uint8"             # quantized activations: uint8 (asymmetric) | int8
+    fuse: bool | None = None            # fold BatchNorm / scale Muls into Conv first (None: auto)
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision)
+        if self.act_type not in ACT_TYPES:
+            raise UserInputError(f"activation type must be one of: {', '.join(ACT_TYPES)}, not {self.act_type!r}")
+        if self.act_bits not in ACT_BITS:
+            raise UserInputError(f"activation bits must be 8 or float, not {self.act_bits!r}")
+        if self.calibrate_method not in CALIBRATORS:
+            raise UserInputError(f"unknown calibration method {self.calibrate_method!r}; "
+                                 f"choose one of: {', '.join(CALIBRATORS)}")
+        if self.grid_bits is not None and not 2 <= self.grid_bits <= 8:
+            raise UserInputError(f"weight bits must be 2..8, not {self.grid_bits}")
+
+    @property
+    def weight_bits(self) -> int:
+        return {"int8": 8, "int4": 4}.get(self.precision, 0)
+
+    @property
+    def fuses(self) -> bool:
+        """Whether BatchNorm and per-channel scales are folded into the Conv before quantizing
+        (activation-quantized files, unless ``fuse=False``). A trained grid survives it: each
+        channel's folded weights are its grid integers times one factor (see _grid_integers)."""
+        return self.needs_calibration and self.fuse is not False
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.precision in ("int8", "int4") and self.act_bits is not None
+
+
+@dataclass
+class QuantResult:
+    path: Path
+    precision: str
+    options: QuantOptions
+    exact_weights: list[str] = field(default_factory=list)   # written on the trained grid, lossless
+    lossy_weights: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        o = self.options
+        return {"file": self.path.name, "precision": self.precision,
+                "activations": "float" if o.act_bits is None or self.precision == "fp16" else o.act_type,
+                "fused": o.fuses,
+                "per_channel": o.per_channel, "calibrate_method": o.calibrate_method if o.needs_calibration else None,
+                "grid_bits": o.grid_bits, "exact_weights": len(self.exact_weights),
+                "lossy_weights": len(self.lossy_weights), "notes": self.notes}

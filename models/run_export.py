@@ -1,0 +1,147 @@
+"""Folding and exporting a run directory again: ``wnconvert fold`` / ``export [--precision P]``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from wnconvert.convert.errors import ParityError, UserInputError
+from wnconvert.convert.fold import FoldConfig, FoldResult, fold_model
+from wnconvert.convert.pipeline import ConversionResult, convert, example_inputs
+from wnconvert.convert.quantize import (QuantOptions, artifact_name, check_precision, compare_files,
+                                        quantize, weight_storage)
+from wnconvert.convert.schemes import REGISTRY
+from wnconvert.convert.verify import make_inputs
+
+from .data import Preprocess, eval_arrays
+from .rundir import RunDir
+
+DEFAULT_CALIB_SAMPLES = 256
+CALIB_SPLITS = ("train", "val")
+
+
+def parse_act_bits(value: str | None, precision: str) -> int | None:
+    """``--act-bits``: 8 | float (None: 8 for int8, float otherwise)."""
+    if value is None:
+        return 8 if precision == "int8" else None
+    v = value.strip().lower()
+    if v in ("float", "fp32", "none", "0"):
+        return None
+    if v in ("8", "int8"):
+        return 8
+    raise UserInputError(f"--act-bits must be 8 or float, not {value!r}")
+
+
+def data_arrays(data: str, preprocess: Preprocess, samples: int, split: str = "val",
+                what: str = "--limit") -> np.ndarray:
+    """``samples`` images of ``split`` (a fixed random subset), preprocessed like evaluation."""
+    if samples < 1:
+        raise UserInputError(f"{what} must be at least 1")
+    if split not in CALIB_SPLITS:
+        raise UserInputError(f"--calib-split must be train or val, not {split!r}")
+    images, _ = eval_arrays(data, preprocess, limit=samples, split=split)
+    return images
+
+
+def _fold_override(fold: FoldConfig, bn: str | None, granularity: str | None) -> FoldConfig:
+    return FoldConfig(bn or fold.bn, granularity or fold.granularity)
+
+
+def fold_run(run_dir: Path, bn: str | None = None, granularity: str | None = None) -> tuple[FoldConfig, FoldResult]:
+    """Fold the run's checkpoint (the run's fold settings unless overridden); writes nothing."""
+    manifest, model, _ = RunDir(run_dir).load()
+    cfg = _fold_override(manifest.fold, bn, granularity)
+    return cfg, fold_model(model, example_inputs(manifest.input_shape), cfg)
+
+
+def export_run(run_dir: Path, *, bn: str | None = None, granularity: str | None = None,
+               opset: int | None = None, rtol: float | None = None) -> ConversionResult:
+    """Fold the run's checkpoint again and write ``model.onnx``, its weight ranges and parity into
+    report.json; the overrides become the run's settings in the manifest. The caller checks
+    parity (``pipeline.require_parity``) once it has shown the result."""
+    run = RunDir(run_dir)
+    manifest, model, _ = run.load()
+    manifest.fold = _fold_override(manifest.fold, bn, granularity)
+    if opset:
+        manifest.export = replace(manifest.export, opset=opset)
+    if rtol is not None:
+        manifest.verify = replace(manifest.verify, rtol=rtol)
+    result = convert(model, manifest.input_shape, run.path, fold_config=manifest.fold,
+                     export_config=manifest.export, verify_config=manifest.verify)
+    run.update_report(result.to_dict())
+    run.finish(manifest)
+    return result
+
+
+@dataclass(frozen=True)
+class PrecisionOptions:
+    """The choices of ``export --precision P`` besides P (see convert/quantize)."""
+
+    data: str | None = None
+    calib_samples: int = DEFAULT_CALIB_SAMPLES
+    calib_split: str = "train"
+    act_bits: str | None = None          # "8" | "float"; None: 8 for int8, float for int4
+    per_channel: bool | None = None      # None: per channel, except layer-max weights-only files
+    calibrate_method: str = QuantOptions.calibrate_method
+    act_type: str = QuantOptions.act_type
+    fuse: bool | None = None
+    rtol: float | None = None            # lossless check tolerance (default: the run's)
+
+
+def quant_options(precision: str, opts: PrecisionOptions, scheme) -> QuantOptions:
+    """The quantizer's options for a run trained under ``scheme`` (a SchemeConfig)."""
+    options = QuantOptions(
+        precision=precision, act_bits=parse_act_bits(opts.act_bits, precision),
+        per_channel=True if opts.per_channel is None else opts.per_channel,
+        calibrate_method=opts.calibrate_method, grid_bits=scheme.weight_bits,
+        act_type=opts.act_type, fuse=opts.fuse)
+    if opts.per_channel is None and not options.fuses and not REGISTRY[scheme.scheme].per_channel:
+        options = replace(options, per_channel=False)  # one scale per tensor, until BatchNorm is folded in
+    return options
+
+
+def export_precision(run_dir: Path, precision: str, opts: PrecisionOptions = PrecisionOptions()) -> dict:
+    """Write ``RUN_DIR/model.<precision>.onnx`` from ``RUN_DIR/model.onnx`` and compare them.
+
+    Returns the entry written to ``report.json["quantized"][precision]``. Raises ParityError when a
+    ``--weight-bits`` run exported weights-only at a precision holding its grid does not match the
+    fp32 model within the run's tolerance (its weights are lossless)."""
+    check_precision(precision)
+    run = RunDir(run_dir)
+    manifest = run.manifest()
+    src = run.onnx_path
+    if not src.exists():
+        raise UserInputError(f"{run_dir} has no model.onnx; run `wnconvert export {run_dir}` first")
+    options = quant_options(precision, opts, manifest.scheme)
+    pre, data = manifest.preprocess, opts.data
+    calib = None
+    if options.needs_calibration:
+        if not data:
+            raise UserInputError(f"--precision {precision} quantizes activations and needs calibration "
+                                 "data: pass --data SPEC (or --act-bits float for weights only)")
+        calib = data_arrays(data, pre, opts.calib_samples, opts.calib_split, "--calib-samples")
+    dst = run.path / artifact_name(precision)
+    result = quantize(src, dst, options, calib)
+
+    tol = manifest.verify.rtol if opts.rtol is None else opts.rtol
+    if data:  # compared on held-out images, not on the calibration ones
+        x = data_arrays(data, pre, opts.calib_samples, "val", "--calib-samples")
+        inputs = f"{len(x)} validation images from {data}"
+    else:
+        x = make_inputs(manifest.input_shape, manifest.verify).numpy()
+        inputs = f"{len(x)} generated samples"
+    calibration = f"{len(calib)} {opts.calib_split} images from {data}" if calib is not None else None
+    entry = result.to_dict() | {"calibration": calibration, "inputs": inputs,
+                                "vs_fp32": compare_files(src, dst, x), "weight_storage": weight_storage(dst)}
+    lossless = (options.grid_bits is not None and options.act_bits is None
+                and precision in ("int8", "int4") and not result.lossy_weights and result.exact_weights)
+    if lossless:
+        entry["lossless_check"] = {"rtol": tol, "passed": entry["vs_fp32"]["rel"] <= tol}
+    run.update_report(lambda report: report.setdefault("quantized", {}).__setitem__(precision, entry))
+    run.finish(manifest)
+    if lossless and not entry["lossless_check"]["passed"]:
+        raise ParityError(f"{dst.name}: weights are on the trained {options.grid_bits}-bit grid but the "
+                          f"logits differ from model.onnx by rel {entry['vs_fp32']['rel']:.3g} > {tol:g}")
+    return entry
