@@ -56,4 +56,6 @@ def usage_message(param_name: str | None, message: str) -> str:
         names = ", ".join(c.strip().strip("'") for c in m["choices"].split(","))
         label = _LABELS.get(param_name, param_name.replace("_", " "))
         return f"unknown {label} {m['value']!r}; choose one of: {names}"
+    if param_name and not message.startswith(("-", "Invalid value", "Missing")):
+        return f"--{param_name.replace('_', '-')}: {message}"  # which option the parser refused
     return message
