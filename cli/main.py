@@ -12,6 +12,7 @@ from wnconvert.convert.errors import RangeError
 from .errors import OneLineErrors, handle_errors
 from .eval_cmd import eval_command
 from .finetune import finetune
+from .golden_cmd import golden
 from .render import JsonOpt, console, print_json, ranges_table
 from .options import usage_message
 from .report_cmd import report
@@ -89,6 +90,7 @@ def models(json_out: bool = JsonOpt):
 
 app.command(name="report")(report)
 app.command(name="eval")(eval_command)
+app.command(name="golden")(golden)
 
 
 def main() -> None:

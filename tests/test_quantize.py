@@ -353,3 +353,41 @@ def test_eval_on_cuda_agrees_with_cpu(run_lm4, fashion):
         cpu, gpu = json.loads(r.output), json.loads(g.output)
         assert "cuda" in gpu["backend"].lower()
         assert abs(cpu["top1"] - gpu["top1"]) <= 1 / 32  # TF32 may flip a near tie
+
+
+# -- golden vectors of a run's integer file ----------------------------------------------------------
+
+def test_golden_command(exported, fashion, tmp_path):
+    """``wnconvert golden``: a power-of-two QDQ file (``--onnx``) on a run's images is integer-only
+    and equals onnxruntime tensor for tensor; a file with an op the reference has no integer form
+    for is refused by name."""
+    from qdq_graphs import ort_run, tiny_cnn
+    from wnconvert.convert.golden import read_golden
+    from wnconvert.models.data import eval_arrays
+    from wnconvert.models.rundir import RunDir
+
+    assert "--count" in _one_line_error(invoke("golden", exported, "--data", fashion, "--count", 0,
+                                               "--out", tmp_path / "g0"))
+    assert "without --data" in _one_line_error(invoke("golden", exported, "--out", tmp_path / "g0"))
+    # this layer-max run's int8 file keeps the classifier's scale as a float Mul
+    assert "unsupported op in the integer graph: Mul" in _one_line_error(
+        invoke("golden", exported, "--data", fashion, "--out", tmp_path / "g0"))
+    model = tiny_cnn(seed=1).model()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    for d, size in ((2, 32), (3, 32)):
+        model.graph.input[0].type.tensor_type.shape.dim[d].dim_value = size
+    onnx.save(model, tmp_path / "po2.onnx")
+    r = invoke("golden", exported, "--onnx", tmp_path / "po2.onnx", "--data", fashion, "--count", 3,
+               "--out", tmp_path / "g", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output)
+    assert summary["images"] == 3 and summary["integer_only"] and not summary["over_2_24"]
+    golden = read_golden(tmp_path / "g")
+    assert len(golden["index"]["layers"]) == summary["tensors"] == len(golden["arrays"])
+    x, _ = eval_arrays(fashion, RunDir(exported).manifest().preprocess, limit=3)
+    for level in ("off", "on"):
+        got = ort_run(model, x, level)
+        for layer in golden["index"]["layers"]:
+            name = layer["tensor"]
+            if name in got:
+                assert np.array_equal(got[name].astype(np.int64), golden["arrays"][name].astype(np.int64)), name
