@@ -31,14 +31,14 @@ import torch
 
 from ..convert import metrics
 from ..convert.apply import raw_weight
+from ..convert.artifacts import read_jsonl
+from ..convert.errors import UserInputError
 from ..convert.fold import FoldConfig, fold_model
 from ..convert.scaled import stored_tensor
 from ..convert.targets import iter_targets
 from ..convert.verify import VerifyConfig, make_inputs
-from ..convert.artifacts import read_jsonl
-from ..convert.errors import UserInputError
-from .rundir import METRICS, RunDir
 from .diagnostics import DYNAMICS, INITIAL, read_dynamics, unit_histogram
+from .rundir import METRICS, RunDir
 
 REPORT_DIR = "report"
 SQNR_BITS = (8, 4)

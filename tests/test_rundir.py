@@ -173,3 +173,25 @@ def test_export_precision_needs_calibration_data_for_activations(grid_run):
         export_precision(grid_run, "int8")
     with pytest.raises(UserInputError, match="act-bits"):
         export_precision(grid_run, "int4", PrecisionOptions(act_bits="4"))
+
+
+def test_old_training_run_resumes(tmp_path):
+    """A training run whose manifest predates versions continues from train/last.pt: the
+    settings come back from the old manifest, its checkpoint matches them, and the run finishes
+    (folded, exported, verified) with a current manifest."""
+    old = json.loads(OLD_MANIFEST.read_text())
+    out = tmp_path / "run"
+    first = RunConfig(model="resnet18", out=out, weights="none", num_classes=10, data=old["data"],
+                      image_size=32, limit_train=old["limit_train"], limit_val=old["limit_val"],
+                      train=TrainConfig(**old["train"]), no_export=True)
+    run_finetune(first)
+    (out / "manifest.json").write_text(OLD_MANIFEST.read_text())
+    last = (out / "train" / "last.pt").read_bytes()
+
+    summary = run_finetune(resume_config(out), resume=True)
+    assert summary.conversion is not None and summary.conversion.parity.passed
+    assert (out / "train" / "last.pt").read_bytes() == last  # both epochs were done: nothing retrained
+    assert summary.report["training"]["best_epoch"] >= 1
+    written = json.loads((out / "manifest.json").read_text())
+    assert written["version"] == MANIFEST_VERSION and written["train"]["optimizer"] == "sgd"
+    assert verify_run(out).passed
