@@ -92,7 +92,7 @@ def finetune(
             scheme=SchemeConfig(value(scheme), value(gain), value(scale_grad), tuple(exclude or ()),
                                 skip_depthwise, weight_bits=weight_bits),
             fold=FoldConfig(value(bn), value(granularity)), verify=VerifyConfig(rtol=rtol, samples=samples),
-            train=train, no_export=no_export, overwrite=overwrite, offline=offline or None)
+            train=train, no_export=no_export, overwrite=overwrite, offline=offline or None, seed=seed)
     summary = finetune_run(cfg, console=None if json_out else console, resume=resume is not None)
     if summary is None:  # another rank under torchrun: rank 0 reports
         return

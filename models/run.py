@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import platform
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from wnconvert.convert.apply import apply_scheme, max_step0_deviation
-from wnconvert.convert.artifacts import check_output_dir, ensure_writable_dir
+from wnconvert.convert.artifacts import check_output_dir
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.export import ExportConfig
 from wnconvert.convert.fold import FoldConfig
@@ -52,6 +53,7 @@ class RunConfig:
     no_export: bool = False
     overwrite: bool = False
     offline: bool | None = None      # None: WNCONVERT_OFFLINE decides whether weights may be downloaded
+    seed: int | None = None          # seeds the model's initialisation (None: the training seed, else 0)
 
     def __post_init__(self) -> None:
         if self.verify.samples < 1:
@@ -97,10 +99,28 @@ def resolve_preprocess(cfg: RunConfig, built: BuiltModel) -> Preprocess:
 
 
 def run_finetune(cfg: RunConfig, console=None, resume: bool = False) -> RunSummary:
+    """Build, train, fold, export and verify; rank 0 holds the run directory's write lock from
+    its first write to the end."""
+    with ExitStack() as owner:
+        return _run_finetune(cfg, console, resume, owner)
+
+
+def _take_over(run: RunDir, cfg: RunConfig, resume: bool) -> None:
+    """Holding the lock: refuse a run that is there without --resume/--overwrite (unless it is an
+    abandoned stub); --overwrite (or a stub) clears the old run first, so nothing of it is mixed in."""
+    if resume or not run.exists():
+        return
+    if not (cfg.overwrite or run.abandoned(held=True)):
+        raise UserInputError(f"{run.path} already holds a run; use --resume to continue it, "
+                             "--overwrite to replace it, or another --out")
+    run.clear()
+
+
+def _run_finetune(cfg: RunConfig, console, resume: bool, owner: ExitStack) -> RunSummary:
     out = check_output_dir(cfg.out)
     if cfg.train is not None:  # bad settings fail before anything is built or written
         cfg.train.validate()
-    if (out / MANIFEST).exists() and not (resume or cfg.overwrite):
+    if (out / MANIFEST).exists() and not (resume or cfg.overwrite or RunDir(out).abandoned()):
         raise UserInputError(f"{out} already holds a run; use --resume to continue it, "
                              "--overwrite to replace it, or another --out")
     built, data = _model_and_data(cfg, resume)
@@ -116,15 +136,16 @@ def run_finetune(cfg: RunConfig, console=None, resume: bool = False) -> RunSumma
         step0 = max_step0_deviation(original(x), model(x))
 
     rank = distributed.info()
+    run = RunDir(out)
     if rank.is_main:
-        ensure_writable_dir(out)
+        owner.enter_context(run.writing(create=True))
+        _take_over(run, cfg, resume)
     manifest = Manifest(
         model=cfg.model, num_classes=built.num_classes, preprocess=preprocess, weights=built.weights,
         data=cfg.data, limit_train=cfg.limit_train, limit_val=cfg.limit_val,
         gpu_decode=cfg.gpu_decode, scheme=cfg.scheme, fold=cfg.fold, export=cfg.export,
         verify=cfg.verify, train=cfg.train,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), versions=versions())
-    run = RunDir(out)
     if rank.is_main:
         run.write_manifest(manifest)
         run.metrics_path.touch()  # every run directory has one; empty when nothing was trained
@@ -160,6 +181,8 @@ def _model_and_data(cfg: RunConfig, resume: bool) -> tuple[BuiltModel, DataBundl
     """The model (its head sized to the data's classes unless --num-classes says otherwise) and,
     when the run trains or measures accuracy, the data."""
     weights = cfg.weights if not resume else "none"
+    seed = cfg.seed if cfg.seed is not None else (cfg.train.seed if cfg.train is not None else 0)
+    torch.manual_seed(seed)  # a fresh head (or --weights none) is initialised from the seed
     built = build_model(cfg.model, weights, cfg.num_classes, offline=cfg.offline)
     if not cfg.data or (cfg.train is None and cfg.no_export):
         return built, None

@@ -17,16 +17,20 @@ Run directory (all written atomically):
 
 from __future__ import annotations
 
+import functools
+import os
+import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from safetensors.torch import save_file
 from torch import nn
 
 from wnconvert.convert.apply import apply_scheme
-from wnconvert.convert.artifacts import atomic_path, read_json, sha256, write_json
-from wnconvert.convert.errors import UserInputError
+from wnconvert.convert.artifacts import atomic_path, ensure_writable_dir, read_json, sha256, write_json
+from wnconvert.convert.errors import ParityError, UserInputError
 from wnconvert.convert.export import ExportConfig
 from wnconvert.convert.fold import FoldConfig
 from wnconvert.convert.pipeline import ONNX_NAME
@@ -34,6 +38,8 @@ from wnconvert.convert.schemes import SchemeConfig
 from wnconvert.convert.verify import VerifyConfig
 
 from .data import Preprocess
+from .checkpoint import LAST, train_dir
+from .lock import LOCK_NAME, is_locked, locked
 from .train_config import TrainConfig
 from .zoo import build_model, load_into, load_state_file
 
@@ -141,6 +147,45 @@ class RunDir:
     def exists(self) -> bool:
         return self.manifest_path.exists()
 
+    # -- ownership ----------------------------------------------------------------------------
+
+    @contextmanager
+    def writing(self, create: bool = False) -> Iterator["RunDir"]:
+        """Hold the directory's write lock (:mod:`.lock`) for the block (``create``: make the
+        directory first): a second writer gets one line naming this process. Read-only commands
+        never take it."""
+        if create:
+            ensure_writable_dir(self.path)
+        elif not self.path.is_dir():
+            raise UserInputError(f"{self.path} is not a run directory")
+        with locked(self.path):
+            yield self
+
+    def abandoned(self, held: bool = False) -> bool:
+        """A run that started and never trained: its manifest says ``running``, no process holds
+        it (``held``: this process does) and it has no ``train/last.pt``. A rerun may replace it."""
+        try:
+            status = read_json(self.manifest_path).get("status")
+        except (UserInputError, OSError, AttributeError):
+            return False
+        return (status == "running" and not (train_dir(self.path) / LAST).exists()
+                and (held or not is_locked(self.path)))
+
+    def writable(self) -> bool:
+        """Whether this process may write here (``os.access``; a read-only mount says no)."""
+        return os.access(self.path, os.W_OK | os.X_OK)
+
+    def clear(self) -> None:
+        """Remove every file and folder of the run but the lock file (``--overwrite``: the new run
+        replaces the old one whole). Call it holding the lock, on a run directory only."""
+        for p in self.path.iterdir():
+            if p.name == LOCK_NAME:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
     # -- manifest -----------------------------------------------------------------------------
 
     def manifest(self) -> Manifest:
@@ -160,6 +205,26 @@ class RunDir:
                               if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
         self.write_manifest(manifest)
         return manifest
+
+    def check_artifacts(self, manifest: Manifest) -> None:
+        """Raise ParityError naming the first artifact recorded in the manifest that is missing or
+        whose sha256 differs from the recorded one (a file replaced or edited since)."""
+        for name, digest in sorted(manifest.artifacts.items()):
+            if not isinstance(name, str) or Path(name).name != name or not isinstance(digest, str):
+                raise UserInputError(f"{self.path}/{MANIFEST} records an artifact {name!r} that is "
+                                     "not a file name of the run")
+            path = self.path / name
+            if not path.is_file():
+                raise ParityError(f"{path} is recorded in {MANIFEST} but missing")
+            if sha256(path) != digest:
+                raise ParityError(f"{path} does not match the sha256 recorded in {MANIFEST} "
+                                  "(changed after the run wrote it)")
+
+    def record(self, manifest: Manifest, *names: str) -> None:
+        """Re-record the sha256 of ``names`` (files this command rewrote) in the manifest."""
+        for name in names:
+            manifest.artifacts[name] = sha256(self.path / name)
+        self.write_manifest(manifest)
 
     # -- report.json --------------------------------------------------------------------------
 
@@ -201,3 +266,15 @@ class RunDir:
             raise UserInputError(f"{self.path}/{CHECKPOINT} does not match the model in {MANIFEST}")
         load_into(model, state)
         return manifest, model, manifest.preprocess
+
+
+def writes_run(fn: Callable) -> Callable:
+    """Decorate a library function ``fn(run_dir, ...)`` that writes into an existing run
+    directory: it runs holding the directory's write lock."""
+
+    @functools.wraps(fn)
+    def wrapper(run_dir, *args, **kwargs):
+        with RunDir(run_dir).writing():
+            return fn(run_dir, *args, **kwargs)
+
+    return wrapper
