@@ -4,7 +4,9 @@ sha256 values its manifest recorded (issue 13 items 1, 2, 8, 9)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +125,35 @@ def test_overwrite_replaces_the_run_whole(run_dir: Path) -> None:
     assert "quantized" not in json.loads((run_dir / "report.json").read_text())
     r = invoke("verify", run_dir)
     assert r.exit_code == 0, r.output
+
+
+@pytest.fixture
+def read_only(run_dir: Path):
+    """``run_dir`` made read-only for this process: permission bits for a normal user; for root
+    (who ignores them) a read-only bind mount of the directory onto itself."""
+    if os.geteuid() != 0:
+        run_dir.chmod(0o555)
+        yield run_dir
+        run_dir.chmod(0o755)
+        return
+    bind = subprocess.run(["mount", "--bind", str(run_dir), str(run_dir)], capture_output=True)
+    if bind.returncode != 0:
+        pytest.skip("root without mount privileges cannot make a read-only directory")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(run_dir)], check=True, capture_output=True)
+        assert not os.access(run_dir, os.W_OK)
+        yield run_dir
+    finally:
+        subprocess.run(["umount", str(run_dir)], check=True)
+
+
+def test_verify_of_a_read_only_run_shows_the_result_and_writes_nothing(read_only: Path) -> None:
+    report = (read_only / "report.json").read_bytes()
+    r = invoke("verify", read_only, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["passed"] is True  # stdout holds the JSON alone
+    assert r.stderr.strip() == f"wnconvert: note: {read_only} is not writable; report.json was not updated"
+    r = invoke("verify", read_only, "--rtol", "1e-30")  # a failing check still exits by its result
+    assert r.exit_code == 3, r.output
+    assert "onnx-ort-opt" in r.stdout  # the parity table was shown
+    assert (read_only / "report.json").read_bytes() == report
