@@ -32,6 +32,11 @@ from .train import TrainConfig, train
 from .zoo import BuiltModel, build_model, fixed_image_size, min_image_size
 
 
+# Beyond these a value is a typo, not a model: the largest torchvision weights take 518 px (ViT-H),
+# and one 4096 px image already needs gigabytes of activations in a ResNet-50.
+MAX_IMAGE_SIZE = 4096
+MAX_CLASSES = 1_000_000
+
 
 @dataclass
 class RunConfig:
@@ -55,9 +60,11 @@ class RunConfig:
     offline: bool | None = None      # None: WNCONVERT_OFFLINE decides whether weights may be downloaded
     seed: int | None = None          # seeds the model's initialisation (None: the training seed, else 0)
 
-    def __post_init__(self) -> None:
-        if self.verify.samples < 1:
-            raise UserInputError("--samples must be at least 1")
+    def __post_init__(self) -> None:  # the verify settings check themselves (VerifyConfig)
+        if self.num_classes is not None and not 1 <= self.num_classes <= MAX_CLASSES:
+            raise UserInputError(f"--num-classes must be between 1 and {MAX_CLASSES}, not {self.num_classes}")
+        if self.image_size is not None and not 1 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise UserInputError(f"--image-size must be between 1 and {MAX_IMAGE_SIZE}, not {self.image_size}")
 
 
 @dataclass
@@ -144,7 +151,7 @@ def _run_finetune(cfg: RunConfig, console, resume: bool, owner: ExitStack) -> Ru
         model=cfg.model, num_classes=built.num_classes, preprocess=preprocess, weights=built.weights,
         data=cfg.data, limit_train=cfg.limit_train, limit_val=cfg.limit_val,
         gpu_decode=cfg.gpu_decode, scheme=cfg.scheme, fold=cfg.fold, export=cfg.export,
-        verify=cfg.verify, train=cfg.train,
+        verify=cfg.verify, train=cfg.train, no_export=cfg.no_export,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), versions=versions())
     if rank.is_main:
         run.write_manifest(manifest)
@@ -245,7 +252,7 @@ def resume_config(run_dir: Path) -> RunConfig:
         model=m.model, out=Path(run_dir), weights="none", num_classes=m.num_classes, data=m.data,
         image_size=m.preprocess.image_size, limit_train=m.limit_train, limit_val=m.limit_val,
         gpu_decode=m.gpu_decode, scheme=m.scheme, fold=m.fold, export=m.export, verify=m.verify,
-        train=m.train)
+        train=m.train, no_export=m.no_export)
 
 
 def training_epochs(epochs: int | None, data: str | None) -> int:

@@ -73,6 +73,7 @@ class Manifest:
     limit_train: int | None = None
     limit_val: int | None = None
     gpu_decode: bool = False
+    no_export: bool = False          # finetune --no-export: a resumed run stays unexported
     scheme: SchemeConfig = field(default_factory=SchemeConfig)
     fold: FoldConfig = field(default_factory=FoldConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -93,7 +94,7 @@ class Manifest:
             "version": self.version, "status": self.status, "created": self.created,
             "model": self.model, "weights": self.weights, "num_classes": self.num_classes,
             "data": self.data, "limit_train": self.limit_train, "limit_val": self.limit_val,
-            "gpu_decode": self.gpu_decode, "preprocess": self.preprocess.to_dict(),
+            "gpu_decode": self.gpu_decode, "no_export": self.no_export, "preprocess": self.preprocess.to_dict(),
             "input": {"name": "input", "layout": "NCHW", "dtype": "float32",
                       "shape": ["batch", *self.input_shape], "normalized": True},
             "output": {"name": "logits", "shape": ["batch", self.num_classes]},
@@ -114,7 +115,7 @@ class Manifest:
                 model=d["model"], num_classes=d["num_classes"],
                 preprocess=Preprocess.from_dict(d["preprocess"]), weights=d.get("weights", "none"),
                 data=d.get("data"), limit_train=d.get("limit_train"), limit_val=d.get("limit_val"),
-                gpu_decode=d.get("gpu_decode", False),
+                gpu_decode=d.get("gpu_decode", False), no_export=d.get("no_export", False),
                 scheme=config_from_dict(SchemeConfig, d["scheme"]),
                 fold=config_from_dict(FoldConfig, d.get("fold")),
                 export=config_from_dict(ExportConfig, d.get("export")),
