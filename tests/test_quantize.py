@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from helpers import scale_first_dequantized_weight
 from test_data import write_fashion
 from wnconvert.cli.main import app
+from wnconvert.models.rundir import RunDir
 from wnconvert.convert.metrics import compare_logits
 from wnconvert.convert.quant_check import QuantThresholds
 from wnconvert.convert.runtime import run_onnx
@@ -297,6 +298,8 @@ def test_verify_catches_a_wrong_int4_scale(exported, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(exported, run)
     scale_first_dequantized_weight(run / "model.int4.onnx", 1.25)
+    # recorded as if export had written it so: the contract check, not the sha256, must catch it
+    RunDir(run).record(RunDir(run).manifest(), "model.int4.onnx")
     r = invoke("verify", run, "--precision", "int4")
     assert r.exit_code == 3, r.output
     assert "int4: onnx-ort" in r.output
