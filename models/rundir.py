@@ -52,6 +52,7 @@ ONNX = ONNX_NAME
 # 1: the first versioned layout. Manifests without "version" (written before it existed) have the
 # same keys, some missing (gpu_decode, newer train options); their dataclass defaults fill them.
 MANIFEST_VERSION = 1
+TEMP_DIRS = (".export-", ".quant-")  # tempfile prefixes of convert/export.py and convert/quantize
 
 
 def config_from_dict(cls, d: dict | None):
@@ -160,7 +161,19 @@ class RunDir:
         elif not self.path.is_dir():
             raise UserInputError(f"{self.path} is not a run directory")
         with locked(self.path):
+            self.remove_leftovers()
             yield self
+
+    def remove_leftovers(self) -> None:
+        """Temporary files and folders of writers that died (``.NAME.*.tmp``, ``.export-*/``,
+        ``.quant-*/``), in the run and in ``train/``. Call it holding the lock: no live writer
+        owns them then."""
+        for folder in (self.path, train_dir(self.path)):
+            for p in folder.iterdir() if folder.is_dir() else ():
+                if p.is_dir() and not p.is_symlink() and p.name.startswith(TEMP_DIRS):
+                    shutil.rmtree(p)
+                elif p.name.startswith(".") and p.name.endswith(".tmp") and not p.is_dir():
+                    p.unlink()
 
     def abandoned(self, held: bool = False) -> bool:
         """A run that started and never trained: its manifest says ``running``, no process holds

@@ -44,7 +44,7 @@ from . import distributed as dist_utils
 from .batches import EpochSampler, collate, evaluate, make_val_loader  # noqa: F401 (evaluate re-exported)
 from .diagnostics import Diagnostics
 from .optim import build_optimizer, warmup_cosine
-from .progress import MetricsLog, Progress
+from .progress import MetricsLog, Progress, truncate_log
 from .rundir import METRICS
 from .train_config import DEVICES, TRAJECTORY_FIELDS, TrainConfig  # noqa: F401 (re-exported)
 from .train_loop import (EpochMetrics, Loop, LoopEnv, LoopOutputs, LoopParts, LoopState,  # noqa: F401
@@ -115,6 +115,8 @@ def train(model: nn.Module, data: Any, config: TrainConfig, run_dir: Path, *, re
         _check_resumable(saved, cfg, last_path)
     if d.is_main:
         ckpt.train_dir(run_dir).mkdir(parents=True, exist_ok=True)
+        if saved is not None:  # the log as the checkpoint saw it: no duplicate or missing records
+            truncate_log(run_dir / METRICS, int(saved["step"]), list(saved["history"]))
     _seed_all(cfg.seed + d.rank)  # per-rank dropout/augmentation streams; the shuffle uses cfg.seed
 
     given_device, given_training = _model_device(model), model.training

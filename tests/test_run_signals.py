@@ -47,7 +47,15 @@ def test_sigterm_saves_the_last_completed_step_and_resumes(tmp_path: Path) -> No
     assert saved["partial"] is not None and 1 <= saved["step"] < 32
     tracked = {k: int(v) for k, v in saved["model"].items() if k.endswith("num_batches_tracked")}
     assert tracked and set(tracked.values()) == {saved["step"]}
+    # what a SIGKILL leaves: records logged after the checkpoint, temporary files
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": saved["step"] + 1, "epoch": 1, "loss": 9.0, "lr": 0.1, "images_per_s": 1.0}) + "\n")
+    leftovers = [out / "train" / ".last.pt.x1.tmp", out / ".model.onnx.x2.tmp", out / ".export-x3" / "model.onnx"]
+    for p in leftovers:
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b"partial")
     r = CliRunner().invoke(app, ["finetune", "resnet18", "--resume", str(out)])
     assert r.exit_code == 0, r.output
-    assert [r["step"] for r in _step_records(out)][-1] == 32
+    assert [r["step"] for r in _step_records(out)] == list(range(1, 33))  # no duplicate, none lost
+    assert not any(p.exists() for p in leftovers) and not (out / ".export-x3").exists()
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"

@@ -231,6 +231,19 @@ def test_resume_from_epoch_checkpoint_after_crash(tmp_path: Path) -> None:
     r_resumed = train(resumed, data, config, tmp_path / "b", resume=True)
     assert_same_run(straight, r_straight, resumed, r_resumed)
 
+def test_resume_rewrites_the_log_as_its_checkpoint_saw_it(tmp_path: Path) -> None:
+    """An epoch record lost by a crash comes back, records written after the checkpoint go."""
+    data = tiny_data()
+    train(tiny_net(), data, cfg(epochs=1), tmp_path)
+    log = tmp_path / "metrics.jsonl"
+    good = records(tmp_path)
+    assert [r.get("step") for r in good][-1] is None  # the epoch record ends it
+    log.write_text("".join(json.dumps(r) + "\n" for r in good[:-1])  # the epoch record lost
+                   + json.dumps({"step": 99, "epoch": 2, "loss": 1.0}) + "\n{cut")  # and junk after
+    train(tiny_net(), data, cfg(epochs=1), tmp_path, resume=True)
+    assert records(tmp_path) == good
+
+
 def test_resume_refuses_changed_settings(tmp_path: Path) -> None:
     data = tiny_data()
     train(tiny_net(), data, cfg(epochs=1), tmp_path)
