@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
@@ -60,6 +61,27 @@ def config_from_dict(cls, d: dict | None):
     field added or dropped since) still loads; the dataclass validates the values."""
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in (d or {}).items() if k in names})
+
+
+# The manifest's scalar entries and the types they must have (None allowed where the default is).
+_TYPES = {"model": str, "num_classes": int, "weights": str, "data": (str, type(None)),
+          "limit_train": (int, type(None)), "limit_val": (int, type(None)), "gpu_decode": bool,
+          "no_export": bool, "status": str, "created": str, "versions": dict, "artifacts": dict,
+          "preprocess": dict, "scheme": dict, "fold": (dict, type(None)), "export": (dict, type(None)),
+          "verify": (dict, type(None)), "train": (dict, type(None))}
+
+
+def _check_types(d: Any, where: str) -> None:
+    """One line naming the first entry of a manifest that does not have its type."""
+    if not isinstance(d, dict):
+        raise UserInputError(f"{where} is not a JSON object")
+    for key, types in _TYPES.items():
+        v = d.get(key)
+        if key in d and (not isinstance(v, types) or (isinstance(v, bool) and bool not in
+                                                      (types if isinstance(types, tuple) else (types,)))):
+            raise UserInputError(f"{where}: {key!r} has the wrong type ({type(v).__name__})")
+    if isinstance(d.get("num_classes"), int) and d["num_classes"] < 1:
+        raise UserInputError(f"{where}: num_classes must be at least 1")
 
 
 @dataclass
@@ -107,6 +129,7 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = MANIFEST) -> "Manifest":
+        _check_types(d, where)
         version = d.get("version", 0)  # 0: written before manifests had a version
         if not isinstance(version, int) or version > MANIFEST_VERSION:
             raise UserInputError(f"{where} has manifest version {version!r}; this wnconvert reads "
@@ -267,7 +290,10 @@ class RunDir:
         # safetensors refuses shared or non-contiguous storage; clone every tensor.
         state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
         with atomic_path(self.checkpoint_path) as tmp:
-            save_file(state, str(tmp))
+            try:
+                save_file(state, str(tmp))
+            except SafetensorError as e:  # a full disk, say: atomic_path makes it one line
+                raise OSError(str(e)) from None
 
     def load(self) -> tuple[Manifest, nn.Module, Preprocess]:
         """The manifest, the reparametrized model with its checkpoint loaded, its preprocessing."""

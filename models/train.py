@@ -110,7 +110,7 @@ def train(model: nn.Module, data: Any, config: TrainConfig, run_dir: Path, *, re
         raise UserInputError("the validation set is empty")
 
     last_path = ckpt.train_dir(run_dir) / ckpt.LAST
-    saved = ckpt.load(last_path) if resume else None
+    saved = ckpt.check_fields(ckpt.load(last_path), last_path) if resume else None
     if saved is not None:
         _check_resumable(saved, cfg, last_path)
     if d.is_main:
