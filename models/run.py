@@ -26,6 +26,7 @@ from wnconvert.convert.verify import VerifyConfig, make_inputs
 
 from . import distributed
 from .data import DataBundle, Preprocess, build_data, default_preprocess, eval_arrays, parse_data_spec
+from .lock import check_unlocked
 from .optim import SCRATCH_DEFAULTS
 from .rundir import CHECKPOINT, MANIFEST, METRICS, REPORT, Manifest, RunDir  # noqa: F401 (re-exported)
 from .train import TrainConfig, train
@@ -128,6 +129,7 @@ def _run_finetune(cfg: RunConfig, console, resume: bool, owner: ExitStack) -> Ru
     if cfg.train is not None:  # bad settings fail before anything is built or written
         cfg.train.validate()
     if (out / MANIFEST).exists() and not (resume or cfg.overwrite or RunDir(out).abandoned()):
+        check_unlocked(out)  # a run in progress: name its process
         raise UserInputError(f"{out} already holds a run; use --resume to continue it, "
                              "--overwrite to replace it, or another --out")
     built, data = _model_and_data(cfg, resume)

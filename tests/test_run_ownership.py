@@ -55,6 +55,7 @@ def test_a_second_writer_gets_exit_2_naming_the_holder(run_dir: Path) -> None:
     proc = hold_lock(run_dir)
     try:
         for args in (["finetune", *TINY, "--epochs", "0", "--out", run_dir, "--overwrite"],
+                     ["finetune", *TINY, "--epochs", "0", "--out", run_dir],
                      ["export", run_dir], ["export", run_dir, "--precision", "fp16"],
                      ["verify", run_dir]):
             r = invoke(*args)
