@@ -207,6 +207,9 @@ def test_resume_matches_uninterrupted(tmp_path: Path, optimizer: str, wd_mode: s
     assert tracked and all(int(v) == done for v in tracked)
     r_resumed = train(resumed, data, config, tmp_path / "b", resume=True)
     assert_same_run(straight, r_straight, resumed, r_resumed)
+    if how == "signal":  # stopped between steps, --workers 0: bit-identical, RNG use included
+        a, b = straight.state_dict(), resumed.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
     epochs = [r["epoch"] for r in records(tmp_path / "b") if "step" not in r]
     assert epochs == [1, 2]
 
