@@ -319,7 +319,10 @@ def test_verify_onnx_option_detects_precision(exported, fashion):
 def test_verify_bad_inputs(exported, run_lm4):
     assert "--onnx or --precision" in _one_line_error(invoke(
         "verify", exported, "--precision", "int4", "--onnx", exported / "model.int4.onnx"))
-    (run_lm4 / "model.fp16.onnx").unlink(missing_ok=True)
+    (run_lm4 / "model.fp16.onnx").unlink(missing_ok=True)  # a run never exported to fp16:
+    manifest = RunDir(run_lm4).manifest()                    # nor recorded (else verify exits 3)
+    manifest.artifacts.pop("model.fp16.onnx", None)
+    RunDir(run_lm4).write_manifest(manifest)
     assert "export" in _one_line_error(invoke("verify", run_lm4, "--precision", "fp16"))
     assert "unknown precision" in _one_line_error(invoke("verify", run_lm4, "--precision", "int3"))
     assert "--min-agreement" in _one_line_error(invoke("verify", run_lm4, "--min-agreement", 2))
