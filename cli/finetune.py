@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 
+from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.fold import FoldConfig
 from wnconvert.convert.schemes import SchemeConfig
 from wnconvert.convert.verify import VerifyConfig
@@ -17,13 +18,14 @@ from wnconvert.models.train import TrainConfig
 from .config_option import ConfigOpt
 from .errors import handle_errors
 from .options import (Bn, Gain, Granularity, Optimizer, ScaleGrad, Schedule, Scheme, WdMode, default,
-                      value)
+                      refuse_with_resume, value)
 from .render import JsonOpt, certificate_table, console, parity_table, print_json
 
 
 # Long only by its option list (one line per option); the body is parsing and one library call.
 @handle_errors
 def finetune(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="torchvision model name, e.g. resnet50 (see `wnconvert models`)."),
     scheme: Scheme = typer.Option(default(SchemeConfig, "scheme"), help="Weight-range scheme (see `wnconvert schemes`)."),
     weights: str = typer.Option("DEFAULT", help="DEFAULT, a torchvision weights name, a .pth/.pt/.safetensors state_dict, or none."),
@@ -76,7 +78,10 @@ def finetune(
     from wnconvert.models.run import RunConfig, finetune_run, resume_config, training_epochs
 
     if resume is not None:
+        refuse_with_resume(ctx, {"model", "resume", "config", "json_out"})
         cfg = resume_config(resume)
+        if model != cfg.model:
+            raise UserInputError(f"{resume} is a {cfg.model} run, not {model}")
     else:
         epochs = training_epochs(epochs, data)
         train = TrainConfig(
@@ -92,7 +97,7 @@ def finetune(
             scheme=SchemeConfig(value(scheme), value(gain), value(scale_grad), tuple(exclude or ()),
                                 skip_depthwise, weight_bits=weight_bits),
             fold=FoldConfig(value(bn), value(granularity)), verify=VerifyConfig(rtol=rtol, samples=samples),
-            train=train, no_export=no_export, overwrite=overwrite, offline=offline or None)
+            train=train, no_export=no_export, overwrite=overwrite, offline=offline or None, seed=seed)
     summary = finetune_run(cfg, console=None if json_out else console, resume=resume is not None)
     if summary is None:  # another rank under torchrun: rank 0 reports
         return

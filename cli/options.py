@@ -10,6 +10,9 @@ import dataclasses
 import re
 from enum import Enum
 
+import typer
+
+from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.fold import BN_MODES, GRANULARITIES
 from wnconvert.convert.quantize import ACT_TYPES, CALIBRATORS, PRECISIONS
 from wnconvert.convert.runtime import PROVIDERS
@@ -59,3 +62,13 @@ def usage_message(param_name: str | None, message: str) -> str:
     if param_name and not message.startswith(("-", "Invalid value", "Missing")):
         return f"--{param_name.replace('_', '-')}: {message}"  # which option the parser refused
     return message
+
+
+def refuse_with_resume(ctx: typer.Context, allowed: set[str]) -> None:
+    """``--resume`` continues a run with the settings it recorded: any other option given on the
+    command line (or through its environment variable) would be ignored, so it is refused."""
+    given = [p.opts[0] for p in ctx.command.params if p.name not in allowed and
+             getattr(ctx.get_parameter_source(p.name), "name", "") in ("COMMANDLINE", "ENVIRONMENT")]
+    if given:
+        raise UserInputError(f"--resume continues the run with its recorded settings; {', '.join(given)} "
+                             "would be ignored: drop them (or start a new run)")

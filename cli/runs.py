@@ -106,6 +106,8 @@ def verify(
         config=VerifyConfig(rtol=rtol, min_cosine=min_cosine, min_top1=min_top1, samples=samples, seed=seed),
         thresholds=QuantThresholds(min_agreement, min_sqnr))
     out = verify_run(run_dir, req)
+    if not out.recorded:
+        typer.echo(f"wnconvert: note: {run_dir} is not writable; report.json was not updated", err=True)
     if json_out:
         print_json(out.result)
     else:

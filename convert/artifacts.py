@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -15,7 +16,9 @@ from .errors import UserInputError
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename. A
+    writer failing inside (a full disk: OSError, or the RuntimeError torch.save and safetensors
+    raise for it) becomes one UserInputError line naming ``path``."""
     path = Path(path)
     ensure_writable_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -25,6 +28,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, (UserInputError, NotImplementedError, RecursionError)):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        free = shutil.disk_usage(path.parent).free
+        raise UserInputError(f"cannot write {path} ({free} bytes free there): {first}") from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -112,5 +121,6 @@ def read_json(path: Path) -> dict:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise UserInputError(f"{path} does not exist") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserInputError(f"cannot read {path}: {e}") from None
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, or not UTF-8
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserInputError(f"cannot read {path}: {first}") from None

@@ -30,6 +30,12 @@ class RangeError(WnError):
 
 
 class TrainingError(WnError):
-    """Training cannot go on (non-finite loss, interrupted)."""
+    """Training cannot go on (non-finite loss)."""
 
     exit_code = 5
+
+
+class Interrupted(WnError):
+    """Stopped by SIGINT (Ctrl-C) or SIGTERM; the message says what was saved."""
+
+    exit_code = 130

@@ -36,7 +36,10 @@ def ort_session(path: Path, optimized: bool = True, provider: str = "cpu"):
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     opts.add_session_config_entry(*MATMULNBITS_EXACT)
     providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
-    sess = ort.InferenceSession(str(path), opts, providers=providers)
+    try:
+        sess = ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception as e:  # onnxruntime's own exception types: a file it cannot load
+        raise UserInputError(f"onnxruntime cannot load {path}: {_first_line(e)}") from None
     if sess.get_providers()[0] != PROVIDERS[provider]:  # onnxruntime falls back silently
         raise UserInputError(f"onnxruntime could not start {PROVIDERS[provider]} for {path} "
                              "(CUDA/cuDNN libraries missing?)")
@@ -46,7 +49,19 @@ def ort_session(path: Path, optimized: bool = True, provider: str = "cpu"):
 def session_runner(sess):
     """``x -> logits`` of a session's first input and output, fed float32 NCHW."""
     name = sess.get_inputs()[0].name
-    return lambda x: sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        try:
+            return sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+        except Exception as e:  # e.g. the file's input shape is not the data's
+            raise UserInputError(f"onnxruntime cannot run {getattr(sess, '_model_path', 'the ONNX file')} "
+                                 f"on inputs of shape {tuple(np.shape(x))}: {_first_line(e)}") from None
+
+    return run
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def run_batches(fn, x: np.ndarray, batch: int = 64) -> np.ndarray:

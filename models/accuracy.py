@@ -74,7 +74,9 @@ def artifact_accuracy(artifact: Path, data: str, *, limit: int | None = None, ba
             with torch.no_grad():
                 return model(torch.from_numpy(x).to(device)).float().cpu().numpy()
         backend = f"pytorch/{device}"
-    run(images[:1])  # warm-up, not timed
+    out = run(images[:1])  # warm-up, not timed
+    if np.ndim(out) != 2:
+        raise UserInputError(f"{artifact} outputs shape {tuple(np.shape(out))}, not (batch, classes) logits")
     top1 = top5 = 0
     t0 = time.perf_counter()
     for i in range(0, len(images), batch):

@@ -48,6 +48,27 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
         raise UserInputError(f"cannot read training checkpoint {path}: {first}") from None
 
 
+# What a training checkpoint holds and the types ``train(..., resume=True)`` reads them as.
+FIELDS = {"model": dict, "optimizer": dict, "scheduler": dict, "epoch": int, "step": int, "best": dict,
+          "history": list, "initial": dict, "rng": list}
+
+
+def check_fields(saved: Any, path: Path) -> dict[str, Any]:
+    """``saved`` when it has every field of a training checkpoint with its type; else one line."""
+    if not isinstance(saved, dict):
+        raise UserInputError(f"training checkpoint {path} is not a dict of fields")
+    for key, typ in FIELDS.items():
+        if key not in saved:
+            raise UserInputError(f"training checkpoint {path} lacks {key!r}")
+        if not isinstance(saved[key], typ) or isinstance(saved[key], bool):
+            raise UserInputError(f"training checkpoint {path}: {key!r} has the wrong type "
+                                 f"({type(saved[key]).__name__})")
+    best = saved["best"]
+    if not (isinstance(best.get("top1"), (int, float)) and isinstance(best.get("epoch"), int)):
+        raise UserInputError(f"training checkpoint {path}: 'best' lacks top1/epoch")
+    return saved
+
+
 def all_finite(state_dict: Mapping[str, Tensor]) -> bool:
     """True when every floating-point tensor of a state dict is finite."""
     for t in state_dict.values():

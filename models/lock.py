@@ -26,6 +26,11 @@ def _holder(fd: int) -> str:
     return f"process {pid}" if pid.isdigit() else "another process"
 
 
+def _busy(run_dir: Path, holder: str) -> UserInputError:
+    return UserInputError(f"{run_dir} is being written by {holder}; wait for it to finish "
+                          "or use another --out")
+
+
 def acquire(run_dir: Path) -> int:
     """Lock ``run_dir`` (which must exist) for writing; returns the lock's file descriptor.
 
@@ -36,8 +41,7 @@ def acquire(run_dir: Path) -> int:
     except BlockingIOError:
         holder = _holder(fd)
         os.close(fd)
-        raise UserInputError(f"{run_dir} is being written by {holder}; wait for it to finish "
-                             "or use another --out") from None
+        raise _busy(run_dir, holder) from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
@@ -71,3 +75,14 @@ def is_locked(run_dir: Path) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+def check_unlocked(run_dir: Path) -> None:
+    """Raise the second writer's error (naming the holder) when another process holds
+    ``run_dir``'s lock; writes nothing."""
+    if is_locked(run_dir):
+        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
+        try:
+            raise _busy(run_dir, _holder(fd))
+        finally:
+            os.close(fd)

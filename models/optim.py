@@ -231,11 +231,10 @@ def param_groups(model: nn.Module, *, weight_decay: float, wd_mode: str, wd_eps:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, optimizer: str, *, lr: float, momentum: float = DEFAULT_MOMENTUM,
-                    nesterov: bool = False, weight_decay: float, wd_mode: str = "l2",
-                    wd_eps: float = DEFAULT_WD_EPS) -> Optimizer:
-    """The optimizer for ``model`` with the groups above; eps-shifted decay is a step pre-hook, so
-    callers just call ``step()``. For adamw, ``momentum`` is beta1 and ``nesterov`` is rejected."""
+def check_hyperparameters(optimizer: str, *, lr: float, momentum: float, nesterov: bool,
+                          weight_decay: float, wd_eps: float) -> None:
+    """UserInputError (one line) for settings no optimizer can run with; ``TrainConfig.validate``
+    calls it before a run directory is created, ``build_optimizer`` again."""
     if optimizer not in OPTIMIZERS:
         raise UserInputError(f"unknown optimizer {optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
     if not (lr > 0 and math.isfinite(lr)):
@@ -248,6 +247,15 @@ def build_optimizer(model: nn.Module, optimizer: str, *, lr: float, momentum: fl
         raise UserInputError(f"momentum must be in [0, 1), got {momentum}")
     if nesterov and (optimizer == "adamw" or momentum == 0):
         raise UserInputError("--nesterov needs sgd or lars with momentum > 0")
+
+
+def build_optimizer(model: nn.Module, optimizer: str, *, lr: float, momentum: float = DEFAULT_MOMENTUM,
+                    nesterov: bool = False, weight_decay: float, wd_mode: str = "l2",
+                    wd_eps: float = DEFAULT_WD_EPS) -> Optimizer:
+    """The optimizer for ``model`` with the groups above; eps-shifted decay is a step pre-hook, so
+    callers just call ``step()``. For adamw, ``momentum`` is beta1 and ``nesterov`` is rejected."""
+    check_hyperparameters(optimizer, lr=lr, momentum=momentum, nesterov=nesterov,
+                          weight_decay=weight_decay, wd_eps=wd_eps)
     groups = param_groups(model, weight_decay=weight_decay, wd_mode=wd_mode, wd_eps=wd_eps,
                           decoupled=optimizer == "adamw")
     if not groups:

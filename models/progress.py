@@ -6,6 +6,26 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..convert.artifacts import write_text
+
+
+def truncate_log(path: Path, step: int, epochs: list[dict]) -> None:
+    """Rewrite ``metrics.jsonl`` as the checkpoint a run resumes from saw it: the step records up
+    to ``step`` and the checkpoint's epoch records (its history: one that a crash kept out of the
+    log comes back, duplicates written after the checkpoint go)."""
+    records = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a crash
+            if isinstance(rec, dict) and "step" in rec and isinstance(rec["step"], int) and rec["step"] <= step:
+                records.append(rec)
+    records += [dict(e) for e in epochs]
+    records.sort(key=lambda r: (r.get("epoch", 0), "step" not in r, r.get("step", 0)))
+    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
 
 class MetricsLog:
     """``metrics.jsonl`` writer; a no-op on ranks other than 0."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import platform
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from wnconvert.convert.apply import apply_scheme, max_step0_deviation
-from wnconvert.convert.artifacts import check_output_dir, ensure_writable_dir
+from wnconvert.convert.artifacts import check_output_dir
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.export import ExportConfig
 from wnconvert.convert.fold import FoldConfig
@@ -25,11 +26,17 @@ from wnconvert.convert.verify import VerifyConfig, make_inputs
 
 from . import distributed
 from .data import DataBundle, Preprocess, build_data, default_preprocess, eval_arrays, parse_data_spec
+from .lock import check_unlocked
 from .optim import SCRATCH_DEFAULTS
 from .rundir import CHECKPOINT, MANIFEST, METRICS, REPORT, Manifest, RunDir  # noqa: F401 (re-exported)
 from .train import TrainConfig, train
 from .zoo import BuiltModel, build_model, fixed_image_size, min_image_size
 
+
+# Beyond these a value is a typo, not a model: the largest torchvision weights take 518 px (ViT-H),
+# and one 4096 px image already needs gigabytes of activations in a ResNet-50.
+MAX_IMAGE_SIZE = 4096
+MAX_CLASSES = 1_000_000
 
 
 @dataclass
@@ -52,10 +59,13 @@ class RunConfig:
     no_export: bool = False
     overwrite: bool = False
     offline: bool | None = None      # None: WNCONVERT_OFFLINE decides whether weights may be downloaded
+    seed: int | None = None          # seeds the model's initialisation (None: the training seed, else 0)
 
-    def __post_init__(self) -> None:
-        if self.verify.samples < 1:
-            raise UserInputError("--samples must be at least 1")
+    def __post_init__(self) -> None:  # the verify settings check themselves (VerifyConfig)
+        if self.num_classes is not None and not 1 <= self.num_classes <= MAX_CLASSES:
+            raise UserInputError(f"--num-classes must be between 1 and {MAX_CLASSES}, not {self.num_classes}")
+        if self.image_size is not None and not 1 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise UserInputError(f"--image-size must be between 1 and {MAX_IMAGE_SIZE}, not {self.image_size}")
 
 
 @dataclass
@@ -97,10 +107,29 @@ def resolve_preprocess(cfg: RunConfig, built: BuiltModel) -> Preprocess:
 
 
 def run_finetune(cfg: RunConfig, console=None, resume: bool = False) -> RunSummary:
+    """Build, train, fold, export and verify; rank 0 holds the run directory's write lock from
+    its first write to the end."""
+    with ExitStack() as owner:
+        return _run_finetune(cfg, console, resume, owner)
+
+
+def _take_over(run: RunDir, cfg: RunConfig, resume: bool) -> None:
+    """Holding the lock: refuse a run that is there without --resume/--overwrite (unless it is an
+    abandoned stub); --overwrite (or a stub) clears the old run first, so nothing of it is mixed in."""
+    if resume or not run.exists():
+        return
+    if not (cfg.overwrite or run.abandoned(held=True)):
+        raise UserInputError(f"{run.path} already holds a run; use --resume to continue it, "
+                             "--overwrite to replace it, or another --out")
+    run.clear()
+
+
+def _run_finetune(cfg: RunConfig, console, resume: bool, owner: ExitStack) -> RunSummary:
     out = check_output_dir(cfg.out)
     if cfg.train is not None:  # bad settings fail before anything is built or written
         cfg.train.validate()
-    if (out / MANIFEST).exists() and not (resume or cfg.overwrite):
+    if (out / MANIFEST).exists() and not (resume or cfg.overwrite or RunDir(out).abandoned()):
+        check_unlocked(out)  # a run in progress: name its process
         raise UserInputError(f"{out} already holds a run; use --resume to continue it, "
                              "--overwrite to replace it, or another --out")
     built, data = _model_and_data(cfg, resume)
@@ -116,15 +145,16 @@ def run_finetune(cfg: RunConfig, console=None, resume: bool = False) -> RunSumma
         step0 = max_step0_deviation(original(x), model(x))
 
     rank = distributed.info()
+    run = RunDir(out)
     if rank.is_main:
-        ensure_writable_dir(out)
+        owner.enter_context(run.writing(create=True))
+        _take_over(run, cfg, resume)
     manifest = Manifest(
         model=cfg.model, num_classes=built.num_classes, preprocess=preprocess, weights=built.weights,
         data=cfg.data, limit_train=cfg.limit_train, limit_val=cfg.limit_val,
         gpu_decode=cfg.gpu_decode, scheme=cfg.scheme, fold=cfg.fold, export=cfg.export,
-        verify=cfg.verify, train=cfg.train,
+        verify=cfg.verify, train=cfg.train, no_export=cfg.no_export,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), versions=versions())
-    run = RunDir(out)
     if rank.is_main:
         run.write_manifest(manifest)
         run.metrics_path.touch()  # every run directory has one; empty when nothing was trained
@@ -160,6 +190,8 @@ def _model_and_data(cfg: RunConfig, resume: bool) -> tuple[BuiltModel, DataBundl
     """The model (its head sized to the data's classes unless --num-classes says otherwise) and,
     when the run trains or measures accuracy, the data."""
     weights = cfg.weights if not resume else "none"
+    seed = cfg.seed if cfg.seed is not None else (cfg.train.seed if cfg.train is not None else 0)
+    torch.manual_seed(seed)  # a fresh head (or --weights none) is initialised from the seed
     built = build_model(cfg.model, weights, cfg.num_classes, offline=cfg.offline)
     if not cfg.data or (cfg.train is None and cfg.no_export):
         return built, None
@@ -222,7 +254,7 @@ def resume_config(run_dir: Path) -> RunConfig:
         model=m.model, out=Path(run_dir), weights="none", num_classes=m.num_classes, data=m.data,
         image_size=m.preprocess.image_size, limit_train=m.limit_train, limit_val=m.limit_val,
         gpu_decode=m.gpu_decode, scheme=m.scheme, fold=m.fold, export=m.export, verify=m.verify,
-        train=m.train)
+        train=m.train, no_export=m.no_export)
 
 
 def training_epochs(epochs: int | None, data: str | None) -> int:

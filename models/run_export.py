@@ -16,7 +16,7 @@ from wnconvert.convert.schemes import REGISTRY
 from wnconvert.convert.verify import make_inputs
 
 from .data import Preprocess, eval_arrays
-from .rundir import RunDir
+from .rundir import RunDir, writes_run
 
 DEFAULT_CALIB_SAMPLES = 256
 CALIB_SPLITS = ("train", "val")
@@ -56,6 +56,7 @@ def fold_run(run_dir: Path, bn: str | None = None, granularity: str | None = Non
     return cfg, fold_model(model, example_inputs(manifest.input_shape), cfg)
 
 
+@writes_run
 def export_run(run_dir: Path, *, bn: str | None = None, granularity: str | None = None,
                opset: int | None = None, rtol: float | None = None) -> ConversionResult:
     """Fold the run's checkpoint again and write ``model.onnx``, its weight ranges and parity into
@@ -102,6 +103,7 @@ def quant_options(precision: str, opts: PrecisionOptions, scheme) -> QuantOption
     return options
 
 
+@writes_run
 def export_precision(run_dir: Path, precision: str, opts: PrecisionOptions = PrecisionOptions()) -> dict:
     """Write ``RUN_DIR/model.<precision>.onnx`` from ``RUN_DIR/model.onnx`` and compare them.
 

@@ -14,7 +14,7 @@ from wnconvert.convert.quantize import PRECISIONS, artifact_name
 from wnconvert.convert.verify import VerifyConfig, load_inputs, make_inputs, verify
 
 from .run_export import data_arrays
-from .rundir import RunDir
+from .rundir import REPORT, RunDir
 
 
 def quantized_artifacts(run_dir: Path) -> list[tuple[str, Path]]:
@@ -82,6 +82,7 @@ class VerifyOutcome:
     checked_fp32: bool
     checked_quantized: bool
     failures: list[str]
+    recorded: bool = True               # False: the run directory is read-only, report.json not updated
 
     @property
     def passed(self) -> bool:
@@ -89,10 +90,20 @@ class VerifyOutcome:
 
 
 def verify_run(run_dir: Path, req: VerifyRequest = VerifyRequest()) -> VerifyOutcome:
-    """Compare the run's ONNX files with its checkpoint (evaluated in float64) and each
-    low-precision file under its contract; records the result in report.json (when the run has
-    one) and returns it. The caller raises ParityError on failures, after showing them."""
+    """Check every artifact recorded in the manifest against its sha256 (ParityError naming the
+    file otherwise), then compare the run's ONNX files with its checkpoint (evaluated in float64)
+    and each low-precision file under its contract; records the result in report.json (when the
+    run has one and the directory is writable, under its write lock; report.json's new sha256 goes
+    into the manifest) and returns it. The caller raises ParityError on failures, after showing them."""
     run = RunDir(run_dir)
+    if run.path.is_dir() and run.writable():
+        with run.writing():
+            return _verify_run(run, req, write=True)
+    return _verify_run(run, req, write=False)
+
+
+def _verify_run(run: RunDir, req: VerifyRequest, write: bool) -> VerifyOutcome:
+    run.check_artifacts(run.manifest())
     manifest, model, _ = run.load()
     targets = verify_targets(run.path, req.onnx_file, req.precision)
     cfg = req.config
@@ -118,6 +129,9 @@ def verify_run(run_dir: Path, req: VerifyRequest = VerifyRequest()) -> VerifyOut
         for name, res in d["quantized"].items():
             failures += [f"{name}: {f}" for f in res["failures"]]
         d["passed"] = not failures
-    if run.report_path.exists():
+    recorded = write or not run.report_path.exists()
+    if write and run.report_path.exists():
         run.update_report({"verify": d})
-    return VerifyOutcome(d, bool(fp32), bool(low), failures)
+        if manifest.status == "complete":
+            run.record(manifest, REPORT)
+    return VerifyOutcome(d, bool(fp32), bool(low), failures, recorded)

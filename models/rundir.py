@@ -17,16 +17,21 @@ Run directory (all written atomically):
 
 from __future__ import annotations
 
+import functools
+import os
+import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
 from wnconvert.convert.apply import apply_scheme
-from wnconvert.convert.artifacts import atomic_path, read_json, sha256, write_json
-from wnconvert.convert.errors import UserInputError
+from wnconvert.convert.artifacts import atomic_path, ensure_writable_dir, read_json, sha256, write_json
+from wnconvert.convert.errors import ParityError, UserInputError
 from wnconvert.convert.export import ExportConfig
 from wnconvert.convert.fold import FoldConfig
 from wnconvert.convert.pipeline import ONNX_NAME
@@ -34,6 +39,8 @@ from wnconvert.convert.schemes import SchemeConfig
 from wnconvert.convert.verify import VerifyConfig
 
 from .data import Preprocess
+from .checkpoint import LAST, train_dir
+from .lock import LOCK_NAME, is_locked, locked
 from .train_config import TrainConfig
 from .zoo import build_model, load_into, load_state_file
 
@@ -46,6 +53,7 @@ ONNX = ONNX_NAME
 # 1: the first versioned layout. Manifests without "version" (written before it existed) have the
 # same keys, some missing (gpu_decode, newer train options); their dataclass defaults fill them.
 MANIFEST_VERSION = 1
+TEMP_DIRS = (".export-", ".quant-")  # tempfile prefixes of convert/export.py and convert/quantize
 
 
 def config_from_dict(cls, d: dict | None):
@@ -53,6 +61,27 @@ def config_from_dict(cls, d: dict | None):
     field added or dropped since) still loads; the dataclass validates the values."""
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in (d or {}).items() if k in names})
+
+
+# The manifest's scalar entries and the types they must have (None allowed where the default is).
+_TYPES = {"model": str, "num_classes": int, "weights": str, "data": (str, type(None)),
+          "limit_train": (int, type(None)), "limit_val": (int, type(None)), "gpu_decode": bool,
+          "no_export": bool, "status": str, "created": str, "versions": dict, "artifacts": dict,
+          "preprocess": dict, "scheme": dict, "fold": (dict, type(None)), "export": (dict, type(None)),
+          "verify": (dict, type(None)), "train": (dict, type(None))}
+
+
+def _check_types(d: Any, where: str) -> None:
+    """One line naming the first entry of a manifest that does not have its type."""
+    if not isinstance(d, dict):
+        raise UserInputError(f"{where} is not a JSON object")
+    for key, types in _TYPES.items():
+        v = d.get(key)
+        if key in d and (not isinstance(v, types) or (isinstance(v, bool) and bool not in
+                                                      (types if isinstance(types, tuple) else (types,)))):
+            raise UserInputError(f"{where}: {key!r} has the wrong type ({type(v).__name__})")
+    if isinstance(d.get("num_classes"), int) and d["num_classes"] < 1:
+        raise UserInputError(f"{where}: num_classes must be at least 1")
 
 
 @dataclass
@@ -67,6 +96,7 @@ class Manifest:
     limit_train: int | None = None
     limit_val: int | None = None
     gpu_decode: bool = False
+    no_export: bool = False          # finetune --no-export: a resumed run stays unexported
     scheme: SchemeConfig = field(default_factory=SchemeConfig)
     fold: FoldConfig = field(default_factory=FoldConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -87,7 +117,7 @@ class Manifest:
             "version": self.version, "status": self.status, "created": self.created,
             "model": self.model, "weights": self.weights, "num_classes": self.num_classes,
             "data": self.data, "limit_train": self.limit_train, "limit_val": self.limit_val,
-            "gpu_decode": self.gpu_decode, "preprocess": self.preprocess.to_dict(),
+            "gpu_decode": self.gpu_decode, "no_export": self.no_export, "preprocess": self.preprocess.to_dict(),
             "input": {"name": "input", "layout": "NCHW", "dtype": "float32",
                       "shape": ["batch", *self.input_shape], "normalized": True},
             "output": {"name": "logits", "shape": ["batch", self.num_classes]},
@@ -99,6 +129,7 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = MANIFEST) -> "Manifest":
+        _check_types(d, where)
         version = d.get("version", 0)  # 0: written before manifests had a version
         if not isinstance(version, int) or version > MANIFEST_VERSION:
             raise UserInputError(f"{where} has manifest version {version!r}; this wnconvert reads "
@@ -108,7 +139,7 @@ class Manifest:
                 model=d["model"], num_classes=d["num_classes"],
                 preprocess=Preprocess.from_dict(d["preprocess"]), weights=d.get("weights", "none"),
                 data=d.get("data"), limit_train=d.get("limit_train"), limit_val=d.get("limit_val"),
-                gpu_decode=d.get("gpu_decode", False),
+                gpu_decode=d.get("gpu_decode", False), no_export=d.get("no_export", False),
                 scheme=config_from_dict(SchemeConfig, d["scheme"]),
                 fold=config_from_dict(FoldConfig, d.get("fold")),
                 export=config_from_dict(ExportConfig, d.get("export")),
@@ -141,6 +172,57 @@ class RunDir:
     def exists(self) -> bool:
         return self.manifest_path.exists()
 
+    # -- ownership ----------------------------------------------------------------------------
+
+    @contextmanager
+    def writing(self, create: bool = False) -> Iterator["RunDir"]:
+        """Hold the directory's write lock (:mod:`.lock`) for the block (``create``: make the
+        directory first): a second writer gets one line naming this process. Read-only commands
+        never take it."""
+        if create:
+            ensure_writable_dir(self.path)
+        elif not self.path.is_dir():
+            raise UserInputError(f"{self.path} is not a run directory")
+        with locked(self.path):
+            self.remove_leftovers()
+            yield self
+
+    def remove_leftovers(self) -> None:
+        """Temporary files and folders of writers that died (``.NAME.*.tmp``, ``.export-*/``,
+        ``.quant-*/``), in the run and in ``train/``. Call it holding the lock: no live writer
+        owns them then."""
+        for folder in (self.path, train_dir(self.path)):
+            for p in folder.iterdir() if folder.is_dir() else ():
+                if p.is_dir() and not p.is_symlink() and p.name.startswith(TEMP_DIRS):
+                    shutil.rmtree(p)
+                elif p.name.startswith(".") and p.name.endswith(".tmp") and not p.is_dir():
+                    p.unlink()
+
+    def abandoned(self, held: bool = False) -> bool:
+        """A run that started and never trained: its manifest says ``running``, no process holds
+        it (``held``: this process does) and it has no ``train/last.pt``. A rerun may replace it."""
+        try:
+            status = read_json(self.manifest_path).get("status")
+        except (UserInputError, OSError, AttributeError):
+            return False
+        return (status == "running" and not (train_dir(self.path) / LAST).exists()
+                and (held or not is_locked(self.path)))
+
+    def writable(self) -> bool:
+        """Whether this process may write here (``os.access``; a read-only mount says no)."""
+        return os.access(self.path, os.W_OK | os.X_OK)
+
+    def clear(self) -> None:
+        """Remove every file and folder of the run but the lock file (``--overwrite``: the new run
+        replaces the old one whole). Call it holding the lock, on a run directory only."""
+        for p in self.path.iterdir():
+            if p.name == LOCK_NAME:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
     # -- manifest -----------------------------------------------------------------------------
 
     def manifest(self) -> Manifest:
@@ -160,6 +242,26 @@ class RunDir:
                               if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
         self.write_manifest(manifest)
         return manifest
+
+    def check_artifacts(self, manifest: Manifest) -> None:
+        """Raise ParityError naming the first artifact recorded in the manifest that is missing or
+        whose sha256 differs from the recorded one (a file replaced or edited since)."""
+        for name, digest in sorted(manifest.artifacts.items()):
+            if not isinstance(name, str) or Path(name).name != name or not isinstance(digest, str):
+                raise UserInputError(f"{self.path}/{MANIFEST} records an artifact {name!r} that is "
+                                     "not a file name of the run")
+            path = self.path / name
+            if not path.is_file():
+                raise ParityError(f"{path} is recorded in {MANIFEST} but missing")
+            if sha256(path) != digest:
+                raise ParityError(f"{path} does not match the sha256 recorded in {MANIFEST} "
+                                  "(changed after the run wrote it)")
+
+    def record(self, manifest: Manifest, *names: str) -> None:
+        """Re-record the sha256 of ``names`` (files this command rewrote) in the manifest."""
+        for name in names:
+            manifest.artifacts[name] = sha256(self.path / name)
+        self.write_manifest(manifest)
 
     # -- report.json --------------------------------------------------------------------------
 
@@ -188,7 +290,10 @@ class RunDir:
         # safetensors refuses shared or non-contiguous storage; clone every tensor.
         state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
         with atomic_path(self.checkpoint_path) as tmp:
-            save_file(state, str(tmp))
+            try:
+                save_file(state, str(tmp))
+            except SafetensorError as e:  # a full disk, say: atomic_path makes it one line
+                raise OSError(str(e)) from None
 
     def load(self) -> tuple[Manifest, nn.Module, Preprocess]:
         """The manifest, the reparametrized model with its checkpoint loaded, its preprocessing."""
@@ -201,3 +306,15 @@ class RunDir:
             raise UserInputError(f"{self.path}/{CHECKPOINT} does not match the model in {MANIFEST}")
         load_into(model, state)
         return manifest, model, manifest.preprocess
+
+
+def writes_run(fn: Callable) -> Callable:
+    """Decorate a library function ``fn(run_dir, ...)`` that writes into an existing run
+    directory: it runs holding the directory's write lock."""
+
+    @functools.wraps(fn)
+    def wrapper(run_dir, *args, **kwargs):
+        with RunDir(run_dir).writing():
+            return fn(run_dir, *args, **kwargs)
+
+    return wrapper

@@ -11,9 +11,12 @@
 
 Epochs are numbered from 1; ``step`` counts optimizer steps over the whole run. Resuming from an
 epoch-end ``last.pt`` reproduces the uninterrupted run exactly on the same hardware and number of
-processes (data order, schedule, optimizer and RNG state are all restored). A Ctrl-C mid-epoch
-saves the current state; resuming from it skips the batches already seen, with the same data
-order, but random augmentations of the remaining batches may differ from an uninterrupted run.
+processes (data order, schedule, optimizer and RNG state are all restored). SIGINT (Ctrl-C) or
+SIGTERM mid-epoch stops the loop between two steps and saves that step's state (weights, BatchNorm
+statistics, optimizer, schedule, RNG); in a single process with ``--workers 0`` resuming from it
+reproduces the uninterrupted run. With workers, their seeds come from the RNG when the resumed
+epoch's loader starts, so random augmentations of the remaining batches differ; under torchrun a
+signal interrupts at once (ranks cannot agree on a step without a collective), as before.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ import gc
 import itertools
 import math
 import random
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,17 +38,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from ..convert.errors import TrainingError, UserInputError
+from ..convert.errors import Interrupted, TrainingError, UserInputError
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from .batches import EpochSampler, collate, evaluate, make_val_loader  # noqa: F401 (evaluate re-exported)
 from .diagnostics import Diagnostics
 from .optim import build_optimizer, warmup_cosine
-from .progress import MetricsLog, Progress
+from .progress import MetricsLog, Progress, truncate_log
 from .rundir import METRICS
 from .train_config import DEVICES, TRAJECTORY_FIELDS, TrainConfig  # noqa: F401 (re-exported)
 from .train_loop import (EpochMetrics, Loop, LoopEnv, LoopOutputs, LoopParts, LoopState,  # noqa: F401
-                         NonFinite)
+                         NonFinite, Stop)
 
 __all__ = ["TrainConfig", "EpochMetrics", "TrainResult", "train", "evaluate"]
 
@@ -89,8 +95,8 @@ def train(model: nn.Module, data: Any, config: TrainConfig, run_dir: Path, *, re
 
     Under an initialized process group the model is wrapped in DDP here; on return the caller's
     object holds the last-epoch weights on every rank, on the device and in the memory format it
-    came in. Raises TrainingError on a non-finite loss (nothing is saved) or on Ctrl-C (the
-    current state is saved to ``train/last.pt`` first when finite).
+    came in. Raises TrainingError on a non-finite loss (nothing is saved), Interrupted (exit 130)
+    on SIGINT/SIGTERM (the last completed step is saved to ``train/last.pt`` first when finite).
     """
     cfg = config.resolved()
     run_dir = Path(run_dir)
@@ -104,11 +110,13 @@ def train(model: nn.Module, data: Any, config: TrainConfig, run_dir: Path, *, re
         raise UserInputError("the validation set is empty")
 
     last_path = ckpt.train_dir(run_dir) / ckpt.LAST
-    saved = ckpt.load(last_path) if resume else None
+    saved = ckpt.check_fields(ckpt.load(last_path), last_path) if resume else None
     if saved is not None:
         _check_resumable(saved, cfg, last_path)
     if d.is_main:
         ckpt.train_dir(run_dir).mkdir(parents=True, exist_ok=True)
+        if saved is not None:  # the log as the checkpoint saw it: no duplicate or missing records
+            truncate_log(run_dir / METRICS, int(saved["step"]), list(saved["history"]))
     _seed_all(cfg.seed + d.rank)  # per-rank dropout/augmentation streams; the shuffle uses cfg.seed
 
     given_device, given_training = _model_device(model), model.training
@@ -148,17 +156,22 @@ def _run(model: nn.Module, data: Any, cfg: TrainConfig, d: dist_utils.DistInfo, 
                                        optimizer_name=cfg.optimizer, momentum=cfg.momentum,
                                        write_initial=saved is None)
     try:
-        if saved is None:
-            state.initial = {k: v for k, v in loop.validate().items() if k != "images"}
-        else:
-            _restore_rng(saved, d, device, cfg.seed)
-        loop.run()
+        with _stop_on_signals(state, enabled=not d.enabled):
+            if saved is None:
+                state.initial = {k: v for k, v in loop.validate().items() if k != "images"}
+            else:
+                _restore_rng(saved, d, device, cfg.seed)
+                if (saved.get("partial") or {}).get("rng") is not None and d.world_size == 1:
+                    state.resume_rng = saved["partial"]["rng"]
+            loop.run()
     except NonFinite as err:
         where = f"the last good checkpoint is kept at {last_path}" if last_path.exists() else \
             "no checkpoint was written yet"
         raise TrainingError(f"{err}; {where}") from None
+    except Stop:
+        raise Interrupted(loop.saver.save_interrupted(run_dir, at_step=True)) from None
     except KeyboardInterrupt:
-        raise TrainingError(loop.saver.save_interrupted(run_dir)) from None
+        raise Interrupted(loop.saver.save_interrupted(run_dir)) from None
     finally:
         if loop.batches is not None:
             loop.batches.close()  # stops the GPU-decode thread after Ctrl-C or a bad loss
@@ -166,6 +179,29 @@ def _run(model: nn.Module, data: Any, cfg: TrainConfig, d: dist_utils.DistInfo, 
         log.close()
         if loop.diagnostics is not None:
             loop.diagnostics.close()
+
+
+@contextmanager
+def _stop_on_signals(state: LoopState, enabled: bool = True):
+    """SIGINT and SIGTERM set ``state.stop``; the loop stops at the next step boundary and the
+    state of the last completed step is saved. A second signal acts at once (default handler:
+    the process dies; the lock goes with it and every file is written atomically). Not under
+    torchrun: ranks stopping at different steps would wait on each other forever."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def ask_to_stop(signum, frame):
+        state.stop = signum
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    previous = {sig: signal.signal(sig, ask_to_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _loop_parts(model: nn.Module, data: Any, env: LoopEnv, saved: dict | None, state: LoopState) -> LoopParts:

@@ -37,6 +37,10 @@ class NonFinite(Exception):
     pass
 
 
+class Stop(Exception):
+    """SIGINT/SIGTERM arrived: raised between two steps, so the state is a completed step's."""
+
+
 @dataclass
 class LoopState:
     """Everything that advances during training and goes into checkpoints."""
@@ -53,7 +57,9 @@ class LoopState:
     loss_sum: float = 0.0
     images: int = 0
     last_lr: float = 0.0
-    epoch_rng: dict | None = None
+    epoch_rng: dict | None = None     # RNG state at the epoch's start
+    stop: int = 0                     # the signal that asked to stop (checked between steps)
+    resume_rng: dict | None = None    # RNG state of the step a mid-epoch checkpoint was saved at
 
 
 @dataclass
@@ -118,6 +124,8 @@ class Loop:
             if not resume_mid_epoch:
                 s.in_epoch, s.batches, s.loss_sum, s.images = True, 0, 0.0, 0
             resume_mid_epoch = False
+            if s.stop:
+                raise Stop
             s.epoch_rng = ckpt.capture_rng(self.device)
             self._train_epoch(epoch)
             self._end_epoch(epoch)
@@ -132,6 +140,9 @@ class Loop:
         images0, win_loss, win_images = s.images, 0.0, 0
         # With GPU decode this feeds a background thread; _run's finally closes it on an error.
         self.batches = device_batches_of(self.train_loader, self.gpu_transform, self.device, train=True)
+        if s.resume_rng is not None:  # after the loader drew its seed, as the uninterrupted run did
+            ckpt.restore_rng(s.resume_rng, self.device)
+            s.resume_rng = None
         for x, y in self.batches:
             x = x.to(self.device, non_blocking=True, memory_format=fmt)
             y = y.to(self.device, non_blocking=True)
@@ -148,6 +159,8 @@ class Loop:
                 self.log.write({"step": s.step, "epoch": epoch, "loss": win_loss / win_images,
                                 "lr": s.last_lr, "images_per_s": win_images / max(now - win_t0, 1e-9)})
                 win_t0, win_loss, win_images = now, 0.0, 0
+            if s.stop:
+                raise Stop
         self.train_seconds = time.perf_counter() - t0
         self.train_images = s.images - images0
 
@@ -243,8 +256,10 @@ class Saver:
             "world_size": self.d.world_size,
         }
 
-    def save_interrupted(self, run_dir: Path) -> str:
-        """Save the current state after Ctrl-C (rank 0, finite weights only); the user message."""
+    def save_interrupted(self, run_dir: Path, at_step: bool = False) -> str:
+        """Save the current state after Ctrl-C (rank 0, finite weights only); the user message.
+        ``at_step``: stopped between two steps (a signal), so the RNG state is that of the last
+        completed step too, and a resume continues exactly (``--workers 0``)."""
         s = self.state
         resume = f"continue with --resume {run_dir}"
         if not s.in_epoch:
@@ -261,7 +276,11 @@ class Saver:
                 else "no checkpoint was written"
             return f"training interrupted at {where} with non-finite weights; {kept}"
         # No collectives here: other ranks may be anywhere, so only rank 0's RNG state is kept.
-        # Mid-epoch the epoch-start state is kept: with nothing trained yet it resumes exactly.
+        # Mid-epoch the epoch-start state is kept (it resumes exactly with nothing trained yet);
+        # stopped between steps, the step's state too, restored once the loader drew its seed.
         rng = s.epoch_rng if s.in_epoch else ckpt.capture_rng(self.device)
-        ckpt.save_atomic(self._payload(weights, [rng]), self.last_path)
+        payload = self._payload(weights, [rng])
+        if at_step and payload["partial"] is not None:
+            payload["partial"]["rng"] = ckpt.capture_rng(self.device)
+        ckpt.save_atomic(payload, self.last_path)
         return f"training interrupted at {where}; state saved to {self.last_path}; {resume}"

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from helpers import scale_first_dequantized_weight
 from test_data import write_fashion
 from wnconvert.cli.main import app
+from wnconvert.models.rundir import RunDir
 from wnconvert.convert.metrics import compare_logits
 from wnconvert.convert.quant_check import QuantThresholds
 from wnconvert.convert.runtime import run_onnx
@@ -297,6 +298,8 @@ def test_verify_catches_a_wrong_int4_scale(exported, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(exported, run)
     scale_first_dequantized_weight(run / "model.int4.onnx", 1.25)
+    # recorded as if export had written it so: the contract check, not the sha256, must catch it
+    RunDir(run).record(RunDir(run).manifest(), "model.int4.onnx")
     r = invoke("verify", run, "--precision", "int4")
     assert r.exit_code == 3, r.output
     assert "int4: onnx-ort" in r.output
@@ -316,7 +319,10 @@ def test_verify_onnx_option_detects_precision(exported, fashion):
 def test_verify_bad_inputs(exported, run_lm4):
     assert "--onnx or --precision" in _one_line_error(invoke(
         "verify", exported, "--precision", "int4", "--onnx", exported / "model.int4.onnx"))
-    (run_lm4 / "model.fp16.onnx").unlink(missing_ok=True)
+    (run_lm4 / "model.fp16.onnx").unlink(missing_ok=True)  # a run never exported to fp16:
+    manifest = RunDir(run_lm4).manifest()                    # nor recorded (else verify exits 3)
+    manifest.artifacts.pop("model.fp16.onnx", None)
+    RunDir(run_lm4).write_manifest(manifest)
     assert "export" in _one_line_error(invoke("verify", run_lm4, "--precision", "fp16"))
     assert "unknown precision" in _one_line_error(invoke("verify", run_lm4, "--precision", "int3"))
     assert "--min-agreement" in _one_line_error(invoke("verify", run_lm4, "--min-agreement", 2))

@@ -163,6 +163,8 @@ def test_verify_run_catches_a_wrong_scale(grid_run, tmp_path):
     if not (run / "model.int4.onnx").exists():
         export_precision(run, "int4")
     scale_first_dequantized_weight(run / "model.int4.onnx", 1.25)
+    # recorded as if export had written it so: the contract check, not the sha256, must catch it
+    RunDir(run).record(RunDir(run).manifest(), "model.int4.onnx")
     out = verify_run(run, VerifyRequest(precision="int4"))
     assert not out.passed and out.failures and out.failures[0].startswith("int4: onnx-ort")
     assert RunDir(run).report()["verify"]["passed"] is False

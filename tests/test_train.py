@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from torch.nn.utils import parametrize
 from torch.utils.data import Dataset, TensorDataset
 
 from wnconvert.convert.apply import apply_scheme, reparametrized
-from wnconvert.convert.errors import TrainingError, UserInputError
+from wnconvert.convert.errors import Interrupted, TrainingError, UserInputError
 from wnconvert.convert.schemes import SchemeConfig
 from wnconvert.models import checkpoint as ckpt
 from wnconvert.models.train import TrainConfig, evaluate, train
@@ -81,7 +83,10 @@ class Tripwire(Dataset):
                 return torch.full_like(x, float("nan")), y
             if not self.fired:
                 self.fired = True
-                raise KeyboardInterrupt
+                if self.action == "signal":  # Ctrl-C as the terminal sends it: the batch completes
+                    os.kill(os.getpid(), signal.SIGINT)
+                else:
+                    raise KeyboardInterrupt
         return x, y
 
 
@@ -166,13 +171,14 @@ def assert_same_run(a: nn.Module, ra, b: nn.Module, rb) -> None:
     assert (ra.best_top1, ra.best_epoch) == (rb.best_top1, rb.best_epoch)
 
 
-@pytest.mark.parametrize("optimizer, wd_mode, stop_after_batches, randomness", [
-    ("sgd", "l2", 0, True),             # Ctrl-C right at the epoch boundary
-    ("lars", "eps-shifted", 2, False),  # Ctrl-C in the middle of epoch 2 (exact without RNG use)
-    ("adamw", "eps-shifted", 0, True),
+@pytest.mark.parametrize("optimizer, wd_mode, stop_after_batches, randomness, how", [
+    ("sgd", "l2", 0, True, "interrupt"),             # Ctrl-C right at the epoch boundary
+    ("lars", "eps-shifted", 2, False, "interrupt"),  # KeyboardInterrupt inside a batch fetch
+    ("adamw", "eps-shifted", 0, True, "interrupt"),
+    ("sgd", "l2", 2, True, "signal"),  # SIGINT mid-epoch: the step completes, RNG state of that step
 ])
 def test_resume_matches_uninterrupted(tmp_path: Path, optimizer: str, wd_mode: str,
-                                      stop_after_batches: int, randomness: bool) -> None:
+                                      stop_after_batches: int, randomness: bool, how: str) -> None:
     data = tiny_data()
     if randomness:  # dropout and augmentation: resume must restore every RNG
         data = Bundle(RandomAugment(data.train), data.val)
@@ -191,13 +197,19 @@ def test_resume_matches_uninterrupted(tmp_path: Path, optimizer: str, wd_mode: s
 
     resumed = model()
     n = len(data.train)
-    tripped = Bundle(Tripwire(data.train, n + stop_after_batches * 8, "interrupt"), data.val)
-    with pytest.raises(TrainingError, match=r"--resume .*b"):
+    tripped = Bundle(Tripwire(data.train, n + stop_after_batches * 8, how), data.val)
+    with pytest.raises(Interrupted, match=r"--resume .*b"):
         train(resumed, tripped, config, tmp_path / "b")
     saved = torch.load(tmp_path / "b" / "train" / ckpt.LAST, weights_only=True)
-    assert saved["epoch"] == 1 and saved["step"] == 6 + stop_after_batches
+    done = 6 + stop_after_batches + (how == "signal")
+    assert saved["epoch"] == 1 and saved["step"] == done
+    tracked = [v for k, v in saved["model"].items() if k.endswith("num_batches_tracked")]
+    assert tracked and all(int(v) == done for v in tracked)
     r_resumed = train(resumed, data, config, tmp_path / "b", resume=True)
     assert_same_run(straight, r_straight, resumed, r_resumed)
+    if how == "signal":  # stopped between steps, --workers 0: bit-identical, RNG use included
+        a, b = straight.state_dict(), resumed.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
     epochs = [r["epoch"] for r in records(tmp_path / "b") if "step" not in r]
     assert epochs == [1, 2]
 
@@ -221,6 +233,19 @@ def test_resume_from_epoch_checkpoint_after_crash(tmp_path: Path) -> None:
         train(resumed, poisoned, config, tmp_path / "b")
     r_resumed = train(resumed, data, config, tmp_path / "b", resume=True)
     assert_same_run(straight, r_straight, resumed, r_resumed)
+
+def test_resume_rewrites_the_log_as_its_checkpoint_saw_it(tmp_path: Path) -> None:
+    """An epoch record lost by a crash comes back, records written after the checkpoint go."""
+    data = tiny_data()
+    train(tiny_net(), data, cfg(epochs=1), tmp_path)
+    log = tmp_path / "metrics.jsonl"
+    good = records(tmp_path)
+    assert [r.get("step") for r in good][-1] is None  # the epoch record ends it
+    log.write_text("".join(json.dumps(r) + "\n" for r in good[:-1])  # the epoch record lost
+                   + json.dumps({"step": 99, "epoch": 2, "loss": 1.0}) + "\n{cut")  # and junk after
+    train(tiny_net(), data, cfg(epochs=1), tmp_path, resume=True)
+    assert records(tmp_path) == good
+
 
 def test_resume_refuses_changed_settings(tmp_path: Path) -> None:
     data = tiny_data()
