@@ -37,7 +37,7 @@ def act_run(out, *extra):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("act") / "run"
-    r = act_run(out)
+    r = act_run(out, "--diagnostics", "2")
     assert r.exit_code == 0, r.output
     return out
 
@@ -75,6 +75,16 @@ def test_run_holds_the_qat_model(trained):
     _, plain, _ = RunDir(trained).load()
     torch.testing.assert_close(plain.state_dict()["layer1.0.bn1.running_var"],
                                state["qlayers.layer1_0_conv1.bn.running_var"], rtol=0, atol=0)
+
+
+def test_activation_diagnostics(trained):
+    records = [json.loads(line) for line in (trained / "dynamics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    _, qat = RunDir(trained).load_qat()
+    for r in records:
+        acts = r["activations"]
+        assert list(acts) == [p.name for p in act_points(qat)]
+        assert all(v["scale"] > 0 and 0 <= v["clipped"] < 0.5 and v["sqnr_db"] > 10 for v in acts.values())
 
 
 def _scale_one_activation(path: Path, factor: float) -> str:
