@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 
+from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.fold import FoldConfig
 from wnconvert.convert.schemes import SchemeConfig
 from wnconvert.convert.verify import VerifyConfig
@@ -79,6 +80,8 @@ def finetune(
     from wnconvert.models.act_run import ActSettings
     from wnconvert.models.run import RunConfig, finetune_run, resume_config, training_epochs
 
+    if act_bits is None and (freeze_bn_epochs is not None or value(act_range) != "learned"):
+        raise UserInputError("--act-range and --freeze-bn-epochs apply to --act-bits runs only")
     if resume is not None:
         cfg = resume_config(resume)
     else:
