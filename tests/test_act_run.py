@@ -140,3 +140,9 @@ def test_resume_is_exact(trained, tmp_path, monkeypatch):
     assert set(a) == set(b)
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
     assert bool(a["qlayers.conv1.bn_frozen"]) and any(k.startswith("act_quant.") for k in a)
+
+
+def test_act_options_need_act_bits(tmp_path):
+    r = cli("finetune", "resnet18", "--act-range", "frozen", "--out", tmp_path / "run")
+    assert r.exit_code == 2 and "--act-bits runs only" in r.output
+    assert not (tmp_path / "run").exists()
