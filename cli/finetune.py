@@ -17,8 +17,8 @@ from wnconvert.models.train import TrainConfig
 
 from .config_option import ConfigOpt
 from .errors import handle_errors
-from .options import (Bn, Gain, Granularity, Optimizer, ScaleGrad, Schedule, Scheme, WdMode, default,
-                      refuse_with_resume, value)
+from .options import (ActRange, Bn, Gain, Granularity, Optimizer, ScaleGrad, Schedule, Scheme, WdMode,
+                      default, refuse_with_resume, value)
 from .render import JsonOpt, certificate_table, console, parity_table, print_json
 
 
@@ -38,6 +38,9 @@ def finetune(
     exclude: Optional[List[str]] = typer.Option(None, help="Leave layers matching this name pattern alone (repeatable)."),
     skip_depthwise: bool = typer.Option(default(SchemeConfig, "skip_depthwise"), help="Leave depthwise convs unreparametrized."),
     weight_bits: Optional[int] = typer.Option(None, help="Fake-quantize N(W) to the symmetric B-bit grid on [-1, 1] during training (2..8; layer-max / channel-max)."),
+    act_bits: Optional[int] = typer.Option(None, help="Fake-quantize activations to A bits during training (4..8; needs --weight-bits); export with --precision int8/int4."),
+    act_range: ActRange = typer.Option("learned", help="Activation ranges after calibration: learned (LSQ) or frozen."),
+    freeze_bn_epochs: Optional[int] = typer.Option(None, metavar="K", help="--act-bits: BatchNorm statistics frozen for the last K epochs (default 1 when --epochs > 1, else 0)."),
     bn: Bn = typer.Option(default(FoldConfig, "bn"), help="keep: absorb scales into BatchNorm | fold: fold BatchNorm into the weights"),
     granularity: Granularity = typer.Option(default(FoldConfig, "granularity"), help="Scale granularity where the fold re-normalizes."),
     image_size: Optional[int] = typer.Option(None, help="Input resolution (default: the data's or the weights')."),
@@ -75,8 +78,11 @@ def finetune(
     json_out: bool = JsonOpt,
 ):
     """Fine-tune MODEL under a weight-range scheme, then fold, export and verify it."""
+    from wnconvert.models.act_run import ActSettings
     from wnconvert.models.run import RunConfig, finetune_run, resume_config, training_epochs
 
+    if act_bits is None and (freeze_bn_epochs is not None or value(act_range) != "learned"):
+        raise UserInputError("--act-range and --freeze-bn-epochs apply to --act-bits runs only")
     if resume is not None:
         refuse_with_resume(ctx, {"model", "resume", "config", "json_out"})
         cfg = resume_config(resume)
@@ -97,7 +103,8 @@ def finetune(
             scheme=SchemeConfig(value(scheme), value(gain), value(scale_grad), tuple(exclude or ()),
                                 skip_depthwise, weight_bits=weight_bits),
             fold=FoldConfig(value(bn), value(granularity)), verify=VerifyConfig(rtol=rtol, samples=samples),
-            train=train, no_export=no_export, overwrite=overwrite, offline=offline or None, seed=seed)
+            train=train, no_export=no_export, overwrite=overwrite, offline=offline or None, seed=seed,
+            act=ActSettings(act_bits, value(act_range), freeze_bn_epochs) if act_bits is not None else None)
     summary = finetune_run(cfg, console=None if json_out else console, resume=resume is not None)
     if summary is None:  # another rank under torchrun: rank 0 reports
         return

@@ -12,6 +12,7 @@ from enum import Enum
 
 import typer
 
+from wnconvert.convert.actquant.quantizer import RANGE_MODES
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.fold import BN_MODES, GRANULARITIES
 from wnconvert.convert.quantize import ACT_TYPES, CALIBRATORS, PRECISIONS
@@ -29,9 +30,9 @@ def choices(name: str, values) -> type[Enum]:
 _REGISTRIES = {"Scheme": REGISTRY, "Gain": GAIN_MODES, "ScaleGrad": SCALE_GRAD_MODES, "Bn": BN_MODES,
                "Granularity": GRANULARITIES, "Optimizer": OPTIMIZERS, "WdMode": WD_MODES,
                "Schedule": SCHEDULES, "Precision": PRECISIONS, "Calibrator": CALIBRATORS,
-               "ActType": ACT_TYPES, "CalibSplit": CALIB_SPLITS, "Provider": PROVIDERS}
+               "ActType": ACT_TYPES, "CalibSplit": CALIB_SPLITS, "Provider": PROVIDERS, "ActRange": RANGE_MODES}
 (Scheme, Gain, ScaleGrad, Bn, Granularity, Optimizer, WdMode, Schedule, Precision, Calibrator, ActType,
- CalibSplit, Provider) = (choices(name, values) for name, values in _REGISTRIES.items())
+ CalibSplit, Provider, ActRange) = (choices(name, values) for name, values in _REGISTRIES.items())
 
 
 def value(choice):

@@ -48,7 +48,13 @@ def quantized_table(checks: dict) -> Table:
     for col in ("file", "contract", "against", "top-1 agree", "SQNR dB", "rel", "ok"):
         t.add_column(col, justify="left" if col in ("file", "contract", "against") else "right")
     for name, r in checks.items():
-        if r["contract"] == "lossless":
+        if r["contract"] == "lossless-activations":
+            levels = r["levels"].values()
+            top = [lv["logits"] for lv in levels]
+            agree = 1 - sum(t["disagree"] for t in top) / max(sum(t["compared"] for t in top), 1)
+            ties = sum(sum(t.values()) for t in r["ties"].values())
+            row = (f"QAT model, {r['inputs']}", f"{agree:.4f}", "-", f"{ties} ties")
+        elif r["contract"] == "lossless":
             worst = max(r["parity"]["candidates"].values(), key=lambda c: c["rel"])
             row = ("trained model, float64", f"{worst['top1']:.4f}", "-", f"{worst['rel']:.2e}")
         else:

@@ -67,6 +67,9 @@ def export(
         entry = export_precision(run_dir, value(precision), opts)
         if json_out:
             return print_json(entry)
+        if entry.get("contract") == "lossless-activations":
+            return console.print(f"wrote {run_dir / entry['file']} (W{entry['weight_bits']}A{entry['act_bits']}, "
+                                 f"trained scales, {len(entry['points'])} quantized tensors, opset {entry['opset']})")
         c = entry["vs_fp32"]
         return console.print(f"wrote {run_dir / entry['file']} ({entry['activations']} activations, "
                              f"weights {entry['weight_storage'] or 'fp16'}): top-1 agreement "

@@ -64,7 +64,8 @@ def artifact_accuracy(artifact: Path, data: str, *, limit: int | None = None, ba
 
         if run_dir is None:
             raise UserInputError(f"{artifact} is not a run directory (no {MANIFEST})")
-        _, model, _ = RunDir(run_dir).load()
+        rd = RunDir(run_dir)  # an --act-bits run: its fake-quant (deployed) network
+        model = rd.load_qat()[1] if rd.manifest().act is not None else rd.load()[1]
         if provider == "cuda" and not torch.cuda.is_available():
             raise UserInputError("--provider cuda: PyTorch sees no CUDA device here")
         device = provider

@@ -30,6 +30,11 @@ the optimizer sees it, i.e. after clipping and before any decay term is added):
                             fraction of elements of ``N(W)`` whose ``weight_bits`` grid level
                             changed in this step
 
+For an ``--act-bits`` run (an activation-QAT model, models/act_run.py) each record also holds
+``"activations": {point: {"scale", "clipped", "sqnr_db"}}``: per activation quantizer its scale,
+the fraction of elements clipped and the SQNR (dB) of the quantized tensor, measured on the
+step's training batch run in eval mode (``actquant.activation_diagnostics``).
+
 Non-finite values are written as ``null``. ``initial_weights.json`` (written once, when training
 starts from scratch rather than resuming) holds a histogram of every layer's ``W / max|W|`` before
 fine-tuning, for ``wnconvert report``.
@@ -45,6 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..convert.actquant import activation_diagnostics
 from ..convert.apply import reparametrized
 from ..convert.artifacts import read_jsonl
 
@@ -89,6 +95,9 @@ class Diagnostics:
         self.path = run_dir / DYNAMICS
         self._f = open(self.path, "a", encoding="utf-8")
         self._pending: dict | None = None
+        self.model, self._batch = model, None
+        if "act_points" in getattr(model, "meta", {}):  # remember the batch the step trains on
+            model.register_forward_pre_hook(self._remember)
         if write_initial and not (run_dir / INITIAL).exists():
             with torch.no_grad():
                 hist = {name: unit_histogram(w) for name, w, _ in self.layers}
@@ -145,6 +154,12 @@ class Diagnostics:
             layers[name] = rec
         self._pending = {"step": step, "epoch": epoch, "lr": lr, "layers": layers,
                          "before": before, "levels": levels}
+        if self._batch is not None:
+            self._pending["activations"] = activation_diagnostics(self.model, self._batch)
+
+    def _remember(self, module: nn.Module, args: tuple) -> None:
+        if module.training:
+            self._batch = args[0].detach()
 
     @staticmethod
     def _levels(p: nn.Module, x: Tensor, bits: int) -> Tensor:
@@ -175,6 +190,9 @@ class Diagnostics:
         record = {"step": pend["step"], "epoch": pend["epoch"], "lr": pend["lr"],
                   "optimizer": self.optimizer_name,
                   "layers": {k: {f: _f(v) for f, v in r.items()} for k, r in pend["layers"].items()}}
+        if "activations" in pend:
+            record["activations"] = {k: {f: _f(v) for f, v in r.items()}
+                                     for k, r in pend["activations"].items()}
         self._f.write(json.dumps(record) + "\n")
         self._f.flush()
 

@@ -72,10 +72,10 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _layer_series(dyn: list[dict], key: str) -> dict[str, tuple[list[int], list[float]]]:
+def _layer_series(dyn: list[dict], key: str, group: str = "layers") -> dict[str, tuple[list[int], list[float]]]:
     out: dict[str, tuple[list[int], list[float]]] = {}
     for rec in dyn:
-        for name, vals in rec.get("layers", {}).items():
+        for name, vals in rec.get(group, {}).items():
             v = vals.get(key)
             if v is None:
                 continue
@@ -227,8 +227,24 @@ def _dynamics(res: ReportResult, captions: dict, dyn: list[dict]) -> None:
                                     "value SGD with momentum and decay drives it to (sgd runs only)."
                                     if eq else "||W||/||g|| per layer (no equilibrium line: "
                                     "not an sgd run with decay).")
+        _activations(res, captions, dyn)
     else:
         res.notes.append("no dynamics.jsonl: train with --diagnostics K for per-layer dynamics")
+
+
+ACT_PLOTS = (("scale", "Activation scale", True), ("clipped", "Activations clipped (fraction)", False),
+             ("sqnr_db", "Activation SQNR (dB)", False))
+
+
+def _activations(res: ReportResult, captions: dict, dyn: list[dict]) -> None:
+    """Per activation quantizer of an --act-bits run: scale, fraction clipped, SQNR over training."""
+    if not any("activations" in r for r in dyn):
+        return
+    for key, title, logy in ACT_PLOTS:
+        name = f"act_{key}.png"
+        res.figures.append(_per_layer_plot(_layer_series(dyn, key, "activations"), title, key,
+                                           res.out / name, logy=logy))
+        captions[name] = f"{title} per activation quantizer, on the step's training batch in eval mode."
 
 
 def _histograms(res: ReportResult, captions: dict, after: dict, folded: dict, initial: dict | None,

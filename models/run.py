@@ -25,6 +25,7 @@ from wnconvert.convert.schemes import SchemeConfig
 from wnconvert.convert.verify import VerifyConfig, make_inputs
 
 from . import distributed
+from .act_run import ActSettings, act_model, check_act_request, copy_to_float, freeze_bn_hook
 from .data import DataBundle, Preprocess, build_data, default_preprocess, eval_arrays, parse_data_spec
 from .lock import check_unlocked
 from .optim import SCRATCH_DEFAULTS
@@ -56,6 +57,7 @@ class RunConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     train: TrainConfig | None = None  # None for --epochs 0
+    act: ActSettings | None = None    # --act-bits: activation QAT (models/act_run.py)
     no_export: bool = False
     overwrite: bool = False
     offline: bool | None = None      # None: WNCONVERT_OFFLINE decides whether weights may be downloaded
@@ -128,6 +130,8 @@ def _run_finetune(cfg: RunConfig, console, resume: bool, owner: ExitStack) -> Ru
     out = check_output_dir(cfg.out)
     if cfg.train is not None:  # bad settings fail before anything is built or written
         cfg.train.validate()
+    check_act_request(cfg.scheme, cfg.act, data=cfg.data, gpu_decode=cfg.gpu_decode,
+                      epochs=cfg.train.epochs if cfg.train is not None else 0)
     if (out / MANIFEST).exists() and not (resume or cfg.overwrite or RunDir(out).abandoned()):
         check_unlocked(out)  # a run in progress: name its process
         raise UserInputError(f"{out} already holds a run; use --resume to continue it, "
@@ -143,6 +147,7 @@ def _run_finetune(cfg: RunConfig, console, resume: bool, owner: ExitStack) -> Ru
     with torch.no_grad():
         x = make_inputs(shape, cfg.verify)
         step0 = max_step0_deviation(original(x), model(x))
+    qat = act_model(model, cfg.act, data, cfg.train, resume)  # None without --act-bits
 
     rank = distributed.info()
     run = RunDir(out)
@@ -153,7 +158,7 @@ def _run_finetune(cfg: RunConfig, console, resume: bool, owner: ExitStack) -> Ru
         model=cfg.model, num_classes=built.num_classes, preprocess=preprocess, weights=built.weights,
         data=cfg.data, limit_train=cfg.limit_train, limit_val=cfg.limit_val,
         gpu_decode=cfg.gpu_decode, scheme=cfg.scheme, fold=cfg.fold, export=cfg.export,
-        verify=cfg.verify, train=cfg.train, no_export=cfg.no_export,
+        verify=cfg.verify, train=cfg.train, no_export=cfg.no_export, act=cfg.act,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), versions=versions())
     if rank.is_main:
         run.write_manifest(manifest)
@@ -161,15 +166,18 @@ def _run_finetune(cfg: RunConfig, console, resume: bool, owner: ExitStack) -> Ru
     report: dict = {"apply": apply_report.to_dict(), "step0_rel_deviation": step0}
 
     if cfg.train is not None and getattr(cfg.train, "epochs", 0) > 0:
-        result = train(model, data, cfg.train, out, resume=resume,
-                       console=console if rank.is_main else None)
+        hook = freeze_bn_hook(qat, cfg.act, cfg.train.epochs) if qat is not None else None
+        result = train(qat if qat is not None else model, data, cfg.train, out, resume=resume,
+                       console=console if rank.is_main else None, on_epoch=hook)
         report["training"] = {"initial": result.initial, "best_top1": result.best_top1,
                               "best_epoch": result.best_epoch,
                               "final": asdict(result.history[-1]) if result.history else None}
     if not rank.is_main:  # under torchrun, rank 0 alone writes and converts
         return RunSummary(out, manifest, report, None)
     model = model.cpu().eval()
-    run.save_model_state(model)
+    run.save_model_state(qat.cpu().eval() if qat is not None else model)
+    if qat is not None:
+        copy_to_float(qat, model)  # model.onnx of an --act-bits run is its float network
 
     conversion = None
     if not cfg.no_export:
@@ -254,7 +262,7 @@ def resume_config(run_dir: Path) -> RunConfig:
         model=m.model, out=Path(run_dir), weights="none", num_classes=m.num_classes, data=m.data,
         image_size=m.preprocess.image_size, limit_train=m.limit_train, limit_val=m.limit_val,
         gpu_decode=m.gpu_decode, scheme=m.scheme, fold=m.fold, export=m.export, verify=m.verify,
-        train=m.train, no_export=m.no_export)
+        train=m.train, no_export=m.no_export, act=m.act)
 
 
 def training_epochs(epochs: int | None, data: str | None) -> int:

@@ -15,6 +15,7 @@ from wnconvert.convert.quantize import (QuantOptions, artifact_name, check_preci
 from wnconvert.convert.schemes import REGISTRY
 from wnconvert.convert.verify import make_inputs
 
+from .act_files import export_act_precision
 from .data import Preprocess, eval_arrays
 from .rundir import RunDir, writes_run
 
@@ -113,6 +114,8 @@ def export_precision(run_dir: Path, precision: str, opts: PrecisionOptions = Pre
     check_precision(precision)
     run = RunDir(run_dir)
     manifest = run.manifest()
+    if manifest.act is not None and precision != "fp16":  # the trained integer network
+        return export_act_precision(run_dir, precision, opts.act_bits, opts.data)
     src = run.onnx_path
     if not src.exists():
         raise UserInputError(f"{run_dir} has no model.onnx; run `wnconvert export {run_dir}` first")

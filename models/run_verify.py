@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
 from wnconvert.convert.errors import UserInputError
@@ -13,6 +14,7 @@ from wnconvert.convert.quant_check import QuantThresholds, check_lossy, detect_p
 from wnconvert.convert.quantize import PRECISIONS, artifact_name
 from wnconvert.convert.verify import VerifyConfig, load_inputs, make_inputs, verify
 
+from .act_files import CONTRACT, verify_act_file
 from .run_export import data_arrays
 from .rundir import REPORT, RunDir
 
@@ -50,7 +52,9 @@ def verify_quantized(run_dir: Path, model: nn.Module, targets: list[tuple[str, P
     out = {}
     for precision, path in targets:
         own = path.resolve() == (run.path / artifact_name(precision)).resolve()
-        if own and "lossless_check" in made.get(precision, {}):
+        if own and made.get(precision, {}).get("contract") == CONTRACT:
+            res = verify_act_file(run.path, path, torch.from_numpy(np.asarray(x, np.float32)), inputs)
+        elif own and "lossless_check" in made.get(precision, {}):
             rep = verify(model, x_parity, onnx_path=path, config=parity_cfg,
                          inputs_name=f"{len(x_parity)} samples")
             res = {"contract": "lossless", "parity": rep.to_dict(), "passed": rep.passed,

@@ -38,6 +38,7 @@ from wnconvert.convert.pipeline import ONNX_NAME
 from wnconvert.convert.schemes import SchemeConfig
 from wnconvert.convert.verify import VerifyConfig
 
+from .act_run import ActSettings, copy_to_float, prepare_act_model
 from .data import Preprocess
 from .checkpoint import LAST, train_dir
 from .lock import LOCK_NAME, is_locked, locked
@@ -102,6 +103,7 @@ class Manifest:
     export: ExportConfig = field(default_factory=ExportConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     train: TrainConfig | None = None
+    act: ActSettings | None = None   # --act-bits runs (models/act_run.py); None in older manifests
     status: str = "running"
     created: str = ""
     versions: dict = field(default_factory=dict)
@@ -124,6 +126,7 @@ class Manifest:
             "scheme": asdict(self.scheme), "fold": asdict(self.fold), "export": asdict(self.export),
             "verify": asdict(self.verify),
             "train": self.train.to_dict() if self.train is not None else None,
+            "act": self.act.to_dict() if self.act is not None else None,
             "versions": self.versions, "artifacts": self.artifacts,
         }
 
@@ -145,12 +148,13 @@ class Manifest:
                 export=config_from_dict(ExportConfig, d.get("export")),
                 verify=config_from_dict(VerifyConfig, d.get("verify")),
                 train=config_from_dict(TrainConfig, d["train"]) if d.get("train") else None,
+                act=ActSettings.from_dict(d.get("act")),
                 status=d.get("status", "complete"), created=d.get("created", ""),
                 versions=dict(d.get("versions") or {}), artifacts=dict(d.get("artifacts") or {}),
                 version=MANIFEST_VERSION)
         except KeyError as e:
             raise UserInputError(f"{where} lacks {e}") from None
-        except (TypeError, AttributeError) as e:
+        except (TypeError, AttributeError, ValueError) as e:
             raise UserInputError(f"{where} is malformed: {e}") from None
 
 
@@ -296,16 +300,33 @@ class RunDir:
                 raise OSError(str(e)) from None
 
     def load(self) -> tuple[Manifest, nn.Module, Preprocess]:
-        """The manifest, the reparametrized model with its checkpoint loaded, its preprocessing."""
+        """The manifest, the reparametrized model with its checkpoint loaded, its preprocessing.
+        For an ``--act-bits`` run: the float network (see models/act_run.py); :meth:`load_qat`
+        gives the fake-quant one."""
+        manifest, model, _ = self._load_both()
+        return manifest, model, manifest.preprocess
+
+    def load_qat(self) -> tuple[Manifest, nn.Module]:
+        """The manifest and the eval-mode QAT model of an ``--act-bits`` run."""
+        manifest, _, qat = self._load_both()
+        if qat is None:
+            raise UserInputError(f"{self.path} was not trained with --act-bits")
+        return manifest, qat
+
+    def _load_both(self) -> tuple[Manifest, nn.Module, nn.Module | None]:
         manifest = self.manifest()
         model = build_model(manifest.model, "none", manifest.num_classes).model.eval()
         apply_scheme(model, manifest.scheme)
+        qat = prepare_act_model(model, manifest.act, None) if manifest.act is not None else None
+        target = qat if qat is not None else model
         state = load_state_file(self.checkpoint_path)
-        own = model.state_dict()
+        own = target.state_dict()
         if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
             raise UserInputError(f"{self.path}/{CHECKPOINT} does not match the model in {MANIFEST}")
-        load_into(model, state)
-        return manifest, model, manifest.preprocess
+        load_into(target, state)
+        if qat is not None:
+            copy_to_float(qat, model)
+        return manifest, model, qat
 
 
 def writes_run(fn: Callable) -> Callable:

@@ -30,7 +30,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -90,13 +90,15 @@ def _model_device(model: nn.Module) -> torch.device:
 # -- training ----------------------------------------------------------------------------------
 
 def train(model: nn.Module, data: Any, config: TrainConfig, run_dir: Path, *, resume: bool = False,
-          console: Any = None) -> TrainResult:
+          console: Any = None, on_epoch: Callable[[int], None] | None = None) -> TrainResult:
     """Fine-tune ``model`` (in place) on ``data.train``, evaluating on ``data.val`` every epoch.
 
     Under an initialized process group the model is wrapped in DDP here; on return the caller's
     object holds the last-epoch weights on every rank, on the device and in the memory format it
     came in. Raises TrainingError on a non-finite loss (nothing is saved), Interrupted (exit 130)
     on SIGINT/SIGTERM (the last completed step is saved to ``train/last.pt`` first when finite).
+    ``on_epoch(epoch)`` is called at the start of every epoch trained (e.g. to freeze BatchNorm,
+    models/act_run.py).
     """
     cfg = config.resolved()
     run_dir = Path(run_dir)
@@ -125,7 +127,7 @@ def train(model: nn.Module, data: Any, config: TrainConfig, run_dir: Path, *, re
         model.to(device)
         if channels_last:
             model.to(memory_format=torch.channels_last)
-        _run(model, data, cfg, d, device, amp, channels_last, run_dir, saved, state, console)
+        _run(model, data, cfg, d, device, amp, channels_last, run_dir, saved, state, console, on_epoch)
     finally:
         if d.enabled:
             gc.collect()  # free the DDP wrapper (it sits in a reference cycle) and its hooks now
@@ -140,7 +142,7 @@ def train(model: nn.Module, data: Any, config: TrainConfig, run_dir: Path, *, re
 
 def _run(model: nn.Module, data: Any, cfg: TrainConfig, d: dist_utils.DistInfo, device: torch.device,
          amp: bool, channels_last: bool, run_dir: Path, saved: dict | None, state: LoopState,
-         console: Any) -> None:
+         console: Any, on_epoch: Callable[[int], None] | None = None) -> None:
     cuda = device.type == "cuda"
     if cuda:  # object collectives (RNG gather) and nccl use the current device
         torch.cuda.set_device(device)
@@ -151,6 +153,7 @@ def _run(model: nn.Module, data: Any, cfg: TrainConfig, d: dist_utils.DistInfo, 
     log = MetricsLog(run_dir / METRICS if d.is_main else None)
     progress = Progress(console, cfg.epochs, enabled=d.is_main and console is not None)
     loop = Loop(env, parts, LoopOutputs(log, progress, last_path, best_path), state)
+    loop.on_epoch = on_epoch
     if cfg.diagnostics and d.is_main:
         loop.diagnostics = Diagnostics(model, parts.optimizer, cfg.diagnostics, run_dir,
                                        optimizer_name=cfg.optimizer, momentum=cfg.momentum,

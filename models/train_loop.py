@@ -112,6 +112,7 @@ class Loop:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.train_seconds, self.train_images = 0.0, 0
         self.diagnostics: Any = None  # models.diagnostics.Diagnostics on rank 0 when enabled
+        self.on_epoch: Any = None     # called with the epoch number before each epoch trains
 
     def validate(self) -> dict:
         return evaluate_loader(self.eval_fwd, self.model, self.val_loader, self.device, self.amp,
@@ -127,6 +128,8 @@ class Loop:
             if s.stop:
                 raise Stop
             s.epoch_rng = ckpt.capture_rng(self.device)
+            if self.on_epoch is not None:
+                self.on_epoch(epoch)
             self._train_epoch(epoch)
             self._end_epoch(epoch)
 
