@@ -113,6 +113,13 @@ def test_export_and_verify_lossless_activations(trained):
     assert set(res["ties"]["on"]) == set(entry["points"])
     name = _scale_one_activation(trained / "model.int8.onnx", 1.01)
     r = cli("verify", trained, "--precision", "int8", "--limit", "16")
+    assert r.exit_code == 3 and "model.int8.onnx" in r.output  # the recorded sha256 catches it first
+    # re-record the tampered file's hash: the contract itself must catch the changed scale
+    from wnconvert.convert.artifacts import sha256
+    manifest = json.loads((trained / "manifest.json").read_text())
+    manifest["artifacts"]["model.int8.onnx"] = sha256(trained / "model.int8.onnx")
+    (trained / "manifest.json").write_text(json.dumps(manifest))
+    r = cli("verify", trained, "--precision", "int8", "--limit", "16")
     assert r.exit_code == 3, r.output
     res = json.loads((trained / "report.json").read_text())["verify"]["quantized"]["int8"]
     assert not res["passed"] and any(name[2:] in f for f in res["failures"]), (name, res["failures"])
