@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserInputError
+from .onnx_files import check_external_data
 
 # onnxruntime (ENABLE_EXTENDED and up) rewrites ``DequantizeLinear(int4/int8) -> MatMul`` into
 # ``MatMulNBits``, whose default accuracy level quantizes the *activations* to int8 and would make
@@ -36,6 +37,7 @@ def ort_session(path: Path, optimized: bool = True, provider: str = "cpu"):
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     opts.add_session_config_entry(*MATMULNBITS_EXACT)
     providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
+    check_external_data(path)
     try:
         sess = ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as e:  # onnxruntime's own exception types: a file it cannot load

@@ -12,6 +12,7 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
+from onnx.external_data_helper import convert_model_to_external_data
 from typer.testing import CliRunner
 
 from wnconvert.cli.main import app
@@ -42,6 +43,27 @@ def _identity_onnx(path: Path, size: int) -> None:
     y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3, size, size])
     graph = helper.make_graph([helper.make_node("Identity", ["input"], ["logits"])], "g", [x], [y])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def _external(run: Path, tmp: Path, location: str) -> None:
+    """tmp/sub/m.onnx: the run's model with its weights in external data that ``location`` names;
+    the data itself is written to tmp/other/w.bin (outside sub/)."""
+    model = onnx.load(str(run / "model.onnx"))
+    (tmp / "other").mkdir()
+    (tmp / "sub").mkdir()
+    convert_model_to_external_data(model, location="w.bin", size_threshold=0)
+    onnx.save(model, str(tmp / "other" / "m.onnx"))
+    model = onnx.load(str(tmp / "other" / "m.onnx"), load_external_data=False)
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location.format(tmp=tmp)
+    onnx.save(model, str(tmp / "sub" / "m.onnx"))
+
+
+def _link_out(run: Path, tmp: Path) -> None:
+    _external(run, tmp, "w.bin")
+    (tmp / "sub" / "w.bin").symlink_to(tmp / "other" / "w.bin")
 
 
 def _manifest(run: Path, change) -> None:
@@ -76,6 +98,17 @@ CASES = {
                               ["verify", "{run}", "--onnx", "{tmp}/x.onnx"], "onnxruntime cannot load"),
     "verify --onnx other shape": (lambda run, tmp: _identity_onnx(tmp / "x.onnx", 8),
                                   ["verify", "{run}", "--onnx", "{tmp}/x.onnx"], "onnxruntime cannot run"),
+    "verify --onnx, external data in ../": (lambda run, tmp: _external(run, tmp, "../other/w.bin"),
+                                             ["verify", "{run}", "--onnx", "{tmp}/sub/m.onnx"],
+                                             "'../other/w.bin', outside the model's folder"),
+    "verify --onnx, external data by absolute path": (
+        lambda run, tmp: _external(run, tmp, "{tmp}/other/w.bin"),
+        ["verify", "{run}", "--onnx", "{tmp}/sub/m.onnx"], "only a relative path inside"),
+    "eval, external data linked out of the folder": (
+        _link_out, ["eval", "{tmp}/sub/m.onnx", "--data", "synthetic:10", "--limit", "4"],
+        "'w.bin', outside the model's folder"),
+    "inspect, external data missing": (lambda run, tmp: _external(run, tmp, "nothing.bin"),
+                                       ["inspect", "{tmp}/sub/m.onnx"], "'nothing.bin', which is not a file"),
     "eval of another shape": (lambda run, tmp: _identity_onnx(tmp / "x.onnx", 16),
                               ["eval", "{tmp}/x.onnx", "--data", "synthetic:10", "--limit", "4"],
                               "not (batch, classes) logits"),
@@ -88,9 +121,22 @@ def test_bad_file_is_one_line_exit_2(trained: Path, tmp_path: Path, case: str) -
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     make(run, tmp_path)
+    report = (run / "report.json").read_bytes()
     r = invoke(*(a.format(run=run, tmp=tmp_path) for a in args))
     assert r.exit_code == 2, r.output
     assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+    assert (run / "report.json").read_bytes() == report  # nothing recorded
+
+
+def test_external_data_inside_its_folder_is_read(trained: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    _external(run, tmp_path, "w.bin")
+    shutil.copy(tmp_path / "other" / "w.bin", tmp_path / "sub" / "w.bin")
+    report = (run / "report.json").read_bytes()
+    r = invoke("verify", run, "--onnx", tmp_path / "sub" / "m.onnx")
+    assert r.exit_code == 0, r.output
+    assert (run / "report.json").read_bytes() != report  # the result was recorded
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from ..errors import UserInputError
+from ..onnx_files import check_external_data
 from .requant import QTYPES, QType
 
 CORE_OPS = {"Conv", "Gemm", "MatMul", "Add", "MaxPool", "AveragePool", "GlobalAveragePool",
@@ -74,6 +75,7 @@ def load_model(model_or_path) -> onnx.ModelProto:
     if isinstance(model_or_path, onnx.ModelProto):
         return model_or_path
     path = Path(model_or_path)
+    check_external_data(path)
     try:
         return onnx.load(str(path))
     except FileNotFoundError:

@@ -1,0 +1,67 @@
+"""Checks on an ONNX file before anything reads it: where its external data may come from.
+
+A model larger than 2 GB keeps its tensors in files beside it (``external_data`` entries naming a
+``location``). A file given by a user (``verify --onnx``, ``eval``, ``inspect``) could name any
+path there: ``../../etc/passwd``, an absolute path, or a link out of its folder. wnconvert reads
+external data only from regular files inside the model's own folder, and says which tensor names
+what when it refuses; nothing is read or written before this check.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto
+
+from .errors import UserInputError
+
+
+def _tensors(graph: onnx.GraphProto):
+    """Every tensor stored in ``graph``: initializers, ``Constant``/attribute tensors, subgraphs."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _tensors(sub)
+
+
+def external_locations(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """``(tensor name, location)`` of every tensor whose data lives outside the model file."""
+    found = []
+    for t in _tensors(model.graph):
+        if t.data_location == TensorProto.EXTERNAL:
+            entries = {e.key: e.value for e in t.external_data}
+            found.append((t.name, entries.get("location", "")))
+    return found
+
+
+def check_external_data(path: Path, model: onnx.ModelProto | None = None) -> None:
+    """Raise :class:`UserInputError` unless every external-data location of ``path`` is a relative
+    path naming an existing regular file inside ``path``'s folder (links resolved)."""
+    path = Path(path)
+    if model is None:
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except FileNotFoundError:
+            raise UserInputError(f"{path} does not exist") from None
+        except Exception as e:
+            raise UserInputError(f"{path} is not a readable ONNX file ({type(e).__name__})") from None
+    folder = path.resolve().parent
+    for name, location in external_locations(model):
+        where = f"{path}: tensor {name!r} keeps its data in {location!r}"
+        if not location or Path(location).is_absolute():
+            raise UserInputError(f"{where}; only a relative path inside {path.parent}/ is read")
+        target = (folder / location).resolve()
+        if not target.is_relative_to(folder):
+            raise UserInputError(f"{where}, outside the model's folder {path.parent}/; refusing to read it")
+        if not target.is_file():
+            raise UserInputError(f"{where}, which is not a file in {path.parent}/")
