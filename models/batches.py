@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import random
 from typing import Any, Generator, Iterator
 
 import torch
@@ -105,22 +106,66 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256,
                             gpu_transform=gpu_transform)
 
 
-class EpochSampler(Sampler[int]):
+class EpochSampler(Sampler[tuple[int, int]]):
     """This rank's share of a seeded shuffle (same permutation on every rank for a given epoch),
-    optionally without its first ``skip`` batches when resuming mid-epoch."""
+    optionally without its first ``skip`` batches when resuming mid-epoch. It yields
+    ``(epoch, index)`` keys for :class:`SeededSamples`."""
 
     def __init__(self, dataset: Dataset, rank: int, world_size: int, seed: int, batch_size: int) -> None:
         self.base = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                        seed=seed, drop_last=False)
         self.batch_size = batch_size
         self.skip = 0
+        self.epoch = 0
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.base.set_epoch(epoch)
+        self.epoch = epoch
         self.skip = skip_batches * self.batch_size
 
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(iter(self.base), self.skip, None)
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, i) for i in itertools.islice(iter(self.base), self.skip, None))
 
     def __len__(self) -> int:
         return max(0, len(self.base) - self.skip)
+
+
+class SeededSamples(Dataset):
+    """The training set, each batch's random augmentation drawn from a generator seeded by
+    ``(seed, epoch, first index of the batch)`` instead of the process's stream.
+
+    So a batch is augmented the same way whichever process makes it: in the main process or in
+    any of any number of DataLoader workers, in an uninterrupted run or after a mid-epoch resume.
+    The caller's global RNG states (torch, ``random``) are left as they were."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def _seeded(self, epoch: int, index: int) -> contextlib.AbstractContextManager:
+        return _seeded_rng((self.seed * 1_000_003 + epoch) * 4_294_967_311 + index)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        with self._seeded(epoch, index):
+            return self.dataset[index]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list:
+        indices = [i for _, i in keys]
+        with self._seeded(keys[0][0], indices[0]):
+            many = getattr(self.dataset, "__getitems__", None)
+            return many(indices) if many is not None else [self.dataset[i] for i in indices]
+
+
+@contextlib.contextmanager
+def _seeded_rng(seed: int):
+    torch_state, py_state = torch.random.get_rng_state(), random.getstate()
+    torch.manual_seed(seed % 2**63)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(torch_state)
+        random.setstate(py_state)

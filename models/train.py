@@ -13,10 +13,10 @@ Epochs are numbered from 1; ``step`` counts optimizer steps over the whole run. 
 epoch-end ``last.pt`` reproduces the uninterrupted run exactly on the same hardware and number of
 processes (data order, schedule, optimizer and RNG state are all restored). SIGINT (Ctrl-C) or
 SIGTERM mid-epoch stops the loop between two steps and saves that step's state (weights, BatchNorm
-statistics, optimizer, schedule, RNG); in a single process with ``--workers 0`` resuming from it
-reproduces the uninterrupted run. With workers, their seeds come from the RNG when the resumed
-epoch's loader starts, so random augmentations of the remaining batches differ; under torchrun a
-signal interrupts at once (ranks cannot agree on a step without a collective), as before.
+statistics, optimizer, schedule, RNG); resuming from it reproduces the uninterrupted run, with any
+number of DataLoader workers: each batch's augmentation is seeded by (seed, epoch, batch), not by a
+worker's stream (models/batches.py, SeededSamples). Under torchrun a signal interrupts at once
+(ranks cannot agree on a step without a collective), as before.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 from ..convert.errors import Interrupted, TrainingError, UserInputError
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
-from .batches import EpochSampler, collate, evaluate, make_val_loader  # noqa: F401 (evaluate re-exported)
+from .batches import EpochSampler, SeededSamples, collate, evaluate, make_val_loader  # noqa: F401 (evaluate re-exported)
 from .diagnostics import Diagnostics
 from .optim import build_optimizer, warmup_cosine
 from .progress import MetricsLog, Progress, truncate_log
@@ -224,7 +224,7 @@ def _loop_parts(model: nn.Module, data: Any, env: LoopEnv, saved: dict | None, s
     scheduler = warmup_cosine(optimizer, steps_per_epoch * cfg.epochs,
                               round(cfg.warmup_epochs * steps_per_epoch), cfg.schedule)
     persistent = cuda and cfg.workers > 0
-    train_loader = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler,
+    train_loader = DataLoader(SeededSamples(data.train, cfg.seed), batch_size=cfg.batch_size, sampler=sampler,
                               num_workers=cfg.workers, pin_memory=cuda, drop_last=drop_last,
                               persistent_workers=persistent, collate_fn=collate(gpu_transform))
     val_loader = make_val_loader(data.val, 2 * cfg.batch_size, device, cfg.workers, persistent,

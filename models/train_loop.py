@@ -262,7 +262,7 @@ class Saver:
     def save_interrupted(self, run_dir: Path, at_step: bool = False) -> str:
         """Save the current state after Ctrl-C (rank 0, finite weights only); the user message.
         ``at_step``: stopped between two steps (a signal), so the RNG state is that of the last
-        completed step too, and a resume continues exactly (``--workers 0``)."""
+        completed step too, and a resume continues exactly (single process, any ``--workers``)."""
         s = self.state
         resume = f"continue with --resume {run_dir}"
         if not s.in_epoch:
