@@ -9,6 +9,7 @@ what when it refuses; nothing is read or written before this check.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import onnx
@@ -44,18 +45,25 @@ def external_locations(model: onnx.ModelProto) -> list[tuple[str, str]]:
     return found
 
 
-def check_external_data(path: Path, model: onnx.ModelProto | None = None) -> None:
+def check_external_data(path: Path) -> None:
     """Raise :class:`UserInputError` unless every external-data location of ``path`` is a relative
-    path naming an existing regular file inside ``path``'s folder (links resolved)."""
+    path naming an existing regular file inside ``path``'s folder (links resolved). A file that
+    passed is not parsed again while its size and modification time stay the same."""
     path = Path(path)
-    if model is None:
-        try:
-            model = onnx.load(str(path), load_external_data=False)
-        except FileNotFoundError:
-            raise UserInputError(f"{path} does not exist") from None
-        except Exception as e:
-            raise UserInputError(f"{path} is not a readable ONNX file ({type(e).__name__})") from None
-    folder = path.resolve().parent
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise UserInputError(f"{path} does not exist") from None
+    _check(path, path.resolve(), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _check(path: Path, resolved: Path, size: int, mtime_ns: int) -> None:
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise UserInputError(f"{path} is not a readable ONNX file ({type(e).__name__})") from None
+    folder = resolved.parent
     for name, location in external_locations(model):
         where = f"{path}: tensor {name!r} keeps its data in {location!r}"
         if not location or Path(location).is_absolute():
