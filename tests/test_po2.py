@@ -12,9 +12,9 @@ import pytest
 import torch
 from onnx import numpy_helper
 from safetensors.torch import load_file
+from helpers import assert_same_tensors, interrupt_and_resume
 from typer.testing import CliRunner
 
-import wnconvert.models.run as run_mod
 from wnconvert.cli.main import app
 from wnconvert.convert.actquant import (ActQuantConfig, ActQuantizer, calibrate, deployed_parts, export_qdq,
                                         freeze_bn, prepare_qat, qlayers, quantizers)
@@ -24,7 +24,6 @@ from wnconvert.convert.intref import compare_runs, run_integer
 from wnconvert.convert.schemes import SchemeConfig
 from wnconvert.models.act_run import ActSettings
 from wnconvert.models.data import eval_arrays
-from wnconvert.models.run import resume_config, run_finetune
 from wnconvert.models.rundir import RunDir
 from wnconvert.models.zoo import build_model
 
@@ -203,39 +202,22 @@ def test_training_form_is_the_deployed_layer(tiny_w4):
     hooks = [layer.register_forward_pre_hook(lambda m, a: seen.__setitem__(m.name, a[0])) for layer in qlayers(q)]
     with torch.no_grad():
         q.eval()(torch.randn(4, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
         for layer in qlayers(q):
             inp = seen[layer.name]
             deployed = layer.eval()(inp)
             trained_form = layer.train()(inp)
             step = torch.from_numpy(deployed_parts(layer).bias_scale).reshape((1, -1) + (1,) * (inp.dim() - 2))
             bound = 0.5 * step + 1e-5 * deployed.abs().amax()
+            layer.eval()
             assert bool(((trained_form - deployed).abs() <= bound).all()), layer.name
-    for h in hooks:
-        h.remove()
-    q.eval()
 
 
 def test_resume_is_exact(trained, tmp_path, monkeypatch):
     """Ctrl-C as epoch 2 starts, --resume: the same checkpoint (po2 kept) as the uninterrupted run."""
-    real = run_mod.freeze_bn_hook
-
-    def interrupting(qat, act, epochs):
-        hook = real(qat, act, epochs)
-
-        def wrapped(epoch):
-            if epoch == 2:
-                raise KeyboardInterrupt
-            hook(epoch)
-        return wrapped
-    monkeypatch.setattr(run_mod, "freeze_bn_hook", interrupting)
-    r = po2_run(tmp_path / "b", "--no-export")
-    assert r.exit_code != 0 and "--resume" in r.output, r.output
-    monkeypatch.setattr(run_mod, "freeze_bn_hook", real)
-    cfg = resume_config(tmp_path / "b")
-    assert cfg.act.scale_format == "po2"
-    run_finetune(cfg, resume=True)
+    b = interrupt_and_resume(monkeypatch, po2_run, tmp_path / "b")
     a = load_file(str(trained / "checkpoint.safetensors"))
-    b = load_file(str(tmp_path / "b" / "checkpoint.safetensors"))
-    assert set(a) == set(b)
-    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    assert_same_tensors(a, b)
     assert RunDir(tmp_path / "b").manifest().act.scale_format == "po2"
