@@ -17,8 +17,8 @@ from wnconvert.models.train import TrainConfig
 
 from .config_option import ConfigOpt
 from .errors import handle_errors
-from .options import (ActRange, Bn, Gain, Granularity, Optimizer, ScaleGrad, Schedule, Scheme, WdMode,
-                      default, refuse_with_resume, value)
+from .options import (ActRange, Bn, Gain, Granularity, Optimizer, ScaleFormat, ScaleGrad, Schedule, Scheme,
+                      WdMode, default, refuse_with_resume, value)
 from .render import JsonOpt, certificate_table, console, parity_table, print_json
 
 
@@ -41,6 +41,7 @@ def finetune(
     act_bits: Optional[int] = typer.Option(None, help="Fake-quantize activations to A bits during training (4..8; needs --weight-bits); export with --precision int8/int4."),
     act_range: ActRange = typer.Option("learned", help="Activation ranges after calibration: learned (LSQ) or frozen."),
     freeze_bn_epochs: Optional[int] = typer.Option(None, metavar="K", help="--act-bits: BatchNorm statistics frozen for the last K epochs (default 1 when --epochs > 1, else 0)."),
+    scale_format: ScaleFormat = typer.Option("float", help="--act-bits: float scales, or po2: every scale a power of two, every requantization a shift (needs --weight-bits, layer-max/channel-max)."),
     bn: Bn = typer.Option(default(FoldConfig, "bn"), help="keep: absorb scales into BatchNorm | fold: fold BatchNorm into the weights"),
     granularity: Granularity = typer.Option(default(FoldConfig, "granularity"), help="Scale granularity where the fold re-normalizes."),
     image_size: Optional[int] = typer.Option(None, help="Input resolution (default: the data's or the weights')."),
@@ -81,6 +82,9 @@ def finetune(
     from wnconvert.models.act_run import ActSettings
     from wnconvert.models.run import RunConfig, finetune_run, resume_config, training_epochs
 
+    if act_bits is None and value(scale_format) == "po2":
+        raise UserInputError("--scale-format po2 needs --act-bits A and --weight-bits B: it makes every "
+                             "activation and weight scale a power of two")
     if act_bits is None and (freeze_bn_epochs is not None or value(act_range) != "learned"):
         raise UserInputError("--act-range and --freeze-bn-epochs apply to --act-bits runs only")
     if resume is not None:
@@ -104,7 +108,8 @@ def finetune(
                                 skip_depthwise, weight_bits=weight_bits),
             fold=FoldConfig(value(bn), value(granularity)), verify=VerifyConfig(rtol=rtol, samples=samples),
             train=train, no_export=no_export, overwrite=overwrite, offline=offline or None, seed=seed,
-            act=ActSettings(act_bits, value(act_range), freeze_bn_epochs) if act_bits is not None else None)
+            act=ActSettings(act_bits, value(act_range), freeze_bn_epochs, value(scale_format))
+            if act_bits is not None else None)
     summary = finetune_run(cfg, console=None if json_out else console, resume=resume is not None)
     if summary is None:  # another rank under torchrun: rank 0 reports
         return

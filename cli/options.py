@@ -12,6 +12,7 @@ from enum import Enum
 
 import typer
 
+from wnconvert.convert.actquant.po2 import SCALE_FORMATS
 from wnconvert.convert.actquant.quantizer import RANGE_MODES
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.fold import BN_MODES, GRANULARITIES
@@ -30,9 +31,10 @@ def choices(name: str, values) -> type[Enum]:
 _REGISTRIES = {"Scheme": REGISTRY, "Gain": GAIN_MODES, "ScaleGrad": SCALE_GRAD_MODES, "Bn": BN_MODES,
                "Granularity": GRANULARITIES, "Optimizer": OPTIMIZERS, "WdMode": WD_MODES,
                "Schedule": SCHEDULES, "Precision": PRECISIONS, "Calibrator": CALIBRATORS,
-               "ActType": ACT_TYPES, "CalibSplit": CALIB_SPLITS, "Provider": PROVIDERS, "ActRange": RANGE_MODES}
+               "ActType": ACT_TYPES, "CalibSplit": CALIB_SPLITS, "Provider": PROVIDERS, "ActRange": RANGE_MODES,
+               "ScaleFormat": SCALE_FORMATS}
 (Scheme, Gain, ScaleGrad, Bn, Granularity, Optimizer, WdMode, Schedule, Precision, Calibrator, ActType,
- CalibSplit, Provider, ActRange) = (choices(name, values) for name, values in _REGISTRIES.items())
+ CalibSplit, Provider, ActRange, ScaleFormat) = (choices(name, values) for name, values in _REGISTRIES.items())
 
 
 def value(choice):

@@ -10,7 +10,9 @@ import numpy as np
 import torch
 
 from wnconvert.convert.actquant import check_lossless_activations, export_qdq, qlayers
-from wnconvert.convert.errors import UserInputError
+from wnconvert.convert.actquant.shifts import layer_shifts, non_po2_scales
+from wnconvert.convert.errors import ParityError, UserInputError
+from wnconvert.convert.artifacts import atomic_path
 from wnconvert.convert.quantize import artifact_name
 from wnconvert.convert.verify import VerifyConfig, make_inputs
 
@@ -47,11 +49,20 @@ def export_act_precision(run_dir: Path, precision: str, act_bits: str | None = N
     check_act_precision(run.manifest(), precision, act_bits, data)
     manifest, qat = run.load_qat()
     dst = run.path / artifact_name(precision)
-    info = export_qdq(qat, dst, example_shape=(1, *manifest.input_shape))  # opset 17, 21 with 4 bits
+    po2 = manifest.act.scale_format == "po2"
+    shifts = layer_shifts(qat) if po2 else None  # raises before anything is written
+    with atomic_path(dst) as tmp:  # a po2 file is in place only once its scales are checked
+        info = export_qdq(qat, tmp, example_shape=(1, *manifest.input_shape))  # opset 17, 21 with 4 bits
+        bad = non_po2_scales(tmp) if po2 else []
+        if bad:
+            raise ParityError(f"{dst.name}: scale {bad[0]} is not a power of two in a po2 run")
     entry = {"file": dst.name, "contract": CONTRACT, "precision": precision,
              "weight_bits": int(qlayers(qat)[0].weight_bits), "act_bits": manifest.act.bits,
-             "calibration": None, "scales": "trained"} | info.to_dict()
+             "calibration": None, "scales": "trained", "scale_format": manifest.act.scale_format
+             } | info.to_dict()
     entry["path"] = dst.name  # relative, like "file"
+    if shifts is not None:
+        entry["shifts"] = shifts  # per layer: input/weight/output scale exponents and the shift n
     run.update_report(lambda report: report.setdefault("quantized", {}).__setitem__(precision, entry))
     run.finish(manifest)
     return entry

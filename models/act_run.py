@@ -35,21 +35,22 @@ CALIB_SEED = 1234          # their fixed draw (the training seed stream is not t
 
 @dataclass(frozen=True)
 class ActSettings:
-    """``--act-bits``, ``--act-range`` and ``--freeze-bn-epochs`` (None: 1 when the run trains
-    more than one epoch, else 0)."""
+    """``--act-bits``, ``--act-range``, ``--freeze-bn-epochs`` (None: 1 when the run trains
+    more than one epoch, else 0) and ``--scale-format`` (float | po2)."""
 
     bits: int
     range: str = "learned"
     freeze_bn_epochs: int | None = None
+    scale_format: str = "float"
 
     def __post_init__(self) -> None:
-        ActQuantConfig(self.bits, self.range)  # validates bits (4..8) and range
+        ActQuantConfig(self.bits, self.range, self.scale_format)  # validates all three
         if self.freeze_bn_epochs is not None and self.freeze_bn_epochs < 0:
             raise UserInputError("--freeze-bn-epochs must be >= 0")
 
     @property
     def quant(self) -> ActQuantConfig:
-        return ActQuantConfig(self.bits, self.range)
+        return ActQuantConfig(self.bits, self.range, self.scale_format)
 
     def frozen_epochs(self, epochs: int) -> int:
         if self.freeze_bn_epochs is None:
@@ -65,7 +66,8 @@ class ActSettings:
     def from_dict(cls, d: dict | None) -> "ActSettings | None":
         if not d:
             return None
-        return cls(int(d["bits"]), d.get("range", "learned"), d.get("freeze_bn_epochs"))
+        return cls(int(d["bits"]), d.get("range", "learned"), d.get("freeze_bn_epochs"),
+                   d.get("scale_format", "float"))
 
 
 def check_act_request(scheme: SchemeConfig, act: ActSettings | None, *, data: str | None,
@@ -74,6 +76,10 @@ def check_act_request(scheme: SchemeConfig, act: ActSettings | None, *, data: st
     if act is None:
         return
     act.frozen_epochs(epochs)
+    if act.scale_format == "po2" and (not scheme.weight_bits or scheme.scheme not in GRID_SCHEMES):
+        raise UserInputError(f"--scale-format po2 needs --weight-bits B and a fixed-grid scheme "
+                             f"({' or '.join(GRID_SCHEMES)}); got --scheme {scheme.scheme}"
+                             + ("" if scheme.weight_bits else " without --weight-bits"))
     if not scheme.weight_bits:
         raise UserInputError("--act-bits needs --weight-bits B: activations are quantized only on "
                              "top of weights trained on their grid")

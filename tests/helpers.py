@@ -8,8 +8,11 @@ import pytest
 import torch
 import torchvision
 from onnx import numpy_helper
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+import wnconvert.models.run as run_mod
 
 
 @torch.no_grad()
@@ -147,3 +150,29 @@ def scale_first_dequantized_weight(path, factor: float) -> None:
     scale = inits[dq.input[1]]
     scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float32(factor), scale.name))
     onnx.save(model, str(path))
+
+
+def interrupt_and_resume(monkeypatch, start, out) -> dict:
+    """Start an ``--act-bits`` run with ``start(out, "--no-export")`` (a CLI call), stop it with
+    Ctrl-C as epoch 2 starts, continue it with ``--resume``; returns its checkpoint tensors."""
+    real = run_mod.freeze_bn_hook
+
+    def interrupting(qat, act, epochs):
+        hook = real(qat, act, epochs)
+
+        def wrapped(epoch):
+            if epoch == 2:
+                raise KeyboardInterrupt
+            hook(epoch)
+        return wrapped
+    monkeypatch.setattr(run_mod, "freeze_bn_hook", interrupting)
+    r = start(out, "--no-export")
+    assert r.exit_code != 0 and "--resume" in r.output, r.output
+    monkeypatch.setattr(run_mod, "freeze_bn_hook", real)
+    run_mod.run_finetune(run_mod.resume_config(out), resume=True)
+    return load_file(str(out / "checkpoint.safetensors"))
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]

@@ -9,15 +9,14 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+from helpers import assert_same_tensors, interrupt_and_resume
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import wnconvert.models.run as run_mod
 from wnconvert.cli.main import app
 from wnconvert.convert.actquant import act_points, quantizers
 from wnconvert.models.optim import build_optimizer
 from wnconvert.models.rundir import RunDir
-from wnconvert.models.run import resume_config, run_finetune
 
 TINY = ["--weights", "none", "--image-size", "32", "--num-classes", "10", "--data", "synthetic:10",
         "--workers", "0", "--device", "cpu", "--batch-size", "32", "--samples", "2"]
@@ -58,7 +57,7 @@ def test_refused_before_anything_is_written(tmp_path, model, extra, message):
 
 def test_run_holds_the_qat_model(trained):
     manifest = json.loads((trained / "manifest.json").read_text())
-    assert manifest["act"] == {"bits": 8, "range": "learned", "freeze_bn_epochs": None}
+    assert manifest["act"] == {"bits": 8, "range": "learned", "freeze_bn_epochs": None, "scale_format": "float"}
     assert manifest["scheme"]["weight_bits"] == 8
     state = load_file(str(trained / "checkpoint.safetensors"))
     _, qat = RunDir(trained).load_qat()
@@ -127,25 +126,9 @@ def test_export_and_verify_lossless_activations(trained):
 
 def test_resume_is_exact(trained, tmp_path, monkeypatch):
     """Ctrl-C as epoch 2 starts, --resume: the same checkpoint as the uninterrupted run."""
-    real = run_mod.freeze_bn_hook
-
-    def interrupting(qat, act, epochs):
-        hook = real(qat, act, epochs)
-
-        def wrapped(epoch):
-            if epoch == 2:
-                raise KeyboardInterrupt
-            hook(epoch)
-        return wrapped
-    monkeypatch.setattr(run_mod, "freeze_bn_hook", interrupting)
-    r = act_run(tmp_path / "b", "--no-export")
-    assert r.exit_code != 0 and "--resume" in r.output, r.output
-    monkeypatch.setattr(run_mod, "freeze_bn_hook", real)
-    run_finetune(resume_config(tmp_path / "b"), resume=True)
+    b = interrupt_and_resume(monkeypatch, act_run, tmp_path / "b")
     a = load_file(str(trained / "checkpoint.safetensors"))
-    b = load_file(str(tmp_path / "b" / "checkpoint.safetensors"))
-    assert set(a) == set(b)
-    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    assert_same_tensors(a, b)
     assert bool(a["qlayers.conv1.bn_frozen"]) and any(k.startswith("act_quant.") for k in a)
 
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..apply import reparam_of
 from ..errors import UserInputError
+from .po2 import MIN_LOG2, po2_exponents, po2_ratio
 from .quantizer import ActQuantizer
 
 ACTIVATIONS = (None, "relu", "relu6")
@@ -42,7 +43,8 @@ class DeployedParts:
 
 
 class QLayer(nn.Module):
-    def __init__(self, layer: nn.Module, bn: nn.Module | None, act: str | None, name: str) -> None:
+    def __init__(self, layer: nn.Module, bn: nn.Module | None, act: str | None, name: str,
+                 po2: bool = False) -> None:
         super().__init__()
         p = reparam_of(layer, "weight")
         if p is None or not getattr(p, "weight_bits", None) or p.name not in ("layer-max", "channel-max"):
@@ -53,7 +55,7 @@ class QLayer(nn.Module):
             raise UserInputError(f"layer {name!r}: padding mode {layer.padding_mode!r} has no ONNX QDQ form here")
         if act not in ACTIVATIONS:
             raise ValueError(f"activation {act!r}")
-        self.layer, self.bn, self.act, self.name = layer, bn, act, name
+        self.layer, self.bn, self.act, self.name, self.po2 = layer, bn, act, name, po2
         self._input_quant: ActQuantizer | None = None
         self.register_buffer("bn_frozen", torch.zeros((), dtype=torch.bool))
 
@@ -69,7 +71,9 @@ class QLayer(nn.Module):
         return isinstance(self.layer, nn.Conv2d)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training:
+        if self.training and self.po2:
+            y = self._po2_train(x)
+        elif self.training:
             y = self.layer(x)
             if self.bn is not None and not bool(self.bn_frozen):
                 y = self.bn(y)
@@ -84,6 +88,41 @@ class QLayer(nn.Module):
         if self.act == "relu6":
             return F.relu6(y)
         return y
+
+    def _po2_train(self, x: Tensor) -> Tensor:
+        """The training form with power-of-two per-channel factors (module docstring)."""
+        p = reparam_of(self.layer, "weight")
+        unit = p.normalize(self.layer.parametrizations.weight.original)      # k / L, STE on the grid
+        z = self.layer._conv_forward(x, unit, None) if self.is_conv else F.linear(x, unit)
+        out = unit.shape[0]
+        g = p.gain if p.gain is not None else unit.new_ones(())
+        g = g.expand(out) if g.dim() == 0 else g
+        b = self.layer.bias if self.layer.bias is not None else unit.new_zeros(out)
+        shape = (1, -1) + (1,) * (z.dim() - 2)
+        levels = 2 ** (p.weight_bits - 1) - 1
+        if self.bn is None:
+            t = g
+            return z * (t * po2_ratio(t, levels)).reshape(shape) + b.reshape(shape)
+        mean, var = self._bn_stats(z * g.reshape(shape) + b.reshape(shape))
+        f = self.bn.weight / torch.sqrt(var + self.bn.eps)
+        r = po2_ratio(g * f, levels)
+        return z * (g * f * r).reshape(shape) + ((b - mean) * f * r + self.bn.bias).reshape(shape)
+
+    def _bn_stats(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Batch mean and (biased) variance per channel while BatchNorm is live, updating its
+        running statistics like ``nn.BatchNorm``; the running statistics once it is frozen."""
+        bn = self.bn
+        if bool(self.bn_frozen):
+            return bn.running_mean, bn.running_var
+        dims = [d for d in range(y.dim()) if d != 1]
+        mean, var = y.mean(dims), y.var(dims, unbiased=False)
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            n = y.numel() // y.shape[1]
+            bn.running_mean.mul_(1 - m).add_(mean.detach() * m)
+            bn.running_var.mul_(1 - m).add_(var.detach() * (n / max(n - 1, 1)) * m)
+        return mean, var
 
     def _state_key(self) -> tuple:
         """Changes whenever anything the deployed layer depends on changes (in-place updates
@@ -123,25 +162,35 @@ def _weight_grid(q: QLayer) -> tuple[np.ndarray, np.ndarray, int]:
     return k.cpu().numpy().astype(np.int64), g.cpu().numpy(), p.weight_bits
 
 
+def _bn_terms(q: QLayer, out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(b_conv, mean, factor, beta)`` per output channel (float64); no BatchNorm: 0, 1, 0."""
+    bias = (q.layer.bias.detach().double().cpu().numpy() if q.layer.bias is not None else np.zeros(out))
+    if q.bn is None:
+        return bias, np.zeros(out), np.ones(out), np.zeros(out)
+    bn = q.bn
+    factor = (bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)).cpu().numpy()
+    return bias, bn.running_mean.double().cpu().numpy(), factor, bn.bias.detach().double().cpu().numpy()
+
+
 def deployed_parts(q: QLayer) -> DeployedParts:
     """The deployed integer layer; needs the input quantizer's scale (eval form)."""
     if q._input_quant is None:
         raise RuntimeError(f"layer {q.name} has no input quantizer")
     k, g, bits = _weight_grid(q)
     L = 2 ** (bits - 1) - 1
-    out = k.shape[0]
-    bias = (q.layer.bias.detach().double().cpu().numpy() if q.layer.bias is not None else np.zeros(out))
-    factor = np.ones(out)
-    if q.bn is not None:
-        bn = q.bn
-        factor = (bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)).cpu().numpy()
-        bias = (bias - bn.running_mean.double().cpu().numpy()) * factor + bn.bias.detach().double().cpu().numpy()
+    b_conv, mean, factor, beta = _bn_terms(q, k.shape[0])
     f = g * factor
     sign = np.where(f < 0, -1, 1).reshape((-1,) + (1,) * (k.ndim - 1))
     k = k * sign
-    s_w = (np.abs(f) / L).astype(np.float32)
-    dead = s_w == 0
-    s_w[dead] = np.float32(1.0 / L)                  # any positive step: the channel's weights are 0
+    if q.po2:  # s_w = 2^e; BatchNorm's factor, in the bias too, times r = 2^e · L / |f|
+        s_w64 = np.exp2(po2_exponents(f, L).astype(np.float64))
+        r = s_w64 / np.maximum(np.abs(f) / L, 2.0 ** MIN_LOG2) if q.bn is not None else 1.0
+        s_w = s_w64.astype(np.float32)
+    else:
+        r, s_w = 1.0, (np.abs(f) / L).astype(np.float32)
+    bias = (b_conv - mean) * factor * r + beta
+    dead = (s_w == 0) | (f == 0)
+    s_w[dead] = np.float32(2.0 ** -(bits - 1) if q.po2 else 1.0 / L)  # any positive step: weights are 0
     k[dead] = 0
     s_x = np.float32(q._input_quant.scale_value())
     b_scale = (s_x * s_w).astype(np.float32)          # float32 product, as onnxruntime forms it

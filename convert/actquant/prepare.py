@@ -113,7 +113,7 @@ class _Builder:
         signed = not self.nonneg.get(new, False)
         bits = self.config.bits
         q = ActQuantizer(bits, signed, self.config.range == "learned",
-                         max_scale=None if max_scale is None else max_scale / (2 ** bits - 1))
+                         max_scale=None if max_scale is None else max_scale / (2 ** bits - 1), po2=self.config.po2)
         out = self._call(f"act_quant.{name}", q, (new,))
         self.points.append(QuantPoint(name, old.name, kind, signed, bits))
         self.nonneg[out] = not signed
@@ -150,7 +150,7 @@ class _Builder:
             act, last = _relu_kind(self.gm, user), user
             self.absorbed.add(user)
         x = self.env[n.args[0]]
-        q = QLayer(self.gm.get_submodule(n.target), bn, act, n.target)
+        q = QLayer(self.gm.get_submodule(n.target), bn, act, n.target, po2=self.config.po2)
         q.set_input_quantizer(self.input_quant(x, f"layer {n.target}"))
         new = self._call(f"qlayers.{n.name}", q, (x,))
         self.nonneg[new] = act is not None

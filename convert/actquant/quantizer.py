@@ -15,6 +15,11 @@ Calibration: while ``calibrating`` the quantizer passes its input through unchan
 per batch, the 99.99th percentile of ``|x|`` (of ``x`` for an unsigned tensor); ``finish_calibration``
 sets ``scale = mean of those / qmax``. The percentile ignores the few outliers a plain max would
 let stretch the grid; the mean over batches smooths the per-batch noise.
+
+With ``po2`` (``--scale-format po2``) the scale is ``2 ** round(log2_scale)``: the rounding has a
+straight-through gradient, so a learned scale moves in the log2 domain and a frozen one is the
+calibrated scale rounded once (the rounding is idempotent). A ``max_scale`` bound (ReLU6) is then
+``2 ** floor(log2(max_scale))``, so that the grid still implies the clip.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserInputError
+from .po2 import SCALE_FORMATS, round_ste
 
 RANGE_MODES = ("learned", "frozen")
 CALIB_PERCENTILE = 99.99
@@ -40,6 +46,7 @@ class ActQuantConfig:
 
     bits: int = 8
     range: str = "learned"
+    scale_format: str = "float"
 
     def __post_init__(self) -> None:
         b = self.bits
@@ -47,9 +54,16 @@ class ActQuantConfig:
             raise UserInputError(f"--act-bits must be an integer from 4 to 8, not {b!r}")
         if self.range not in RANGE_MODES:
             raise UserInputError(f"unknown --act-range {self.range!r}; choose one of: {', '.join(RANGE_MODES)}")
+        if self.scale_format not in SCALE_FORMATS:
+            raise UserInputError(f"unknown --scale-format {self.scale_format!r}; "
+                                 f"choose one of: {', '.join(SCALE_FORMATS)}")
+
+    @property
+    def po2(self) -> bool:
+        return self.scale_format == "po2"
 
     def to_dict(self) -> dict:
-        return {"bits": self.bits, "range": self.range}
+        return {"bits": self.bits, "range": self.range, "scale_format": self.scale_format}
 
 
 def int_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -81,9 +95,10 @@ class _LsqRound(torch.autograd.Function):
 class ActQuantizer(nn.Module):
     """One quantization point: per-tensor scale, zero point 0, ``bits`` unsigned or signed."""
 
-    def __init__(self, bits: int, signed: bool, learned: bool = True, max_scale: float | None = None) -> None:
+    def __init__(self, bits: int, signed: bool, learned: bool = True, max_scale: float | None = None,
+                 po2: bool = False) -> None:
         super().__init__()
-        self.bits, self.signed = bits, signed
+        self.bits, self.signed, self.po2 = bits, signed, po2
         self.qmin, self.qmax = int_range(bits, signed)
         self.max_scale = max_scale  # e.g. 6 / qmax after ReLU6: the clip is then implied by the grid
         init = torch.zeros(())
@@ -97,6 +112,11 @@ class ActQuantizer(nn.Module):
 
     def scale(self) -> Tensor:
         """The scale as float32, clamped to ``[MIN_SCALE, max_scale]``; what the export writes."""
+        if self.po2:
+            e = round_ste(self.log2_scale.float()).clamp(math.log2(MIN_SCALE), None)
+            if self.max_scale is not None:
+                e = e.clamp(None, math.floor(math.log2(self.max_scale)))
+            return torch.exp2(e)
         s = torch.exp2(self.log2_scale.float())
         hi = self.max_scale if self.max_scale is not None else None
         return s.clamp(MIN_SCALE, hi)
@@ -152,4 +172,4 @@ class ActQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "int" if self.signed else "uint"
-        return f"{kind}{self.bits}, scale={self.scale_value():.6g}"
+        return f"{kind}{self.bits}, scale={self.scale_value():.6g}" + (", po2" if self.po2 else "")
