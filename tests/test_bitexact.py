@@ -113,6 +113,7 @@ def test_po2_file_is_bit_exact_in_all_four(po2):
     for c in rep.layers:
         assert c.elements > 0 and c.differ == 0 and not any(c.mismatches.values()), c
         assert c.integer_only and not c.over_2_24 and not c.missing, c
+        assert c.sources == ["pytorch", "intref", "ort_off", "ort_on"], c
     conv2 = next(c for c in rep.layers if c.point == "conv2")
     assert conv2.elements == 20 * 8 * 8 * 8 and conv2.max_abs_acc > 0
     d = rep.to_dict()
@@ -195,7 +196,7 @@ def test_accumulator_beyond_2_24_is_flagged_and_labelled(tmp_path):
     assert not next(c for c in rep.layers if c.point == "input").over_2_24
     assert fc.differ == 4 and fc.mismatches["pytorch/intref"] == 4 and fc.mismatches["ort_off/ort_on"] == 0
     assert not rep.passed and rep.first_difference is fc
-    assert "> 2^24, where float32 runtimes are inexact" in rep.failures[0]
+    assert "accumulator reaches 33030143 > 2^24, where float32 runtimes are inexact" in rep.failures[0]
 
 
 # -- verify of a power-of-two run -------------------------------------------------------------

@@ -35,6 +35,7 @@ import onnx
 import torch
 from torch import fx
 
+from ..errors import UserInputError
 from ..intref import run_integer
 from ..intref.execute import FLOAT32_EXACT
 from .ort_points import OrtPoints
@@ -62,6 +63,7 @@ class LayerCheck:
     max_abs_partial: int = 0
     integer_only: bool = True
     reason: str = ""
+    sources: list[str] = field(default_factory=list)  # sources compared
     missing: list[str] = field(default_factory=list)  # sources without this tensor
 
     @property
@@ -76,9 +78,12 @@ class LayerCheck:
         pairs = ", ".join(f"{p} {n}" for p, n in self.mismatches.items() if n)
         text = (f"{self.op} '{self.node}' (tensor '{self.tensor}'): {self.differ} of {self.elements} "
                 f"elements differ ({pairs})")
+        if self.max_abs_acc > FLOAT32_EXACT:
+            text += f"; its accumulator reaches {self.max_abs_acc} > 2^24"
+        elif self.over_2_24:
+            text += f"; its partial sums may reach {self.max_abs_partial} > 2^24 (bound sum |x*w| + |b|)"
         if self.over_2_24:
-            text += (f"; its accumulator reaches {max(self.max_abs_acc, self.max_abs_partial)} > 2^24, "
-                     "where float32 runtimes are inexact (the integer reference is what a 32-bit "
+            text += (", where float32 runtimes are inexact (the integer reference is what a 32-bit "
                      "integer accumulator computes)")
         return text
 
@@ -148,6 +153,7 @@ def _compare(check: LayerCheck, values: dict[str, np.ndarray | None]) -> None:
     """Add one batch's comparison of ``values`` (source -> array, None when missing) to ``check``."""
     present = {s: v for s, v in values.items() if v is not None}
     check.missing = sorted(set(check.missing) | {s for s, v in values.items() if v is None})
+    check.sources = [s for s in SOURCES if s in set(check.sources) | set(present)]
     if not present:
         return
     shapes = {v.shape for v in present.values()}
@@ -199,7 +205,10 @@ def check_bit_exact(qat_model: fx.GraphModule, onnx_path: Path, x: torch.Tensor,
         sessions = {"ort_off": OrtPoints(Path(onnx_path), points, False),
                     "ort_on": OrtPoints(Path(onnx_path), points, True)}
         checks = {p: LayerCheck(f"{p}_q", p) for p in points}
-        checks[LOGITS] = LayerCheck(LOGITS, LOGITS, "DequantizeLinear", f"DQ_{points[-1]}")
+        out = next(n for n in model.graph.node if model.graph.output[0].name in n.output)
+        checks[LOGITS] = LayerCheck(LOGITS, LOGITS, out.op_type, out.name or LOGITS)
+        if len(x) == 0:
+            raise UserInputError("the bit-exact check needs at least one image")
         x = x.float()
         for i in range(0, len(x), batch_size):
             _batch(qat_model, model, sessions, points, x[i:i + batch_size], checks)
