@@ -131,6 +131,21 @@ def test_4bit_files_are_bit_exact(weight_bits, act_bits, tmp_path):
     assert all(c.elements > 0 and c.integer_only for c in rep.layers)
 
 
+def test_float_scales_are_not_integer_only(tmp_path):
+    """The same network calibrated but not forced to powers of two: every conv/linear requantizes by
+    a float multiplier, which the contract refuses by name."""
+    torch.manual_seed(0)
+    q = _prepared(_Net(), _images(16, seed=2)).eval()
+    path = tmp_path / "float.onnx"
+    export_qdq(q, path, example_shape=SHAPE)
+    rep = check_bit_exact(q, path, _images(8))
+    assert not rep.passed
+    flagged = [c.tensor for c in rep.layers if not c.integer_only]
+    assert {"conv1_q", "conv2_q", "fc_q"} <= set(flagged)
+    assert any(f.startswith("Gemm 'fc' (tensor 'fc_q') is not integer-only: requantization multiplier")
+               for f in rep.failures), rep.failures
+
+
 def test_one_bit_of_one_weight_fails_naming_the_layer(po2, tmp_path):
     q, path = po2
     bad = tmp_path / "flipped.onnx"
