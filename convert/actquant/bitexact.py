@@ -118,10 +118,10 @@ def _pytorch(qat_model: fx.GraphModule, x: torch.Tensor) -> tuple[dict[str, np.n
     handles = []
     for name, q in quantizers(qat_model).items():
         def hook(mod, args, name=name):
-            seen[name] = mod.integers(args[0])[0].numpy().astype(np.int64)
+            seen[name] = mod.integers(args[0])[0].cpu().numpy().astype(np.int64)
         handles.append(q.register_forward_pre_hook(hook))
     try:
-        logits = qat_model(x).float().numpy()
+        logits = qat_model(x).float().cpu().numpy()
     finally:
         for h in handles:
             h.remove()
