@@ -48,7 +48,13 @@ def quantized_table(checks: dict) -> Table:
     for col in ("file", "contract", "against", "top-1 agree", "SQNR dB", "rel", "ok"):
         t.add_column(col, justify="left" if col in ("file", "contract", "against") else "right")
     for name, r in checks.items():
-        if r["contract"] == "lossless-activations":
+        if r["contract"] == "bit-exact":
+            first = r["first_difference"]
+            equal = sum(not layer["differ"] for layer in r["layers"])
+            row = (f"QAT model, integer reference, onnxruntime off/on, {r['inputs']}", "-", "-",
+                   f"{equal}/{len(r['layers'])} tensors equal" if first is None else
+                   f"first differs: {first['tensor']} ({first['differ']} elements)")
+        elif r["contract"] == "lossless-activations":
             levels = r["levels"].values()
             top = [lv["logits"] for lv in levels]
             agree = 1 - sum(t["disagree"] for t in top) / max(sum(t["compared"] for t in top), 1)

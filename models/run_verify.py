@@ -15,6 +15,7 @@ from wnconvert.convert.quantize import PRECISIONS, artifact_name
 from wnconvert.convert.verify import VerifyConfig, load_inputs, make_inputs, verify
 
 from .act_files import CONTRACT, verify_act_file
+from .bitexact_run import judged_bit_exact, verify_bitexact_file
 from .run_export import data_arrays
 from .rundir import REPORT, RunDir
 
@@ -44,17 +45,23 @@ def verify_targets(run_dir: Path, onnx_file: Path | None, precision: str | None)
 def verify_quantized(run_dir: Path, model: nn.Module, targets: list[tuple[str, Path]], x_parity: Tensor,
                      parity_cfg: VerifyConfig, x: np.ndarray, inputs: str,
                      thresholds: QuantThresholds) -> dict:
-    """Check each low-precision file under its contract (see ``convert/quant_check.py``): a
-    lossless one (report.json says export found every weight on the run's trained grid) against
-    the trained model at the fp32 tolerance, any other against ``model.onnx``."""
+    """Check each low-precision file under its contract (see ``convert/quant_check.py``): the
+    deployed file of an ``--act-bits`` run bit-exact (power-of-two scales, models/bitexact_run.py)
+    or lossless-activations (models/act_files.py); a lossless one (report.json says export found
+    every weight on the run's trained grid) against the trained model at the fp32 tolerance; any
+    other against ``model.onnx``."""
     run = RunDir(run_dir)
     made = run.report().get("quantized", {})
+    manifest = run.manifest()
     out = {}
     for precision, path in targets:
         own = path.resolve() == (run.path / artifact_name(precision)).resolve()
-        if own and made.get(precision, {}).get("contract") == CONTRACT:
+        entry = made.get(precision, {}) if own else {}
+        if judged_bit_exact(manifest, entry):
+            res = verify_bitexact_file(run.path, path, torch.from_numpy(np.asarray(x, np.float32)), inputs)
+        elif entry.get("contract") == CONTRACT:
             res = verify_act_file(run.path, path, torch.from_numpy(np.asarray(x, np.float32)), inputs)
-        elif own and "lossless_check" in made.get(precision, {}):
+        elif "lossless_check" in entry:
             rep = verify(model, x_parity, onnx_path=path, config=parity_cfg,
                          inputs_name=f"{len(x_parity)} samples")
             res = {"contract": "lossless", "parity": rep.to_dict(), "passed": rep.passed,

@@ -16,49 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import torch
-from onnx import TensorProto, helper, numpy_helper
 from torch import fx
 
+from .ort_points import ort_point_integers
 from .prepare import act_points, quantizers
 
 TIE_WINDOW = 1.0 / 128   # steps: |x/s - (k + 1/2)| below this is a rounding tie
-
-
-def _session(model: onnx.ModelProto, optimized: bool):
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
-                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    opts.intra_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
-
-def ort_point_integers(onnx_path: Path, points: list[str], x: np.ndarray, optimized: bool) -> tuple[dict, np.ndarray]:
-    """onnxruntime's integers at every point (``Q_<point>`` outputs) and its logits."""
-    model = onnx.load(str(onnx_path))
-    inits = {i.name: i for i in model.graph.initializer}
-    zero = {n.output[0]: int(numpy_helper.to_array(inits[n.input[2]])) if len(n.input) > 2 and n.input[2] in inits
-            else 0 for n in model.graph.node if n.op_type == "QuantizeLinear"}
-    outputs = set(zero)
-    missing = [p for p in points if f"{p}_q" not in outputs]
-    four = {n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2
-            and inits[n.input[2]].data_type in (TensorProto.INT4, TensorProto.UINT4)}
-    names = []
-    for p in points:
-        n = f"{p}_q"
-        if n in four:  # onnxruntime hands no 4-bit tensor to numpy: read it through a Cast
-            model.graph.node.append(helper.make_node("Cast", [n], [f"{n}_read"], to=TensorProto.INT8))
-            n = f"{n}_read"
-        names.append(n)
-        if p not in missing:
-            model.graph.output.append(helper.make_empty_tensor_value_info(n))
-    sess = _session(model, optimized)
-    wanted = [model.graph.output[0].name] + [n for p, n in zip(points, names) if p not in missing]
-    res = sess.run(wanted, {"input": np.ascontiguousarray(x, np.float32)})
-    ints = {p: r.astype(np.int64) - zero[f"{p}_q"] for p, r in zip([p for p in points if p not in missing], res[1:])}
-    return ints, res[0]
 
 
 class _Forced(fx.Interpreter):
