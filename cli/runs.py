@@ -95,7 +95,7 @@ def verify(
     min_cosine: float = typer.Option(default(VerifyConfig, "min_cosine"), help="Smallest per-sample cosine allowed."),
     min_top1: float = typer.Option(default(VerifyConfig, "min_top1"), help="Smallest top-1 agreement allowed."),
     data: Optional[str] = typer.Option(None, help="Compare lossy low-precision files on images of this data spec (default: the run's --data; generated inputs without one)."),
-    limit: int = typer.Option(default(VerifyRequest, "limit"), help="Images from --data for lossy low-precision files."),
+    limit: int = typer.Option(default(VerifyRequest, "limit"), help="Images from --data the low-precision files are compared on."),
     min_agreement: float = typer.Option(default(QuantThresholds, "min_agreement"), help="Lossy low-precision files: smallest top-1 agreement with model.onnx."),
     min_sqnr: float = typer.Option(default(QuantThresholds, "min_sqnr_db"), help="Lossy low-precision files: smallest logit SQNR (dB) against model.onnx."),
     json_out: bool = JsonOpt,

@@ -3,6 +3,7 @@ every requantization of the exported file is a shift; the integer reference (con
 it integer-only and equals onnxruntime and the eval-mode fake-quant model bit for bit."""
 
 import json
+import shutil
 import math
 
 import numpy as np
@@ -221,3 +222,17 @@ def test_resume_is_exact(trained, tmp_path, monkeypatch):
     a = load_file(str(trained / "checkpoint.safetensors"))
     assert_same_tensors(a, b)
     assert RunDir(tmp_path / "b").manifest().act.scale_format == "po2"
+
+
+def test_verify_of_a_trained_po2_run_is_bit_exact(trained, tmp_path):
+    """End to end: a po2 run's int8 file is judged, by `verify`, under the bit-exact contract
+    (fake-quant PyTorch = integer reference = onnxruntime off and on, every tensor)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    r = cli("verify", run, "--precision", "int8", "--limit", "8")
+    assert r.exit_code == 0, r.output
+    result = json.loads((run / "report.json").read_text())["verify"]["quantized"]["int8"]
+    assert result["contract"] == "bit-exact" and result["passed"]
+    assert result["sources"] == ["pytorch", "intref", "ort_off", "ort_on"]
+    layers = result["layers"]
+    assert len(layers) > 30 and all(l["differ"] == 0 and l["integer_only"] for l in layers)
