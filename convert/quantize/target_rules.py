@@ -24,12 +24,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from .graph import opset_of
+
 TENSORRT_OPSETS = (13, 25)
 INT8_WEIGHT_MIN = -127
-
-
-def opset_of(model: onnx.ModelProto) -> int | None:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 def _axis(node: onnx.NodeProto) -> int | None:
