@@ -162,8 +162,9 @@ def export_precision(run_dir: Path, precision: str, opts: PrecisionOptions = Pre
     run = RunDir(run_dir)
     manifest = run.manifest()
     preset, settings, overridden = resolve_target(opts.target, _overrides(opts))
-    check_run_target(manifest, preset, precision, parse_act_bits(opts.act_bits, precision) is None)
-    if manifest.act is not None and precision != "fp16":  # the trained integer network
+    act_file = manifest.act is not None and precision != "fp16"  # the trained integer network
+    check_run_target(manifest, preset, precision, not act_file and parse_act_bits(opts.act_bits, precision) is None)
+    if act_file:
         return _export_act_file(run, precision, opts, preset)
     src = run.onnx_path
     if not src.exists():

@@ -10,6 +10,9 @@ import torchvision
 from onnx import numpy_helper
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from typer.testing import CliRunner
+
+from wnconvert.cli.main import app
 
 
 @torch.no_grad()
@@ -147,3 +150,10 @@ def scale_first_dequantized_weight(path, factor: float) -> None:
     scale = inits[dq.input[1]]
     scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float32(factor), scale.name))
     onnx.save(model, str(path))
+
+
+def cli(*args, code: int = 0):
+    """``wnconvert ARGS`` in process; asserts its exit code."""
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    assert r.exit_code == code, r.output
+    return r

@@ -25,15 +25,15 @@ import sys
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from wnconvert.cli.main import app
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.metrics import compare_logits
 from wnconvert.convert.openvino_rt import ov_compile, run_runtime
 from wnconvert.models.accuracy import artifact_accuracy
 from wnconvert.models.data import eval_arrays
 from wnconvert.models.rundir import RunDir
+
+from helpers import cli
 
 DATA = "fashion-mnist"
 N_IMAGES = 300
@@ -43,22 +43,16 @@ INT8_MIN_IDENTICAL = 0.10
 INT8_MIN_AGREEMENT = 0.85
 
 
-def invoke(*args, code=0):
-    r = CliRunner().invoke(app, [str(a) for a in args])
-    assert r.exit_code == code, r.output
-    return r
-
-
 @pytest.fixture(scope="module")
 def run(fashion_run, tmp_path_factory):
     """The shared trained run with its int4 file and the int8 files of the ort-cpu and openvino
     targets (calibrated on the run's own data: no --data)."""
     out = tmp_path_factory.mktemp("ov") / "run"
     shutil.copytree(fashion_run, out)
-    invoke("export", out, "--precision", "int8", "--target", "openvino", "--calib-samples", 64)
+    cli("export", out, "--precision", "int8", "--target", "openvino", "--calib-samples", 64)
     shutil.move(out / "model.int8.onnx", out / "openvino.int8.onnx")
-    invoke("export", out, "--precision", "int8", "--calib-samples", 64)
-    invoke("export", out, "--precision", "int4")
+    cli("export", out, "--precision", "int8", "--calib-samples", 64)
+    cli("export", out, "--precision", "int4")
     return out
 
 
@@ -104,12 +98,12 @@ def test_f32_precision_is_set(run):
 def test_eval_runtime_openvino(run):
     """`eval --runtime openvino` counts what onnxruntime counts (the fp32 file: the same top-1)."""
     ort = artifact_accuracy(run / "model.onnx", DATA, limit=N_IMAGES, batch=100)
-    r = invoke("eval", run / "model.onnx", "--data", DATA, "--limit", N_IMAGES, "--batch-size", 100,
+    r = cli("eval", run / "model.onnx", "--data", DATA, "--limit", N_IMAGES, "--batch-size", 100,
                "--runtime", "openvino", "--json")
     ov = json.loads(r.stdout)
     assert ov["runtime"] == "openvino" and ov["backend"].startswith("openvino") and ov["images"] == N_IMAGES
     assert ov["top1"] == ort["top1"] and ov["top5"] == ort["top5"] and ov["images_per_s"] > 0
-    text = invoke("eval", run / "model.int4.onnx", "--data", DATA, "--limit", 32, "--runtime", "openvino").stdout
+    text = cli("eval", run / "model.int4.onnx", "--data", DATA, "--limit", 32, "--runtime", "openvino").stdout
     assert "openvino" in text and "images/s" in text
 
 
@@ -118,7 +112,7 @@ def test_eval_runtime_openvino(run):
     (["--runtime", "openvino", "--provider", "cuda"], "CPU plugin only"),
 ])
 def test_bad_runtime_cli(run, args, message):
-    r = invoke("eval", run / "model.onnx", "--data", DATA, "--limit", 4, *args, code=2)
+    r = cli("eval", run / "model.onnx", "--data", DATA, "--limit", 4, *args, code=2)
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 

@@ -13,15 +13,15 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-from typer.testing import CliRunner
 
-from wnconvert.cli.main import app
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.quantize import ArrayReader
 from wnconvert.convert.quantize.target_rules import fixed_point_violations, tensorrt_violations
 from wnconvert.convert.quantize.targets import get_target
 from wnconvert.models.run_target import check_run_target
 from wnconvert.models.rundir import RunDir
+
+from helpers import cli
 
 
 def _init(name, array):
@@ -112,12 +112,6 @@ def test_onnxruntime_quantizer_output(tmp_path, symmetric, bias):
     found = tensorrt_violations(onnx.load(str(dst)))
     want = [] if symmetric and not bias else ["is not 0"] if not symmetric else ["int32"]
     assert bool(found) == bool(want) and all(any(w in v for w in want) for v in found), found
-
-
-def cli(*args, code=0):
-    r = CliRunner().invoke(app, [str(a) for a in args])
-    assert r.exit_code == code, r.output
-    return r
 
 
 @pytest.fixture(scope="module")
