@@ -9,7 +9,7 @@ images, int8 calibrated on 256 of the run's own training images; speed and agree
 images) and ``r50-224`` (ResNet-50, untrained, 224 px; int8 calibrated on 32 synthetic images,
 speed on 256 of them, agreement not measured: an untrained network's logits are near ties).
 Files: ``model.onnx`` (fp32), ``export --precision int8`` for the ort-cpu target (uint8
-activations, int32 biases), the openvino target (float biases) and the tensorrt target (int8
+activations, int32 biases; the openvino target writes the same file) and the tensorrt target (int8
 symmetric activations; TensorRT itself is not run here), ``export --precision int4`` (int4
 weights, float activations).
 
@@ -34,7 +34,6 @@ from wnconvert.models.rundir import RunDir
 
 RUNTIMES = ("onnxruntime", "openvino")
 FILES = (("fp32", "model.onnx", None), ("int8 ort-cpu", "model.int8-ort-cpu.onnx", "ort-cpu"),
-         ("int8 openvino", "model.int8-openvino.onnx", "openvino"),
          ("int8 tensorrt", "model.int8-tensorrt.onnx", "tensorrt"), ("int4 weights", "model.int4.onnx", None))
 
 

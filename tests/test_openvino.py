@@ -12,8 +12,10 @@ Criteria (measured on this run: ResNet-18 at 32 px trained on 128 images, OpenVI
   bit-identical (OpenVINO running the fp32 file instead: 0.03 %), at most 7-9 output steps apart
   (the fp32 file: 15). On this barely trained network top-2 margins of a few steps are common and
   top-1 agreement is 0.90-0.96 (the fp32 file against the int8 one agrees as often: top-1 alone
-  cannot tell files apart); on a ResNet-18 trained on 4096 images it is >= 0.99 (docs/results.md,
-  benchmarks/runtimes_speed.py). Checked: >= 10 % of logits identical, all within 12 steps, top-1
+  cannot tell files apart); on a ResNet-18 trained on 4096 images (73 % top-1) 58 % of logits are
+  identical, at most 3 steps apart, and agreement is 0.977-0.986 (benchmarks/runtimes_speed.py,
+  docs/results.md): the issue's 0.99 is not reached by int8 files, only by the float ones (1.0).
+  Checked: >= 10 % of logits identical, all within 12 steps, top-1
   agreement >= 0.85; and the same criteria reject OpenVINO running the fp32 file.
 """
 
@@ -45,13 +47,11 @@ INT8_MIN_AGREEMENT = 0.85
 
 @pytest.fixture(scope="module")
 def run(fashion_run, tmp_path_factory):
-    """The shared trained run with its int4 file and the int8 files of the ort-cpu and openvino
-    targets (calibrated on the run's own data: no --data)."""
+    """The shared trained run with its int4 file and its int8 file for the openvino target (the
+    ort-cpu target's settings; calibrated on the run's own data: no --data)."""
     out = tmp_path_factory.mktemp("ov") / "run"
     shutil.copytree(fashion_run, out)
     cli("export", out, "--precision", "int8", "--target", "openvino", "--calib-samples", 64)
-    shutil.move(out / "model.int8.onnx", out / "openvino.int8.onnx")
-    cli("export", out, "--precision", "int8", "--calib-samples", 64)
     cli("export", out, "--precision", "int4")
     return out
 
@@ -80,9 +80,8 @@ def int8_agrees(ort: np.ndarray, ov: np.ndarray) -> bool:
                 and agreement >= INT8_MIN_AGREEMENT)
 
 
-@pytest.mark.parametrize("name", ["model.int8.onnx", "openvino.int8.onnx"])
-def test_int8_files_agree(run, images, name):
-    assert int8_agrees(*both(run / name, images))
+def test_int8_file_agrees(run, images):
+    assert int8_agrees(*both(run / "model.int8.onnx", images))
 
 
 def test_int8_criteria_tell_files_apart(run, images):
