@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from .errors import handle_errors
-from .options import Provider, value
+from .options import Provider, Runtime, value
 from .render import JsonOpt, console, print_json
 
 
@@ -19,12 +19,14 @@ def eval_command(
     limit: Optional[int] = typer.Option(None, help="Evaluate a fixed random subset of N images."),
     batch_size: int = typer.Option(64, help="Batch size."),
     provider: Provider = typer.Option("cpu", help="onnxruntime provider, or PyTorch device."),
+    runtime: Runtime = typer.Option("onnxruntime", help="Runtime of an .onnx file (openvino: its CPU plugin at f32)."),
     json_out: bool = JsonOpt,
 ):
-    """Top-1 / top-5 and images/s of a checkpoint (PyTorch) or an ONNX file (onnxruntime)."""
+    """Top-1 / top-5 and images/s of a checkpoint (PyTorch) or an ONNX file (onnxruntime or OpenVINO)."""
     from wnconvert.models.accuracy import artifact_accuracy
 
-    res = artifact_accuracy(artifact, data, limit=limit, batch=batch_size, provider=value(provider))
+    res = artifact_accuracy(artifact, data, limit=limit, batch=batch_size, provider=value(provider),
+                            runtime=value(runtime))
     if json_out:
         print_json(res)
         return

@@ -19,7 +19,7 @@ from wnconvert.models.run_export import PrecisionOptions, export_precision, expo
 from wnconvert.models.run_verify import VerifyRequest, verify_run
 
 from .errors import handle_errors
-from .options import ActType, Bn, CalibSplit, Calibrator, Granularity, Precision, default, value
+from .options import ActType, Bn, CalibSplit, Calibrator, Granularity, Precision, Target, default, value
 from .render import JsonOpt, certificate_table, console, parity_table, print_json, quantized_table
 
 
@@ -48,13 +48,14 @@ def export(
     opset: Optional[int] = typer.Option(None, help="ONNX opset (default: the run's)."),
     rtol: Optional[float] = typer.Option(None, help="Parity tolerance (default: the run's)."),
     precision: Precision = typer.Option("fp32", help="fp32: model.onnx; otherwise writes model.PRECISION.onnx from model.onnx."),
-    data: Optional[str] = typer.Option(None, help="Calibration data spec (needed for int8 activations)."),
+    target: Target = typer.Option(default(PrecisionOptions, "target"), help="Deployment target: its preset of activation type and symmetry, weight granularity, bias and opset rules (explicit options override it; see README, Deploying)."),
+    data: Optional[str] = typer.Option(None, help="Calibration data spec for int8 activations (default: the run's --data)."),
     calib_samples: int = typer.Option(default(PrecisionOptions, "calib_samples"), help="Calibration images taken from --data."),
     calib_split: CalibSplit = typer.Option(default(PrecisionOptions, "calib_split"), help="The split of --data calibration images come from (comparisons with model.onnx use val)."),
     act_bits: Optional[str] = typer.Option(None, help="8 | float: activations of int8/int4 files (default: 8 for int8, float for int4)."),
     per_channel: Optional[bool] = typer.Option(None, "--per-channel/--per-tensor", help="Weight scales (default: per channel, except per tensor for layer-max weights-only files)."),
     calibrate_method: Calibrator = typer.Option(default(PrecisionOptions, "calibrate_method"), help="Activation range calibration."),
-    act_type: ActType = typer.Option(default(PrecisionOptions, "act_type"), help="Type of quantized activations (uint8 is onnxruntime's fast CPU path)."),
+    act_type: Optional[ActType] = typer.Option(None, help="Type of quantized activations (default: the target's; uint8 is onnxruntime's fast CPU path)."),
     fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse", help="Fold BatchNorm and scales into Conv before quantizing activations (default: yes; a --weight-bits run's grid stays exact, per channel)."),
     json_out: bool = JsonOpt,
 ):
@@ -63,24 +64,32 @@ def export(
     if value(precision) != "fp32":
         opts = PrecisionOptions(data=data, calib_samples=calib_samples, calib_split=value(calib_split),
                                 act_bits=act_bits, per_channel=per_channel, rtol=rtol,
-                                calibrate_method=value(calibrate_method), act_type=value(act_type), fuse=fuse)
+                                calibrate_method=value(calibrate_method), act_type=value(act_type), fuse=fuse,
+                                target=value(target))
         entry = export_precision(run_dir, value(precision), opts)
-        if json_out:
-            return print_json(entry)
-        if entry.get("contract") == "lossless-activations":
-            return console.print(f"wrote {run_dir / entry['file']} (W{entry['weight_bits']}A{entry['act_bits']}, "
-                                 f"trained scales, {len(entry['points'])} quantized tensors, opset {entry['opset']})")
-        c = entry["vs_fp32"]
-        return console.print(f"wrote {run_dir / entry['file']} ({entry['activations']} activations, "
-                             f"weights {entry['weight_storage'] or 'fp16'}): top-1 agreement "
-                             f"{c['top1_agreement']:.4f}, cosine {c['cosine_min']:.6f}, SQNR {c['sqnr_db']:.1f} dB")
-    result = export_run(run_dir, bn=value(bn), granularity=value(granularity), opset=opset, rtol=rtol)
+        return print_json(entry) if json_out else console.print(quantized_line(run_dir, entry))
+    result = export_run(run_dir, bn=value(bn), granularity=value(granularity), opset=opset, rtol=rtol,
+                        target=value(target))
     if json_out:
         print_json(result.to_dict())
     else:
         console.print(parity_table(result.to_dict()["parity"]))
         console.print(f"wrote {result.onnx_path} ({result.onnx_weights} weight tensors, max |w| = {result.onnx_max_abs:.6f})")
     require_parity(result)
+
+
+def quantized_line(run_dir: Path, entry: dict) -> str:
+    """What ``export --precision P`` wrote, for which target, calibrated on what."""
+    t = entry["target"]
+    target = f"target {t['name']}" + (f", {', '.join(t['overridden'])} overridden" if t["overridden"] else "")
+    if entry.get("contract") == "lossless-activations":
+        return (f"wrote {run_dir / entry['file']} (W{entry['weight_bits']}A{entry['act_bits']}, trained scales, "
+                f"{len(entry['points'])} quantized tensors, opset {entry['opset']}; {target})")
+    c = entry["vs_fp32"]
+    calib = f"; calibrated on {entry['calibration']}" if entry.get("calibration") else ""
+    return (f"wrote {run_dir / entry['file']} ({entry['activations']} activations, weights "
+            f"{entry['weight_storage'] or 'fp16'}; {target}{calib}): top-1 agreement "
+            f"{c['top1_agreement']:.4f}, cosine {c['cosine_min']:.6f}, SQNR {c['sqnr_db']:.1f} dB")
 
 
 @handle_errors

@@ -1,4 +1,4 @@
-"""Accuracy of a checkpoint (PyTorch) or an ONNX file (onnxruntime) on a data spec.
+"""Accuracy of a checkpoint (PyTorch) or an ONNX file (onnxruntime or OpenVINO) on a data spec.
 
 The preprocessing is the run's (``manifest.json`` of the run directory, or of the folder holding
 the ONNX file / checkpoint); without a manifest, the data spec's default at the model's input size.
@@ -13,15 +13,10 @@ import numpy as np
 
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.metrics import topk_correct
-from wnconvert.convert.runtime import ort_session, session_runner
+from wnconvert.convert.openvino_rt import check_runtime, file_runner
 
 from .data import Preprocess, default_preprocess, eval_arrays
 from .rundir import CHECKPOINT, MANIFEST, RunDir
-
-
-def _onnx_runner(path: Path, provider: str):
-    sess = ort_session(path, provider=provider)
-    return session_runner(sess), sess.get_providers()[0]
 
 
 def _preprocess_for(artifact: Path, spec: str, image_size: int | None) -> tuple[Preprocess, Path | None]:
@@ -32,10 +27,11 @@ def _preprocess_for(artifact: Path, spec: str, image_size: int | None) -> tuple[
 
 
 def artifact_accuracy(artifact: Path, data: str, *, limit: int | None = None, batch: int = 64,
-             provider: str = "cpu") -> dict:
+             provider: str = "cpu", runtime: str = "onnxruntime") -> dict:
     """Top-1, top-5 and images/s of ``artifact`` on the validation split of ``data``.
 
-    ``artifact``: an ``.onnx`` file, a run directory, or a run's ``checkpoint.safetensors``."""
+    ``artifact``: an ``.onnx`` file, a run directory, or a run's ``checkpoint.safetensors``.
+    ``runtime`` (onnxruntime | openvino) runs an ``.onnx`` file; a checkpoint runs in PyTorch."""
     artifact = Path(artifact)
     if not artifact.exists():
         raise UserInputError(f"{artifact} does not exist")
@@ -43,7 +39,11 @@ def artifact_accuracy(artifact: Path, data: str, *, limit: int | None = None, ba
         raise UserInputError(f"unknown provider {provider!r}; choose cpu or cuda")
     if batch < 1:
         raise UserInputError("--batch-size must be at least 1")
+    check_runtime(runtime, provider)
     is_onnx = artifact.is_file() and artifact.suffix == ".onnx"
+    if runtime != "onnxruntime" and not is_onnx:
+        raise UserInputError(f"--runtime {runtime} runs an .onnx file; {artifact} is not one "
+                             "(a run directory or checkpoint is evaluated in PyTorch)")
     if not is_onnx and artifact.is_file() and artifact.name != CHECKPOINT:
         raise UserInputError(f"{artifact} is neither an .onnx file, a run directory nor its {CHECKPOINT}")
     image_size = None
@@ -57,8 +57,7 @@ def artifact_accuracy(artifact: Path, data: str, *, limit: int | None = None, ba
     pre, run_dir = _preprocess_for(artifact, data, image_size)
     images, labels = eval_arrays(data, pre, limit=limit)
     if is_onnx:
-        run, backend = _onnx_runner(artifact, provider)
-        backend = f"onnxruntime/{backend}"
+        run, backend = file_runner(artifact, runtime, provider)
     else:
         import torch
 
@@ -86,6 +85,7 @@ def artifact_accuracy(artifact: Path, data: str, *, limit: int | None = None, ba
         top1, top5 = top1 + a, top5 + b
     seconds = time.perf_counter() - t0
     n = max(len(images), 1)
-    return {"artifact": str(artifact), "data": data, "backend": backend, "images": int(len(images)),
+    return {"artifact": str(artifact), "data": data, "runtime": runtime if is_onnx else "pytorch",
+            "backend": backend, "images": int(len(images)),
             "top1": top1 / n, "top5": top5 / n,
             "images_per_s": len(images) / seconds if seconds > 0 else float("inf")}

@@ -15,9 +15,12 @@ from wnconvert.convert.quantize import (QuantOptions, artifact_name, check_preci
 from wnconvert.convert.schemes import REGISTRY
 from wnconvert.convert.verify import make_inputs
 
+from wnconvert.convert.quantize.targets import DEFAULT_TARGET
+
 from .act_files import export_act_precision
 from .data import Preprocess, eval_arrays
-from .rundir import RunDir, writes_run
+from .run_target import TRAINED, check_run_target, record_target, require_rules, resolve_target
+from .rundir import Manifest, RunDir, writes_run
 
 DEFAULT_CALIB_SAMPLES = 256
 CALIB_SPLITS = ("train", "val")
@@ -59,12 +62,16 @@ def fold_run(run_dir: Path, bn: str | None = None, granularity: str | None = Non
 
 @writes_run
 def export_run(run_dir: Path, *, bn: str | None = None, granularity: str | None = None,
-               opset: int | None = None, rtol: float | None = None) -> ConversionResult:
+               opset: int | None = None, rtol: float | None = None,
+               target: str = DEFAULT_TARGET) -> ConversionResult:
     """Fold the run's checkpoint again and write ``model.onnx``, its weight ranges and parity into
     report.json; the overrides become the run's settings in the manifest. The caller checks
-    parity (``pipeline.require_parity``) once it has shown the result."""
+    parity (``pipeline.require_parity``) once it has shown the result. Raises ParityError when
+    the file breaks ``target``'s structural rules (recorded in report.json first)."""
     run = RunDir(run_dir)
+    preset = resolve_target(target, {})[0]
     manifest, model, _ = run.load()
+    check_run_target(manifest, preset, "fp32", False)
     manifest.fold = _fold_override(manifest.fold, bn, granularity)
     if opset:
         manifest.export = replace(manifest.export, opset=opset)
@@ -73,7 +80,9 @@ def export_run(run_dir: Path, *, bn: str | None = None, granularity: str | None 
     result = convert(model, manifest.input_shape, run.path, fold_config=manifest.fold,
                      export_config=manifest.export, verify_config=manifest.verify)
     run.update_report(result.to_dict())
+    record = record_target(run, manifest, run.onnx_path, preset, {"opset": manifest.export.opset}, [])
     run.finish(manifest)
+    require_rules(run.onnx_path, record)
     return result
 
 
@@ -87,66 +96,102 @@ class PrecisionOptions:
     act_bits: str | None = None          # "8" | "float"; None: 8 for int8, float for int4
     per_channel: bool | None = None      # None: per channel, except layer-max weights-only files
     calibrate_method: str = QuantOptions.calibrate_method
-    act_type: str = QuantOptions.act_type
+    act_type: str | None = None          # None: the target's
     fuse: bool | None = None
     rtol: float | None = None            # lossless check tolerance (default: the run's)
+    target: str = DEFAULT_TARGET         # convert/quantize/targets.py
 
 
-def quant_options(precision: str, opts: PrecisionOptions, scheme) -> QuantOptions:
-    """The quantizer's options for a run trained under ``scheme`` (a SchemeConfig)."""
+def quant_options(precision: str, opts: PrecisionOptions, scheme, settings: dict | None = None) -> QuantOptions:
+    """The quantizer's options for a run trained under ``scheme`` (a SchemeConfig), with a
+    target's ``settings`` (default: those of ``opts.target`` with ``opts`` over them)."""
+    settings = settings or resolve_target(opts.target, _overrides(opts))[1]
+    per_channel = settings["per_channel"]
     options = QuantOptions(
         precision=precision, act_bits=parse_act_bits(opts.act_bits, precision),
-        per_channel=True if opts.per_channel is None else opts.per_channel,
+        per_channel=True if per_channel is None else per_channel,
         calibrate_method=opts.calibrate_method, grid_bits=scheme.weight_bits,
-        act_type=opts.act_type, fuse=opts.fuse)
-    if opts.per_channel is None and not options.fuses and not REGISTRY[scheme.scheme].per_channel:
+        act_type=settings["act_type"], fuse=opts.fuse, act_symmetric=settings["act_symmetric"],
+        quantize_bias=settings["quantize_bias"])
+    if per_channel is None and not options.fuses and not REGISTRY[scheme.scheme].per_channel:
         options = replace(options, per_channel=False)  # one scale per tensor, until BatchNorm is folded in
     return options
 
 
+def _overrides(opts: PrecisionOptions) -> dict:
+    """The explicit options that override a target's settings (None: not given)."""
+    return {"act_type": opts.act_type, "per_channel": opts.per_channel}
+
+
+def _calibration(manifest: Manifest, precision: str, options: QuantOptions,
+                 opts: PrecisionOptions) -> tuple[np.ndarray | None, str | None, str | None]:
+    """Calibration images (when the options quantize activations), the data spec images come
+    from (``--data``, else the run's own) and the report's line on them."""
+    data = opts.data or manifest.data
+    if not options.needs_calibration:
+        return None, data, None
+    if not data:
+        raise UserInputError(f"--precision {precision} quantizes activations and needs calibration "
+                             "data; the run was trained without --data: pass --data SPEC "
+                             "(or --act-bits float for weights only)")
+    calib = data_arrays(data, manifest.preprocess, opts.calib_samples, opts.calib_split, "--calib-samples")
+    source = "--data" if opts.data else "the run's data"
+    return calib, data, f"{len(calib)} {opts.calib_split} images from {data} ({source})"
+
+
+def _export_act_file(run: RunDir, precision: str, opts: PrecisionOptions, preset) -> dict:
+    """An --act-bits run's file (its trained scales) for ``preset``, recorded and checked."""
+    entry = export_act_precision(run.path, precision, opts.act_bits, opts.data)
+    manifest = run.manifest()
+    entry["target"] = record_target(run, manifest, run.path / entry["file"], preset, dict(TRAINED), [])
+    run.finish(manifest)
+    require_rules(run.path / entry["file"], entry["target"])
+    return entry
+
+
 @writes_run
 def export_precision(run_dir: Path, precision: str, opts: PrecisionOptions = PrecisionOptions()) -> dict:
-    """Write ``RUN_DIR/model.<precision>.onnx`` from ``RUN_DIR/model.onnx`` and compare them.
+    """Write ``RUN_DIR/model.<precision>.onnx`` from ``RUN_DIR/model.onnx`` for ``opts.target``
+    and compare them.
 
     Returns the entry written to ``report.json["quantized"][precision]``. Raises ParityError when a
     ``--weight-bits`` run exported weights-only at a precision holding its grid does not match the
-    fp32 model within the run's tolerance (its weights are lossless)."""
+    fp32 model within the run's tolerance (its weights are lossless), or when the file breaks the
+    target's structural rules."""
     check_precision(precision)
     run = RunDir(run_dir)
     manifest = run.manifest()
-    if manifest.act is not None and precision != "fp16":  # the trained integer network
-        return export_act_precision(run_dir, precision, opts.act_bits, opts.data)
+    preset, settings, overridden = resolve_target(opts.target, _overrides(opts))
+    act_file = manifest.act is not None and precision != "fp16"  # the trained integer network
+    check_run_target(manifest, preset, precision, not act_file and parse_act_bits(opts.act_bits, precision) is None)
+    if act_file:
+        return _export_act_file(run, precision, opts, preset)
     src = run.onnx_path
     if not src.exists():
         raise UserInputError(f"{run_dir} has no model.onnx; run `wnconvert export {run_dir}` first")
-    options = quant_options(precision, opts, manifest.scheme)
-    pre, data = manifest.preprocess, opts.data
-    calib = None
-    if options.needs_calibration:
-        if not data:
-            raise UserInputError(f"--precision {precision} quantizes activations and needs calibration "
-                                 "data: pass --data SPEC (or --act-bits float for weights only)")
-        calib = data_arrays(data, pre, opts.calib_samples, opts.calib_split, "--calib-samples")
+    options = quant_options(precision, opts, manifest.scheme, settings)
+    calib, data, calibration = _calibration(manifest, precision, options, opts)
     dst = run.path / artifact_name(precision)
     result = quantize(src, dst, options, calib)
 
     tol = manifest.verify.rtol if opts.rtol is None else opts.rtol
     if data:  # compared on held-out images, not on the calibration ones
-        x = data_arrays(data, pre, opts.calib_samples, "val", "--calib-samples")
+        x = data_arrays(data, manifest.preprocess, opts.calib_samples, "val", "--calib-samples")
         inputs = f"{len(x)} validation images from {data}"
     else:
         x = make_inputs(manifest.input_shape, manifest.verify).numpy()
         inputs = f"{len(x)} generated samples"
-    calibration = f"{len(calib)} {opts.calib_split} images from {data}" if calib is not None else None
     entry = result.to_dict() | {"calibration": calibration, "inputs": inputs,
                                 "vs_fp32": compare_files(src, dst, x), "weight_storage": weight_storage(dst)}
     lossless = (options.grid_bits is not None and options.act_bits is None
                 and precision in ("int8", "int4") and not result.lossy_weights and result.exact_weights)
     if lossless:
         entry["lossless_check"] = {"rtol": tol, "passed": entry["vs_fp32"]["rel"] <= tol}
+    entry["target"] = record_target(run, manifest, dst, preset, settings, overridden)
     run.update_report(lambda report: report.setdefault("quantized", {}).__setitem__(precision, entry))
     run.finish(manifest)
     if lossless and not entry["lossless_check"]["passed"]:
         raise ParityError(f"{dst.name}: weights are on the trained {options.grid_bits}-bit grid but the "
                           f"logits differ from model.onnx by rel {entry['vs_fp32']['rel']:.3g} > {tol:g}")
+    require_rules(dst, entry["target"])
     return entry

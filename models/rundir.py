@@ -69,7 +69,7 @@ _TYPES = {"model": str, "num_classes": int, "weights": str, "data": (str, type(N
           "limit_train": (int, type(None)), "limit_val": (int, type(None)), "gpu_decode": bool,
           "no_export": bool, "status": str, "created": str, "versions": dict, "artifacts": dict,
           "preprocess": dict, "scheme": dict, "fold": (dict, type(None)), "export": (dict, type(None)),
-          "verify": (dict, type(None)), "train": (dict, type(None))}
+          "verify": (dict, type(None)), "train": (dict, type(None)), "targets": (dict, type(None))}
 
 
 def _check_types(d: Any, where: str) -> None:
@@ -104,6 +104,7 @@ class Manifest:
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     train: TrainConfig | None = None
     act: ActSettings | None = None   # --act-bits runs (models/act_run.py); None in older manifests
+    targets: dict = field(default_factory=dict)  # file -> {"target", "overridden"} (export --target)
     status: str = "running"
     created: str = ""
     versions: dict = field(default_factory=dict)
@@ -126,7 +127,7 @@ class Manifest:
             "scheme": asdict(self.scheme), "fold": asdict(self.fold), "export": asdict(self.export),
             "verify": asdict(self.verify),
             "train": self.train.to_dict() if self.train is not None else None,
-            "act": self.act.to_dict() if self.act is not None else None,
+            "act": self.act.to_dict() if self.act is not None else None, "targets": self.targets,
             "versions": self.versions, "artifacts": self.artifacts,
         }
 
@@ -148,7 +149,7 @@ class Manifest:
                 export=config_from_dict(ExportConfig, d.get("export")),
                 verify=config_from_dict(VerifyConfig, d.get("verify")),
                 train=config_from_dict(TrainConfig, d["train"]) if d.get("train") else None,
-                act=ActSettings.from_dict(d.get("act")),
+                act=ActSettings.from_dict(d.get("act")), targets=dict(d.get("targets") or {}),
                 status=d.get("status", "complete"), created=d.get("created", ""),
                 versions=dict(d.get("versions") or {}), artifacts=dict(d.get("artifacts") or {}),
                 version=MANIFEST_VERSION)

@@ -11,6 +11,9 @@ from onnx import numpy_helper
 from safetensors.torch import load_file
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from typer.testing import CliRunner
+
+from wnconvert.cli.main import app
 
 import wnconvert.models.run as run_mod
 
@@ -176,3 +179,10 @@ def interrupt_and_resume(monkeypatch, start, out) -> dict:
 def assert_same_tensors(a: dict, b: dict) -> None:
     assert set(a) == set(b)
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+
+
+def cli(*args, code: int = 0):
+    """``wnconvert ARGS`` in process; asserts its exit code."""
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    assert r.exit_code == code, r.output
+    return r

@@ -25,7 +25,7 @@ from ..errors import UserInputError
 from ..metrics import compare_logits
 from ..runtime import run_onnx
 from . import fp16, static, weights_only
-from .graph import WEIGHT_INPUTS, weight_storage  # noqa: F401 (public)
+from .graph import WEIGHT_INPUTS, opset_of, weight_storage  # noqa: F401 (public)
 from .options import (ACT_BITS, ACT_TYPES, CALIBRATORS, INT_OPSET, PRECISIONS,  # noqa: F401 (public)
                       QuantOptions, QuantResult, artifact_name, check_precision)
 from .static import ArrayReader  # noqa: F401 (public)
@@ -43,6 +43,10 @@ def quantize(src: Path, dst: Path, options: QuantOptions, calib: np.ndarray | No
     if options.needs_calibration and (calib is None or len(calib) == 0):
         raise UserInputError(f"--precision {options.precision} with int8 activations needs calibration "
                              "data: pass --data SPEC (or weights only: --act-bits float)")
+    opset = opset_of(onnx.load(str(src), load_external_data=False))
+    if options.per_channel and options.precision in ("int8", "int4") and opset is not None and opset < 13:
+        raise UserInputError(f"per-channel weights need opset 13 or more (per-axis DequantizeLinear); {src.name} "
+                             f"has opset {opset}: export it with --opset 13 or more, or use --per-tensor")
     fmt = next(f for f in FORMATS if f.handles(options))
     result = QuantResult(dst, options.precision, options)
     with tempfile.TemporaryDirectory(prefix=".quant-", dir=dst.parent) as tmp:

@@ -10,8 +10,13 @@ from onnx import TensorProto
 WEIGHT_INPUTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (0, 1), "MatMul": (0, 1)}
 
 
+def opset_of(model: onnx.ModelProto) -> int | None:
+    """The default domain's opset (None when the model imports none)."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
 def set_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
-    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    current = opset_of(model) or 0
     if current >= version:
         return model
     # Not onnx.version_converter: it litters the graph with Identity nodes. The ops an exported

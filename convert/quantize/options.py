@@ -34,6 +34,8 @@ class QuantOptions:
     grid_bits: int | None = None        # weights trained on the symmetric grid of this many bits
     act_type: str = "uint8"             # quantized activations: uint8 (asymmetric) | int8
     fuse: bool | None = None            # fold BatchNorm / scale Muls into Conv first (None: auto)
+    act_symmetric: bool = False         # activation zero points 0 (int8) instead of calibrated ones
+    quantize_bias: bool = True          # int32 biases (DequantizeLinear of int32) or float ones
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
@@ -76,6 +78,8 @@ class QuantResult:
         o = self.options
         return {"file": self.path.name, "precision": self.precision,
                 "activations": "float" if o.act_bits is None or self.precision == "fp16" else o.act_type,
+                "act_symmetric": o.act_symmetric if o.needs_calibration else None,
+                "quantized_bias": o.quantize_bias if o.needs_calibration else None,
                 "fused": o.fuses,
                 "per_channel": o.per_channel, "calibrate_method": o.calibrate_method if o.needs_calibration else None,
                 "grid_bits": o.grid_bits, "exact_weights": len(self.exact_weights),

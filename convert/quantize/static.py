@@ -94,4 +94,5 @@ def _quantize_static(pre: Path, out: Path, reader: ArrayReader, options: QuantOp
                               "MaxPool", "GlobalAveragePool", "AveragePool", "Flatten", "Concat",
                               "Reshape", "Transpose", "Sigmoid", "HardSigmoid", "HardSwish",
                               "Clip"],
-        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+        extra_options={"WeightSymmetric": True, "ActivationSymmetric": options.act_symmetric,
+                       "QuantizeBias": options.quantize_bias})

@@ -1,0 +1,62 @@
+"""``export RUN --target T``: which files a run can give a deployment target, the target's settings
+with the explicit options over them, and the record of both (report.json ``targets``, the
+manifest's ``targets``) with the structural check of the file written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from wnconvert.convert.errors import ParityError, UserInputError
+from wnconvert.convert.quantize.target_rules import check_rules
+from wnconvert.convert.quantize.targets import (TargetPreset, apply_target, check_target_precision,
+                                                get_target, target_record)
+
+from .rundir import Manifest, RunDir
+
+TRAINED = {"scales": "trained"}  # the settings of an --act-bits run's file: its own
+
+
+def run_is_po2(manifest: Manifest) -> bool:
+    """Whether the run trained power-of-two activation scales (``--act-bits`` with po2 scales)."""
+    return manifest.act is not None and getattr(manifest.act, "scale_format", "float") == "po2"
+
+
+def check_run_target(manifest: Manifest, preset: TargetPreset, precision: str, weights_only: bool) -> None:
+    """Refuse, in one line and before anything is written, a file the target cannot take from this run."""
+    act_file = manifest.act is not None and precision != "fp16"
+    if preset.act_runs == "po2" and not run_is_po2(manifest):
+        how = "without --act-bits" if manifest.act is None else "with float activation scales"
+        raise UserInputError(f"--target {preset.name} needs a run trained with power-of-two activation "
+                             f"scales (--act-bits with po2 scales); this run was trained {how}")
+    check_target_precision(preset, precision, weights_only and not act_file)
+    if act_file and preset.act_runs == "refused":
+        raise UserInputError(f"--target {preset.name}: an --act-bits run's file keeps its trained "
+                             "integers (unsigned activations, int32 biases), which this target does not "
+                             "take; export it with --target ort-cpu or openvino")
+
+
+def resolve_target(name: str, overrides: dict) -> tuple[TargetPreset, dict, list[str]]:
+    """The preset, its settings with the non-None ``overrides`` over them, and the overridden names."""
+    preset = get_target(name)
+    settings, overridden = apply_target(preset, overrides)
+    return preset, settings, overridden
+
+
+def record_target(run: RunDir, manifest: Manifest, path: Path, preset: TargetPreset, settings: dict,
+                  overridden: list[str]) -> dict:
+    """Check ``path`` against the target's rules and record target and check in report.json and in
+    ``manifest`` (the caller writes it). Returns the report's record."""
+    violations = check_rules(path, preset.rules)
+    record = target_record(preset, settings, overridden) | {
+        "check": {"rules": preset.rules, "passed": not violations, "violations": violations}}
+    run.update_report(lambda report: report.setdefault("targets", {}).__setitem__(path.name, record))
+    manifest.targets[path.name] = {"target": preset.name, "overridden": overridden}
+    return record
+
+
+def require_rules(path: Path, record: dict) -> None:
+    """ParityError (exit 3) naming the first rule ``path`` breaks, if any."""
+    found = record["check"]["violations"]
+    if found:
+        more = f" (and {len(found) - 1} more, in report.json)" if len(found) > 1 else ""
+        raise ParityError(f"{path.name} breaks the {record['name']} rules: {found[0]}{more}")
