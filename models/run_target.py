@@ -17,7 +17,7 @@ TRAINED = {"scales": "trained"}  # the settings of an --act-bits run's file: its
 
 
 def run_is_po2(manifest: Manifest) -> bool:
-    """Whether the run trained power-of-two activation scales (``--act-bits`` with po2 scales)."""
+    """Whether the run was trained with ``--scale-format po2``."""
     return manifest.act is not None and getattr(manifest.act, "scale_format", "float") == "po2"
 
 
@@ -27,7 +27,7 @@ def check_run_target(manifest: Manifest, preset: TargetPreset, precision: str, w
     if preset.act_runs == "po2" and not run_is_po2(manifest):
         how = "without --act-bits" if manifest.act is None else "with float activation scales"
         raise UserInputError(f"--target {preset.name} needs a run trained with power-of-two activation "
-                             f"scales (--act-bits with po2 scales); this run was trained {how}")
+                             f"scales (finetune --act-bits A --weight-bits B --scale-format po2); this run was trained {how}")
     check_target_precision(preset, precision, weights_only and not act_file)
     if act_file and preset.act_runs == "refused":
         raise UserInputError(f"--target {preset.name}: an --act-bits run's file keeps its trained "

@@ -236,3 +236,12 @@ def test_verify_of_a_trained_po2_run_is_bit_exact(trained, tmp_path):
     assert result["sources"] == ["pytorch", "intref", "ort_off", "ort_on"]
     layers = result["layers"]
     assert len(layers) > 30 and all(l["differ"] == 0 and l["integer_only"] for l in layers)
+
+
+def test_fixed_point_target_takes_a_po2_run(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    r = cli("export", run, "--precision", "int8", "--target", "fixed-point")
+    assert r.exit_code == 0, r.output
+    record = json.loads((run / "report.json").read_text())["targets"]["model.int8.onnx"]
+    assert record["name"] == "fixed-point" and record["check"]["passed"], record

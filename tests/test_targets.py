@@ -79,10 +79,20 @@ def test_each_tensorrt_rule(kwargs, expected):
     assert all(any(e in v for e in expected) for v in found), found
 
 
-@pytest.mark.parametrize("scale, bad", [(0.0625, False), (2.0 ** -9, False), (0.05, True), (0.0626, True)])
-def test_fixed_point_rule(scale, bad):
-    found = fixed_point_violations(qdq_conv(act_scale=np.float32(scale)))
-    assert bool(found) == bad and all("not a power of two" in v for v in found)
+PO2_WEIGHTS = np.array([2.0 ** -7, 2.0 ** -6], np.float32)
+
+
+@pytest.mark.parametrize("act_scale, w_scale, bad", [
+    (0.0625, PO2_WEIGHTS, None), (2.0 ** -9, PO2_WEIGHTS, None),
+    (0.05, PO2_WEIGHTS, "activation scale 0.05"), (0.0626, PO2_WEIGHTS, "activation scale 0.0626"),
+    (0.0625, np.array([2.0 ** -7, 0.02], np.float32), "weight scale 0.02"),  # one channel of a weight
+])
+def test_fixed_point_rule(act_scale, w_scale, bad):
+    found = fixed_point_violations(qdq_conv(act_scale=np.float32(act_scale), w_scale=w_scale))
+    if bad is None:
+        assert found == []
+    else:
+        assert found and all("not a power of two" in v for v in found) and any(bad in v for v in found), found
 
 
 def _float_conv(path):
@@ -164,7 +174,8 @@ def test_override_recorded_and_checked(run):
 
 @pytest.mark.parametrize("args, message", [
     (["--precision", "int8", "--target", "fixed-point"], "--target fixed-point needs a run trained with "
-     "power-of-two activation scales (--act-bits with po2 scales); this run was trained without --act-bits"),
+     "power-of-two activation scales (finetune --act-bits A --weight-bits B --scale-format po2); this run was "
+     "trained without --act-bits"),
     (["--precision", "int4", "--target", "tensorrt"], "--target tensorrt takes --precision fp32 | fp16 | int8, not int4"),
     (["--precision", "int8", "--target", "tensorrt", "--act-bits", "float"], "quantizes activations too"),
     (["--precision", "int8", "--target", "npu"], "unknown target 'npu'; choose one of: ort-cpu, openvino, "

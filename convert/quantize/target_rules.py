@@ -107,19 +107,22 @@ def tensorrt_violations(model: onnx.ModelProto) -> list[str]:
 
 
 def fixed_point_violations(model: onnx.ModelProto) -> list[str]:
-    """Every activation QuantizeLinear whose scale is not a power of two."""
+    """Every QuantizeLinear / DequantizeLinear (activations and weights, per tensor or per axis)
+    with a scale that is not a constant power of two (checked on its float bits)."""
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     out = []
     for node in model.graph.node:
-        if node.op_type != "QuantizeLinear":
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
         scale = inits.get(node.input[1])
         if scale is None:
             out.append(f"{_name(node)}: scale {node.input[1]!r} is not a constant")
             continue
-        mantissa, _ = np.frexp(scale.astype(np.float64))
-        if np.any(mantissa != 0.5):
-            out.append(f"{_name(node)}: activation scale {float(scale.ravel()[0]):.6g} is not a power of two")
+        mantissa, _ = np.frexp(scale.astype(np.float64).ravel())
+        bad = np.flatnonzero(mantissa != 0.5)
+        if bad.size:
+            what = "weight" if node.input[0] in inits else "activation"
+            out.append(f"{_name(node)}: {what} scale {float(scale.ravel()[bad[0]]):.6g} is not a power of two")
     return out
 
 
