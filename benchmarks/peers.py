@@ -1,0 +1,212 @@
+"""Activation quantization, wnconvert vs peers: test top-1 and CPU speed of the deployed ONNX files of
+(a) onnxruntime's post-training static quantization of the fp32 baseline (W8A8, W4A8), (b) Brevitas
+QAT (W8A8, W4A8, W4A4) and (c) wnconvert ``--weight-bits/--act-bits`` fine-tunes (W8A8, W4A8, W4A4),
+all on the same model, data, image size, epochs and seed (issue 10).
+
+    .venv/bin/pip install -e '.[test,report,bench]'     # brevitas + onnxoptimizer: the bench extra
+    .venv/bin/python benchmarks/peers.py --runs runs/peers --docs docs/figures
+
+Files and how each is made (commands printed and recorded, runs reused: study_runs.ensure):
+
+* baseline: ResNet-18 from scratch, ``--scheme none`` (study_runs.Recipe), ``--baseline-epochs`` on
+  ``--baseline-limit-train`` training images; its ``model.onnx`` is the fp32 reference;
+* PTQ (onnxruntime): ``wnconvert export baseline --precision int8 --data D --calib-samples 256``
+  (W8A8) and ``--precision int4 --act-bits 8`` (W4A8): ``quant_pre_process`` + ``quantize_static``,
+  QDQ, MinMax, per-channel weights, uint8 activations (convert/quantize/static.py);
+* wnconvert: ``finetune --scheme channel-max --weight-bits B --act-bits A`` of the baseline, then
+  ``export --precision int8|int4`` (trained scales) and ``verify`` (lossless-activations contract);
+* Brevitas: the same fine-tune under Brevitas's stock quantizers (benchmarks/peers_brevitas.py),
+  trained by wnconvert's training loop with the wnconvert run's settings, exported as QCDQ ONNX.
+
+Accuracy: ``wnconvert eval FILE --data D`` on the whole test split (``--eval-limit`` for a smoke
+test); speed: its images/s, best of ``--repeats``, as a ratio to the baseline's fp32 file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from lowbit_study import evaluate
+from study_runs import CLI, ENV, Recipe, ensure, shown, wnconvert
+
+from wnconvert.models.rundir import RunDir
+from wnconvert.models.train_config import TrainConfig
+
+# label, weight bits, activation bits, wnconvert export precision
+CONFIGS = (("W8A8", 8, 8, "int8"), ("W4A8", 4, 8, "int4"), ("W4A4", 4, 4, "int4"))
+PTQ = (("W8A8", "int8"), ("W4A8", "int4"))
+SCHEME = "channel-max"  # per-channel weight scales, like Brevitas's Int8WeightPerChannelFloat
+
+
+def arguments() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=Path, default=Path("runs/peers"), help="run directories (reused)")
+    ap.add_argument("--docs", type=Path, default=Path("docs/figures"), help="where peers.json goes")
+    ap.add_argument("--data", default="fashion-mnist")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--baseline-epochs", type=int, default=2)
+    ap.add_argument("--baseline-limit-train", type=int, default=16000)
+    ap.add_argument("--epochs", type=int, default=1, help="epochs of every QAT fine-tune")
+    ap.add_argument("--limit-train", type=int, default=4096, help="training images of every QAT fine-tune")
+    ap.add_argument("--limit-val", type=int, default=2000, help="validation images seen during training")
+    ap.add_argument("--calib-samples", type=int, default=256, help="PTQ calibration images")
+    ap.add_argument("--eval-limit", type=int, default=None, help="test images per eval (default: all)")
+    ap.add_argument("--repeats", type=int, default=3, help="speed: best of N evaluations")
+    return ap.parse_args()
+
+
+def require_bench_extra() -> None:
+    """One line and exit 2 when the bench extra is missing, before anything is trained."""
+    missing = [m for m in ("brevitas", "onnxoptimizer") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"peers.py needs {' and '.join(missing)}: .venv/bin/pip install -e '.[test,report,bench]'",
+              file=sys.stderr)
+        raise SystemExit(2)
+
+
+def baseline_args(recipe: Recipe, limit_train: int) -> list[str]:
+    args = recipe.baseline_args()
+    args[-2:-2] = ["--limit-train", limit_train]
+    return args
+
+
+def verified(run: Path, precision: str) -> dict:
+    """``wnconvert verify RUN --precision P`` under the lossless-activations contract: its exit code
+    and what report.json records (a failure is recorded, not raised: it is a finding of the study)."""
+    args = ["verify", str(run), "--precision", precision]
+    print("$ " + shown(args), flush=True)
+    proc = subprocess.run(CLI + args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    res = json.loads((run / "report.json").read_text()).get("verify", {}).get("quantized", {}).get(precision, {})
+    return {"exit": proc.returncode, "stderr": proc.stderr.strip()[-500:], "contract": res.get("contract"),
+            "passed": res.get("passed"), "failures": res.get("failures"), "inputs": res.get("inputs"),
+            "ties": {level: sum(counts.values()) for level, counts in res.get("ties", {}).items()}}
+
+
+def wnconvert_files(recipe: Recipe, a: argparse.Namespace) -> dict[str, dict]:
+    out = {}
+    for label, w, act, precision in CONFIGS:
+        name = f"wn-{label.lower()}"
+        run = ensure(recipe.finetune_args(name, SCHEME, "--weight-bits", w, "--act-bits", act,
+                                          "--limit-train", a.limit_train))
+        export = ["export", run, "--precision", precision] + (["--act-bits", act] if precision == "int4" else [])
+        wnconvert(export)
+        out[label] = {"run": run, "file": run / f"model.{precision}.onnx", "fp32": run / "model.onnx",
+                      "command": shown(recipe.finetune_args(name, SCHEME, "--weight-bits", w, "--act-bits",
+                                                            act, "--limit-train", a.limit_train)),
+                      "export": shown(export), "verify": verified(run, precision)}
+    return out
+
+
+def ptq_files(baseline: Path, a: argparse.Namespace) -> dict[str, dict]:
+    out = {}
+    for label, precision in PTQ:
+        export = ["export", baseline, "--precision", precision, "--act-bits", 8, "--data", a.data,
+                  "--calib-samples", a.calib_samples]
+        wnconvert(export)
+        out[label] = {"file": baseline / f"model.{precision}.onnx", "export": shown(export)}
+    return out
+
+
+def brevitas_files(baseline: Path, a: argparse.Namespace) -> dict[str, dict]:
+    """The Brevitas fine-tunes, trained with the settings ``finetune`` resolves the wnconvert runs'
+    options to (checked against their manifests by :func:`same_training`)."""
+    import peers_brevitas  # imports brevitas: only after require_bench_extra()
+
+    cfg = peer_train_config(a)
+    out = {}
+    for label, w, act, _ in CONFIGS:
+        path = peers_brevitas.brevitas_run(baseline, a.runs / f"brevitas-{label.lower()}", w, act, cfg,
+                                           a.limit_train, a.limit_val)
+        out[label] = {"file": path, "train": cfg.to_dict()}
+    return out
+
+
+def peer_train_config(a: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(epochs=a.epochs, device=a.device, seed=0)
+
+
+def same_training(wn: dict[str, dict], a: argparse.Namespace) -> None:
+    """Brevitas trained exactly as the wnconvert runs did, or the comparison is void."""
+    cfg = peer_train_config(a)
+    for label, row in wn.items():
+        m = RunDir(row["run"]).manifest()
+        if m.train.to_dict() != cfg.to_dict() or (m.limit_train, m.limit_val) != (a.limit_train, a.limit_val):
+            raise SystemExit(f"{row['run']} trained with other settings than the Brevitas runs: "
+                             f"{m.train.to_dict()} vs {cfg.to_dict()}")
+
+
+def measure(rows: dict[str, dict], a: argparse.Namespace, fp32_speed: float, repeats: int) -> None:
+    for row in rows.values():
+        res = evaluate(row["file"], a.data, limit=a.eval_limit, repeats=repeats)
+        row.update(top1=res["top1"], images=res["images"], images_per_s=res["images_per_s"],
+                   images_per_s_runs=res["images_per_s_runs"], speed_vs_fp32=res["images_per_s"] / fp32_speed)
+        row["file"] = str(row["file"])
+        row.pop("run", None)
+
+
+def targets(ptq: dict, brev: dict, wn: dict) -> dict[str, dict]:
+    """The issue's targets, each with the numbers it was judged on (top-1 in points)."""
+    pt = {k: 100 * v["top1"] for k, v in ptq.items()}
+    bt = {k: 100 * v["top1"] for k, v in brev.items()}
+    wt = {k: 100 * v["top1"] for k, v in wn.items()}
+    own = {k: 100 * v["fp32_top1"] for k, v in wn.items()}
+    checks = {
+        "W8A8 within 0.3 of its run's fp32": (own["W8A8"] - wt["W8A8"] <= 0.3, wt["W8A8"], own["W8A8"]),
+        "W8A8 >= PTQ W8A8": (wt["W8A8"] >= pt["W8A8"], wt["W8A8"], pt["W8A8"]),
+        "W4A8 >= PTQ W4A8 + 1": (wt["W4A8"] >= pt["W4A8"] + 1, wt["W4A8"], pt["W4A8"]),
+        "W4A8 >= Brevitas W4A8": (wt["W4A8"] >= bt["W4A8"], wt["W4A8"], bt["W4A8"]),
+        "W4A4 within 1.5 of its run's fp32": (own["W4A4"] - wt["W4A4"] <= 1.5, wt["W4A4"], own["W4A4"]),
+        "W4A4 >= Brevitas W4A4": (wt["W4A4"] >= bt["W4A4"], wt["W4A4"], bt["W4A4"]),
+        "W8A8 >= 1.5x fp32 images/s": (wn["W8A8"]["speed_vs_fp32"] >= 1.5, wn["W8A8"]["speed_vs_fp32"], 1.5),
+    }
+    return {k: {"met": bool(ok), "value": round(v, 4), "reference": round(r, 4)} for k, (ok, v, r) in checks.items()}
+
+
+def table(fp32: dict, groups: dict[str, dict[str, dict]]) -> str:
+    lines = ["| method | W/A | test top-1 (%) | vs fp32 (points) | images/s | × fp32 |", "|---|---|---|---|---|---|",
+             f"| fp32 baseline | 32/32 | {100 * fp32['top1']:.2f} | – | {fp32['images_per_s']:.0f} | 1.00× |"]
+    for method, rows in groups.items():
+        for label, r in rows.items():
+            lines.append(f"| {method} | {label} | {100 * r['top1']:.2f} | {100 * (r['top1'] - fp32['top1']):+.2f} | "
+                         f"{r['images_per_s']:.0f} | {r['speed_vs_fp32']:.2f}× |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    a = arguments()
+    require_bench_extra()
+    recipe = Recipe(a.runs, a.data, a.device, a.baseline_epochs, a.epochs, ["--limit-val", str(a.limit_val)])
+    a.docs.mkdir(parents=True, exist_ok=True)
+    baseline = ensure(baseline_args(recipe, a.baseline_limit_train))
+    with ThreadPoolExecutor(1) as pool:  # wnconvert's fine-tunes (subprocesses) beside Brevitas's
+        wn_runs = pool.submit(wnconvert_files, recipe, a)
+        brev = brevitas_files(baseline, a)  # in this (main) thread: the training loop sets signal handlers
+        wn = wn_runs.result()
+    same_training(wn, a)
+    ptq = ptq_files(baseline, a)
+
+    fp32 = evaluate(baseline / "model.onnx", a.data, limit=a.eval_limit, repeats=a.repeats)
+    for label, row in wn.items():  # the same run's float network: accuracy only
+        row["fp32_top1"] = evaluate(row.pop("fp32"), a.data, limit=a.eval_limit, repeats=1)["top1"]
+    groups = {"onnxruntime PTQ": ptq, "Brevitas QAT": brev, "wnconvert QAT": wn}
+    for rows in groups.values():
+        measure(rows, a, fp32["images_per_s"], a.repeats)
+    md = table(fp32, groups)
+    out = {"budget": vars(a) | {"runs": str(a.runs), "docs": str(a.docs)},
+           "baseline": {"command": shown(baseline_args(recipe, a.baseline_limit_train)), "fp32": fp32},
+           **{k: v for k, v in zip(("ptq", "brevitas", "wnconvert"), groups.values())},
+           "targets": targets(ptq, brev, wn), "table": md}
+    (a.docs / "peers.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
+    print(md)
+    for name, t in out["targets"].items():
+        print(f"{'met' if t['met'] else 'NOT met'}: {name} ({t['value']} vs {t['reference']})")
+
+
+if __name__ == "__main__":
+    main()
