@@ -53,10 +53,13 @@ def arguments() -> argparse.Namespace:
     ap.add_argument("--baseline-epochs", type=int, default=2)
     ap.add_argument("--baseline-limit-train", type=int, default=16000)
     ap.add_argument("--epochs", type=int, default=1, help="epochs of every QAT fine-tune")
-    ap.add_argument("--limit-train", type=int, default=4096, help="training images of every QAT fine-tune")
-    ap.add_argument("--limit-val", type=int, default=2000, help="validation images seen during training")
+    ap.add_argument("--limit-train", type=int, default=1024, help="training images of every QAT fine-tune")
+    ap.add_argument("--batch-size", type=int, default=32, help="batch size of every QAT fine-tune")
+    ap.add_argument("--baseline-limit-val", type=int, default=2000, help="validation images of the baseline's epochs")
+    ap.add_argument("--limit-val", type=int, default=500, help="validation images of the fine-tunes' epochs")
     ap.add_argument("--calib-samples", type=int, default=256, help="PTQ calibration images")
     ap.add_argument("--eval-limit", type=int, default=None, help="test images per eval (default: all)")
+    ap.add_argument("--speed-limit", type=int, default=2000, help="test images per speed evaluation")
     ap.add_argument("--repeats", type=int, default=3, help="speed: best of N evaluations")
     return ap.parse_args()
 
@@ -70,9 +73,12 @@ def require_bench_extra() -> None:
         raise SystemExit(2)
 
 
-def baseline_args(recipe: Recipe, limit_train: int) -> list[str]:
+def baseline_args(a: argparse.Namespace) -> list[str]:
+    """study_runs' baseline recipe on ``--baseline-limit-train`` images (validated on
+    ``--baseline-limit-val``)."""
+    recipe = Recipe(a.runs, a.data, a.device, a.baseline_epochs, a.epochs, ["--limit-val", str(a.baseline_limit_val)])
     args = recipe.baseline_args()
-    args[-2:-2] = ["--limit-train", limit_train]
+    args[-2:-2] = ["--limit-train", a.baseline_limit_train]
     return args
 
 
@@ -92,13 +98,13 @@ def wnconvert_files(recipe: Recipe, a: argparse.Namespace) -> dict[str, dict]:
     out = {}
     for label, w, act, precision in CONFIGS:
         name = f"wn-{label.lower()}"
-        run = ensure(recipe.finetune_args(name, SCHEME, "--weight-bits", w, "--act-bits", act,
-                                          "--limit-train", a.limit_train))
+        args = recipe.finetune_args(name, SCHEME, "--weight-bits", w, "--act-bits", act,
+                                    "--limit-train", a.limit_train, "--batch-size", a.batch_size)
+        run = ensure(args)
         export = ["export", run, "--precision", precision] + (["--act-bits", act] if precision == "int4" else [])
         wnconvert(export)
         out[label] = {"run": run, "file": run / f"model.{precision}.onnx", "fp32": run / "model.onnx",
-                      "command": shown(recipe.finetune_args(name, SCHEME, "--weight-bits", w, "--act-bits",
-                                                            act, "--limit-train", a.limit_train)),
+                      "command": shown(args),
                       "export": shown(export), "verify": verified(run, precision)}
     return out
 
@@ -128,7 +134,7 @@ def brevitas_files(baseline: Path, a: argparse.Namespace) -> dict[str, dict]:
 
 
 def peer_train_config(a: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(epochs=a.epochs, device=a.device, seed=0)
+    return TrainConfig(epochs=a.epochs, batch_size=a.batch_size, device=a.device, seed=0)
 
 
 def same_training(wn: dict[str, dict], a: argparse.Namespace) -> None:
@@ -141,13 +147,15 @@ def same_training(wn: dict[str, dict], a: argparse.Namespace) -> None:
                              f"{m.train.to_dict()} vs {cfg.to_dict()}")
 
 
-def measure(rows: dict[str, dict], a: argparse.Namespace, fp32_speed: float, repeats: int) -> None:
-    for row in rows.values():
-        res = evaluate(row["file"], a.data, limit=a.eval_limit, repeats=repeats)
-        row.update(top1=res["top1"], images=res["images"], images_per_s=res["images_per_s"],
-                   images_per_s_runs=res["images_per_s_runs"], speed_vs_fp32=res["images_per_s"] / fp32_speed)
-        row["file"] = str(row["file"])
-        row.pop("run", None)
+def measure(path: Path, a: argparse.Namespace, repeats: int) -> dict:
+    """Top-1 on the test split (one ``wnconvert eval``), images/s the best of ``repeats`` more on
+    ``--speed-limit`` of its images (0 repeats: accuracy only)."""
+    res = evaluate(path, a.data, limit=a.eval_limit, repeats=1)
+    out = {"file": str(path), "top1": res["top1"], "images": res["images"]}
+    if repeats:
+        speed = evaluate(path, a.data, limit=a.speed_limit, repeats=repeats)
+        out |= {"images_per_s": speed["images_per_s"], "images_per_s_runs": speed["images_per_s_runs"]}
+    return out
 
 
 def targets(ptq: dict, brev: dict, wn: dict) -> dict[str, dict]:
@@ -183,7 +191,7 @@ def main() -> None:
     require_bench_extra()
     recipe = Recipe(a.runs, a.data, a.device, a.baseline_epochs, a.epochs, ["--limit-val", str(a.limit_val)])
     a.docs.mkdir(parents=True, exist_ok=True)
-    baseline = ensure(baseline_args(recipe, a.baseline_limit_train))
+    baseline = ensure(baseline_args(a))
     with ThreadPoolExecutor(1) as pool:  # wnconvert's fine-tunes (subprocesses) beside Brevitas's
         wn_runs = pool.submit(wnconvert_files, recipe, a)
         brev = brevitas_files(baseline, a)  # in this (main) thread: the training loop sets signal handlers
@@ -191,15 +199,18 @@ def main() -> None:
     same_training(wn, a)
     ptq = ptq_files(baseline, a)
 
-    fp32 = evaluate(baseline / "model.onnx", a.data, limit=a.eval_limit, repeats=a.repeats)
+    fp32 = measure(baseline / "model.onnx", a, a.repeats)
     for label, row in wn.items():  # the same run's float network: accuracy only
-        row["fp32_top1"] = evaluate(row.pop("fp32"), a.data, limit=a.eval_limit, repeats=1)["top1"]
+        row["fp32_top1"] = measure(row.pop("fp32"), a, 0)["top1"]
     groups = {"onnxruntime PTQ": ptq, "Brevitas QAT": brev, "wnconvert QAT": wn}
     for rows in groups.values():
-        measure(rows, a, fp32["images_per_s"], a.repeats)
+        for row in rows.values():
+            row |= measure(row.pop("file"), a, a.repeats)
+            row["speed_vs_fp32"] = row["images_per_s"] / fp32["images_per_s"]
+            row.pop("run", None)
     md = table(fp32, groups)
     out = {"budget": vars(a) | {"runs": str(a.runs), "docs": str(a.docs)},
-           "baseline": {"command": shown(baseline_args(recipe, a.baseline_limit_train)), "fp32": fp32},
+           "baseline": {"command": shown(baseline_args(a)), "fp32": fp32},
            **{k: v for k, v in zip(("ptq", "brevitas", "wnconvert"), groups.values())},
            "targets": targets(ptq, brev, wn), "table": md}
     (a.docs / "peers.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
