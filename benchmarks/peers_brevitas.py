@@ -62,10 +62,11 @@ def brevitas_model(model: nn.Module, weight_bits: int, act_bits: int) -> nn.Modu
 
 
 def brevitas_run(baseline: Path, out: Path, weight_bits: int, act_bits: int, cfg: TrainConfig,
-                 limit_train: int | None, limit_val: int | None) -> Path:
+                 limit_train: int | None, limit_val: int | None, train_missing: bool = True) -> Path | None:
     """Fine-tune the baseline under Brevitas QAT with ``cfg`` (the settings the wnconvert fine-tune
     resolves to) on the baseline's data and preprocessing; returns the exported ONNX file.
-    Reused when ``out`` already holds it for the same settings."""
+    Reused when ``out`` already holds it for the same settings; None when it does not and
+    ``train_missing`` is false."""
     manifest = RunDir(baseline).manifest()
     settings = {"baseline": str(baseline), "weight_bits": weight_bits, "act_bits": act_bits,
                 "train": cfg.to_dict(), "limit_train": limit_train, "limit_val": limit_val}
@@ -73,6 +74,8 @@ def brevitas_run(baseline: Path, out: Path, weight_bits: int, act_bits: int, cfg
     if (out / ONNX_NAME).exists() and done.exists() and json.loads(done.read_text()) == settings:
         print(f"# reusing {out / ONNX_NAME}", flush=True)
         return out / ONNX_NAME
+    if not train_missing:
+        return None
     out.mkdir(parents=True, exist_ok=True)
     (out / ONNX_NAME).unlink(missing_ok=True)
     torch.manual_seed(cfg.seed)
