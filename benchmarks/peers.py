@@ -34,6 +34,7 @@ from pathlib import Path
 
 from study_runs import CLI, ENV, Recipe, ensure, made, shown, wnconvert
 
+from wnconvert.convert.artifacts import sha256, write_text
 from wnconvert.models.accuracy import artifact_accuracy
 from wnconvert.models.rundir import RunDir
 from wnconvert.models.train_config import TrainConfig
@@ -181,13 +182,21 @@ def measure(path: Path, a: argparse.Namespace, repeats: int) -> dict:
     """Top-1 on the test split and images/s, the best of ``repeats`` more passes over
     ``--speed-limit`` of its images (0 repeats: accuracy only). In-process calls of the function
     behind ``wnconvert eval`` (same session, preprocessing and loop): on this loaded machine each
-    ``wnconvert eval`` process spent about a minute starting up."""
+    ``wnconvert eval`` process spent about a minute starting up. Kept in RUNS/measurements.json,
+    keyed by the file's sha256 and the settings, so an interrupted study measures only what is new."""
+    key = json.dumps([str(path), sha256(path), a.data, a.eval_limit, a.speed_limit, repeats])
+    cache_path = a.runs / "measurements.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    if key in cache:
+        return cache[key]
     print(f"# wnconvert eval {path} --data {a.data}" + (f" --limit {a.eval_limit}" if a.eval_limit else ""), flush=True)
     res = artifact_accuracy(path, a.data, limit=a.eval_limit)
     out = {"file": str(path), "top1": res["top1"], "images": res["images"]}
     if repeats:
         runs = [artifact_accuracy(path, a.data, limit=a.speed_limit)["images_per_s"] for _ in range(repeats)]
         out |= {"images_per_s": max(runs), "images_per_s_runs": runs}
+    cache[key] = out
+    write_text(cache_path, json.dumps(cache, indent=1) + "\n")
     return out
 
 
