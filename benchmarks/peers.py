@@ -60,6 +60,8 @@ def arguments() -> argparse.Namespace:
     ap.add_argument("--limit-val", type=int, default=500, help="validation images of the fine-tunes' epochs")
     ap.add_argument("--calib-samples", type=int, default=256, help="PTQ calibration images")
     ap.add_argument("--eval-limit", type=int, default=None, help="test images per eval (default: all)")
+    ap.add_argument("--eval-limit-4bit", type=int, default=None,
+                    help="test images per eval of the 4-bit files (default: --eval-limit); for a short budget")
     ap.add_argument("--speed-limit", type=int, default=2000, help="test images per speed evaluation")
     ap.add_argument("--repeats", type=int, default=3, help="speed: best of N evaluations")
     ap.add_argument("--measure-only", action="store_true",
@@ -178,19 +180,20 @@ def same_training(wn: dict[str, dict], a: argparse.Namespace) -> None:
                              f"{m.train.to_dict()} vs {cfg.to_dict()}")
 
 
-def measure(path: Path, a: argparse.Namespace, repeats: int) -> dict:
+def measure(path: Path, a: argparse.Namespace, repeats: int, limit: int | None = None) -> dict:
     """Top-1 on the test split and images/s, the best of ``repeats`` more passes over
     ``--speed-limit`` of its images (0 repeats: accuracy only). In-process calls of the function
     behind ``wnconvert eval`` (same session, preprocessing and loop): on this loaded machine each
     ``wnconvert eval`` process spent about a minute starting up. Kept in RUNS/measurements.json,
     keyed by the file's sha256 and the settings, so an interrupted study measures only what is new."""
-    key = json.dumps([str(path), sha256(path), a.data, a.eval_limit, a.speed_limit, repeats])
+    limit = limit or a.eval_limit
+    key = json.dumps([str(path), sha256(path), a.data, limit, a.speed_limit, repeats])
     cache_path = a.runs / "measurements.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     if key in cache:
         return cache[key]
-    print(f"# wnconvert eval {path} --data {a.data}" + (f" --limit {a.eval_limit}" if a.eval_limit else ""), flush=True)
-    res = artifact_accuracy(path, a.data, limit=a.eval_limit)
+    print(f"# wnconvert eval {path} --data {a.data}" + (f" --limit {limit}" if limit else ""), flush=True)
+    res = artifact_accuracy(path, a.data, limit=limit)
     out = {"file": str(path), "top1": res["top1"], "images": res["images"]}
     if repeats:
         runs = [artifact_accuracy(path, a.data, limit=a.speed_limit)["images_per_s"] for _ in range(repeats)]
@@ -253,7 +256,8 @@ def write_results(a: argparse.Namespace, baseline: Path, wn: dict, ptq: dict, br
     groups = {"onnxruntime PTQ": ptq, "Brevitas QAT": brev, "wnconvert QAT": wn}
     for rows in groups.values():
         for label, row in rows.items():  # the speed target is W8A8's; 4-bit files get one pass
-            row |= measure(row.pop("file"), a, a.repeats if label == "W8A8" else 1)
+            low = label != "W8A8"
+            row |= measure(row.pop("file"), a, 1 if low else a.repeats, a.eval_limit_4bit if low else None)
             row["speed_vs_fp32"] = row["images_per_s"] / fp32["images_per_s"]
             row.pop("run", None)
     md = table(fp32, groups)
