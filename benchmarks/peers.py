@@ -62,8 +62,8 @@ def arguments() -> argparse.Namespace:
     ap.add_argument("--eval-limit", type=int, default=None, help="test images per eval (default: all)")
     ap.add_argument("--eval-limit-4bit", type=int, default=None,
                     help="test images per eval of the 4-bit files (default: --eval-limit); for a short budget")
-    ap.add_argument("--speed-limit", type=int, default=2000, help="test images per speed evaluation")
-    ap.add_argument("--repeats", type=int, default=3, help="speed: best of N evaluations")
+    ap.add_argument("--speed-limit", type=int, default=1000, help="test images per speed evaluation")
+    ap.add_argument("--repeats", type=int, default=3, help="speed: best of N interleaved rounds")
     ap.add_argument("--measure-only", action="store_true",
                     help="train nothing: measure the runs already made, leave the others out of the table")
     return ap.parse_args()
@@ -144,7 +144,10 @@ def ptq_files(baseline: Path, a: argparse.Namespace) -> dict[str, dict]:
     for label, precision in PTQ:
         export = ["export", baseline, "--precision", precision, "--act-bits", 8, "--data", a.data,
                   "--calib-samples", a.calib_samples]
-        wnconvert(export)
+        report = json.loads((baseline / "report.json").read_text()).get("quantized", {}).get(precision, {})
+        if not ((baseline / f"model.{precision}.onnx").exists() and report.get("activations") == "uint8"
+                and report.get("calibration") == f"{a.calib_samples} train images from {a.data}"):
+            wnconvert(export)
         out[label] = {"file": baseline / f"model.{precision}.onnx", "export": shown(export)}
     return out
 
@@ -180,27 +183,33 @@ def same_training(wn: dict[str, dict], a: argparse.Namespace) -> None:
                              f"{m.train.to_dict()} vs {cfg.to_dict()}")
 
 
-def measure(path: Path, a: argparse.Namespace, repeats: int, limit: int | None = None) -> dict:
-    """Top-1 on the test split and images/s, the best of ``repeats`` more passes over
-    ``--speed-limit`` of its images (0 repeats: accuracy only). In-process calls of the function
-    behind ``wnconvert eval`` (same session, preprocessing and loop): on this loaded machine each
-    ``wnconvert eval`` process spent about a minute starting up. Kept in RUNS/measurements.json,
-    keyed by the file's sha256 and the settings, so an interrupted study measures only what is new."""
+def measure(path: Path, a: argparse.Namespace, limit: int | None = None) -> dict:
+    """Top-1 on the test split (``limit`` images, default ``--eval-limit``: all). In-process calls
+    of the function behind ``wnconvert eval`` (same session, preprocessing and loop): on this loaded
+    machine each ``wnconvert eval`` process spent about a minute starting up. Kept in
+    RUNS/measurements.json, keyed by the file's sha256, so an interrupted study measures only what
+    is new."""
     limit = limit or a.eval_limit
-    key = json.dumps([str(path), sha256(path), a.data, limit, a.speed_limit, repeats])
+    key = json.dumps([str(path), sha256(path), a.data, limit])
     cache_path = a.runs / "measurements.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    if key in cache:
-        return cache[key]
-    print(f"# wnconvert eval {path} --data {a.data}" + (f" --limit {limit}" if limit else ""), flush=True)
-    res = artifact_accuracy(path, a.data, limit=limit)
-    out = {"file": str(path), "top1": res["top1"], "images": res["images"]}
-    if repeats:
-        runs = [artifact_accuracy(path, a.data, limit=a.speed_limit)["images_per_s"] for _ in range(repeats)]
-        out |= {"images_per_s": max(runs), "images_per_s_runs": runs}
-    cache[key] = out
-    write_text(cache_path, json.dumps(cache, indent=1) + "\n")
-    return out
+    if key not in cache:
+        print(f"# wnconvert eval {path} --data {a.data}" + (f" --limit {limit}" if limit else ""), flush=True)
+        res = artifact_accuracy(path, a.data, limit=limit)
+        cache[key] = {"file": str(path), "top1": res["top1"], "images": res["images"]}
+        write_text(cache_path, json.dumps(cache, indent=1) + "\n")
+    return cache[key]
+
+
+def speeds(files: dict[str, Path], a: argparse.Namespace) -> dict[str, dict]:
+    """images/s of each file over ``--speed-limit`` test images, the best of ``--repeats`` rounds
+    that visit every file in turn: the machine's load drifts, and interleaving keeps the ratios
+    between files measured under the same load."""
+    runs: dict[str, list[float]] = {name: [] for name in files}
+    for _ in range(a.repeats):
+        for name, path in files.items():
+            runs[name].append(artifact_accuracy(path, a.data, limit=a.speed_limit)["images_per_s"])
+    return {name: {"images_per_s": max(r), "images_per_s_runs": r} for name, r in runs.items()}
 
 
 def targets(ptq: dict, brev: dict, wn: dict) -> dict[str, dict]:
@@ -250,16 +259,21 @@ def main() -> None:
 
 def write_results(a: argparse.Namespace, baseline: Path, wn: dict, ptq: dict, brev: dict) -> None:
     """Measure every file, write ``peers.json`` under ``--docs`` and print the table and targets."""
-    fp32 = measure(baseline / "model.onnx", a, a.repeats)
+    fp32 = measure(baseline / "model.onnx", a)
     for label, row in wn.items():  # the same run's float network: accuracy only
-        row["fp32_top1"] = measure(row.pop("fp32"), a, 0, a.eval_limit_4bit if label != "W8A8" else None)["top1"]
+        row["fp32_top1"] = measure(row.pop("fp32"), a, a.eval_limit_4bit if label != "W8A8" else None)["top1"]
     groups = {"onnxruntime PTQ": ptq, "Brevitas QAT": brev, "wnconvert QAT": wn}
     for rows in groups.values():
-        for label, row in rows.items():  # the speed target is W8A8's; 4-bit files get one pass
-            low = label != "W8A8"
-            row |= measure(row.pop("file"), a, 1 if low else a.repeats, a.eval_limit_4bit if low else None)
-            row["speed_vs_fp32"] = row["images_per_s"] / fp32["images_per_s"]
+        for label, row in rows.items():
+            row |= measure(row.pop("file"), a, a.eval_limit_4bit if label != "W8A8" else None)
             row.pop("run", None)
+    speed = speeds({"fp32": baseline / "model.onnx"} | {f"{m}/{label}": Path(r["file"])
+                                                         for m, rows in groups.items() for label, r in rows.items()}, a)
+    fp32 |= speed["fp32"]
+    for method, rows in groups.items():
+        for label, row in rows.items():
+            row |= speed[f"{method}/{label}"]
+            row["speed_vs_fp32"] = row["images_per_s"] / fp32["images_per_s"]
     md = table(fp32, groups)
     out = {"budget": vars(a) | {"runs": str(a.runs), "docs": str(a.docs)},
            "baseline": {"command": shown(baseline_args(a)), "fp32": fp32},
