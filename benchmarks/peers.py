@@ -18,8 +18,11 @@ Files and how each is made (commands printed and recorded, runs reused: study_ru
 * Brevitas: the same fine-tune under Brevitas's stock quantizers (benchmarks/peers_brevitas.py),
   trained by wnconvert's training loop with the wnconvert run's settings, exported as QCDQ ONNX.
 
-Accuracy: ``wnconvert eval FILE --data D`` on the whole test split (``--eval-limit`` for a smoke
-test); speed: its images/s, best of ``--repeats``, as a ratio to the baseline's fp32 file.
+Accuracy: top-1 on the whole test split (``--eval-limit`` for a smoke test) by the function behind
+``wnconvert eval FILE --data D``, in-process; speed: its images/s over ``--speed-limit`` images, the
+best of ``--repeats`` interleaved rounds, as a ratio to the baseline's fp32 file. Defaults are the
+2-core CPU budget of docs/results.md; ``--measure-only`` trains nothing and tables what is made.
+Smoke test: ``--runs runs/peers-smoke --baseline-limit-train 512 --limit-train 512 --eval-limit 512``.
 """
 
 from __future__ import annotations
