@@ -69,19 +69,26 @@ class Recipe:
                 *map(str, options), "--out", self.runs / name]
 
 
+def made(args: list[str]) -> bool:
+    """Whether ``--out DIR`` of ``args`` (a ``finetune``) already holds that run, complete."""
+    args = [str(a) for a in args]
+    out = Path(args[args.index("--out") + 1])
+    done = out / "command.txt"
+    manifest = out / "manifest.json"
+    return (done.exists() and done.read_text().strip() == shown(args) and manifest.exists()
+            and json.loads(manifest.read_text()).get("status") == "complete")
+
+
 def ensure(args: list[str]) -> Path:
     """Run ``args`` (a ``finetune`` ending in ``--out DIR``) unless DIR already holds that run."""
     args = [str(a) for a in args]
     out = Path(args[args.index("--out") + 1])
     cmd = shown(args)
-    done = out / "command.txt"
-    manifest = out / "manifest.json"
-    if (done.exists() and done.read_text().strip() == cmd and manifest.exists()
-            and json.loads(manifest.read_text()).get("status") == "complete"):
+    if made(args):
         print(f"# reusing {out} ({cmd})", flush=True)
         return out
     wnconvert(args + ["--overwrite"])
-    done.write_text(cmd + "\n")
+    (out / "command.txt").write_text(cmd + "\n")
     return out
 
 
