@@ -30,20 +30,27 @@ def _step_records(run: Path) -> list[dict]:
     return [r for r in map(json.loads, path.read_text().splitlines()) if "step" in r]
 
 
-def test_sigterm_saves_the_last_completed_step_and_resumes(tmp_path: Path) -> None:
-    out = tmp_path / "run"
+def _finetune_until_sigterm(args: list[str], out: Path, after_step: int) -> str:
+    """A real `wnconvert finetune` process, sent SIGTERM once ``after_step`` steps are logged;
+    asserts it exits 130 and returns its stderr."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "wnconvert.cli", "finetune", *ARGS, "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "wnconvert.cli", "finetune", *args, "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        deadline = time.monotonic() + 120
-        while not _step_records(out) and proc.poll() is None and time.monotonic() < deadline:
+        deadline = time.monotonic() + 180
+        while len(_step_records(out)) < after_step and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=180)
     finally:
         proc.kill()
     assert proc.returncode == 130, err
+    return err
+
+
+def test_sigterm_saves_the_last_completed_step_and_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    err = _finetune_until_sigterm(ARGS, out, after_step=1)
     assert err.count("\n") == 1 and "state saved to" in err, err
     saved = torch.load(out / "train" / "last.pt", weights_only=True)
     assert saved["partial"] is not None and 1 <= saved["step"] < 32
@@ -80,22 +87,6 @@ def _finetune(args: list[str]) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-def _finetune_until_sigterm(args: list[str], out: Path, after_step: int) -> int:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "wnconvert.cli", "finetune", *args, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        deadline = time.monotonic() + 180
-        while len(_step_records(out)) < after_step and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=180)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err
-    return int(torch.load(out / "train" / "last.pt", weights_only=True)["step"])
-
-
 def test_mid_epoch_resume_with_workers_is_exact(tmp_path: Path) -> None:
     """Two DataLoader workers augmenting: SIGTERM mid-epoch and --resume end with the same weights,
     bit for bit, as the uninterrupted run (augmentation seeded per batch, not per worker)."""
@@ -106,7 +97,8 @@ def test_mid_epoch_resume_with_workers_is_exact(tmp_path: Path) -> None:
     straight = tmp_path / "straight"
     _finetune([*args, "--out", str(straight)])
     resumed = tmp_path / "resumed"
-    stopped_at = _finetune_until_sigterm(args, resumed, after_step=3)
+    _finetune_until_sigterm(args, resumed, after_step=3)
+    stopped_at = int(torch.load(resumed / "train" / "last.pt", weights_only=True)["step"])
     assert 3 <= stopped_at < 12
     _finetune(["resnet18", "--resume", str(resumed)])
     losses = [[s["loss"] for s in _step_records(run)] for run in (straight, resumed)]
