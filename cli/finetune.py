@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
@@ -99,7 +100,10 @@ def finetune(
             nesterov=nesterov, weight_decay=weight_decay, wd_mode=value(wd_mode), wd_eps=wd_eps,
             warmup_epochs=warmup_epochs, schedule=value(schedule), label_smoothing=label_smoothing,
             grad_clip=grad_clip, device=device, amp=amp, channels_last=channels_last, compile=compile,
-            workers=workers, seed=seed, log_every=log_every, diagnostics=diagnostics) if epochs > 0 else None
+            workers=workers, seed=seed, log_every=log_every, diagnostics=diagnostics)
+        if epochs == 0:  # convert only: nothing is trained, but a bad training option is still refused
+            replace(train, epochs=1).validate()
+            train = None
         cfg = RunConfig(
             model=model, out=out or Path("runs") / f"{model}-{value(scheme)}", weights=weights,
             num_classes=num_classes, data=data, image_size=image_size, limit_train=limit_train,

@@ -76,6 +76,8 @@ BAD_FINETUNE = [
     (["--image-size", "100000"], "--image-size must be between 1 and 4096"),
     (["--rtol", "-1"], "--rtol must be a positive number"),
     (["--samples", "0"], "--samples must be at least 1"),
+    (["--epochs", "0", "--lr", "-1"], "learning rate must be a positive number"),  # convert only
+    (["--epochs", "0", "--momentum", "2"], "momentum must be in [0, 1)"),
 ]
 if not torch.cuda.is_available():
     BAD_FINETUNE.append((["--device", "cuda"], "no CUDA device is available"))
