@@ -7,13 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from wnconvert.convert.actquant import check_lossless_activations, export_qdq, qlayers
-from wnconvert.convert.actquant.shifts import layer_shifts, non_po2_scales
+from wnconvert.convert.actquant.shifts import layer_shifts
 from wnconvert.convert.errors import ParityError, UserInputError
 from wnconvert.convert.artifacts import atomic_path
 from wnconvert.convert.quantize import artifact_name
+from wnconvert.convert.quantize.target_rules import fixed_point_violations
 from wnconvert.convert.verify import VerifyConfig, make_inputs
 
 from .data import eval_arrays
@@ -49,13 +51,13 @@ def export_act_precision(run_dir: Path, precision: str, act_bits: str | None = N
     check_act_precision(run.manifest(), precision, act_bits, data)
     manifest, qat = run.load_qat()
     dst = run.path / artifact_name(precision)
-    po2 = manifest.act.scale_format == "po2"
+    po2 = manifest.po2
     shifts = layer_shifts(qat) if po2 else None  # raises before anything is written
     with atomic_path(dst) as tmp:  # a po2 file is in place only once its scales are checked
         info = export_qdq(qat, tmp, example_shape=(1, *manifest.input_shape))  # opset 17, 21 with 4 bits
-        bad = non_po2_scales(tmp) if po2 else []
+        bad = fixed_point_violations(onnx.load(str(tmp))) if po2 else []
         if bad:
-            raise ParityError(f"{dst.name}: scale {bad[0]} is not a power of two in a po2 run")
+            raise ParityError(f"{dst.name} of a po2 run: {bad[0]}")
     entry = {"file": dst.name, "contract": CONTRACT, "precision": precision,
              "weight_bits": int(qlayers(qat)[0].weight_bits), "act_bits": manifest.act.bits,
              "calibration": None, "scales": "trained", "scale_format": manifest.act.scale_format

@@ -21,15 +21,10 @@ from .act_files import CONTRACT as ACT_CONTRACT
 from .rundir import Manifest, RunDir
 
 
-def scale_format(manifest: Manifest) -> str:
-    """``po2`` or ``float`` (runs without ``--act-bits``, or older manifests: ``float``)."""
-    return getattr(manifest.act, "scale_format", "float") if manifest.act is not None else "float"
-
-
 def judged_bit_exact(manifest: Manifest, entry: dict) -> bool:
     """Whether the run's own file with export entry ``entry`` is checked under the bit-exact contract."""
     contract = entry.get("contract")
-    return contract == CONTRACT or (contract == ACT_CONTRACT and scale_format(manifest) == "po2")
+    return contract == CONTRACT or (contract == ACT_CONTRACT and manifest.po2)
 
 
 def verify_bitexact_file(run_dir: Path, path: Path, x: torch.Tensor, inputs: str) -> dict:

@@ -16,15 +16,10 @@ from .rundir import Manifest, RunDir
 TRAINED = {"scales": "trained"}  # the settings of an --act-bits run's file: its own
 
 
-def run_is_po2(manifest: Manifest) -> bool:
-    """Whether the run was trained with ``--scale-format po2``."""
-    return manifest.act is not None and getattr(manifest.act, "scale_format", "float") == "po2"
-
-
 def check_run_target(manifest: Manifest, preset: TargetPreset, precision: str, weights_only: bool) -> None:
     """Refuse, in one line and before anything is written, a file the target cannot take from this run."""
     act_file = manifest.act is not None and precision != "fp16"
-    if preset.act_runs == "po2" and not run_is_po2(manifest):
+    if preset.act_runs == "po2" and not manifest.po2:
         how = "without --act-bits" if manifest.act is None else "with float activation scales"
         raise UserInputError(f"--target {preset.name} needs a run trained with power-of-two activation "
                              f"scales (finetune --act-bits A --weight-bits B --scale-format po2); this run was trained {how}")

@@ -115,6 +115,11 @@ class Manifest:
     def input_shape(self) -> tuple[int, int, int]:
         return (3, self.preprocess.image_size, self.preprocess.image_size)
 
+    @property
+    def po2(self) -> bool:
+        """Trained with ``--scale-format po2``: every scale of its integer files a power of two."""
+        return self.act is not None and self.act.scale_format == "po2"
+
     def to_dict(self) -> dict:
         return {
             "version": self.version, "status": self.status, "created": self.created,

@@ -5,6 +5,7 @@ same integers in PyTorch, the integer reference and onnxruntime (optimizations o
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -13,8 +14,6 @@ import torch
 from onnx import numpy_helper
 from test_act_run import TINY, cli
 from torch import nn
-
-import wnconvert.models.bitexact_run as bitexact_run
 
 from wnconvert.convert.actquant import (ActQuantConfig, act_points, calibrate, check_bit_exact, deployed_parts,
                                         export_qdq, prepare_qat, qlayers, quantizers)
@@ -226,9 +225,10 @@ def _flip_weight_bit(path, layer: str) -> None:
     _save_changed(path, path, flip)
 
 
-def test_verify_judges_a_po2_run_bit_exact(tmp_path, monkeypatch):
-    """An --act-bits run made power-of-two (the checkpoint rewritten as _force_po2 does, hashes
-    re-recorded; --scale-format po2 is another branch's): verify checks its int8 file bit-exact."""
+def test_verify_judges_a_po2_run_bit_exact(tmp_path):
+    """An --act-bits run made power-of-two (the checkpoint rewritten as _force_po2 does, the manifest
+    marked po2, hashes re-recorded): verify checks its int8 file bit-exact. tests/test_po2.py
+    verifies a run trained with --scale-format po2."""
     out = tmp_path / "run"
     torch.manual_seed(0)
     r = cli("finetune", "resnet18", *TINY, "--limit-train", "16", "--limit-val", "16", "--epochs", "0",
@@ -237,9 +237,9 @@ def test_verify_judges_a_po2_run_bit_exact(tmp_path, monkeypatch):
     run = RunDir(out)
     manifest, qat = run.load_qat()
     run.save_model_state(_force_po2(qat))
+    manifest.act = replace(manifest.act, scale_format="po2")
     run.finish(manifest)
     assert cli("export", out, "--precision", "int8").exit_code == 0
-    monkeypatch.setattr(bitexact_run, "scale_format", lambda m: "po2")
     r = cli("verify", out, "--precision", "int8", "--limit", "8")
     assert r.exit_code == 0, r.output
     res = json.loads((out / "report.json").read_text())["verify"]["quantized"]["int8"]

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from wnconvert.cli.main import app
 from wnconvert.convert.actquant import (ActQuantConfig, ActQuantizer, calibrate, deployed_parts, export_qdq,
                                         freeze_bn, prepare_qat, qlayers, quantizers)
-from wnconvert.convert.actquant.shifts import non_po2_scales
+from wnconvert.convert.quantize.target_rules import fixed_point_violations
 from wnconvert.convert.apply import apply_scheme
 from wnconvert.convert.intref import compare_runs, run_integer
 from wnconvert.convert.schemes import SchemeConfig
@@ -131,7 +131,7 @@ def test_every_scale_is_a_power_of_two_and_the_shifts_are_recorded(trained):
     model = onnx.load(str(path))
     scales = _qdq_scales(model)
     assert len(scales) > 60 and all(_mantissa_zero(v) for v in scales.values())
-    assert non_po2_scales(model) == []
+    assert fixed_point_violations(model) == []
     entry = json.loads((trained / "report.json").read_text())["quantized"]["int8"]
     assert entry["scale_format"] == "po2"
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -187,7 +187,7 @@ def test_w4a8_layer_max_export_is_integer_only(tiny_w4, tmp_path):
     q = tiny_w4
     path = tmp_path / "w4a8.onnx"
     export_qdq(q, path, example_shape=(1, 3, 32, 32))
-    assert non_po2_scales(path) == [] and all(_mantissa_zero(v) for v in _qdq_scales(onnx.load(str(path))).values())
+    assert fixed_point_violations(onnx.load(str(path))) == [] and all(_mantissa_zero(v) for v in _qdq_scales(onnx.load(str(path))).values())
     x = torch.randn(4, 3, 32, 32).numpy()
     ref = run_integer(path, x)
     assert ref.integer_only

@@ -1,18 +1,15 @@
-"""The shifts of a ``--scale-format po2`` model and the power-of-two check of its QDQ file.
+"""The shifts of a ``--scale-format po2`` model.
 
 A deployed layer computes ``acc = Σ x·w + b`` (int32) and requantizes it by the multiplier
 ``s_x · s_w,c / s_y = 2^(e_x + e_w,c - e_y)``; :func:`layer_shifts` writes that as the arithmetic
 right shift ``n_c = e_y - e_x - e_w,c`` per output channel (negative: a left shift). The same holds
 for the other requantizing points (add, pooling, concatenation), whose multipliers
-``s_in / s_out`` are powers of two as well.
+``s_in / s_out`` are powers of two as well. The file-side check, every Q/DQ scale a power of two,
+is the fixed-point target's rule (``convert/quantize/target_rules.py``).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import onnx
-from onnx import numpy_helper
 from torch import fx
 
 from ..errors import ParityError
@@ -44,23 +41,3 @@ def layer_shifts(qat_model: fx.GraphModule) -> dict[str, dict]:
         out[q.name] = {"input_exp": e_x, "output_exp": e_y, "weight_exp": e_w,
                        "shift": [e_y - e_x - e for e in e_w]}
     return out
-
-
-def scale_initializers(model: onnx.ModelProto) -> dict[str, list[float]]:
-    """Every initializer used as the scale of a QuantizeLinear/DequantizeLinear node (float32)."""
-    inits = {t.name: t for t in model.graph.initializer}
-    names = {n.input[1] for n in model.graph.node
-             if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 1}
-    return {name: [float(v) for v in numpy_helper.to_array(inits[name]).reshape(-1)]
-            for name in sorted(names) if name in inits}
-
-
-def non_po2_scales(path_or_model: Path | onnx.ModelProto) -> list[str]:
-    """Names of the Q/DQ scale initializers of a file that are not all exact powers of two
-    (checked on the float32 bits), plus any Q/DQ scale that is not an initializer."""
-    model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else onnx.load(str(path_or_model))
-    scales = scale_initializers(model)
-    bad = [name for name, values in scales.items() if any(is_power_of_two(v) is None for v in values)]
-    computed = {n.input[1] for n in model.graph.node
-                if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 1} - set(scales)
-    return bad + sorted(computed)
