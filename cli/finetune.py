@@ -1,4 +1,8 @@
-"""``wnconvert finetune MODEL``: build, reparametrize, train, fold, export and verify a run."""
+"""``wnconvert finetune MODEL``: build, reparametrize, train, fold, export and verify a run.
+
+The run's module (``wnconvert.models.run``, which loads torch and torchvision) is imported in the
+command's body, the one place it is needed, so ``--help`` and parser errors do not wait for it;
+the options' defaults come from the light config modules."""
 
 from __future__ import annotations
 
@@ -9,12 +13,9 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-
+from wnconvert.convert.configs import FoldConfig, SchemeConfig, VerifyConfig
 from wnconvert.convert.errors import UserInputError
-from wnconvert.convert.fold import FoldConfig
-from wnconvert.convert.schemes import SchemeConfig
-from wnconvert.convert.verify import VerifyConfig
-from wnconvert.models.train import TrainConfig
+from wnconvert.models.train_config import TrainConfig
 
 from .config_option import ConfigOpt
 from .errors import handle_errors

@@ -2,7 +2,9 @@
 
 Every choice option is typed with an enum built from the registry it comes from, so ``--help``
 lists the values and the parser rejects any other; defaults are read from the dataclass fields,
-so the CLI cannot drift from the library."""
+so the CLI cannot drift from the library. Both come from light modules (convert/names.py,
+convert/configs.py, models/optim_settings.py, models/run_options.py, models/train_config.py) that
+load no torch, onnx or numpy: ``--help`` and parser errors stay fast."""
 
 from __future__ import annotations
 
@@ -12,17 +14,12 @@ from enum import Enum
 
 import typer
 
-from wnconvert.convert.actquant.po2 import SCALE_FORMATS
-from wnconvert.convert.actquant.quantizer import RANGE_MODES
 from wnconvert.convert.errors import UserInputError
-from wnconvert.convert.fold import BN_MODES, GRANULARITIES
-from wnconvert.convert.quantize import ACT_TYPES, CALIBRATORS, PRECISIONS
-from wnconvert.convert.openvino_rt import RUNTIMES
-from wnconvert.convert.quantize.targets import TARGETS
-from wnconvert.convert.runtime import PROVIDERS
-from wnconvert.convert.schemes import GAIN_MODES, REGISTRY, SCALE_GRAD_MODES
-from wnconvert.models.optim import OPTIMIZERS, SCHEDULES, WD_MODES
-from wnconvert.models.run_export import CALIB_SPLITS
+from wnconvert.convert.names import (ACT_TYPES, BN_MODES, CALIBRATORS, GAIN_MODES, GRANULARITIES, PRECISIONS,
+                                     PROVIDERS, RANGE_MODES, RUNTIMES, SCALE_FORMATS, SCALE_GRAD_MODES,
+                                     SCHEME_NAMES, TARGETS)
+from wnconvert.models.optim_settings import OPTIMIZERS, SCHEDULES, WD_MODES
+from wnconvert.models.run_options import CALIB_SPLITS
 
 
 def choices(name: str, values) -> type[Enum]:
@@ -30,7 +27,7 @@ def choices(name: str, values) -> type[Enum]:
     return Enum(name, {v: v for v in values}, type=str)
 
 
-_REGISTRIES = {"Scheme": REGISTRY, "Gain": GAIN_MODES, "ScaleGrad": SCALE_GRAD_MODES, "Bn": BN_MODES,
+_REGISTRIES = {"Scheme": SCHEME_NAMES, "Gain": GAIN_MODES, "ScaleGrad": SCALE_GRAD_MODES, "Bn": BN_MODES,
                "Granularity": GRANULARITIES, "Optimizer": OPTIMIZERS, "WdMode": WD_MODES,
                "Schedule": SCHEDULES, "Precision": PRECISIONS, "Calibrator": CALIBRATORS,
                "ActType": ACT_TYPES, "CalibSplit": CALIB_SPLITS, "Provider": PROVIDERS, "ActRange": RANGE_MODES,

@@ -1,6 +1,9 @@
 """``wnconvert fold | export | verify RUN_DIR``: a run directory folded, exported and checked again.
 
-Each command parses its options, makes one call into ``wnconvert.models`` and renders the result."""
+Each command parses its options, makes one call into ``wnconvert.models`` and renders the result.
+That call's module is imported in the command's body, the one place it is needed: it loads torch
+and onnx, which ``--help`` and a parser error must not wait for (the options' defaults come from
+the light ``run_options``/``configs`` modules)."""
 
 from __future__ import annotations
 
@@ -10,13 +13,9 @@ from typing import Optional
 
 import typer
 
+from wnconvert.convert.configs import QuantThresholds, VerifyConfig
 from wnconvert.convert.errors import ParityError
-
-from wnconvert.convert.pipeline import require_parity
-from wnconvert.convert.quant_check import QuantThresholds
-from wnconvert.convert.verify import VerifyConfig
-from wnconvert.models.run_export import PrecisionOptions, export_precision, export_run, fold_run
-from wnconvert.models.run_verify import VerifyRequest, verify_run
+from wnconvert.models.run_options import PrecisionOptions, VerifyRequest
 
 from .errors import handle_errors
 from .options import ActType, Bn, CalibSplit, Calibrator, Granularity, Precision, Target, default, value
@@ -31,6 +30,8 @@ def fold(
     json_out: bool = JsonOpt,
 ):
     """Fold the run's checkpoint into static weights and print the per-layer certificate."""
+    from wnconvert.models.run_export import fold_run
+
     cfg, result = fold_run(run_dir, value(bn), value(granularity))
     cert = result.certificate()
     if json_out:
@@ -61,6 +62,9 @@ def export(
 ):
     """Fold the run's checkpoint, write RUN_DIR/model.onnx, check weight ranges and parity.
     With --precision fp16|int8|int4: write RUN_DIR/model.PRECISION.onnx from model.onnx instead."""
+    from wnconvert.convert.pipeline import require_parity
+    from wnconvert.models.run_export import export_precision, export_run
+
     if value(precision) != "fp32":
         opts = PrecisionOptions(data=data, calib_samples=calib_samples, calib_split=value(calib_split),
                                 act_bits=act_bits, per_channel=per_channel, rtol=rtol,
@@ -113,6 +117,8 @@ def verify(
     evaluated in float64, and each low-precision file under its contract: lossless weights
     against the checkpoint at the same tolerance, lossy ones against model.onnx (top-1 agreement,
     SQNR). Exits 3 when a check fails."""
+    from wnconvert.models.run_verify import verify_run
+
     req = VerifyRequest(
         onnx_file=onnx_file, precision=value(precision), inputs=inputs, data=data, limit=limit,
         config=VerifyConfig(rtol=rtol, min_cosine=min_cosine, min_top1=min_top1, samples=samples, seed=seed),

@@ -23,29 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from .apply import reparam_of
-from .errors import UserInputError
+from .configs import FoldConfig  # noqa: F401 (re-exported)
 from .layout import ChannelLayout, safe_divisor
 from .scaled import (add_output_scale, add_weight_scale, has_weight_scales, stored_tensor,
                      strip_parametrizations)
 from .targets import WEIGHTED_TYPES, Target, iter_targets
 from .topology import Topology, first_tensor, probe
-
-BN_MODES = ("keep", "fold")
-GRANULARITIES = ("tensor", "channel")
-
-
-@dataclass(frozen=True)
-class FoldConfig:
-    bn: str = "keep"
-    granularity: str = "tensor"   # for layers without a scheme and for re-normalization after a BN fold
-
-    def __post_init__(self) -> None:
-        if self.bn not in BN_MODES:
-            raise UserInputError(f"unknown --bn mode {self.bn!r}; choose one of: {', '.join(BN_MODES)}")
-        if self.granularity not in GRANULARITIES:
-            raise UserInputError(
-                f"unknown granularity {self.granularity!r}; choose one of: {', '.join(GRANULARITIES)}")
-
 
 @dataclass
 class LayerCertificate:

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserInputError
+from .names import RUNTIMES
 from .runtime import ort_session, run_batches, session_runner
 
-RUNTIMES = ("onnxruntime", "openvino")
 PRECISION_HINTS = ("f32", "bf16", "f16")
 DEVICE = "CPU"
 

@@ -15,26 +15,17 @@ Knows nothing of schemes: whether a file is lossless is told by the caller.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto
 
+from .configs import QuantThresholds  # noqa: F401 (re-exported)
 from .errors import UserInputError
 from .metrics import compare_logits
 from .runtime import run_onnx
-
-
-@dataclass(frozen=True)
-class QuantThresholds:
-    min_agreement: float = 0.9   # top-1 agreement with the fp32 model
-    min_sqnr_db: float = 10.0    # 10·log10(Σ ref² / Σ (out − ref)²) of the logits
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.min_agreement <= 1:
-            raise UserInputError(f"--min-agreement must be in [0, 1], got {self.min_agreement}")
 
 
 _INT_TYPES = {TensorProto.INT4: "int4", TensorProto.UINT4: "int4",

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserInputError
+from .names import PROVIDERS
 from .onnx_files import check_external_data
 
 # onnxruntime (ENABLE_EXTENDED and up) rewrites ``DequantizeLinear(int4/int8) -> MatMul`` into
@@ -15,7 +16,6 @@ from .onnx_files import check_external_data
 # lossless weights look lossy. Every session here computes it in float; deployments wanting
 # bit-exact weights-only results set the same option. It changes nothing else.
 MATMULNBITS_EXACT = ("session.qdq_matmulnbits_accuracy_level", "0")
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 def ort_session(path: Path, optimized: bool = True, provider: str = "cpu"):

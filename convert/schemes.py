@@ -24,12 +24,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .errors import UserInputError
+from .configs import SchemeConfig  # noqa: F401 (re-exported)
 from .fakequant import fake_quant
 from .layout import ChannelLayout, safe_divisor
-
-GAIN_MODES = ("frozen", "learned", "none")
-SCALE_GRAD_MODES = ("full", "detach")
+from .names import GAIN_MODES, SCALE_GRAD_MODES
 WS_EPS = 1e-10  # small: pretrained rows can have variances near 1e-6, a larger eps would distort N
 
 
@@ -214,7 +212,7 @@ class SchemeInfo:
         return self.reparam is None or self.reparam.per_channel
 
 
-# A new scheme: a Reparam subclass above and one entry here.
+# A new scheme: a Reparam subclass above, one entry here and its name in names.SCHEME_NAMES.
 REGISTRY: dict[str, SchemeInfo] = {
     "layer-max": SchemeInfo(LayerMax, "W / max|W| over the whole tensor; one scale per layer",
                             weight_bits=True),
@@ -228,36 +226,4 @@ REGISTRY: dict[str, SchemeInfo] = {
 }
 
 SCHEMES: dict[str, type[Reparam] | None] = {k: v.reparam for k, v in REGISTRY.items()}
-WEIGHT_BITS_SCHEMES = tuple(k for k, v in REGISTRY.items() if v.weight_bits)
 SCHEME_HELP = {k: v.help for k, v in REGISTRY.items()}
-
-
-@dataclass(frozen=True)
-class SchemeConfig:
-    """How a model is reparametrized; written next to every artifact."""
-
-    scheme: str = "layer-max"
-    gain: str = "frozen"
-    scale_grad: str = "full"
-    exclude: tuple[str, ...] = ()
-    skip_depthwise: bool = False
-    weight_bits: int | None = None   # fake-quantize N(W) to the symmetric B-bit grid (max schemes)
-
-    def __post_init__(self) -> None:
-        if self.scheme not in SCHEMES:
-            raise UserInputError(
-                f"unknown scheme {self.scheme!r}; choose one of: {', '.join(SCHEMES)}")
-        if self.gain not in GAIN_MODES:
-            raise UserInputError(f"unknown gain mode {self.gain!r}; choose one of: {', '.join(GAIN_MODES)}")
-        if self.scale_grad not in SCALE_GRAD_MODES:
-            raise UserInputError(
-                f"unknown scale-grad mode {self.scale_grad!r}; choose one of: {', '.join(SCALE_GRAD_MODES)}")
-        object.__setattr__(self, "exclude", tuple(self.exclude))
-        if self.weight_bits is not None:
-            bits = self.weight_bits
-            if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-                raise UserInputError(f"--weight-bits must be an integer from 2 to 8, not {bits!r}")
-            if self.scheme not in WEIGHT_BITS_SCHEMES:
-                raise UserInputError(
-                    f"--weight-bits needs a scheme with a fixed [-1, 1] range "
-                    f"({', '.join(WEIGHT_BITS_SCHEMES)}), not {self.scheme!r}")

@@ -15,7 +15,6 @@ with all of them enabled (what a deployment runs). Knows nothing of schemes.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,28 +22,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .configs import VerifyConfig  # noqa: F401 (re-exported)
 from .errors import UserInputError
 from .metrics import as_rows, cosines, max_errors, top1_agreement
 from .runtime import MATMULNBITS_EXACT, PROVIDERS, ort_session, run_onnx  # noqa: F401 (re-exported)
-
-
-@dataclass(frozen=True)
-class VerifyConfig:
-    rtol: float = 1e-4
-    min_cosine: float = 0.99999
-    min_top1: float = 1.0
-    samples: int = 8
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.rtol, (int, float)) and self.rtol > 0 and math.isfinite(self.rtol)):
-            raise UserInputError(f"--rtol must be a positive number, not {self.rtol!r}")
-        for name in ("min_cosine", "min_top1"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and -1 <= v <= 1):
-                raise UserInputError(f"--{name.replace('_', '-')} must be a number in [-1, 1], not {v!r}")
-        if not isinstance(self.samples, int) or self.samples < 1:
-            raise UserInputError(f"--samples must be at least 1, not {self.samples!r}")
 
 
 @dataclass

@@ -44,7 +44,6 @@ per-filter norm, so 1e-3 acts as a floor against collapse and leaves normal trai
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
@@ -54,31 +53,9 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ..convert.apply import scheme_parameters
 from ..convert.errors import UserInputError
+from .optim_settings import (DEFAULT_MOMENTUM, DEFAULT_WD_EPS, DEFAULTS, OPTIMIZERS,  # noqa: F401 (re-exported)
+                             SCHEDULES, WD_MODES, check_hyperparameters)
 
-OPTIMIZERS = ("sgd", "adamw", "lars")
-WD_MODES = ("l2", "eps-shifted", "none")
-
-
-@dataclass(frozen=True)
-class OptimDefaults:
-    lr: float
-    weight_decay: float
-
-
-DEFAULTS: dict[str, OptimDefaults] = {
-    "sgd": OptimDefaults(lr=0.01, weight_decay=1e-4),
-    "adamw": OptimDefaults(lr=1e-4, weight_decay=0.05),
-    "lars": OptimDefaults(lr=0.01, weight_decay=1e-4),
-}
-# Training from scratch (`--weights none`) needs the usual from-scratch rates, ten times the
-# fine-tuning ones, and the CIFAR-style decay.
-SCRATCH_DEFAULTS: dict[str, OptimDefaults] = {
-    "sgd": OptimDefaults(lr=0.1, weight_decay=5e-4),
-    "adamw": OptimDefaults(lr=1e-3, weight_decay=0.05),
-    "lars": OptimDefaults(lr=0.1, weight_decay=5e-4),
-}
-DEFAULT_WD_EPS = 1e-3
-DEFAULT_MOMENTUM = 0.9
 # Myrtle's equilibrium relation at the sgd defaults; see the module docstring.
 LARS_TRUST = math.sqrt(2 * DEFAULTS["sgd"].weight_decay * (1 - DEFAULT_MOMENTUM) / DEFAULTS["sgd"].lr)
 ADAM_BETA2 = 0.999
@@ -87,17 +64,6 @@ _NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*, SyncBatchNorm
     nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
 ) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
-
-
-def resolve_defaults(optimizer: str, lr: float | None, weight_decay: float | None,
-                     wd_eps: float | None) -> tuple[float, float, float]:
-    """``(lr, weight_decay, wd_eps)`` with ``None`` replaced by the documented default."""
-    if optimizer not in DEFAULTS:
-        raise UserInputError(f"unknown optimizer {optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
-    d = DEFAULTS[optimizer]
-    return (d.lr if lr is None else lr,
-            d.weight_decay if weight_decay is None else weight_decay,
-            DEFAULT_WD_EPS if wd_eps is None else wd_eps)
 
 
 # -- eps-shifted decay -------------------------------------------------------------------------
@@ -231,24 +197,6 @@ def param_groups(model: nn.Module, *, weight_decay: float, wd_mode: str, wd_eps:
     return [g for g in groups if g["params"]]
 
 
-def check_hyperparameters(optimizer: str, *, lr: float, momentum: float, nesterov: bool,
-                          weight_decay: float, wd_eps: float) -> None:
-    """UserInputError (one line) for settings no optimizer can run with; ``TrainConfig.validate``
-    calls it before a run directory is created, ``build_optimizer`` again."""
-    if optimizer not in OPTIMIZERS:
-        raise UserInputError(f"unknown optimizer {optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise UserInputError(f"learning rate must be a positive number, got {lr}")
-    if not (weight_decay >= 0 and math.isfinite(weight_decay)):
-        raise UserInputError(f"weight decay must be >= 0, got {weight_decay}")
-    if not (wd_eps >= 0 and math.isfinite(wd_eps)):
-        raise UserInputError(f"wd eps must be >= 0, got {wd_eps}")
-    if not 0 <= momentum < 1:
-        raise UserInputError(f"momentum must be in [0, 1), got {momentum}")
-    if nesterov and (optimizer == "adamw" or momentum == 0):
-        raise UserInputError("--nesterov needs sgd or lars with momentum > 0")
-
-
 def build_optimizer(model: nn.Module, optimizer: str, *, lr: float, momentum: float = DEFAULT_MOMENTUM,
                     nesterov: bool = False, weight_decay: float, wd_mode: str = "l2",
                     wd_eps: float = DEFAULT_WD_EPS) -> Optimizer:
@@ -273,8 +221,6 @@ def build_optimizer(model: nn.Module, optimizer: str, *, lr: float, momentum: fl
 
 
 # -- schedule ----------------------------------------------------------------------------------
-
-SCHEDULES = ("cosine", "constant")
 
 
 class WarmupCosine:

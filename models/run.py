@@ -28,7 +28,7 @@ from . import distributed
 from .act_run import ActSettings, act_model, check_act_request, copy_to_float, freeze_bn_hook
 from .data import DataBundle, Preprocess, build_data, default_preprocess, eval_arrays, parse_data_spec
 from .lock import check_unlocked
-from .optim import SCRATCH_DEFAULTS
+from .optim_settings import SCRATCH_DEFAULTS
 from .rundir import CHECKPOINT, MANIFEST, METRICS, REPORT, Manifest, RunDir  # noqa: F401 (re-exported)
 from .train import TrainConfig, train
 from .zoo import BuiltModel, build_model, fixed_image_size, min_image_size

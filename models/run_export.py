@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +21,7 @@ from .act_files import export_act_precision
 from .data import Preprocess, eval_arrays
 from .run_target import TRAINED, check_run_target, record_target, require_rules, resolve_target
 from .rundir import Manifest, RunDir, writes_run
-
-DEFAULT_CALIB_SAMPLES = 256
-CALIB_SPLITS = ("train", "val")
+from .run_options import CALIB_SPLITS, PrecisionOptions  # noqa: F401 (PrecisionOptions re-exported)
 
 
 def parse_act_bits(value: str | None, precision: str) -> int | None:
@@ -84,22 +82,6 @@ def export_run(run_dir: Path, *, bn: str | None = None, granularity: str | None 
     run.finish(manifest)
     require_rules(run.onnx_path, record)
     return result
-
-
-@dataclass(frozen=True)
-class PrecisionOptions:
-    """The choices of ``export --precision P`` besides P (see convert/quantize)."""
-
-    data: str | None = None
-    calib_samples: int = DEFAULT_CALIB_SAMPLES
-    calib_split: str = "train"
-    act_bits: str | None = None          # "8" | "float"; None: 8 for int8, float for int4
-    per_channel: bool | None = None      # None: per channel, except layer-max weights-only files
-    calibrate_method: str = QuantOptions.calibrate_method
-    act_type: str | None = None          # None: the target's
-    fuse: bool | None = None
-    rtol: float | None = None            # lossless check tolerance (default: the run's)
-    target: str = DEFAULT_TARGET         # convert/quantize/targets.py
 
 
 def quant_options(precision: str, opts: PrecisionOptions, scheme, settings: dict | None = None) -> QuantOptions:

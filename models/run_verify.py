@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ from .act_files import CONTRACT, verify_act_file
 from .bitexact_run import judged_bit_exact, verify_bitexact_file
 from .run_export import data_arrays
 from .rundir import REPORT, RunDir
+from .run_options import VerifyRequest  # noqa: F401 (re-exported)
 
 
 def quantized_artifacts(run_dir: Path) -> list[tuple[str, Path]]:
@@ -72,19 +73,6 @@ def verify_quantized(run_dir: Path, model: nn.Module, targets: list[tuple[str, P
             res = check_lossy(run.onnx_path, path, x, thresholds) | {"inputs": inputs}
         out[precision if own else str(path)] = res | {"file": str(path)}
     return out
-
-
-@dataclass(frozen=True)
-class VerifyRequest:
-    """What ``wnconvert verify`` checks and against which thresholds."""
-
-    onnx_file: Path | None = None       # one file instead of the run's
-    precision: str | None = None        # one of the run's files
-    inputs: Path | None = None          # .npy of normalized inputs; default generated
-    config: VerifyConfig = field(default_factory=VerifyConfig)
-    data: str | None = None             # images for lossy files (default: the run's data)
-    limit: int = 256
-    thresholds: QuantThresholds = field(default_factory=QuantThresholds)
 
 
 @dataclass

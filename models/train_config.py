@@ -1,13 +1,13 @@
-"""The settings of a training run (:class:`TrainConfig`), validated before anything is built."""
+"""The settings of a training run (:class:`TrainConfig`), validated before anything is built.
+
+No torch at import: the command line reads the defaults for ``--help``."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import torch
-
 from ..convert.errors import UserInputError
-from .optim import OPTIMIZERS, SCHEDULES, WD_MODES, check_hyperparameters, resolve_defaults
+from .optim_settings import OPTIMIZERS, SCHEDULES, WD_MODES, check_hyperparameters, resolve_defaults
 
 DEVICES = ("auto", "cpu", "cuda")
 # Fields that shape the optimization trajectory: a resumed run must use the same values.
@@ -77,8 +77,16 @@ class TrainConfig:
             bad(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             bad(f"grad clip must be > 0, got {self.grad_clip}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
+        if self.device.startswith("cuda") and not _cuda_available():
             bad(f"device {self.device!r} requested but no CUDA device is available")
         lr, wd, eps = resolve_defaults(self.optimizer, self.lr, self.weight_decay, self.wd_eps)
         check_hyperparameters(self.optimizer, lr=lr, momentum=self.momentum, nesterov=self.nesterov,
                               weight_decay=wd, wd_eps=eps)
+
+
+def _cuda_available() -> bool:
+    # torch is loaded only when a CUDA device is asked for: the command line reads TrainConfig's
+    # defaults for --help and its parser errors without loading it.
+    import torch
+
+    return torch.cuda.is_available()

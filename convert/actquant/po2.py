@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-SCALE_FORMATS = ("float", "po2")
 MIN_LOG2 = -60.0  # a dead channel (t_c = 0) is given this exponent before rounding
 
 

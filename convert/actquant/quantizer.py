@@ -31,9 +31,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserInputError
-from .po2 import SCALE_FORMATS, round_ste
+from ..names import RANGE_MODES, SCALE_FORMATS
+from .po2 import round_ste
 
-RANGE_MODES = ("learned", "frozen")
 CALIB_PERCENTILE = 99.99
 MIN_SCALE = 2.0 ** -30
 PERCENTILE_SAMPLE = 1 << 20  # elements per batch the percentile is taken over (a strided subsample)

@@ -6,11 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserInputError
+from ..names import ACT_TYPES, CALIBRATORS, DEFAULT_CALIBRATOR, PRECISIONS  # noqa: F401 (re-exported)
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
-CALIBRATORS = ("minmax", "percentile", "entropy")
 ACT_BITS = (None, 8)
-ACT_TYPES = ("uint8", "int8")
 INT_OPSET = 21  # DequantizeLinear with int4 inputs
 
 
@@ -30,7 +28,7 @@ class QuantOptions:
     precision: str = "int8"
     act_bits: int | None = 8            # None: float activations (weights only)
     per_channel: bool = True            # weight scales per output channel
-    calibrate_method: str = "minmax"
+    calibrate_method: str = DEFAULT_CALIBRATOR
     grid_bits: int | None = None        # weights trained on the symmetric grid of this many bits
     act_type: str = "uint8"             # quantized activations: uint8 (asymmetric) | int8
     fuse: bool | None = None            # fold BatchNorm / scale Muls into Conv first (None: auto)

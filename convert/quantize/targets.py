@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UserInputError
+from ..names import DEFAULT_TARGET, TARGETS  # noqa: F401 (re-exported; TARGETS names PRESETS' keys)
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,6 @@ PRESETS = {p.name: p for p in (
     TargetPreset("fixed-point", "fixed-point / low-bit hardware (power-of-two scales)",
                  precisions=("int8", "int4"), act_runs="po2", rules="fixed-point"),
 )}
-TARGETS = tuple(PRESETS)
-DEFAULT_TARGET = "ort-cpu"
 
 
 def get_target(name: str) -> TargetPreset:

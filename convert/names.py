@@ -1,0 +1,37 @@
+"""The names of every choice the library accepts, as plain tuples: no torch, onnx or numpy.
+
+The command line builds its enums (``--help`` choices, the parser's refusals) from these without
+loading any heavy module, and the modules that act on a choice import its tuple from here, so
+the two cannot drift. Two registries live with their implementations, because each entry there
+is code: the schemes (``schemes.REGISTRY``, one Reparam class each) and the deployment targets
+(``quantize.targets.PRESETS``); their names are repeated below and ``tests/test_cli_startup.py``
+checks that they are equal, in order.
+"""
+
+from __future__ import annotations
+
+# convert/schemes.py (REGISTRY's keys, in its order); weight_bits=True entries in WEIGHT_BITS_SCHEMES
+SCHEME_NAMES = ("layer-max", "channel-max", "weight-std", "weight-norm", "none")
+WEIGHT_BITS_SCHEMES = ("layer-max", "channel-max")
+GAIN_MODES = ("frozen", "learned", "none")
+SCALE_GRAD_MODES = ("full", "detach")
+
+# convert/fold.py
+BN_MODES = ("keep", "fold")
+GRANULARITIES = ("tensor", "channel")
+
+# convert/quantize
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+CALIBRATORS = ("minmax", "percentile", "entropy")
+DEFAULT_CALIBRATOR = "minmax"
+ACT_TYPES = ("uint8", "int8")
+TARGETS = ("ort-cpu", "openvino", "tensorrt", "fixed-point")   # quantize/targets.py PRESETS
+DEFAULT_TARGET = "ort-cpu"
+
+# convert/actquant
+SCALE_FORMATS = ("float", "po2")
+RANGE_MODES = ("learned", "frozen")
+
+# convert/runtime.py, convert/openvino_rt.py
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+RUNTIMES = ("onnxruntime", "openvino")
