@@ -1,4 +1,7 @@
-"""``wnconvert``: thin Typer commands over ``wnconvert.convert`` and ``wnconvert.models``."""
+"""``wnconvert``: thin Typer commands over ``wnconvert.convert`` and ``wnconvert.models``.
+
+Each command imports the library module it calls in its body: those load torch and onnx, which
+``--help`` and a parser error must not wait for (tests/test_cli_startup.py)."""
 
 from __future__ import annotations
 
