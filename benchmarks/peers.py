@@ -23,6 +23,9 @@ Accuracy: top-1 on the whole test split (``--eval-limit`` for a smoke test) by t
 best of ``--repeats`` interleaved rounds, as a ratio to the baseline's fp32 file. Defaults are the
 2-core CPU budget of docs/results.md; ``--measure-only`` trains nothing and tables what is made.
 Smoke test: ``--runs runs/peers-smoke --baseline-limit-train 512 --limit-train 512 --eval-limit 512``.
+The studies' budget (docs/results.md): ``--runs runs/study --baseline-epochs 8 --baseline-limit-train 0
+--baseline-limit-val 0 --epochs 2 --limit-train 0 --limit-val 0 --batch-size 128`` (0: every image; the
+baseline is then study_runs' own and shared with dynamics_study.py and lowbit_study.py).
 """
 
 from __future__ import annotations
@@ -55,12 +58,12 @@ def arguments() -> argparse.Namespace:
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--baseline-epochs", type=int, default=2)
-    ap.add_argument("--baseline-limit-train", type=int, default=16000)
+    ap.add_argument("--baseline-limit-train", type=int, default=16000, help="baseline training images (0: all)")
     ap.add_argument("--epochs", type=int, default=1, help="epochs of every QAT fine-tune")
-    ap.add_argument("--limit-train", type=int, default=1024, help="training images of every QAT fine-tune")
+    ap.add_argument("--limit-train", type=int, default=1024, help="training images of every QAT fine-tune (0: all)")
     ap.add_argument("--batch-size", type=int, default=32, help="batch size of every QAT fine-tune")
-    ap.add_argument("--baseline-limit-val", type=int, default=2000, help="validation images of the baseline's epochs")
-    ap.add_argument("--limit-val", type=int, default=500, help="validation images of the fine-tunes' epochs")
+    ap.add_argument("--baseline-limit-val", type=int, default=2000, help="validation images of the baseline's epochs (0: all)")
+    ap.add_argument("--limit-val", type=int, default=500, help="validation images of the fine-tunes' epochs (0: all)")
     ap.add_argument("--calib-samples", type=int, default=256, help="PTQ calibration images")
     ap.add_argument("--eval-limit", type=int, default=None, help="test images per eval (default: all)")
     ap.add_argument("--eval-limit-4bit", type=int, default=None,
@@ -69,7 +72,15 @@ def arguments() -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=3, help="speed: best of N interleaved rounds")
     ap.add_argument("--measure-only", action="store_true",
                     help="train nothing: measure the runs already made, leave the others out of the table")
-    return ap.parse_args()
+    a = ap.parse_args()
+    for name in ("baseline_limit_train", "baseline_limit_val", "limit_train", "limit_val"):
+        setattr(a, name, getattr(a, name) or None)  # 0: every image, as when the option is not given
+    return a
+
+
+def limit(option: str, n: int | None) -> list:
+    """``[option, n]``, or nothing when ``n`` is None (every image)."""
+    return [option, n] if n else []
 
 
 def require_bench_extra() -> None:
@@ -84,9 +95,9 @@ def require_bench_extra() -> None:
 def baseline_args(a: argparse.Namespace) -> list[str]:
     """study_runs' baseline recipe on ``--baseline-limit-train`` images (validated on
     ``--baseline-limit-val``)."""
-    recipe = Recipe(a.runs, a.data, a.device, a.baseline_epochs, a.epochs, ["--limit-val", str(a.baseline_limit_val)])
+    recipe = Recipe(a.runs, a.data, a.device, a.baseline_epochs, a.epochs, limit("--limit-val", a.baseline_limit_val))
     args = recipe.baseline_args()
-    args[-2:-2] = ["--limit-train", a.baseline_limit_train]
+    args[-2:-2] = limit("--limit-train", a.baseline_limit_train)
     return args
 
 
@@ -111,7 +122,7 @@ def wnconvert_files(recipe: Recipe, a: argparse.Namespace) -> dict[str, dict]:
     for label, w, act, precision in CONFIGS:
         name = f"wn-{label.lower()}"
         args = recipe.finetune_args(name, SCHEME, "--weight-bits", w, "--act-bits", act,
-                                    "--limit-train", a.limit_train, "--batch-size", a.batch_size)
+                                    *limit("--limit-train", a.limit_train), "--batch-size", a.batch_size)
         if a.measure_only and not made(args):
             print(f"# --measure-only: {name} is not made, left out", flush=True)
             continue
@@ -248,7 +259,7 @@ def table(fp32: dict, groups: dict[str, dict[str, dict]]) -> str:
 def main() -> None:
     a = arguments()
     require_bench_extra()
-    recipe = Recipe(a.runs, a.data, a.device, a.baseline_epochs, a.epochs, ["--limit-val", str(a.limit_val)])
+    recipe = Recipe(a.runs, a.data, a.device, a.baseline_epochs, a.epochs, limit("--limit-val", a.limit_val))
     a.docs.mkdir(parents=True, exist_ok=True)
     baseline = ensure(baseline_args(a))
     with ThreadPoolExecutor(1) as pool:  # wnconvert's fine-tunes (subprocesses) beside Brevitas's
