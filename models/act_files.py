@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import torch
 
-from wnconvert.convert.actquant import check_lossless_activations, export_qdq, qlayers
+from wnconvert.convert.actquant import act_points, check_lossless_activations, export_qdq, qlayers
 from wnconvert.convert.actquant.shifts import layer_shifts
 from wnconvert.convert.errors import ParityError, UserInputError
 from wnconvert.convert.artifacts import atomic_path
@@ -60,14 +60,19 @@ def export_act_precision(run_dir: Path, precision: str, act_bits: str | None = N
             raise ParityError(f"{dst.name} of a po2 run: {bad[0]}")
     entry = {"file": dst.name, "contract": CONTRACT, "precision": precision,
              "weight_bits": int(qlayers(qat)[0].weight_bits), "act_bits": manifest.act.bits,
-             "calibration": None, "scales": "trained", "scale_format": manifest.act.scale_format
-             } | info.to_dict()
+             "calibration": None, "scales": "trained", "scale_format": manifest.act.scale_format,
+             "mixed_precision": manifest.act.mixed_precision, "float_ops": float_ops(qat)} | info.to_dict()
     entry["path"] = dst.name  # relative, like "file"
     if shifts is not None:
         entry["shifts"] = shifts  # per layer: input/weight/output scale exponents and the shift n
     run.update_report(lambda report: report.setdefault("quantized", {}).__setitem__(precision, entry))
     run.finish(manifest)
     return entry
+
+
+def float_ops(qat) -> dict[str, str]:
+    """Point -> the operation kept in float before it (mixed precision; empty for an integer-only graph)."""
+    return {p.name: p.op for p in act_points(qat) if p.kind == "float"}
 
 
 def act_inputs(manifest: Manifest, data: str | None, limit: int, config: VerifyConfig) -> tuple[torch.Tensor, str]:

@@ -36,21 +36,22 @@ CALIB_SEED = 1234          # their fixed draw (the training seed stream is not t
 @dataclass(frozen=True)
 class ActSettings:
     """``--act-bits``, ``--act-range``, ``--freeze-bn-epochs`` (None: 1 when the run trains
-    more than one epoch, else 0) and ``--scale-format`` (float | po2)."""
+    more than one epoch, else 0), ``--scale-format`` (float | po2) and ``--mixed-precision``."""
 
     bits: int
     range: str = "learned"
     freeze_bn_epochs: int | None = None
     scale_format: str = "float"
+    mixed_precision: bool = False
 
     def __post_init__(self) -> None:
-        ActQuantConfig(self.bits, self.range, self.scale_format)  # validates all three
+        ActQuantConfig(self.bits, self.range, self.scale_format, self.mixed_precision)  # validates them
         if self.freeze_bn_epochs is not None and self.freeze_bn_epochs < 0:
             raise UserInputError("--freeze-bn-epochs must be >= 0")
 
     @property
     def quant(self) -> ActQuantConfig:
-        return ActQuantConfig(self.bits, self.range, self.scale_format)
+        return ActQuantConfig(self.bits, self.range, self.scale_format, self.mixed_precision)
 
     def frozen_epochs(self, epochs: int) -> int:
         if self.freeze_bn_epochs is None:
@@ -67,7 +68,7 @@ class ActSettings:
         if not d:
             return None
         return cls(int(d["bits"]), d.get("range", "learned"), d.get("freeze_bn_epochs"),
-                   d.get("scale_format", "float"))
+                   d.get("scale_format", "float"), bool(d.get("mixed_precision", False)))
 
 
 def check_act_request(scheme: SchemeConfig, act: ActSettings | None, *, data: str | None,

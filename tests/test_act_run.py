@@ -45,6 +45,7 @@ def trained(tmp_path_factory):
     ("resnet18", [], "--act-bits needs --weight-bits"),
     ("resnet18", ["--weight-bits", "8", "--scheme", "weight-norm"], "fixed"),
     ("mobilenet_v3_small", ["--weight-bits", "8"], "Hardswish"),
+    ("mobilenet_v3_small", ["--weight-bits", "8", "--mixed-precision", "--scale-format", "po2"], "choose one"),
 ])
 def test_refused_before_anything_is_written(tmp_path, model, extra, message):
     out = tmp_path / "run"
@@ -57,7 +58,8 @@ def test_refused_before_anything_is_written(tmp_path, model, extra, message):
 
 def test_run_holds_the_qat_model(trained):
     manifest = json.loads((trained / "manifest.json").read_text())
-    assert manifest["act"] == {"bits": 8, "range": "learned", "freeze_bn_epochs": None, "scale_format": "float"}
+    assert manifest["act"] == {"bits": 8, "range": "learned", "freeze_bn_epochs": None, "scale_format": "float",
+                               "mixed_precision": False}
     assert manifest["scheme"]["weight_bits"] == 8
     state = load_file(str(trained / "checkpoint.safetensors"))
     _, qat = RunDir(trained).load_qat()
@@ -132,7 +134,8 @@ def test_resume_is_exact(trained, tmp_path, monkeypatch):
     assert bool(a["qlayers.conv1.bn_frozen"]) and any(k.startswith("act_quant.") for k in a)
 
 
-def test_act_options_need_act_bits(tmp_path):
-    r = cli("finetune", "resnet18", "--act-range", "frozen", "--out", tmp_path / "run")
+@pytest.mark.parametrize("option", [["--act-range", "frozen"], ["--mixed-precision"]])
+def test_act_options_need_act_bits(tmp_path, option):
+    r = cli("finetune", "resnet18", *option, "--out", tmp_path / "run")
     assert r.exit_code == 2 and "--act-bits runs only" in r.output
     assert not (tmp_path / "run").exists()

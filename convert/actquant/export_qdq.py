@@ -8,7 +8,8 @@ model uses, with scale ``s_x · s_w``; every quantization point is one ``Quantiz
 at opset 21 for 4-bit activations). Activations of 5 to 7 bits are stored in 8-bit types behind a
 ``Clip`` to the grid's range. Max pooling and flatten act on the integers where the storage is
 8-bit (onnxruntime has no 4-bit kernels for them; there they act on the dequantized values, which
-is the same function).
+is the same function). A mixed-precision operation (prepare.FLOAT_OPS) is written in float between
+the DequantizeLinear of its inputs and the QuantizeLinear of the point after it.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import fx, nn
+from torchvision.ops import StochasticDepth
 
 from ..artifacts import atomic_path
 from ..errors import UserInputError
 from .layers import QLayer, deployed_parts
-from .prepare import ADD, AVGPOOL_FN, CAT, PASS_FN, PASS_METHOD, PASS_MOD, act_points, qlayers
+from .graph_ops import ADD, AVGPOOL_FN, CAT, float_op, is_passthrough
+from .prepare import act_points, qlayers
 from .quantizer import ActQuantizer
 
 INT4_OPSET = 21
@@ -132,7 +135,7 @@ class _Emitter:
             return self.quantize(n.target.split(".", 1)[1], mod, ins[0], self._feeds_pass_op(n))
         if isinstance(mod, QLayer):
             return _Value(float_name=self.layer(n.target.split(".", 1)[1], mod, ins[0]))
-        if _is_pass(n, mod):
+        if is_passthrough(self.gm, n):
             return self.passthrough(n, mod, ins[0])
         if n.op == "call_function" and n.target in ADD or n.op == "call_method" and n.target in ("add", "add_"):
             return _Value(float_name=self.node("Add", [self.as_float(v) for v in ins], n.name, n.name))
@@ -143,13 +146,16 @@ class _Emitter:
             return _Value(float_name=self.node("Relu", [self.as_float(ins[0])], n.name, n.name))
         if isinstance(mod, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)) or n.target in AVGPOOL_FN:
             return _Value(float_name=self.avgpool(n, mod, self.as_float(ins[0])))
+        op = float_op(self.gm, n)
+        if op is not None:
+            return _Value(float_name=self.float_island(n.name, op, [self.as_float(v) for v in ins]))
         raise UserInputError(f"node {n.name!r} ({n.target}) has no QDQ export")
 
     def _feeds_pass_op(self, n: fx.Node) -> bool:
         """Whether the point's integers go through max pooling or flatten."""
         for u in n.users:
             mod = self.gm.get_submodule(u.target) if u.op == "call_module" else None
-            if _is_pass(u, mod) and _pass_op(u, mod) is not None:
+            if is_passthrough(self.gm, u) and _pass_op(u, mod) is not None:
                 return True
         return False
 
@@ -202,6 +208,26 @@ class _Emitter:
             return self.node("Clip", [y, lo, hi], f"{name}_relu6", f"{name}_relu6")
         return y
 
+    def float_island(self, name: str, op: str, xs: list[str]) -> str:
+        """A mixed-precision operation (prepare.FLOAT_OPS) in float on dequantized inputs; the
+        quantizer that follows it in the graph writes its QuantizeLinear."""
+        if op in ("hardswish", "sigmoid", "tanh"):
+            return self.node({"hardswish": "HardSwish", "sigmoid": "Sigmoid", "tanh": "Tanh"}[op], xs, name, name)
+        if op == "hardsigmoid":  # relu6(x + 3) / 6
+            return self.node("HardSigmoid", xs, name, name, alpha=1.0 / 6, beta=0.5)
+        if op == "mul":
+            return self.node("Mul", xs, name, name)
+        if op == "silu":
+            sig = self.node("Sigmoid", xs, f"{name}_sigmoid", f"{name}_sigmoid")
+            return self.node("Mul", [xs[0], sig], name, name)
+        if op == "gelu":  # x/2 * (1 + erf(x / sqrt 2)), the exact GELU, in opsets before Gelu
+            root2, one, half = (self.init(f"{name}_{k}", np.float32(v)) for k, v in
+                                (("sqrt2", np.sqrt(2.0)), ("one", 1.0), ("half", 0.5)))
+            e = self.node("Erf", [self.node("Div", [xs[0], root2], f"{name}_div", f"{name}_div")], f"{name}_erf", f"{name}_erf")
+            y = self.node("Mul", [xs[0], self.node("Add", [e, one], f"{name}_add", f"{name}_add")], f"{name}_mul", f"{name}_mul")
+            return self.node("Mul", [y, half], name, name)
+        raise UserInputError(f"node {name!r} ({op}) has no QDQ export")
+
     def passthrough(self, n: fx.Node, mod: nn.Module | None, v: _Value) -> _Value:
         op = _pass_op(n, mod)
         if op is None:
@@ -224,18 +250,13 @@ class _Emitter:
                          ceil_mode=int(mod.ceil_mode), count_include_pad=int(mod.count_include_pad))
 
 
-def _is_pass(n: fx.Node, mod: nn.Module | None) -> bool:
-    return ((mod is not None and isinstance(mod, PASS_MOD)) or (n.op == "call_function" and n.target in PASS_FN)
-            or (n.op == "call_method" and n.target in PASS_METHOD))
-
-
 def _pair(v) -> list[int]:
     return [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]
 
 
 def _pass_op(n: fx.Node, mod: nn.Module | None) -> tuple[str, dict] | None:
     """The ONNX op for a pass-through node, or None for an identity."""
-    if isinstance(mod, (nn.Dropout, nn.Identity)) or n.target is torch.nn.functional.dropout:
+    if isinstance(mod, (nn.Dropout, nn.Identity, StochasticDepth)) or n.target is torch.nn.functional.dropout:
         return None
     if isinstance(mod, nn.MaxPool2d):
         k, s, p, d = (_pair(mod.kernel_size), _pair(mod.stride or mod.kernel_size), _pair(mod.padding),

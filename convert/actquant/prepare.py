@@ -5,35 +5,30 @@ both by the fake-quant model and by the exporter. A point sits on every tensor t
 graph holds in integers: the network input; the output of every conv(+BN)(+ReLU/ReLU6) and linear
 (one :class:`~.layers.QLayer`); residual adds (after a following ReLU when there is one); average
 pooling; concatenation. Max pooling, flatten, dropout and identity pass their input's integers on
-(no new point). Any other operation is refused: it has no integer form here.
+(no new point); so does stochastic depth (EfficientNet), the identity in eval.
+
+Operations without an integer form (:data:`FLOAT_OPS`: hardswish, hardsigmoid, SiLU, sigmoid, GELU,
+tanh, and the multiply of two tensors in squeeze-excite blocks) are refused, naming the op, unless
+the config asks for mixed precision: then each stays in float between the dequantized integers of
+its inputs and a new point on its output (kind ``float``, its op recorded), the island the export
+writes as DequantizeLinear -> op -> QuantizeLinear. Any other operation is refused.
 """
 
 from __future__ import annotations
 
 import copy
-import operator
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torchvision.ops import StochasticDepth
 
 from ..errors import UserInputError
+from .graph_ops import (ADD, AVGPOOL, AVGPOOL_FN, BN_TYPES, CAT, FLOAT_OPS, LAYER_TYPES, float_op, is_passthrough,
+                        module_of, op_name, relu_kind, sole_user)
 from .layers import QLayer
 from .quantizer import ActQuantConfig, ActQuantizer
-
-LAYER_TYPES = (nn.Conv2d, nn.Linear)
-BN_TYPES = (nn.BatchNorm2d, nn.BatchNorm1d)
-ADD = (operator.add, operator.iadd, torch.add)
-CAT = (torch.cat, torch.concat)
-RELU_FN = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
-RELU_MOD = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
-MAXPOOL = (nn.MaxPool2d,)
-AVGPOOL = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-AVGPOOL_FN = (F.avg_pool2d, F.adaptive_avg_pool2d)
-PASS_MOD = (nn.Dropout, nn.Identity, nn.Flatten) + MAXPOOL
-PASS_FN = (torch.flatten, F.dropout, F.max_pool2d)
-PASS_METHOD = ("flatten", "view", "reshape")
 
 
 @dataclass(frozen=True)
@@ -43,9 +38,10 @@ class QuantPoint:
 
     name: str
     node: str
-    kind: str      # input | layer | add | pool | cat
+    kind: str      # input | layer | add | pool | cat | float
     signed: bool
     bits: int
+    op: str | None = None   # kind float: the operation kept in float (a FLOAT_OPS name)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,42 +49,8 @@ class QuantPoint:
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, LAYER_TYPES) or super().is_leaf_module(m, qualname)
-
-
-def _op_name(gm: fx.GraphModule, n: fx.Node) -> str:
-    if n.op == "call_module":
-        return type(gm.get_submodule(n.target)).__name__
-    return getattr(n.target, "__name__", str(n.target))
-
-
-def _module(gm: fx.GraphModule, n: fx.Node, types) -> nn.Module | None:
-    if n.op != "call_module":
-        return None
-    m = gm.get_submodule(n.target)
-    return m if isinstance(m, types) else None
-
-
-def _relu_kind(gm: fx.GraphModule, n: fx.Node) -> str | None:
-    if n.op == "call_module":
-        return RELU_MOD.get(type(gm.get_submodule(n.target)))
-    if n.op == "call_function":
-        return RELU_FN.get(n.target)
-    if n.op == "call_method" and n.target in ("relu", "relu_"):
-        return "relu"
-    return None
-
-
-def _sole_user(n: fx.Node) -> fx.Node | None:
-    return next(iter(n.users)) if len(n.users) == 1 else None
-
-
-def _is_passthrough(gm: fx.GraphModule, n: fx.Node) -> bool:
-    if n.op == "call_module":
-        return isinstance(gm.get_submodule(n.target), PASS_MOD)
-    if n.op == "call_function":
-        return n.target in PASS_FN
-    return n.op == "call_method" and n.target in PASS_METHOD
+        # a leaf StochasticDepth keeps following the module's mode (traced through, it would not)
+        return isinstance(m, LAYER_TYPES + (StochasticDepth,)) or super().is_leaf_module(m, qualname)
 
 
 class _Builder:
@@ -108,14 +70,15 @@ class _Builder:
         self.modules[target] = module
         return self.graph.call_module(target, args)
 
-    def quantize(self, new: fx.Node, old: fx.Node, kind: str, max_scale: float | None = None) -> fx.Node:
+    def quantize(self, new: fx.Node, old: fx.Node, kind: str, max_scale: float | None = None,
+                 op: str | None = None) -> fx.Node:
         name = "input" if kind == "input" else old.name
         signed = not self.nonneg.get(new, False)
         bits = self.config.bits
         q = ActQuantizer(bits, signed, self.config.range == "learned",
                          max_scale=None if max_scale is None else max_scale / (2 ** bits - 1), po2=self.config.po2)
         out = self._call(f"act_quant.{name}", q, (new,))
-        self.points.append(QuantPoint(name, old.name, kind, signed, bits))
+        self.points.append(QuantPoint(name, old.name, kind, signed, bits, op))
         self.nonneg[out] = not signed
         self.quant_of[out] = q
         return out
@@ -134,20 +97,20 @@ class _Builder:
                 self.env[n] = self.quantize(self.graph.placeholder(n.name), n, "input")
             elif n.op == "output":
                 self.graph.output(fx.node.map_arg(n.args[0], lambda a: self.env[a]))
-            elif _module(self.gm, n, LAYER_TYPES) is not None:
+            elif module_of(self.gm, n, LAYER_TYPES) is not None:
                 self._layer(n)
             else:
                 self._other(n)
 
     def _layer(self, n: fx.Node) -> None:
         bn, act, last = None, None, n
-        user = _sole_user(last)
-        if user is not None and _module(self.gm, user, BN_TYPES) is not None:
+        user = sole_user(last)
+        if user is not None and module_of(self.gm, user, BN_TYPES) is not None:
             bn, last = self.gm.get_submodule(user.target), user
             self.absorbed.add(user)
-        user = _sole_user(last)
-        if user is not None and _relu_kind(self.gm, user):
-            act, last = _relu_kind(self.gm, user), user
+        user = sole_user(last)
+        if user is not None and relu_kind(self.gm, user):
+            act, last = relu_kind(self.gm, user), user
             self.absorbed.add(user)
         x = self.env[n.args[0]]
         q = QLayer(self.gm.get_submodule(n.target), bn, act, n.target, po2=self.config.po2)
@@ -166,31 +129,54 @@ class _Builder:
         if n.op == "call_method" and n.target == "size":
             self.env[n] = new
             return
-        if _is_passthrough(self.gm, n):
+        if is_passthrough(self.gm, n):
             self.nonneg[new] = self.nonneg.get(ins[0], False)
-            self.quant_of[new] = self.input_quant(ins[0], f"{_op_name(self.gm, n)} node {n.name!r}")
+            self.quant_of[new] = self.input_quant(ins[0], f"{op_name(self.gm, n)} node {n.name!r}")
             self.env[n] = new
         elif n.op == "call_function" and n.target in ADD or (n.op == "call_method" and n.target in ("add", "add_")):
             self._add(n, new, ins)
         elif n.op == "call_function" and n.target in CAT:
             self.nonneg[new] = all(self.nonneg.get(a, False) for a in args[0])
             self.env[n] = self.quantize(new, n, "cat")
-        elif _module(self.gm, n, AVGPOOL) is not None or (n.op == "call_function" and n.target in AVGPOOL_FN):
+        elif module_of(self.gm, n, AVGPOOL) is not None or (n.op == "call_function" and n.target in AVGPOOL_FN):
             self.nonneg[new] = self.nonneg.get(ins[0], False)
             self.env[n] = self.quantize(new, n, "pool")
+        elif float_op(self.gm, n) is not None:
+            self._float(n, new, ins, float_op(self.gm, n))
         else:
             raise UserInputError(
-                f"operation {_op_name(self.gm, n)} (node {n.name!r}) has no integer form; "
+                f"operation {op_name(self.gm, n)} (node {n.name!r}) has no integer form; "
                 "activation quantization supports conv/linear(+BN)(+ReLU/ReLU6), add, cat, "
-                "max/average pooling, flatten and dropout")
+                "max/average pooling, flatten and dropout (and, with --mixed-precision, "
+                f"{', '.join(FLOAT_OPS)} in float)")
         for a in ins:
-            self.input_quant(a, f"{_op_name(self.gm, n)} node {n.name!r}")
+            self.input_quant(a, f"{op_name(self.gm, n)} node {n.name!r}")
+
+    def _float(self, n: fx.Node, new: fx.Node, ins: list[fx.Node], op: str) -> None:
+        """A mixed-precision island: ``op`` in float on dequantized inputs, its output quantized."""
+        if not self.config.mixed_precision:
+            raise UserInputError(
+                f"operation {op_name(self.gm, n)} (node {n.name!r}) has no integer form; "
+                "--mixed-precision keeps it in float between DequantizeLinear and QuantizeLinear")
+        if op == "mul" and len(ins) != 2:
+            raise UserInputError(f"multiply node {n.name!r} with a constant operand has no QDQ form here")
+        if op == "gelu" and n.kwargs.get("approximate", getattr(self._mod(n), "approximate", "none")) != "none":
+            raise UserInputError(f"GELU node {n.name!r} with approximate='tanh' is not supported; use the exact GELU")
+        mod = self._mod(n)
+        if getattr(mod, "inplace", False):  # it would overwrite its input, a quantizer's output
+            mod.inplace = False
+        nonneg = FLOAT_OPS[op]
+        self.nonneg[new] = all(self.nonneg.get(a, False) for a in ins) if nonneg is None else nonneg
+        self.env[n] = self.quantize(new, n, "float", op=op)
+
+    def _mod(self, n: fx.Node) -> nn.Module | None:
+        return self.gm.get_submodule(n.target) if n.op == "call_module" else None
 
     def _add(self, n: fx.Node, new: fx.Node, ins: list[fx.Node]) -> None:
         if len(ins) != 2:
             raise UserInputError(f"add node {n.name!r} with a constant operand has no integer form here")
-        user = _sole_user(n)
-        kind = _relu_kind(self.gm, user) if user is not None else None
+        user = sole_user(n)
+        kind = relu_kind(self.gm, user) if user is not None else None
         if kind == "relu6":
             raise UserInputError(f"ReLU6 after add node {n.name!r} is not supported")
         if kind == "relu":

@@ -42,11 +42,15 @@ PERCENTILE_SAMPLE = 1 << 20  # elements per batch the percentile is taken over (
 @dataclass(frozen=True)
 class ActQuantConfig:
     """Activation quantization of a model: ``bits`` per activation tensor, ``range`` learned or
-    frozen after calibration. Freezing BatchNorm is the caller's schedule (:func:`freeze_bn`)."""
+    frozen after calibration. ``mixed_precision``: operations without an integer form (hardswish,
+    SiLU, sigmoid, GELU, tanh, the squeeze-excite multiply) stay in float between a dequantize and
+    a quantize instead of being refused. Freezing BatchNorm is the caller's schedule
+    (:func:`freeze_bn`)."""
 
     bits: int = 8
     range: str = "learned"
     scale_format: str = "float"
+    mixed_precision: bool = False
 
     def __post_init__(self) -> None:
         b = self.bits
@@ -57,13 +61,17 @@ class ActQuantConfig:
         if self.scale_format not in SCALE_FORMATS:
             raise UserInputError(f"unknown --scale-format {self.scale_format!r}; "
                                  f"choose one of: {', '.join(SCALE_FORMATS)}")
+        if self.po2 and self.mixed_precision:
+            raise UserInputError("--scale-format po2 promises an integer-only graph; --mixed-precision keeps "
+                                 "some operations in float: choose one")
 
     @property
     def po2(self) -> bool:
         return self.scale_format == "po2"
 
     def to_dict(self) -> dict:
-        return {"bits": self.bits, "range": self.range, "scale_format": self.scale_format}
+        return {"bits": self.bits, "range": self.range, "scale_format": self.scale_format,
+                "mixed_precision": self.mixed_precision}
 
 
 def int_range(bits: int, signed: bool) -> tuple[int, int]:
