@@ -17,6 +17,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -33,8 +34,10 @@ from .static import ArrayReader  # noqa: F401 (public)
 FORMATS = (fp16, weights_only, static)
 
 
-def quantize(src: Path, dst: Path, options: QuantOptions, calib: np.ndarray | None = None) -> QuantResult:
-    """Write the ``options.precision`` version of the fp32 ONNX ``src`` to ``dst`` (atomically)."""
+def quantize(src: Path, dst: Path, options: QuantOptions, calib: np.ndarray | None = None,
+             check: Callable[[Path], None] | None = None) -> QuantResult:
+    """Write the ``options.precision`` version of the fp32 ONNX ``src`` to ``dst`` (atomically);
+    ``check`` (raising to refuse the file) sees the written file before it replaces ``dst``."""
     src, dst = Path(src), Path(dst)
     if not src.exists():
         raise UserInputError(f"{src} does not exist")
@@ -53,6 +56,8 @@ def quantize(src: Path, dst: Path, options: QuantOptions, calib: np.ndarray | No
         out = Path(tmp) / dst.name
         fmt.write(src, out, Path(tmp), options, calib, result)
         onnx.checker.check_model(str(out))
+        if check is not None:
+            check(out)
         shutil.move(str(out), str(dst))
     return result
 
