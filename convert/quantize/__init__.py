@@ -8,8 +8,9 @@ asked, and a new format is a new module added there:
 * :mod:`.fp16`: ``convert_float_to_float16``, float32 inputs and outputs kept.
 * :mod:`.weights_only`: hand-written QDQ weights, float activations (``int4``'s default, ``int8``
   with ``act_bits=None``); a ``--weight-bits`` run's grid is kept exactly.
-* :mod:`.static`: ``quantize_static`` with 8-bit activations (W8A8, W4A8), BatchNorm folded first,
-  then the exact-grid rewrite (:mod:`.grid`).
+* :mod:`.static`: ``quantize_static`` with 8-bit activations (W8A8, W4A8), BatchNorm folded first
+  and the classifier made one Gemm with float logits (:mod:`.tail`), then the exact-grid rewrite
+  (:mod:`.grid`).
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ MinMax, Percentile or Entropy.
 Activations are asymmetric uint8 by default (``act_type``): with int8 activations this
 onnxruntime's CPU provider leaves the residual Adds (and the Convs feeding them) as float ops and a
 ResNet-18 file ran 0.4x as fast as fp32, with uint8 about 1.5x faster (docs/results.md). BatchNorm
-and the scheme's per-channel scales are folded into the Conv first (``fuse``). The weights of a
-``--weight-bits`` run are then rewritten onto their exact grid (:mod:`.grid`).
+and the scheme's per-channel scales are folded into the Conv first (``fuse``), a linear layer's
+output scale and bias into one Gemm, and no QuantizeLinear is left on the logits (:mod:`.tail`).
+The weights of a ``--weight-bits`` run are then rewritten onto their exact grid (:mod:`.grid`).
 """
 
 from __future__ import annotations
