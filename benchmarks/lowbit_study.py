@@ -19,6 +19,9 @@ Runs it makes or reuses (study_runs.ensure): ``baseline`` (ResNet-18 from scratc
 Speed: images/s of ``wnconvert eval`` over the test set (batch 64, onnxruntime CPU provider, all
 graph optimizations), best of three evaluations, as a ratio to the run's fp32 file; and, because 32 px images leave the
 network little work per layer, the same ratios for an untrained ResNet-50 at 224 px (speed only).
+The same in OpenVINO (``wnconvert eval --runtime openvino``: CPU plugin, f32 inference precision;
+best of three, as a ratio to the same file's fp32 in OpenVINO; its accuracy goes to the JSON
+only), unless ``--no-openvino``.
 Run it on an otherwise idle machine: the ratios are what matters, and contention distorts them.
 """
 
@@ -58,10 +61,12 @@ def files(run: Path, data: str, baseline: bool) -> dict[str, Path]:
     return out
 
 
-def evaluate(path: Path, data: str, limit: int | None = None, repeats: int = 3) -> dict:
-    """``wnconvert eval`` of ``path``; its speed is the best of ``repeats`` evaluations (a 2-core
-    machine's background noise only ever slows a run down), its accuracy that of any of them."""
-    args = ["eval", path, "--data", data, "--batch-size", 64]
+def evaluate(path: Path, data: str, limit: int | None = None, repeats: int = 3,
+             runtime: str = "onnxruntime") -> dict:
+    """``wnconvert eval --runtime R`` of ``path``; its speed is the best of ``repeats`` evaluations
+    (a 2-core machine's background noise only ever slows a run down), its accuracy that of any of
+    them."""
+    args = ["eval", path, "--data", data, "--batch-size", 64, "--runtime", runtime]
     if limit:
         args += ["--limit", limit]
     runs = [wnconvert(args, capture_json=True) for _ in range(repeats)]
@@ -70,7 +75,15 @@ def evaluate(path: Path, data: str, limit: int | None = None, repeats: int = 3) 
                       "images_per_s_runs": [r["images_per_s"] for r in runs]}
 
 
-def speed_reference(runs: Path, device: str) -> dict[str, dict]:
+def evaluate_all(path: Path, data: str, openvino: bool, limit: int | None = None) -> dict:
+    """:func:`evaluate` in onnxruntime, with the OpenVINO evaluation under ``"openvino"``."""
+    res = evaluate(path, data, limit)
+    if openvino:
+        res["openvino"] = evaluate(path, data, limit, runtime="openvino")
+    return res
+
+
+def speed_reference(runs: Path, device: str, openvino: bool) -> dict[str, dict]:
     """fp32 vs int8 vs int4 images/s of an untrained ResNet-50 at 224 px on synthetic images."""
     run = runs / "speed-resnet50"
     ensure(["finetune", "resnet50", "--weights", "none", "--num-classes", 10, "--epochs", 0,
@@ -80,13 +93,44 @@ def speed_reference(runs: Path, device: str) -> dict[str, dict]:
     res = {}
     for label, name in (("fp32", "model.onnx"), ("int8 W8A8", "model.int8.onnx"),
                         ("int4 weights", "model.int4.onnx")):
-        res[label] = evaluate(run / name, "synthetic:10", limit=256)
+        res[label] = evaluate_all(run / name, "synthetic:10", openvino, limit=256)
     return res
+
+
+def ratio(res: dict, label: str, runtime: str | None = None) -> float:
+    """images/s of ``label`` over that of fp32, in onnxruntime or (``runtime``) OpenVINO."""
+    pick = (lambda r: r[runtime]) if runtime else (lambda r: r)
+    return pick(res[label])["images_per_s"] / pick(res["fp32"])["images_per_s"]
+
+
+def tables(results: dict, speed: dict, openvino: bool) -> str:
+    labels = ["fp32", "int8 W8A8", "int4 weights, per tensor", "int4 weights"]
+    ov_head = " OpenVINO int8 vs fp32 | OpenVINO int4 vs fp32 |" if openvino else ""
+    lines = ["| run | " + " | ".join(labels) + " | int8 speed vs fp32 | int4 speed vs fp32 |" + ov_head,
+             "|" + "---|" * (len(labels) + 3 + 2 * openvino)]
+    for name, res in results.items():
+        cells = [f"{100 * res[k]['top1']:.2f}" if k in res else "–" for k in labels]
+        ov = "".join(f" {ratio(res, k, 'openvino'):.2f}× |" for k in ("int8 W8A8", "int4 weights")) if openvino else ""
+        lines.append(f"| {name} | " + " | ".join(cells) +
+                     f" | {ratio(res, 'int8 W8A8'):.2f}× | {ratio(res, 'int4 weights'):.2f}× |" + ov)
+    if speed:
+        keys = ("fp32", "int8 W8A8", "int4 weights")
+        lines += ["", "| ResNet-50, 224 px, speed only | fp32 | int8 W8A8 | int4 weights |", "|---|---|---|---|"]
+        rows = [("images/s (ratio to fp32)", None)] + ([("OpenVINO images/s (ratio to its fp32)", "openvino")]
+                                                       if openvino else [])
+        for title, rt in rows:
+            lines.append(f"| {title} | " + " | ".join(
+                f"{(speed[k][rt] if rt else speed[k])['images_per_s']:.1f} ({ratio(speed, k, rt):.2f}×)"
+                for k in keys) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = parser(__doc__.splitlines()[0])
     ap.add_argument("--no-speed-reference", action="store_true", help="skip the ResNet-50 224 px speed rows")
+    ap.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO speed columns")
+    ap.add_argument("--eval-limit", type=int, default=None,
+                    help="evaluate on this many test images (default: all; for a quick smoke run)")
     args = ap.parse_args()
     recipe = start(args)
     todo = plan(recipe, args.eq_epochs, args.every)
@@ -97,30 +141,13 @@ def main() -> None:
     for name in ["baseline", *todo]:
         run = args.runs / name
         made = files(run, args.data, baseline=(name == "baseline"))
-        results[name] = {label: evaluate(path, args.data) for label, path in made.items()}
+        results[name] = {label: evaluate_all(path, args.data, not args.no_openvino, args.eval_limit) for label, path in made.items()}
         report = json.loads((run / "report.json").read_text())
         for label, prec in (("int8 W8A8", "int8"), ("int4 weights", "int4")):
             results[name][label]["vs_fp32"] = report["quantized"][prec]["vs_fp32"]
             results[name][label]["lossless"] = report["quantized"][prec].get("lossless_check")
-    speed = {} if args.no_speed_reference else speed_reference(args.runs, args.device)
-
-    labels = ["fp32", "int8 W8A8", "int4 weights, per tensor", "int4 weights"]
-    lines = ["| run | " + " | ".join(labels) + " | int8 speed vs fp32 | int4 speed vs fp32 |",
-             "|" + "---|" * (len(labels) + 3)]
-    for name, res in results.items():
-        fp32 = res["fp32"]["images_per_s"]
-        cells = [f"{100 * res[k]['top1']:.2f}" if k in res else "–" for k in labels]
-        lines.append(f"| {name} | " + " | ".join(cells) +
-                     f" | {res['int8 W8A8']['images_per_s'] / fp32:.2f}× | {res['int4 weights']['images_per_s'] / fp32:.2f}× |")
-    if speed:
-        fp32 = speed["fp32"]["images_per_s"]
-        lines.append("")
-        lines.append("| ResNet-50, 224 px, speed only | fp32 | int8 W8A8 | int4 weights |")
-        lines.append("|---|---|---|---|")
-        lines.append("| images/s (ratio to fp32) | " + " | ".join(
-            f"{speed[k]['images_per_s']:.1f} ({speed[k]['images_per_s'] / fp32:.2f}×)"
-            for k in ("fp32", "int8 W8A8", "int4 weights")) + " |")
-    md = "\n".join(lines)
+    speed = {} if args.no_speed_reference else speed_reference(args.runs, args.device, not args.no_openvino)
+    md = tables(results, speed, not args.no_openvino)
     out = {"results": results, "speed_reference": speed,
            "commands": {"baseline": shown(recipe.baseline_args())} | {k: shown(v) for k, v in todo.items()}}
     (args.docs / "lowbit_study.json").write_text(json.dumps(out, indent=1) + "\n")

@@ -21,6 +21,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import onnx
 import torch
@@ -46,8 +47,9 @@ class ExportError(WnError):
 
 
 def export_onnx(model: nn.Module, example_input: Tensor, path: Path,
-                config: ExportConfig = ExportConfig()) -> Path:
-    """Export ``model`` (eval mode, CPU, fp32) to ``path`` atomically and check the file."""
+                config: ExportConfig = ExportConfig(), check: Callable[[Path], None] | None = None) -> Path:
+    """Export ``model`` (eval mode, CPU, fp32) to ``path`` atomically and check the file;
+    ``check`` (raising to refuse the file) sees it before it replaces ``path``."""
     path = Path(path)
     ensure_writable_dir(path.parent)
     model = model.eval().cpu().float()
@@ -77,6 +79,8 @@ def export_onnx(model: nn.Module, example_input: Tensor, path: Path,
             raise ExportError(f"ONNX export failed: {first}") from e
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
+        if check is not None:
+            check(tmp_file)
         # Large models come with external-data files: move those first, the model file last.
         for f in sorted(Path(tmp).iterdir(), key=lambda f: f.name == path.name):
             shutil.move(str(f), str(path.parent / f.name))

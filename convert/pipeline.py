@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import onnx
 from torch import Tensor, nn
@@ -45,12 +46,13 @@ class ConversionResult:
 def convert(model: nn.Module, input_shape: tuple[int, int, int], out_dir: Path, *,
             fold_config: FoldConfig = FoldConfig(), export_config: ExportConfig = ExportConfig(),
             verify_config: VerifyConfig = VerifyConfig(), original: nn.Module | None = None,
-            inputs: Tensor | None = None) -> ConversionResult:
+            inputs: Tensor | None = None, check: Callable[[Path], None] | None = None) -> ConversionResult:
     """Fold ``model``, write ``out_dir/model.onnx``, check its weight ranges and its parity.
 
     ``original`` (the model before any scheme) gets its own parity entry: the step-0 deviation,
     which is reported, not enforced, since ``gain='none'`` changes the function on purpose.
     Raises :class:`ParityError` when the export does not match the reparametrized model.
+    ``check`` (raising to refuse the file) sees model.onnx before it replaces the previous one.
     """
     model = model.eval().cpu().float()
     example = example_inputs(input_shape)
@@ -58,7 +60,7 @@ def convert(model: nn.Module, input_shape: tuple[int, int, int], out_dir: Path, 
     export_cfg = export_config
     if folded.weight_side_scales:
         export_cfg = replace(export_config, constant_folding=False)
-    path = export_onnx(folded.model, example, Path(out_dir) / ONNX_NAME, export_cfg)
+    path = export_onnx(folded.model, example, Path(out_dir) / ONNX_NAME, export_cfg, check)
     ranges = weight_ranges(onnx.load(str(path), load_external_data=True))
     check_unit_range(ranges, str(path))
 

@@ -19,7 +19,7 @@ from wnconvert.convert.quantize.targets import DEFAULT_TARGET
 
 from .act_files import export_act_precision
 from .data import Preprocess, eval_arrays
-from .run_target import TRAINED, check_run_target, record_target, require_rules, resolve_target
+from .run_target import TRAINED, check_run_target, record_target, resolve_target, rules_guard
 from .rundir import Manifest, RunDir, writes_run
 from .run_options import CALIB_SPLITS, PrecisionOptions  # noqa: F401 (PrecisionOptions re-exported)
 
@@ -64,8 +64,9 @@ def export_run(run_dir: Path, *, bn: str | None = None, granularity: str | None 
                target: str = DEFAULT_TARGET) -> ConversionResult:
     """Fold the run's checkpoint again and write ``model.onnx``, its weight ranges and parity into
     report.json; the overrides become the run's settings in the manifest. The caller checks
-    parity (``pipeline.require_parity``) once it has shown the result. Raises ParityError when
-    the file breaks ``target``'s structural rules (recorded in report.json first)."""
+    parity (``pipeline.require_parity``) once it has shown the result. Raises ParityError, with
+    the previous model.onnx, report and manifest untouched, when the file breaks ``target``'s
+    structural rules."""
     run = RunDir(run_dir)
     preset = resolve_target(target, {})[0]
     manifest, model, _ = run.load()
@@ -76,11 +77,11 @@ def export_run(run_dir: Path, *, bn: str | None = None, granularity: str | None 
     if rtol is not None:
         manifest.verify = replace(manifest.verify, rtol=rtol)
     result = convert(model, manifest.input_shape, run.path, fold_config=manifest.fold,
-                     export_config=manifest.export, verify_config=manifest.verify)
+                     export_config=manifest.export, verify_config=manifest.verify,
+                     check=rules_guard(preset, run.onnx_path.name))
     run.update_report(result.to_dict())
-    record = record_target(run, manifest, run.onnx_path, preset, {"opset": manifest.export.opset}, [])
+    record_target(run, manifest, run.onnx_path, preset, {"opset": manifest.export.opset}, [])
     run.finish(manifest)
-    require_rules(run.onnx_path, record)
     return result
 
 
@@ -127,7 +128,6 @@ def _export_act_file(run: RunDir, precision: str, opts: PrecisionOptions, preset
     manifest = run.manifest()
     entry["target"] = record_target(run, manifest, run.path / entry["file"], preset, dict(TRAINED), [])
     run.finish(manifest)
-    require_rules(run.path / entry["file"], entry["target"])
     return entry
 
 
@@ -138,8 +138,8 @@ def export_precision(run_dir: Path, precision: str, opts: PrecisionOptions = Pre
 
     Returns the entry written to ``report.json["quantized"][precision]``. Raises ParityError when a
     ``--weight-bits`` run exported weights-only at a precision holding its grid does not match the
-    fp32 model within the run's tolerance (its weights are lossless), or when the file breaks the
-    target's structural rules."""
+    fp32 model within the run's tolerance (its weights are lossless), or, before anything is
+    written, when the file breaks the target's structural rules."""
     check_precision(precision)
     run = RunDir(run_dir)
     manifest = run.manifest()
@@ -154,7 +154,7 @@ def export_precision(run_dir: Path, precision: str, opts: PrecisionOptions = Pre
     options = quant_options(precision, opts, manifest.scheme, settings)
     calib, data, calibration = _calibration(manifest, precision, options, opts)
     dst = run.path / artifact_name(precision)
-    result = quantize(src, dst, options, calib)
+    result = quantize(src, dst, options, calib, check=rules_guard(preset, dst.name))
 
     tol = manifest.verify.rtol if opts.rtol is None else opts.rtol
     if data:  # compared on held-out images, not on the calibration ones
@@ -175,5 +175,4 @@ def export_precision(run_dir: Path, precision: str, opts: PrecisionOptions = Pre
     if lossless and not entry["lossless_check"]["passed"]:
         raise ParityError(f"{dst.name}: weights are on the trained {options.grid_bits}-bit grid but the "
                           f"logits differ from model.onnx by rel {entry['vs_fp32']['rel']:.3g} > {tol:g}")
-    require_rules(dst, entry["target"])
     return entry

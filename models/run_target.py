@@ -1,10 +1,12 @@
 """``export RUN --target T``: which files a run can give a deployment target, the target's settings
-with the explicit options over them, and the record of both (report.json ``targets``, the
-manifest's ``targets``) with the structural check of the file written."""
+with the explicit options over them, the structural check of the file before it is put in place
+(:func:`rules_guard`: a file that breaks the rules never replaces the previous one) and the record
+of target and check (report.json ``targets``, the manifest's ``targets``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from wnconvert.convert.errors import ParityError, UserInputError
 from wnconvert.convert.quantize.target_rules import check_rules
@@ -49,9 +51,16 @@ def record_target(run: RunDir, manifest: Manifest, path: Path, preset: TargetPre
     return record
 
 
-def require_rules(path: Path, record: dict) -> None:
-    """ParityError (exit 3) naming the first rule ``path`` breaks, if any."""
-    found = record["check"]["violations"]
-    if found:
-        more = f" (and {len(found) - 1} more, in report.json)" if len(found) > 1 else ""
-        raise ParityError(f"{path.name} breaks the {record['name']} rules: {found[0]}{more}")
+def rules_guard(preset: TargetPreset, name: str) -> Callable[[Path], None] | None:
+    """A check of a file about to become ``name`` (run on the temporary file, before it is put in
+    place): ParityError (exit 3) naming the first rule of ``preset`` it breaks. None: no rules."""
+    if not preset.rules:
+        return None
+
+    def check(path: Path) -> None:
+        found = check_rules(path, preset.rules)
+        if found:
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            raise ParityError(f"{name} breaks the {preset.name} rules: {found[0]}{more}; "
+                              "nothing was written")
+    return check

@@ -3,20 +3,24 @@
 onnxruntime computes on real Fashion-MNIST images of a trained run; `eval --runtime openvino`
 measures the same accuracy.
 
-Criteria (measured on this run: ResNet-18 at 32 px trained on 128 images, OpenVINO 2026.4):
+Criteria (measured on this run: ResNet-18 at 32 px trained on 128 images, 22 % top-1, OpenVINO 2026.4):
 - fp32 and int4 (weights only, float activations) compute in float in both runtimes and differ by
   summation order only: rel error about 2e-6, checked at 1e-5, top-1 agreement 1.0.
-- int8 files quantize every activation, the logits included, to uint8. Both runtimes follow the
-  QDQ semantics, but their requantization rounds values lying near a half step differently (float
-  multiply order) and one-step differences compound with depth: measured 17-23 % of logits
-  bit-identical (OpenVINO running the fp32 file instead: 0.03 %), at most 7-9 output steps apart
-  (the fp32 file: 15). On this barely trained network top-2 margins of a few steps are common and
-  top-1 agreement is 0.90-0.96 (the fp32 file against the int8 one agrees as often: top-1 alone
-  cannot tell files apart); on a ResNet-18 trained on 4096 images (73 % top-1) 58 % of logits are
-  identical, at most 3 steps apart, and agreement is 0.977-0.986 (benchmarks/runtimes_speed.py,
-  docs/results.md): the issue's 0.99 is not reached by int8 files, only by the float ones (1.0).
-  Checked: >= 10 % of logits identical, all within 12 steps, top-1
-  agreement >= 0.85; and the same criteria reject OpenVINO running the fp32 file.
+- int8 files quantize every activation to uint8 up to the classifier, whose logits are float (one
+  integer Gemm, convert/quantize/tail.py). Both runtimes follow the QDQ semantics, but round a
+  requantized value lying near half a step differently, and one-step differences compound with
+  depth. OpenVINO's fused low-precision pipeline is what departs: the uint8 features feeding the
+  classifier are identical in only 44 % of elements here (at most 17 steps apart) whether
+  onnxruntime runs optimized or not, but in 97.5 % when every quantized tensor is made a graph
+  output (OpenVINO then computes each one as written). On this barely trained network (most
+  images' two best logits closer than the runtimes' difference) the logits differ by rel 0.075
+  and top-1 agreement is 0.93; the fp32 file in OpenVINO differs from the int8 one about as
+  much, so top-1 alone cannot tell files apart here.
+  The issue's 0.99 is met on a trained network, not on this one: a ResNet-18 trained on 4096 images
+  (73 % top-1) agrees on 0.995 of 1000 test images (0.987 before the classifier tail became one
+  Gemm with float logits; benchmarks/runtimes_speed.py, docs/results.md); one trained on 1024
+  images (63 %, 60 s more to train here) on 0.982. Checked here: the logits are float (written by
+  the Gemm), rel difference <= 0.15 and top-1 agreement >= 0.85.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import shutil
 import sys
 
 import numpy as np
+import onnx
 import pytest
 
 from wnconvert.convert.errors import UserInputError
@@ -40,8 +45,7 @@ from helpers import cli
 DATA = "fashion-mnist"
 N_IMAGES = 300
 FLOAT_RTOL = 1e-5
-INT8_MAX_STEPS = 12
-INT8_MIN_IDENTICAL = 0.10
+INT8_MAX_REL = 0.15
 INT8_MIN_AGREEMENT = 0.85
 
 
@@ -72,21 +76,18 @@ def test_float_files_agree(run, images, name):
     assert c["rel"] <= FLOAT_RTOL and c["top1_agreement"] == 1.0, c
 
 
-def int8_agrees(ort: np.ndarray, ov: np.ndarray) -> bool:
-    """The int8 criteria of the module docstring (``ort``'s logits lie on a uint8 grid)."""
-    steps = np.abs(ort - ov) / np.diff(np.unique(ort)).min()
-    agreement = (ort.argmax(1) == ov.argmax(1)).mean()
-    return bool(steps.max() <= INT8_MAX_STEPS + 1e-3 and (steps < 1e-3).mean() >= INT8_MIN_IDENTICAL
-                and agreement >= INT8_MIN_AGREEMENT)
+def test_int8_logits_are_float(run):
+    """The int8 file's classifier is one integer Gemm writing float logits (no uint8 grid)."""
+    model = onnx.load(str(run / "model.int8.onnx"))
+    last = next(n for n in model.graph.node if model.graph.output[0].name in n.output)
+    assert last.op_type == "Gemm"
+    assert {n.op_type for n in model.graph.node} >= {"QuantizeLinear", "DequantizeLinear", "Conv"}
 
 
 def test_int8_file_agrees(run, images):
-    assert int8_agrees(*both(run / "model.int8.onnx", images))
-
-
-def test_int8_criteria_tell_files_apart(run, images):
-    ort = run_runtime("onnxruntime", run / "model.int8.onnx", images)
-    assert not int8_agrees(ort, run_runtime("openvino", run / "model.onnx", images))
+    ort, ov = both(run / "model.int8.onnx", images)
+    c = compare_logits(ort, ov)
+    assert c["top1_agreement"] >= INT8_MIN_AGREEMENT and c["rel"] <= INT8_MAX_REL, c
 
 
 def test_f32_precision_is_set(run):

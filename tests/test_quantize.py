@@ -363,6 +363,21 @@ def test_eval_on_cuda_agrees_with_cpu(run_lm4, fashion):
 
 # -- golden vectors of a run's integer file ----------------------------------------------------------
 
+def _with_float_mul(model):
+    """A copy of ``model`` whose last layer's result is multiplied by 2 in float before its
+    QuantizeLinear (an op the integer reference has no form for)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = list(out.graph.node)
+    at = max(i for i, n in enumerate(nodes) if n.op_type == "QuantizeLinear")
+    out.graph.initializer.append(onnx.numpy_helper.from_array(np.float32(2.0), "two"))
+    nodes.insert(at, onnx.helper.make_node("Mul", [nodes[at].input[0], "two"], ["doubled"], name="float_mul"))
+    nodes[at + 1].input[0] = "doubled"
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
 def test_golden_command(exported, fashion, tmp_path):
     """``wnconvert golden``: a power-of-two QDQ file (``--onnx``) on a run's images is integer-only
     and equals onnxruntime tensor for tensor; a file with an op the reference has no integer form
@@ -375,13 +390,16 @@ def test_golden_command(exported, fashion, tmp_path):
     assert "--count" in _one_line_error(invoke("golden", exported, "--data", fashion, "--count", 0,
                                                "--out", tmp_path / "g0"))
     assert "without --data" in _one_line_error(invoke("golden", exported, "--out", tmp_path / "g0"))
-    # this layer-max run's int8 file keeps the classifier's scale as a float Mul
-    assert "unsupported op in the integer graph: Mul" in _one_line_error(
-        invoke("golden", exported, "--data", fashion, "--out", tmp_path / "g0"))
+    # this layer-max run's int8 file: its classifier (output scale and bias folded) is one Gemm
+    r = invoke("golden", exported, "--data", fashion, "--count", 2, "--out", tmp_path / "g1", "--json")
+    assert r.exit_code == 0, r.output
     model = tiny_cnn(seed=1).model()
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
     for d, size in ((2, 32), (3, 32)):
         model.graph.input[0].type.tensor_type.shape.dim[d].dim_value = size
+    onnx.save(_with_float_mul(model), tmp_path / "mul.onnx")
+    assert "unsupported op in the integer graph: Mul" in _one_line_error(
+        invoke("golden", exported, "--onnx", tmp_path / "mul.onnx", "--data", fashion, "--out", tmp_path / "g0"))
     onnx.save(model, tmp_path / "po2.onnx")
     r = invoke("golden", exported, "--onnx", tmp_path / "po2.onnx", "--data", fashion, "--count", 3,
                "--out", tmp_path / "g", "--json")

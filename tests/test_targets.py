@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
 from wnconvert.convert.errors import UserInputError
-from wnconvert.convert.quantize import ArrayReader
+from wnconvert.convert.quantize import ArrayReader, QuantOptions, quantize
 from wnconvert.convert.quantize.target_rules import fixed_point_violations, tensorrt_violations
 from wnconvert.convert.quantize.targets import get_target
 from wnconvert.models.run_target import check_run_target
@@ -95,7 +95,7 @@ def test_fixed_point_rule(act_scale, w_scale, bad):
         assert found and all("not a power of two" in v for v in found) and any(bad in v for v in found), found
 
 
-def _float_conv(path):
+def _float_conv(path, opset=17):
     rng = np.random.default_rng(0)
     graph = helper.make_graph(
         [helper.make_node("Conv", ["input", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
@@ -104,7 +104,7 @@ def _float_conv(path):
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4, 8, 8])],
         [_init("w", rng.normal(size=(4, 3, 3, 3)).astype(np.float32)),
          _init("b", rng.normal(size=4).astype(np.float32))])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), str(path))
     return rng.normal(size=(8, 3, 8, 8)).astype(np.float32)
 
 
@@ -149,27 +149,60 @@ def test_tensorrt_export_conforms(run):
     assert RunDir(run).manifest().targets["model.int8.onnx"]["target"] == "ort-cpu"
 
 
+def snapshot(run) -> dict:
+    """Every file of the run directory and its bytes."""
+    return {p.name: p.read_bytes() for p in sorted(run.iterdir()) if p.is_file()}
+
+
 def test_fp32_export_for_tensorrt(run, tmp_path):
+    """An fp32 file that breaks the rules (opset 12) is refused with exit 3 before it is put in
+    place: the previous model.onnx, report.json and manifest stay byte for byte, no file is left."""
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
+    before = snapshot(copy)
     r = cli("export", copy, "--target", "tensorrt", "--opset", 12, code=3)
     assert "model.onnx breaks the tensorrt rules: opset 12 outside" in r.stderr
-    record = RunDir(copy).report()["targets"]["model.onnx"]
-    assert record["name"] == "tensorrt" and record["settings"] == {"opset": 12} and not record["check"]["passed"]
-    r = cli("export", copy, "--precision", "int8", "--target", "tensorrt", code=2)
-    assert "per-channel weights need opset 13" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert snapshot(copy) == before
 
 
-def test_override_recorded_and_checked(run):
-    """--act-type uint8 overrides the tensorrt preset: recorded, and the check fails with exit 3
-    naming the rule."""
-    r = cli("export", run, "--precision", "int8", "--target", "tensorrt", "--act-type", "uint8",
-            "--calib-samples", 16, code=3)
+def test_per_channel_needs_opset_13(tmp_path):
+    x = _float_conv(tmp_path / "f.onnx", opset=12)
+    with pytest.raises(UserInputError, match="per-channel weights need opset 13"):
+        quantize(tmp_path / "f.onnx", tmp_path / "q.onnx", QuantOptions("int8", per_channel=True), x)
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_failed_check_leaves_no_file(run, tmp_path):
+    """--act-type uint8 overrides the tensorrt preset into a file that breaks its rules: exit 3,
+    one line naming the rule, and no model.int8.onnx where there was none; where a good one was,
+    it stays, with report.json and the manifest, byte for byte."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "model.int8.onnx").unlink(missing_ok=True)
+    bad = ["export", copy, "--precision", "int8", "--target", "tensorrt", "--act-type", "uint8",
+           "--calib-samples", 16]
+    before = snapshot(copy)
+    r = cli(*bad, code=3)
     assert "model.int8.onnx breaks the tensorrt rules:" in r.stderr and "uint8" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
-    target = RunDir(run).report()["targets"]["model.int8.onnx"]
-    assert target["overridden"] == ["act_type"] and target["settings"]["act_type"] == "uint8"
-    assert not target["check"]["passed"]
+    assert snapshot(copy) == before
+    cli("export", copy, "--precision", "int8", "--target", "tensorrt", "--calib-samples", 16)
+    before = snapshot(copy)
+    assert "model.int8.onnx" in before
+    cli(*bad, code=3)
+    assert snapshot(copy) == before
+
+
+def test_override_recorded(run, tmp_path):
+    """--per-tensor overrides the ort-cpu preset's per-channel weights: recorded, check passed."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    cli("export", copy, "--precision", "int8", "--per-tensor", "--calib-samples", 16)
+    target = RunDir(copy).report()["targets"]["model.int8.onnx"]
+    assert target["overridden"] == ["per_channel"] and target["settings"]["per_channel"] is False
+    assert target["check"]["passed"]
+    assert RunDir(copy).manifest().targets["model.int8.onnx"] == {"target": "ort-cpu", "overridden": ["per_channel"]}
 
 
 @pytest.mark.parametrize("args, message", [

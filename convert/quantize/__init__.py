@@ -8,8 +8,9 @@ asked, and a new format is a new module added there:
 * :mod:`.fp16`: ``convert_float_to_float16``, float32 inputs and outputs kept.
 * :mod:`.weights_only`: hand-written QDQ weights, float activations (``int4``'s default, ``int8``
   with ``act_bits=None``); a ``--weight-bits`` run's grid is kept exactly.
-* :mod:`.static`: ``quantize_static`` with 8-bit activations (W8A8, W4A8), BatchNorm folded first,
-  then the exact-grid rewrite (:mod:`.grid`).
+* :mod:`.static`: ``quantize_static`` with 8-bit activations (W8A8, W4A8), BatchNorm folded first
+  and the classifier made one Gemm with float logits (:mod:`.tail`), then the exact-grid rewrite
+  (:mod:`.grid`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -33,8 +35,10 @@ from .static import ArrayReader  # noqa: F401 (public)
 FORMATS = (fp16, weights_only, static)
 
 
-def quantize(src: Path, dst: Path, options: QuantOptions, calib: np.ndarray | None = None) -> QuantResult:
-    """Write the ``options.precision`` version of the fp32 ONNX ``src`` to ``dst`` (atomically)."""
+def quantize(src: Path, dst: Path, options: QuantOptions, calib: np.ndarray | None = None,
+             check: Callable[[Path], None] | None = None) -> QuantResult:
+    """Write the ``options.precision`` version of the fp32 ONNX ``src`` to ``dst`` (atomically);
+    ``check`` (raising to refuse the file) sees the written file before it replaces ``dst``."""
     src, dst = Path(src), Path(dst)
     if not src.exists():
         raise UserInputError(f"{src} does not exist")
@@ -53,6 +57,8 @@ def quantize(src: Path, dst: Path, options: QuantOptions, calib: np.ndarray | No
         out = Path(tmp) / dst.name
         fmt.write(src, out, Path(tmp), options, calib, result)
         onnx.checker.check_model(str(out))
+        if check is not None:
+            check(out)
         shutil.move(str(out), str(dst))
     return result
 

@@ -5,8 +5,9 @@ MinMax, Percentile or Entropy.
 Activations are asymmetric uint8 by default (``act_type``): with int8 activations this
 onnxruntime's CPU provider leaves the residual Adds (and the Convs feeding them) as float ops and a
 ResNet-18 file ran 0.4x as fast as fp32, with uint8 about 1.5x faster (docs/results.md). BatchNorm
-and the scheme's per-channel scales are folded into the Conv first (``fuse``). The weights of a
-``--weight-bits`` run are then rewritten onto their exact grid (:mod:`.grid`).
+and the scheme's per-channel scales are folded into the Conv first (``fuse``), a linear layer's
+output scale and bias into one Gemm, and no QuantizeLinear is left on the logits (:mod:`.tail`).
+The weights of a ``--weight-bits`` run are then rewritten onto their exact grid (:mod:`.grid`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from .graph import dq_weight_names, set_opset
 from .grid import exact_grid_rewrite
 from .options import INT_OPSET, QuantOptions, QuantResult
+from .tail import dequantized_outputs, fold_linear_tails
 
 
 class ArrayReader:
@@ -63,8 +65,12 @@ def write(src: Path, out: Path, tmp: Path, options: QuantOptions, calib: np.ndar
     except Exception as e:  # symbolic shape inference can fail on exotic graphs; quantize as is
         result.notes.append(f"quant_pre_process skipped: {type(e).__name__}")
         shutil.copy(src, pre)
+    model = onnx.load(str(pre))
+    if options.fuses and fold_linear_tails(model):  # the classifier: one Gemm (tail.py)
+        result.notes.append("linear output scale and bias folded into a Gemm")
     if options.precision == "int4":  # int4 DequantizeLinear is opset 21 (else com.microsoft)
-        onnx.save(set_opset(onnx.load(str(pre)), INT_OPSET), str(pre))
+        model = set_opset(model, INT_OPSET)
+    onnx.save(model, str(pre))
     name = onnx.load(str(pre), load_external_data=False).graph.input[0].name
     level = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer warns per tensor on the root logger
@@ -72,12 +78,13 @@ def write(src: Path, out: Path, tmp: Path, options: QuantOptions, calib: np.ndar
         _quantize_static(pre, out, ArrayReader(name, calib), options)
     finally:
         logging.getLogger().setLevel(level)
+    model = onnx.load(str(out))
+    dequantized_outputs(model)  # float logits, not a uint8 grid (tail.py)
     if options.grid_bits is not None:  # the quantized graph's own weights (BatchNorm folded or not)
-        model = onnx.load(str(out))
         exact_grid_rewrite(model, onnx.load(str(pre)), options, result)
-        onnx.save(model, str(out))
     else:
-        result.lossy_weights.extend(dq_weight_names(onnx.load(str(out))))
+        result.lossy_weights.extend(dq_weight_names(model))
+    onnx.save(model, str(out))
 
 
 _METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
