@@ -16,7 +16,7 @@ from wnconvert.convert.actquant.po2 import SCALE_FORMATS
 from wnconvert.convert.actquant.quantizer import RANGE_MODES
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.fold import BN_MODES, GRANULARITIES
-from wnconvert.convert.quantize import ACT_TYPES, CALIBRATORS, PRECISIONS
+from wnconvert.convert.quantize import ACT_TYPES, CALIBRATORS, CONTAINERS, PRECISIONS
 from wnconvert.convert.openvino_rt import RUNTIMES
 from wnconvert.convert.quantize.targets import TARGETS
 from wnconvert.convert.runtime import PROVIDERS
@@ -34,9 +34,10 @@ _REGISTRIES = {"Scheme": REGISTRY, "Gain": GAIN_MODES, "ScaleGrad": SCALE_GRAD_M
                "Granularity": GRANULARITIES, "Optimizer": OPTIMIZERS, "WdMode": WD_MODES,
                "Schedule": SCHEDULES, "Precision": PRECISIONS, "Calibrator": CALIBRATORS,
                "ActType": ACT_TYPES, "CalibSplit": CALIB_SPLITS, "Provider": PROVIDERS, "ActRange": RANGE_MODES,
-               "ScaleFormat": SCALE_FORMATS, "Runtime": RUNTIMES, "Target": TARGETS}
+               "ScaleFormat": SCALE_FORMATS, "Runtime": RUNTIMES, "Target": TARGETS,
+               "Container": CONTAINERS}
 (Scheme, Gain, ScaleGrad, Bn, Granularity, Optimizer, WdMode, Schedule, Precision, Calibrator, ActType,
- CalibSplit, Provider, ActRange, ScaleFormat, Runtime, Target) = (choices(name, values) for name, values in _REGISTRIES.items())
+ CalibSplit, Provider, ActRange, ScaleFormat, Runtime, Target, Container) = (choices(name, values) for name, values in _REGISTRIES.items())
 
 
 def value(choice):

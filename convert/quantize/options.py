@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserInputError
+from .container import check_container
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 CALIBRATORS = ("minmax", "percentile", "entropy")
@@ -36,11 +37,13 @@ class QuantOptions:
     fuse: bool | None = None            # fold BatchNorm / scale Muls into Conv first (None: auto)
     act_symmetric: bool = False         # activation zero points 0 (int8) instead of calibrated ones
     quantize_bias: bool = True          # int32 biases (DequantizeLinear of int32) or float ones
+    container: str = "int4"             # int4 weights stored as INT4 or as INT8 in [-7, 7] (.container)
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
         if self.act_type not in ACT_TYPES:
             raise UserInputError(f"activation type must be one of: {', '.join(ACT_TYPES)}, not {self.act_type!r}")
+        check_container(self.container)
         if self.act_bits not in ACT_BITS:
             raise UserInputError(f"activation bits must be 8 or float, not {self.act_bits!r}")
         if self.calibrate_method not in CALIBRATORS:
@@ -82,5 +85,6 @@ class QuantResult:
                 "quantized_bias": o.quantize_bias if o.needs_calibration else None,
                 "fused": o.fuses,
                 "per_channel": o.per_channel, "calibrate_method": o.calibrate_method if o.needs_calibration else None,
-                "grid_bits": o.grid_bits, "exact_weights": len(self.exact_weights),
+                "grid_bits": o.grid_bits, "container": o.container if self.precision == "int4" else None,
+                "exact_weights": len(self.exact_weights),
                 "lossy_weights": len(self.lossy_weights), "notes": self.notes}

@@ -6,7 +6,8 @@ Activations are asymmetric uint8 by default (``act_type``): with int8 activation
 onnxruntime's CPU provider leaves the residual Adds (and the Convs feeding them) as float ops and a
 ResNet-18 file ran 0.4x as fast as fp32, with uint8 about 1.5x faster (docs/results.md). BatchNorm
 and the scheme's per-channel scales are folded into the Conv first (``fuse``). The weights of a
-``--weight-bits`` run are then rewritten onto their exact grid (:mod:`.grid`).
+``--weight-bits`` run are then rewritten onto their exact grid (:mod:`.grid`), and int4 weights
+moved into int8 containers when asked (:mod:`.container`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import onnx
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from .container import to_int8_container
 from .graph import dq_weight_names, set_opset
 from .grid import exact_grid_rewrite
 from .options import INT_OPSET, QuantOptions, QuantResult
@@ -72,12 +74,14 @@ def write(src: Path, out: Path, tmp: Path, options: QuantOptions, calib: np.ndar
         _quantize_static(pre, out, ArrayReader(name, calib), options)
     finally:
         logging.getLogger().setLevel(level)
+    model = onnx.load(str(out))
     if options.grid_bits is not None:  # the quantized graph's own weights (BatchNorm folded or not)
-        model = onnx.load(str(out))
         exact_grid_rewrite(model, onnx.load(str(pre)), options, result)
-        onnx.save(model, str(out))
     else:
-        result.lossy_weights.extend(dq_weight_names(onnx.load(str(out))))
+        result.lossy_weights.extend(dq_weight_names(model))
+    if options.precision == "int4" and options.container == "int8":
+        to_int8_container(model)  # the same integers, in onnxruntime's int8 kernels
+    onnx.save(model, str(out))
 
 
 _METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
