@@ -9,11 +9,14 @@ names the quantization settings that runtime expects (:class:`TargetPreset`).
   the file is ort-cpu's (measured: the same file with float biases, as OpenVINO's own quantizer
   NNCF writes them, ran 0.35-0.45x as fast in OpenVINO at 32 px; docs/results.md). Its own name
   keeps the record honest about where the file goes and lets its settings move on their own.
+  4-bit values in int8 containers too: measured on a ResNet-18 W4A8 file at 32 px, OpenVINO ran the
+  int8-container file 3.1-3.2x its fp32 file and the INT4 one 1.0x (docs/results.md).
 * ``tensorrt``: TensorRT's explicit quantization: int8 activations, symmetric (zero point 0),
   weights symmetric per output channel (axis 0), float biases, no uint8, opset 13..25; checked
   structurally after export (:mod:`.target_rules`), unverified on real TensorRT (no GPU here).
 * ``fixed-point``: the integer file of a run trained with power-of-two activation scales
-  (``--act-bits`` with ``po2`` scales): requantization by shift. Any other run is refused.
+  (``--act-bits`` with ``po2`` scales): requantization by shift. Any other run is refused. 4-bit
+  values stay INT4/UINT4: the file describes the hardware's own 4-bit format.
 
 ``container`` applies to int4 files with quantized activations; weights-only int4 files keep INT4
 (float activations get no integer kernel from an int8 container) unless ``--container`` says
@@ -53,7 +56,7 @@ class TargetPreset:
 
 PRESETS = {p.name: p for p in (
     TargetPreset("ort-cpu", "onnxruntime (CPU provider)", container="int8"),
-    TargetPreset("openvino", "OpenVINO (CPU plugin)"),
+    TargetPreset("openvino", "OpenVINO (CPU plugin)", container="int8"),
     TargetPreset("tensorrt", "TensorRT (explicit quantization; unverified here)", act_type="int8",
                  act_symmetric=True, per_channel=True, quantize_bias=False, opsets=(13, 25),
                  precisions=("fp32", "fp16", "int8"), weights_only=False, act_runs="refused",
