@@ -16,7 +16,8 @@ import torch
 from onnx import TensorProto, numpy_helper
 from test_act_run import TINY, cli
 
-from wnconvert.convert.quantize.container import META_KEY
+from wnconvert.convert.quantize.container import (GRID_RANGE, META_KEY, container_record, container_violations,
+                                                  mark_int8_container, to_int8_container)
 from wnconvert.models.rundir import RunDir
 
 export_qdq_mod = importlib.import_module("wnconvert.convert.actquant.export_qdq")  # the package exports the function
@@ -79,7 +80,7 @@ def test_int8_container_runs_int8_kernels_with_the_same_integers(w4a8, tmp_path)
     for name in w8:  # the same integers, all on the 4-bit grid
         a, b = numpy_helper.to_array(w8[name]), numpy_helper.to_array(w4[name]).astype(np.int8)
         assert np.array_equal(a, b) and np.abs(a).max() <= 7, name
-    assert {p.key: p.value for p in onnx.load(str(c8)).metadata_props}[META_KEY] == "4"
+    assert {p.key: p.value for p in onnx.load(str(c8)).metadata_props}[META_KEY] == "-7,7"
     ops8, ops4 = _ops(c8, tmp_path), _ops(c4, tmp_path)
     assert ops8["QLinearConv"] == 20 and ops8["Conv"] + ops8["FusedConv"] == 0, ops8
     assert ops4["QLinearConv"] == 0 and ops4["Conv"] + ops4["FusedConv"] == 20, ops4
@@ -195,3 +196,29 @@ def test_w4a4_po2_in_int8_container_is_bit_exact(tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads((out / "report.json").read_text())["verify"]["quantized"]["int4"]
     assert res["contract"] == "bit-exact" and res["passed"] and all(c["differ"] == 0 for c in res["layers"])
+
+
+def _int4_weight_graph(values) -> onnx.ModelProto:
+    """x -> Conv(x, DQ(INT4 weight)) with the given weight integers."""
+    w = onnx.helper.make_tensor("w_q", TensorProto.INT4, [len(values), 1, 1, 1], values)
+    s = numpy_helper.from_array(np.full(len(values), 0.1, np.float32), "w_s")
+    nodes = [onnx.helper.make_node("DequantizeLinear", ["w_q", "w_s"], ["w"], axis=0),
+             onnx.helper.make_node("Conv", ["x", "w"], ["y"])]
+    graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
+                                   [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 2, 2])], [w, s])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)])
+
+
+def test_retyped_int4_keeps_its_integers_and_range():
+    """Post-training int4 (onnxruntime's quantizer uses INT4's [-8, 7]) retyped into int8: marked
+    with INT4's range; a grid mark makes the -8 a violation, and an unmarked file is not checked."""
+    model = _int4_weight_graph([-8, 7, 0])
+    assert container_violations(model) == [] and container_record(model) == {"storage": "int4"}
+    assert to_int8_container(model) == 1
+    w = next(i for i in model.graph.initializer if i.name == "w_q")
+    assert w.data_type == TensorProto.INT8 and numpy_helper.to_array(w).ravel().tolist() == [-8, 7, 0]
+    assert container_record(model) == {"storage": "int8", "value_bits": 4, "weight_range": [-8, 7], "violations": []}
+    onnx.checker.check_model(model, full_check=True)
+    mark_int8_container(model, GRID_RANGE)
+    assert container_violations(model) == ["weight 'w_q' holds -8 (1 values) outside the 4-bit range [-7, 7] "
+                                           "of its int8 container"]

@@ -21,7 +21,7 @@ import onnx
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from .container import to_int8_container
+from .container import GRID_RANGE, INT4_RANGE, to_int8_container
 from .graph import dq_weight_names, set_opset
 from .grid import exact_grid_rewrite
 from .options import INT_OPSET, QuantOptions, QuantResult
@@ -79,8 +79,9 @@ def write(src: Path, out: Path, tmp: Path, options: QuantOptions, calib: np.ndar
         exact_grid_rewrite(model, onnx.load(str(pre)), options, result)
     else:
         result.lossy_weights.extend(dq_weight_names(model))
-    if options.precision == "int4" and options.container == "int8":
-        to_int8_container(model)  # the same integers, in onnxruntime's int8 kernels
+    if options.precision == "int4" and options.container == "int8":  # the same integers, int8 kernels
+        exact = options.grid_bits is not None and not result.lossy_weights  # all on the symmetric grid
+        to_int8_container(model, GRID_RANGE if exact else INT4_RANGE)
     onnx.save(model, str(out))
 
 
