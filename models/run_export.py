@@ -135,16 +135,20 @@ def _overrides(opts: PrecisionOptions) -> dict:
     return {"act_type": opts.act_type, "per_channel": opts.per_channel, "container": opts.container}
 
 
-def file_settings(precision: str, settings: dict, opts: PrecisionOptions, weights_only: bool) -> dict:
-    """The target's settings as they apply to a ``precision`` file: the container of 4-bit values
-    only for int4 files, and INT4 for weights-only ones unless ``--container`` is given (float
-    activations get no integer kernel from an int8 container)."""
-    settings = dict(settings)
+def file_settings(precision: str, preset, settings: dict, overridden: list[str], opts: PrecisionOptions,
+                  weights_only: bool) -> tuple[dict, list[str]]:
+    """The target's settings as they apply to a ``precision`` file, and the overridden ones: the
+    container of 4-bit values only for int4 files, INT4 for weights-only ones unless
+    ``--container`` says otherwise (float activations get no integer kernel from an int8 container)."""
+    settings, overridden = dict(settings), [o for o in overridden if o != "container"]
+    settings.pop("container")
+    default = "int4" if weights_only else preset.container
     if precision != "int4":
-        settings.pop("container")
-    elif weights_only and opts.container is None:
-        settings["container"] = "int4"
-    return settings
+        return settings, overridden
+    settings["container"] = opts.container or default
+    if settings["container"] != default:
+        overridden = sorted(overridden + ["container"])
+    return settings, overridden
 
 
 def _calibration(manifest: Manifest, precision: str, options: QuantOptions,
@@ -194,8 +198,7 @@ def export_precision(run_dir: Path, precision: str, opts: PrecisionOptions = Pre
     act_file = manifest.act is not None and precision != "fp16"  # the trained integer network
     weights_only = not act_file and parse_act_bits(opts.act_bits, precision) is None
     check_run_target(manifest, preset, precision, weights_only)
-    settings = file_settings(precision, settings, opts, weights_only)
-    overridden = [o for o in overridden if o in settings]
+    settings, overridden = file_settings(precision, preset, settings, overridden, opts, weights_only)
     if act_file:
         return _export_act_file(run, precision, opts, preset, settings, overridden)
     src = run.onnx_path
