@@ -15,7 +15,7 @@ from enum import Enum
 import typer
 
 from wnconvert.convert.errors import UserInputError
-from wnconvert.convert.names import (ACT_TYPES, BN_MODES, CALIBRATORS, GAIN_MODES, GRANULARITIES, PRECISIONS,
+from wnconvert.convert.names import (ACT_TYPES, BN_MODES, CALIBRATORS, CONTAINERS, GAIN_MODES, GRANULARITIES, PRECISIONS,
                                      PROVIDERS, RANGE_MODES, RUNTIMES, SCALE_FORMATS, SCALE_GRAD_MODES,
                                      SCHEME_NAMES, TARGETS)
 from wnconvert.models.optim_settings import OPTIMIZERS, SCHEDULES, WD_MODES
@@ -31,9 +31,10 @@ _REGISTRIES = {"Scheme": SCHEME_NAMES, "Gain": GAIN_MODES, "ScaleGrad": SCALE_GR
                "Granularity": GRANULARITIES, "Optimizer": OPTIMIZERS, "WdMode": WD_MODES,
                "Schedule": SCHEDULES, "Precision": PRECISIONS, "Calibrator": CALIBRATORS,
                "ActType": ACT_TYPES, "CalibSplit": CALIB_SPLITS, "Provider": PROVIDERS, "ActRange": RANGE_MODES,
-               "ScaleFormat": SCALE_FORMATS, "Runtime": RUNTIMES, "Target": TARGETS}
+               "ScaleFormat": SCALE_FORMATS, "Runtime": RUNTIMES, "Target": TARGETS,
+               "Container": CONTAINERS}
 (Scheme, Gain, ScaleGrad, Bn, Granularity, Optimizer, WdMode, Schedule, Precision, Calibrator, ActType,
- CalibSplit, Provider, ActRange, ScaleFormat, Runtime, Target) = (choices(name, values) for name, values in _REGISTRIES.items())
+ CalibSplit, Provider, ActRange, ScaleFormat, Runtime, Target, Container) = (choices(name, values) for name, values in _REGISTRIES.items())
 
 
 def value(choice):

@@ -18,7 +18,8 @@ from wnconvert.convert.errors import ParityError
 from wnconvert.models.run_options import PrecisionOptions, VerifyRequest
 
 from .errors import handle_errors
-from .options import ActType, Bn, CalibSplit, Calibrator, Granularity, Precision, Target, default, value
+from .options import (ActType, Bn, CalibSplit, Calibrator, Container, Granularity, Precision, Target, default,
+                      value)
 from .render import JsonOpt, certificate_table, console, parity_table, print_json, quantized_table
 
 
@@ -58,6 +59,7 @@ def export(
     calibrate_method: Calibrator = typer.Option(default(PrecisionOptions, "calibrate_method"), help="Activation range calibration."),
     act_type: Optional[ActType] = typer.Option(None, help="Type of quantized activations (default: the target's; uint8 is onnxruntime's fast CPU path)."),
     fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse", help="Fold BatchNorm and scales into Conv before quantizing activations (default: yes; a --weight-bits run's grid stays exact, per channel)."),
+    container: Optional[Container] = typer.Option(None, help="Storage of the 4-bit values of an int4 file: int4 (opset-21 INT4/UINT4) or int8 (the same integers in int8/uint8, weights in [-7, 7]: onnxruntime's int8 kernels). Default: the target's for files with quantized activations (ort-cpu: int8), int4 for weights-only files."),
     json_out: bool = JsonOpt,
 ):
     """Fold the run's checkpoint, write RUN_DIR/model.onnx, check weight ranges and parity.
@@ -69,11 +71,11 @@ def export(
         opts = PrecisionOptions(data=data, calib_samples=calib_samples, calib_split=value(calib_split),
                                 act_bits=act_bits, per_channel=per_channel, rtol=rtol,
                                 calibrate_method=value(calibrate_method), act_type=value(act_type), fuse=fuse,
-                                target=value(target))
+                                target=value(target), container=value(container))
         entry = export_precision(run_dir, value(precision), opts)
         return print_json(entry) if json_out else console.print(quantized_line(run_dir, entry))
     result = export_run(run_dir, bn=value(bn), granularity=value(granularity), opset=opset, rtol=rtol,
-                        target=value(target))
+                        target=value(target), container=value(container))
     if json_out:
         print_json(result.to_dict())
     else:
@@ -87,8 +89,9 @@ def quantized_line(run_dir: Path, entry: dict) -> str:
     t = entry["target"]
     target = f"target {t['name']}" + (f", {', '.join(t['overridden'])} overridden" if t["overridden"] else "")
     if entry.get("contract") == "lossless-activations":
+        box = f", 4-bit values in {entry['container']}" if entry.get("container") else ""
         return (f"wrote {run_dir / entry['file']} (W{entry['weight_bits']}A{entry['act_bits']}, trained scales, "
-                f"{len(entry['points'])} quantized tensors, opset {entry['opset']}; {target})")
+                f"{len(entry['points'])} quantized tensors, opset {entry['opset']}{box}; {target})")
     c = entry["vs_fp32"]
     calib = f"; calibrated on {entry['calibration']}" if entry.get("calibration") else ""
     return (f"wrote {run_dir / entry['file']} ({entry['activations']} activations, weights "

@@ -25,6 +25,7 @@ PRECISIONS = ("fp32", "fp16", "int8", "int4")
 CALIBRATORS = ("minmax", "percentile", "entropy")
 DEFAULT_CALIBRATOR = "minmax"
 ACT_TYPES = ("uint8", "int8")
+CONTAINERS = ("int4", "int8")    # storage of 4-bit values (quantize/container.py)
 TARGETS = ("ort-cpu", "openvino", "tensorrt", "fixed-point")   # quantize/targets.py PRESETS
 DEFAULT_TARGET = "ort-cpu"
 

@@ -44,9 +44,10 @@ def check_act_precision(manifest: Manifest, precision: str, act_bits: str | None
 
 
 def export_act_precision(run_dir: Path, precision: str, act_bits: str | None = None,
-                         data: str | None = None) -> dict:
-    """Write ``model.<precision>.onnx`` of an ``--act-bits`` run with its trained scales; returns
-    the entry written to ``report.json["quantized"][precision]``."""
+                         data: str | None = None, container: str = "int4") -> dict:
+    """Write ``model.<precision>.onnx`` of an ``--act-bits`` run with its trained scales, its
+    4-bit values (if any) in ``container`` (int4 | int8); returns the entry written to
+    ``report.json["quantized"][precision]``."""
     run = RunDir(run_dir)
     check_act_precision(run.manifest(), precision, act_bits, data)
     manifest, qat = run.load_qat()
@@ -54,7 +55,8 @@ def export_act_precision(run_dir: Path, precision: str, act_bits: str | None = N
     po2 = manifest.po2
     shifts = layer_shifts(qat) if po2 else None  # raises before anything is written
     with atomic_path(dst) as tmp:  # a po2 file is in place only once its scales are checked
-        info = export_qdq(qat, tmp, example_shape=(1, *manifest.input_shape))  # opset 17, 21 with 4 bits
+        info = export_qdq(qat, tmp, example_shape=(1, *manifest.input_shape),  # opset 17, 21 with INT4
+                          container=container)
         bad = fixed_point_violations(onnx.load(str(tmp))) if po2 else []
         if bad:
             raise ParityError(f"{dst.name} of a po2 run: {bad[0]}")

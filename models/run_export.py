@@ -15,6 +15,7 @@ from wnconvert.convert.quantize import (QuantOptions, artifact_name, check_preci
 from wnconvert.convert.schemes import REGISTRY
 from wnconvert.convert.verify import make_inputs
 
+from wnconvert.convert.quantize.container import check_container
 from wnconvert.convert.quantize.targets import DEFAULT_TARGET
 
 from .act_files import export_act_precision
@@ -58,15 +59,25 @@ def fold_run(run_dir: Path, bn: str | None = None, granularity: str | None = Non
     return cfg, fold_model(model, example_inputs(manifest.input_shape), cfg)
 
 
+def check_container_use(precision: str, container: str | None) -> None:
+    """``--container`` names the storage of 4-bit values: only int4 files have any."""
+    if container is not None:
+        check_container(container)
+        if precision != "int4":
+            raise UserInputError(f"--container stores the 4-bit values of int4 files; --precision {precision} "
+                                 "has none (leave it out)")
+
+
 @writes_run
 def export_run(run_dir: Path, *, bn: str | None = None, granularity: str | None = None,
                opset: int | None = None, rtol: float | None = None,
-               target: str = DEFAULT_TARGET) -> ConversionResult:
+               target: str = DEFAULT_TARGET, container: str | None = None) -> ConversionResult:
     """Fold the run's checkpoint again and write ``model.onnx``, its weight ranges and parity into
     report.json; the overrides become the run's settings in the manifest. The caller checks
     parity (``pipeline.require_parity``) once it has shown the result. Raises ParityError, with
     the previous model.onnx, report and manifest untouched, when the file breaks ``target``'s
     structural rules."""
+    check_container_use("fp32", container)
     run = RunDir(run_dir)
     preset = resolve_target(target, {})[0]
     manifest, model, _ = run.load()
@@ -95,7 +106,7 @@ def quant_options(precision: str, opts: PrecisionOptions, scheme, settings: dict
         per_channel=True if per_channel is None else per_channel,
         calibrate_method=opts.calibrate_method, grid_bits=scheme.weight_bits,
         act_type=settings["act_type"], fuse=opts.fuse, act_symmetric=settings["act_symmetric"],
-        quantize_bias=settings["quantize_bias"])
+        quantize_bias=settings["quantize_bias"], container=settings.get("container", "int4"))
     if per_channel is None and not options.fuses and not REGISTRY[scheme.scheme].per_channel:
         options = replace(options, per_channel=False)  # one scale per tensor, until BatchNorm is folded in
     return options
@@ -103,7 +114,23 @@ def quant_options(precision: str, opts: PrecisionOptions, scheme, settings: dict
 
 def _overrides(opts: PrecisionOptions) -> dict:
     """The explicit options that override a target's settings (None: not given)."""
-    return {"act_type": opts.act_type, "per_channel": opts.per_channel}
+    return {"act_type": opts.act_type, "per_channel": opts.per_channel, "container": opts.container}
+
+
+def file_settings(precision: str, preset, settings: dict, overridden: list[str], opts: PrecisionOptions,
+                  weights_only: bool) -> tuple[dict, list[str]]:
+    """The target's settings as they apply to a ``precision`` file, and the overridden ones: the
+    container of 4-bit values only for int4 files, INT4 for weights-only ones unless
+    ``--container`` says otherwise (float activations get no integer kernel from an int8 container)."""
+    settings, overridden = dict(settings), [o for o in overridden if o != "container"]
+    settings.pop("container")
+    default = "int4" if weights_only else preset.container
+    if precision != "int4":
+        return settings, overridden
+    settings["container"] = opts.container or default
+    if settings["container"] != default:
+        overridden = sorted(overridden + ["container"])
+    return settings, overridden
 
 
 def _calibration(manifest: Manifest, precision: str, options: QuantOptions,
@@ -122,11 +149,15 @@ def _calibration(manifest: Manifest, precision: str, options: QuantOptions,
     return calib, data, f"{len(calib)} {opts.calib_split} images from {data} ({source})"
 
 
-def _export_act_file(run: RunDir, precision: str, opts: PrecisionOptions, preset) -> dict:
+def _export_act_file(run: RunDir, precision: str, opts: PrecisionOptions, preset, settings: dict,
+                     overridden: list[str]) -> dict:
     """An --act-bits run's file (its trained scales) for ``preset``, recorded and checked."""
-    entry = export_act_precision(run.path, precision, opts.act_bits, opts.data)
+    container = settings.get("container", "int4")
+    entry = export_act_precision(run.path, precision, opts.act_bits, opts.data, container)
     manifest = run.manifest()
-    entry["target"] = record_target(run, manifest, run.path / entry["file"], preset, dict(TRAINED), [])
+    own = dict(TRAINED) | ({"container": container} if precision == "int4" else {})
+    entry["target"] = record_target(run, manifest, run.path / entry["file"], preset, own,
+                                    [o for o in overridden if o == "container"])
     run.finish(manifest)
     return entry
 
@@ -141,13 +172,16 @@ def export_precision(run_dir: Path, precision: str, opts: PrecisionOptions = Pre
     fp32 model within the run's tolerance (its weights are lossless), or, before anything is
     written, when the file breaks the target's structural rules."""
     check_precision(precision)
+    check_container_use(precision, opts.container)
     run = RunDir(run_dir)
     manifest = run.manifest()
     preset, settings, overridden = resolve_target(opts.target, _overrides(opts))
     act_file = manifest.act is not None and precision != "fp16"  # the trained integer network
-    check_run_target(manifest, preset, precision, not act_file and parse_act_bits(opts.act_bits, precision) is None)
+    weights_only = not act_file and parse_act_bits(opts.act_bits, precision) is None
+    check_run_target(manifest, preset, precision, weights_only)
+    settings, overridden = file_settings(precision, preset, settings, overridden, opts, weights_only)
     if act_file:
-        return _export_act_file(run, precision, opts, preset)
+        return _export_act_file(run, precision, opts, preset, settings, overridden)
     src = run.onnx_path
     if not src.exists():
         raise UserInputError(f"{run_dir} has no model.onnx; run `wnconvert export {run_dir}` first")

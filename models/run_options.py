@@ -28,6 +28,7 @@ class PrecisionOptions:
     fuse: bool | None = None
     rtol: float | None = None            # lossless check tolerance (default: the run's)
     target: str = DEFAULT_TARGET         # convert/quantize/targets.py
+    container: str | None = None         # int4 | int8: storage of 4-bit values (None: the target's)
 
 
 @dataclass(frozen=True)

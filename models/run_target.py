@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from wnconvert.convert.errors import ParityError, UserInputError
-from wnconvert.convert.quantize.target_rules import check_rules
+from wnconvert.convert.quantize.target_rules import check_file
 from wnconvert.convert.quantize.targets import (TargetPreset, apply_target, check_target_precision,
                                                 get_target, target_record)
 
@@ -43,9 +43,7 @@ def record_target(run: RunDir, manifest: Manifest, path: Path, preset: TargetPre
                   overridden: list[str]) -> dict:
     """Check ``path`` against the target's rules and record target and check in report.json and in
     ``manifest`` (the caller writes it). Returns the report's record."""
-    violations = check_rules(path, preset.rules)
-    record = target_record(preset, settings, overridden) | {
-        "check": {"rules": preset.rules, "passed": not violations, "violations": violations}}
+    record = target_record(preset, settings, overridden) | {"check": check_file(path, preset.rules)}
     run.update_report(lambda report: report.setdefault("targets", {}).__setitem__(path.name, record))
     manifest.targets[path.name] = {"target": preset.name, "overridden": overridden}
     return record

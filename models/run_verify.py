@@ -6,12 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from torch import Tensor, nn
 
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.quant_check import QuantThresholds, check_lossy, detect_precision
 from wnconvert.convert.quantize import PRECISIONS, artifact_name
+from wnconvert.convert.quantize.container import container_record
 from wnconvert.convert.verify import VerifyConfig, load_inputs, make_inputs, verify
 
 from .act_files import CONTRACT, verify_act_file
@@ -71,8 +73,18 @@ def verify_quantized(run_dir: Path, model: nn.Module, targets: list[tuple[str, P
             if not run.onnx_path.exists():
                 raise UserInputError(f"{run_dir} has no model.onnx to compare {path.name} with")
             res = check_lossy(run.onnx_path, path, x, thresholds) | {"inputs": inputs}
-        out[precision if own else str(path)] = res | {"file": str(path)}
+        out[precision if own else str(path)] = with_container_check(res, path) | {"file": str(path)}
     return out
+
+
+def with_container_check(res: dict, path: Path) -> dict:
+    """``res`` with the check of the file's int8 containers (every weight in the 4-bit range of a
+    file marked as such) recorded and its violations among the failures."""
+    record = container_record(onnx.load(str(path)))
+    if record["storage"] != "int8":
+        return res
+    bad = record["violations"]
+    return res | {"container": record, "failures": list(res["failures"]) + bad, "passed": res["passed"] and not bad}
 
 
 @dataclass

@@ -5,8 +5,9 @@ initializer holds the trained grid integers (int8, or INT4 at opset 21 for 4-bit
 per-channel scales of :func:`~.layers.deployed_parts`; every bias is the int32 that the eval-mode
 model uses, with scale ``s_x · s_w``; every quantization point is one ``QuantizeLinear`` (node
 ``Q_<point>``) and its ``DequantizeLinear`` (``DQ_<point>``), zero point 0, uint8/int8 (uint4/int4
-at opset 21 for 4-bit activations). Activations of 5 to 7 bits are stored in 8-bit types behind a
-``Clip`` to the grid's range. Max pooling and flatten act on the integers where the storage is
+at opset 21 for 4-bit activations; with ``container="int8"`` 4-bit values stay in int8/uint8, like
+those of 5 to 7 bits). Activations of 5 to 7 bits are stored in 8-bit types behind a ``Clip`` to
+the grid's range. Max pooling and flatten act on the integers where the storage is
 8-bit (onnxruntime has no 4-bit kernels for them; there they act on the dequantized values, which
 is the same function). A mixed-precision operation (prepare.FLOAT_OPS) is written in float between
 the DequantizeLinear of its inputs and the QuantizeLinear of the point after it.
@@ -26,6 +27,7 @@ from torchvision.ops import StochasticDepth
 
 from ..artifacts import atomic_path
 from ..errors import UserInputError
+from ..quantize.container import check_container, mark_int8_container
 from .layers import QLayer, deployed_parts
 from .graph_ops import ADD, AVGPOOL_FN, CAT, float_op, is_passthrough
 from .prepare import act_points, qlayers
@@ -45,11 +47,12 @@ class ExportInfo:
     activation_types: dict[str, str] = field(default_factory=dict)   # point -> onnx element type
     weight_types: dict[str, str] = field(default_factory=dict)       # layer -> onnx element type
     clipped_points: list[str] = field(default_factory=list)          # 5..7-bit points behind a Clip
+    container: str | None = None     # storage of 4-bit values: int4 | int8 (None: no 4-bit value)
 
     def to_dict(self) -> dict:
         return {"path": str(self.path), "opset": self.opset, "points": self.points,
                 "activation_types": self.activation_types, "weight_types": self.weight_types,
-                "clipped_points": self.clipped_points}
+                "clipped_points": self.clipped_points, "container": self.container}
 
 
 @dataclass
@@ -82,8 +85,9 @@ def _qtype(bits: int, signed: bool, opset: int, storage: str) -> tuple[int, int]
 
 
 class _Emitter:
-    def __init__(self, gm: fx.GraphModule, opset: int, storage: str) -> None:
+    def __init__(self, gm: fx.GraphModule, opset: int, storage: str, container: str) -> None:
         self.gm, self.opset, self.storage = gm, opset, storage
+        self.four = opset >= INT4_OPSET and container == "int4"   # 4-bit values in 4-bit tensors
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.env: dict[fx.Node, _Value] = {}
@@ -164,7 +168,7 @@ class _Emitter:
         rewrites a 4-bit DQ -> MaxPool into a MaxPool on the 4-bit tensor, which it then rejects
         as invalid, so a 4-bit point feeding max pooling or flatten is stored in 8 bits (with the
         Clip that keeps its 4-bit range)."""
-        return 4 if q.bits == 4 and self.opset >= INT4_OPSET and not feeds_pass else 8
+        return 4 if q.bits == 4 and self.four and not feeds_pass else 8
 
     def quantize(self, point: str, q: ActQuantizer, v: _Value, feeds_pass: bool) -> _Value:
         width = self._width(q, feeds_pass)
@@ -185,7 +189,7 @@ class _Emitter:
 
     def layer(self, name: str, q: QLayer, v: _Value) -> str:
         d = deployed_parts(q)
-        wtype = TensorProto.INT4 if d.weight_bits <= 4 and self.opset >= INT4_OPSET else TensorProto.INT8
+        wtype = TensorProto.INT4 if d.weight_bits <= 4 and self.four else TensorProto.INT8
         self.info.weight_types[q.name] = TensorProto.DataType.Name(wtype)
         w = self.init(f"{name}_w_q", d.weight_int, wtype)
         ws = self.init(f"{name}_w_scale", d.weight_scale)
@@ -272,24 +276,28 @@ def _pass_op(n: fx.Node, mod: nn.Module | None) -> tuple[str, dict] | None:
 
 
 def export_qdq(qat_model: fx.GraphModule, path: Path, *, example_shape: tuple[int, ...],
-               opset: int | None = None, signed_storage: str = "offset") -> ExportInfo:
+               opset: int | None = None, signed_storage: str = "offset", container: str = "int4") -> ExportInfo:
     """Write ``qat_model`` (a :func:`~.prepare.prepare_qat` model, calibrated/trained) as QDQ ONNX:
     input ``input`` (float NCHW, dynamic batch), output ``logits``. ``opset`` defaults to 21 when
-    any weight or activation has 4 bits, else 17. ``signed_storage``: ``offset`` (signed 8-bit
-    points as uint8 with zero point 128, fully fused by onnxruntime) or ``int8`` (zero point 0)."""
+    any weight or activation has 4 bits stored as such, else 17. ``signed_storage``: ``offset``
+    (signed 8-bit points as uint8 with zero point 128, fully fused by onnxruntime) or ``int8``
+    (zero point 0). ``container`` (:mod:`..quantize.container`): 4-bit values in INT4/UINT4
+    tensors (``int4``) or in 8-bit ones, weights in [-7, 7] and activations behind a Clip to
+    their 4-bit range (``int8``: onnxruntime's int8 kernels; the file is marked as such)."""
     if signed_storage not in SIGNED_STORAGE:
         raise UserInputError(f"signed storage must be one of {', '.join(SIGNED_STORAGE)}, not {signed_storage!r}")
+    check_container(container)
     four = any(p.bits == 4 for p in act_points(qat_model)) or any(
         q.weight_bits <= 4 for q in qlayers(qat_model))
-    opset = opset or (INT4_OPSET if four else DEFAULT_OPSET)
-    if four and opset < INT4_OPSET and any(q.weight_bits <= 4 for q in qlayers(qat_model)):
+    opset = opset or (INT4_OPSET if four and container == "int4" else DEFAULT_OPSET)
+    if four and container == "int4" and opset < INT4_OPSET and any(q.weight_bits <= 4 for q in qlayers(qat_model)):
         raise UserInputError(f"4-bit weights need opset {INT4_OPSET} (INT4 initializers), not {opset}")
     was_training = qat_model.training
     qat_model.eval()
     try:
         with torch.no_grad():
             out_shape = tuple(qat_model(torch.zeros(1, *example_shape[1:])).shape)
-        em = _Emitter(qat_model, opset, signed_storage)
+        em = _Emitter(qat_model, opset, signed_storage, container)
         logits = em.run()
     finally:
         qat_model.train(was_training)
@@ -299,6 +307,10 @@ def export_qdq(qat_model: fx.GraphModule, path: Path, *, example_shape: tuple[in
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                               producer_name="wnconvert.actquant")
     model.ir_version = 10 if opset >= INT4_OPSET else 8
+    if four:
+        em.info.container = container
+        if container == "int8":
+            mark_int8_container(model)
     onnx.checker.check_model(model, full_check=True)
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -23,7 +23,7 @@ import numpy as np
 
 from .graph import QParams, Step
 from .ops import Accum, Term
-from .requant import QTYPES, float32_requant, quantize_constant, round_div, round_shift, saturate
+from .requant import QTYPES, float32_requant, quantize_constant, quantize_float, round_div, round_shift, saturate
 
 FLOAT32_EXACT = 2 ** 24
 INT32_RANGE = (-(2 ** 31), 2 ** 31 - 1)
@@ -112,6 +112,13 @@ def requantize(terms: list[Term], divisor, abs_sum, out: QParams, clamp) -> tupl
         info.max_abs_partial = max(info.max_abs_partial, _max_abs(abs_sum))
     lo, hi = _bounds(out, clamp)
     return saturate(q + int(out.zero_point), lo, hi), info
+
+
+def quantize_input(x: np.ndarray, out: QParams, clamp: tuple[float, float]) -> np.ndarray:
+    """A float graph input quantized like ``QuantizeLinear``, within the integer bounds of a Clip
+    before it (a 4-bit input in an 8-bit container)."""
+    q = quantize_float(x, float(out.scale), int(out.zero_point), out.qtype)
+    return saturate(q, *_bounds(out, clamp))
 
 
 def requantize_accum(accum: Accum, out: QParams, clamp) -> tuple[np.ndarray, Requant]:

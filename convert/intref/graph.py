@@ -172,24 +172,43 @@ class GraphReader:
             raise UserInputError(f"per-channel activation quantization is not supported: {_node_label(node)}")
         src = node.input[0]
         self.covered.add(id(node))
-        if src in self.float_inputs:
+        clipped, clamp = self._float_input(src)
+        if clipped is not None:
             step = Step("input", node.output[0], "QuantizeLinear", node.name or node.output[0], out_params,
-                        source=src)
+                        clamp=clamp, source=clipped)
         else:
             step = self._trace(node, src, out_params)
         self.integer[node.output[0]] = out_params
         self.steps.append(step)
 
-    def _trace(self, q_node: onnx.NodeProto, src: str, out_params: QParams) -> Step:
+    def _activations(self, src: str) -> tuple[str, list[onnx.NodeProto], float, float]:
+        """Back from ``src`` through Relu/Clip nodes: the tensor they act on, the nodes (last
+        first) and the bounds they impose together."""
         lo, hi = -np.inf, np.inf
+        chain = []
         node = self.producer.get(src)
-        last_act = None
         while node is not None and node.op_type in ACTIVATIONS:
             a_lo, a_hi = self._activation_bounds(node)
             lo, hi = float(np.clip(a_lo, lo, hi)), float(np.clip(a_hi, lo, hi))
-            self.covered.add(id(node))
-            last_act = last_act or node
-            node = self.producer.get(node.input[0])
+            chain.append(node)
+            src = node.input[0]
+            node = self.producer.get(src)
+        return src, chain, lo, hi
+
+    def _float_input(self, src: str) -> tuple[str | None, tuple[float, float]]:
+        """The float graph input ``src`` is, or comes from through Relu/Clip nodes (a 4-bit input
+        in an 8-bit container), with their bounds; None otherwise."""
+        origin, chain, lo, hi = self._activations(src)
+        if origin not in self.float_inputs:
+            return None, (lo, hi)
+        self.covered.update(id(n) for n in chain)
+        return origin, (lo, hi)
+
+    def _trace(self, q_node: onnx.NodeProto, src: str, out_params: QParams) -> Step:
+        origin, chain, lo, hi = self._activations(src)
+        self.covered.update(id(n) for n in chain)
+        last_act = chain[0] if chain else None
+        node = self.producer.get(origin)
         if node is None:
             raise UserInputError(f"{_node_label(q_node)} quantizes a tensor no node produces")
         if node.op_type == "DequantizeLinear":

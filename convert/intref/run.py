@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import UserInputError
-from .execute import FLOAT32_EXACT, INT32_RANGE, Requant, accumulator, requantize_accum, weight_scale
+from .execute import (FLOAT32_EXACT, INT32_RANGE, Requant, accumulator, quantize_input, requantize_accum,
+                      weight_scale)
 from .graph import QParams, Step, load_model, read_steps
 from .ops import evaluate, move
-from .requant import quantize_float
 
 
 @dataclass
@@ -138,7 +138,7 @@ def _record(step: Step, values: np.ndarray, req: Requant | None, params: QParams
 def _execute(step: Step, env: dict, inputs: dict) -> tuple[np.ndarray, Requant | None, QParams]:
     p = step.out_params
     if step.kind == "input":
-        return quantize_float(inputs[step.source], float(p.scale), int(p.zero_point), p.qtype), None, p
+        return quantize_input(inputs[step.source], p, step.clamp), None, p
     if step.kind == "move":
         return move(step, env), None, p
     if step.kind == "acc":

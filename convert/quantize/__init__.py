@@ -27,6 +27,7 @@ from ..errors import UserInputError
 from ..metrics import compare_logits
 from ..runtime import run_onnx
 from . import fp16, static, weights_only
+from .container import CONTAINERS  # noqa: F401 (public)
 from .graph import WEIGHT_INPUTS, opset_of, weight_storage  # noqa: F401 (public)
 from .options import (ACT_BITS, ACT_TYPES, CALIBRATORS, INT_OPSET, PRECISIONS,  # noqa: F401 (public)
                       QuantOptions, QuantResult, artifact_name, check_precision)

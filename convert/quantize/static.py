@@ -7,7 +7,8 @@ onnxruntime's CPU provider leaves the residual Adds (and the Convs feeding them)
 ResNet-18 file ran 0.4x as fast as fp32, with uint8 about 1.5x faster (docs/results.md). BatchNorm
 and the scheme's per-channel scales are folded into the Conv first (``fuse``), a linear layer's
 output scale and bias into one Gemm, and no QuantizeLinear is left on the logits (:mod:`.tail`).
-The weights of a ``--weight-bits`` run are then rewritten onto their exact grid (:mod:`.grid`).
+The weights of a ``--weight-bits`` run are then rewritten onto their exact grid (:mod:`.grid`), and
+int4 weights moved into int8 containers when asked (:mod:`.container`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import onnx
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from .container import GRID_RANGE, INT4_RANGE, to_int8_container
 from .graph import dq_weight_names, set_opset
 from .grid import exact_grid_rewrite
 from .options import INT_OPSET, QuantOptions, QuantResult
@@ -84,6 +86,9 @@ def write(src: Path, out: Path, tmp: Path, options: QuantOptions, calib: np.ndar
         exact_grid_rewrite(model, onnx.load(str(pre)), options, result)
     else:
         result.lossy_weights.extend(dq_weight_names(model))
+    if options.precision == "int4" and options.container == "int8":  # the same integers, int8 kernels
+        exact = options.grid_bits is not None and not result.lossy_weights  # all on the symmetric grid
+        to_int8_container(model, GRID_RANGE if exact else INT4_RANGE)
     onnx.save(model, str(out))
 
 

@@ -14,6 +14,9 @@ builder limit):
 
 ``fixed-point``: every activation QuantizeLinear's scale is a power of two (requantization by
 shift).
+
+Any target: a file marked as holding 4-bit values in int8 containers has every stored weight
+integer in the 4-bit range [-7, 7] (:func:`.container.container_violations`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from .container import container_record, container_violations
 from .graph import opset_of
 
 TENSORRT_OPSETS = (13, 25)
@@ -129,6 +133,10 @@ def fixed_point_violations(model: onnx.ModelProto) -> list[str]:
 RULES = {"tensorrt": tensorrt_violations, "fixed-point": fixed_point_violations}
 
 
-def check_rules(path: Path, rules: str | None) -> list[str]:
-    """The violations of ``rules`` (a key of RULES, or None: none) by the ONNX file ``path``."""
-    return RULES[rules](onnx.load(str(path))) if rules else []
+def check_file(path: Path, rules: str | None) -> dict:
+    """The structural check of ``path`` as report.json records it: the target's ``rules``, the
+    storage of its 4-bit values (``container``), whether it passed and every violation."""
+    model = onnx.load(str(path))
+    violations = container_violations(model) + (RULES[rules](model) if rules else [])
+    return {"rules": rules, "passed": not violations, "violations": violations,
+            "container": container_record(model)}

@@ -2,18 +2,26 @@
 names the quantization settings that runtime expects (:class:`TargetPreset`).
 
 * ``ort-cpu`` (default, today's files): uint8 asymmetric activations, onnxruntime's fast CPU path
-  (QLinearConv); int32 biases, which onnxruntime fuses into the integer convolution.
+  (QLinearConv); int32 biases, which onnxruntime fuses into the integer convolution; 4-bit values
+  of files with quantized activations (W4A8) in int8 containers (:mod:`.container`): onnxruntime
+  has no int4 convolution kernel.
 * ``openvino``: OpenVINO's CPU plugin reads QDQ and runs uint8 activations in its integer kernels;
   the file is ort-cpu's (measured: the same file with float biases, as OpenVINO's own quantizer
   NNCF writes them, ran 0.35-0.45x as fast in OpenVINO at 32 px; docs/results.md). Its own name
   keeps the record honest about where the file goes and lets its settings move on their own.
+  4-bit values in int8 containers too: measured on a ResNet-18 W4A8 file at 32 px, OpenVINO ran the
+  int8-container file 3.1-3.2x its fp32 file and the INT4 one 1.0x (docs/results.md).
 * ``tensorrt``: TensorRT's explicit quantization: int8 activations, symmetric (zero point 0),
   weights symmetric per output channel (axis 0), float biases, no uint8, opset 13..25; checked
   structurally after export (:mod:`.target_rules`), unverified on real TensorRT (no GPU here).
 * ``fixed-point``: the integer file of a run trained with power-of-two activation scales
-  (``--act-bits`` with ``po2`` scales): requantization by shift. Any other run is refused.
+  (``--act-bits`` with ``po2`` scales): requantization by shift. Any other run is refused. 4-bit
+  values stay INT4/UINT4: the file describes the hardware's own 4-bit format.
 
-Explicit options (``--act-type``, ``--per-channel/--per-tensor``, ``--opset``) override a preset's
+``container`` applies to int4 files with quantized activations; weights-only int4 files keep INT4
+(float activations get no integer kernel from an int8 container) unless ``--container`` says
+otherwise. Explicit options (``--act-type``, ``--per-channel/--per-tensor``, ``--container``,
+``--opset``) override a preset's
 setting; the record (:func:`target_record`) lists which were overridden.
 """
 
@@ -38,16 +46,18 @@ class TargetPreset:
     weights_only: bool = True            # takes int8/int4 files with float activations
     act_runs: str = "trained"            # --act-bits runs: trained (their file) | po2 | refused
     rules: str | None = None             # structural rules checked after export (target_rules)
+    container: str = "int4"              # 4-bit values of W4A8/W4A4 files: int4 | int8 (.container)
 
     def settings(self) -> dict:
         """The quantization settings the preset fixes (those an option may override)."""
         return {"act_type": self.act_type, "act_symmetric": self.act_symmetric,
-                "per_channel": self.per_channel, "quantize_bias": self.quantize_bias}
+                "per_channel": self.per_channel, "quantize_bias": self.quantize_bias,
+                "container": self.container}
 
 
 PRESETS = {p.name: p for p in (
-    TargetPreset("ort-cpu", "onnxruntime (CPU provider)"),
-    TargetPreset("openvino", "OpenVINO (CPU plugin)"),
+    TargetPreset("ort-cpu", "onnxruntime (CPU provider)", container="int8"),
+    TargetPreset("openvino", "OpenVINO (CPU plugin)", container="int8"),
     TargetPreset("tensorrt", "TensorRT (explicit quantization; unverified here)", act_type="int8",
                  act_symmetric=True, per_channel=True, quantize_bias=False, opsets=(13, 25),
                  precisions=("fp32", "fp16", "int8"), weights_only=False, act_runs="refused",

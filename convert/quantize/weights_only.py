@@ -11,7 +11,8 @@ of ``1/L``) and its integers are ``round(w·L)``: lossless. Other weights get th
 scale ``max|w_c| / qmax``, which is lossy. onnxruntime (ENABLE_EXTENDED and up) rewrites
 ``DequantizeLinear -> MatMul`` into ``MatMulNBits``, whose default accuracy level quantizes the
 activations to int8; the comparisons here run with ``session.qdq_matmulnbits_accuracy_level=0``
-(see ``runtime.ort_session``).
+(see ``runtime.ort_session``). ``container="int8"`` stores int4 weights as INT8 in [-7, 7]
+(:mod:`.container`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .container import mark_int8_container
 from .graph import WEIGHT_INPUTS, set_opset
 from .options import INT_OPSET, QuantOptions, QuantResult
 
@@ -66,7 +68,7 @@ def write(src: Path, out: Path, tmp: Path, options: QuantOptions, calib, result:
 def weights_only(model: onnx.ModelProto, options: QuantOptions, result: QuantResult) -> onnx.ModelProto:
     bits = options.weight_bits
     qmax = 2 ** (bits - 1) - 1
-    dtype = TensorProto.INT4 if bits == 4 else TensorProto.INT8
+    dtype = TensorProto.INT4 if bits == 4 and options.container == "int4" else TensorProto.INT8
     grid = 2 ** (options.grid_bits - 1) - 1 if options.grid_bits else None
     if grid is not None and grid > qmax:
         result.notes.append(f"the {options.grid_bits}-bit training grid does not fit in int{bits}; "
@@ -122,4 +124,6 @@ def weights_only(model: onnx.ModelProto, options: QuantOptions, result: QuantRes
             model.graph.input.remove(vi)
     for n in reversed(new_nodes):
         model.graph.node.insert(0, n)
+    if bits == 4 and options.container == "int8":
+        mark_int8_container(model)
     return model
