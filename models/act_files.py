@@ -5,6 +5,7 @@ the **lossless-activations** contract (``convert/actquant/lossless.py``)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -44,10 +45,12 @@ def check_act_precision(manifest: Manifest, precision: str, act_bits: str | None
 
 
 def export_act_precision(run_dir: Path, precision: str, act_bits: str | None = None,
-                         data: str | None = None, container: str = "int4") -> dict:
+                         data: str | None = None, container: str = "int4",
+                         check: Callable[[Path], None] | None = None) -> dict:
     """Write ``model.<precision>.onnx`` of an ``--act-bits`` run with its trained scales, its
     4-bit values (if any) in ``container`` (int4 | int8); returns the entry written to
-    ``report.json["quantized"][precision]``."""
+    ``report.json["quantized"][precision]``. ``check`` (e.g. a target's rules) runs on the
+    temporary file and raises to keep it from being put in place."""
     run = RunDir(run_dir)
     check_act_precision(run.manifest(), precision, act_bits, data)
     manifest, qat = run.load_qat()
@@ -60,6 +63,8 @@ def export_act_precision(run_dir: Path, precision: str, act_bits: str | None = N
         bad = fixed_point_violations(onnx.load(str(tmp))) if po2 else []
         if bad:
             raise ParityError(f"{dst.name} of a po2 run: {bad[0]}")
+        if check is not None:
+            check(tmp)
     entry = {"file": dst.name, "contract": CONTRACT, "precision": precision,
              "weight_bits": int(qlayers(qat)[0].weight_bits), "act_bits": manifest.act.bits,
              "calibration": None, "scales": "trained", "scale_format": manifest.act.scale_format,

@@ -153,7 +153,8 @@ def _export_act_file(run: RunDir, precision: str, opts: PrecisionOptions, preset
                      overridden: list[str]) -> dict:
     """An --act-bits run's file (its trained scales) for ``preset``, recorded and checked."""
     container = settings.get("container", "int4")
-    entry = export_act_precision(run.path, precision, opts.act_bits, opts.data, container)
+    entry = export_act_precision(run.path, precision, opts.act_bits, opts.data, container,
+                                 check=rules_guard(preset, artifact_name(precision)))
     manifest = run.manifest()
     own = dict(TRAINED) | ({"container": container} if precision == "int4" else {})
     entry["target"] = record_target(run, manifest, run.path / entry["file"], preset, own,

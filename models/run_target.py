@@ -49,14 +49,12 @@ def record_target(run: RunDir, manifest: Manifest, path: Path, preset: TargetPre
     return record
 
 
-def rules_guard(preset: TargetPreset, name: str) -> Callable[[Path], None] | None:
+def rules_guard(preset: TargetPreset, name: str) -> Callable[[Path], None]:
     """A check of a file about to become ``name`` (run on the temporary file, before it is put in
-    place): ParityError (exit 3) naming the first rule of ``preset`` it breaks. None: no rules."""
-    if not preset.rules:
-        return None
-
+    place): ParityError (exit 3) naming the first rule of ``preset`` it breaks, or the first weight
+    of an int8-container file outside its 4-bit range (any target)."""
     def check(path: Path) -> None:
-        found = check_rules(path, preset.rules)
+        found = check_file(path, preset.rules)["violations"]
         if found:
             more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
             raise ParityError(f"{name} breaks the {preset.name} rules: {found[0]}{more}; "
