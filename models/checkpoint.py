@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -35,6 +36,18 @@ def save_atomic(payload: Mapping[str, Any], path: Path) -> None:
         torch.save(dict(payload), f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def link_atomic(source: Path, path: Path) -> None:
+    """``path`` becomes the file ``source`` is now, in one rename: a hard link, so no second copy
+    takes disk space (the next ``save_atomic`` of ``source`` writes a new file and leaves ``path``
+    as it was), or a copy where the file system has no hard links."""
+    with atomic_path(path) as tmp:
+        tmp.unlink()
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

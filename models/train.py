@@ -7,7 +7,7 @@
   "images_per_s"}`` and one per epoch ``{"epoch", "train_loss", "val_loss", "val_top1",
   "val_top5", "lr", "images_per_s"}`` (accuracies as fractions); appended and flushed per line.
 * ``train/last.pt`` after every epoch, ``train/best.pt`` whenever val top-1 improves
-  (see :mod:`.checkpoint`).
+  (a hard link to that ``last.pt``; see :mod:`.checkpoint`).
 
 Epochs are numbered from 1; ``step`` counts optimizer steps over the whole run. Resuming from an
 epoch-end ``last.pt`` reproduces the uninterrupted run exactly on the same hardware and number of

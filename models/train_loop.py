@@ -233,8 +233,8 @@ class Saver:
         payload = self._payload(weights, rngs)
         ckpt.save_atomic(payload, self.last_path)
         self.saved_epoch = epoch
-        if improved:
-            ckpt.save_atomic(payload, self.best_path)
+        if improved:  # best.pt is this very file: a hard link, not a second copy
+            ckpt.link_atomic(self.last_path, self.best_path)
 
     def _payload(self, weights: dict, rngs: list) -> dict:
         s = self.state

@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 
 import pytest
@@ -24,9 +25,40 @@ def fashion_run(tmp_path_factory):
     from wnconvert.cli.main import app
 
     out = tmp_path_factory.mktemp("fashion_run") / "run"
+    _SESSION_DIRS.add(out.parent)
     args = ["finetune", "resnet18", "--weights", "none", "--num-classes", "10", "--image-size", "32",
             "--data", "fashion-mnist", "--epochs", "1", "--limit-train", "128", "--limit-val", "64",
             "--batch-size", "32", "--samples", "4", "--workers", "0", "--device", "cpu", "--out", str(out)]
     r = CliRunner().invoke(app, args, catch_exceptions=False)
     assert r.exit_code == 0, r.output
     return out
+
+
+# -- disk: a ResNet-18 run directory is ~250 MB; the suite makes dozens of them -------------------
+# pyproject's retention policy deletes each passing test's tmp_path; the directories module-scoped
+# fixtures make with tmp_path_factory go here when the module ends with no failure. Directories
+# of session fixtures are kept (they register themselves in _SESSION_DIRS).
+_SESSION_DIRS: set = set()
+_FAILED_MODULES: set = set()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        _FAILED_MODULES.add(item.module.__name__)
+    return report
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_module_dirs(request, tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    yield
+    if request.module.__name__ in _FAILED_MODULES:
+        return
+    for path in set(base.iterdir()) - before - _SESSION_DIRS:
+        if path.is_symlink():  # mktemp's "<name>current" link
+            path.unlink()
+        else:
+            shutil.rmtree(path, ignore_errors=True)

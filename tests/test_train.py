@@ -148,6 +148,20 @@ def test_checkpoints_load_weights_only(tmp_path: Path) -> None:
     for k, v in model.state_dict().items():
         torch.testing.assert_close(last["model"][k], v, rtol=0, atol=0)
     assert not list((tmp_path / "train").glob("*.tmp"))
+    # the best epoch is the last one: best.pt is the same file, not a second copy on disk
+    assert os.stat(tmp_path / "train" / ckpt.BEST).st_ino == os.stat(tmp_path / "train" / ckpt.LAST).st_ino
+
+
+def test_best_link_survives_the_next_save(tmp_path: Path) -> None:
+    last, best = tmp_path / ckpt.LAST, tmp_path / ckpt.BEST
+    ckpt.save_atomic({"epoch": 1}, last)
+    ckpt.link_atomic(last, best)
+    assert os.stat(last).st_nlink == 2
+    ckpt.save_atomic({"epoch": 2}, last)  # a later, worse epoch
+    assert torch.load(best, weights_only=True) == {"epoch": 1}
+    assert torch.load(last, weights_only=True) == {"epoch": 2}
+    ckpt.link_atomic(last, best)  # replacing an existing best.pt
+    assert torch.load(best, weights_only=True) == {"epoch": 2} and not list(tmp_path.glob("*.tmp"))
 
 
 def test_evaluate_counts_every_image() -> None:
