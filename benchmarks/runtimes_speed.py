@@ -9,9 +9,9 @@ images, int8 calibrated on 256 of the run's own training images; speed and agree
 images) and ``r50-224`` (ResNet-50, untrained, 224 px; int8 calibrated on 32 synthetic images,
 speed on 256 of them, agreement not measured: an untrained network's logits are near ties).
 Files: ``model.onnx`` (fp32), ``export --precision int8`` for the ort-cpu target (uint8
-activations, int32 biases; the openvino target writes the same file) and the tensorrt target (int8
-symmetric activations; TensorRT itself is not run here), ``export --precision int4`` (int4
-weights, float activations).
+activations, int32 biases), the openvino target (the same, less the Q/DQ pair between a Conv and
+the residual Add OpenVINO fuses into it) and the tensorrt target (int8 symmetric activations;
+TensorRT itself is not run here), ``export --precision int4`` (int4 weights, float activations).
 
 Speed: images/s of ``wnconvert eval --batch-size 64 --runtime R`` (onnxruntime: CPU provider, all
 graph optimizations; OpenVINO: CPU plugin, f32 inference precision), best of ``--repeats``. Run it
@@ -34,6 +34,7 @@ from wnconvert.models.rundir import RunDir
 
 RUNTIMES = ("onnxruntime", "openvino")
 FILES = (("fp32", "model.onnx", None), ("int8 ort-cpu", "model.int8-ort-cpu.onnx", "ort-cpu"),
+         ("int8 openvino", "model.int8-openvino.onnx", "openvino"),
          ("int8 tensorrt", "model.int8-tensorrt.onnx", "tensorrt"), ("int4 weights", "model.int4.onnx", None))
 
 

@@ -106,7 +106,8 @@ def quant_options(precision: str, opts: PrecisionOptions, scheme, settings: dict
         per_channel=True if per_channel is None else per_channel,
         calibrate_method=opts.calibrate_method, grid_bits=scheme.weight_bits,
         act_type=settings["act_type"], fuse=opts.fuse, act_symmetric=settings["act_symmetric"],
-        quantize_bias=settings["quantize_bias"], container=settings.get("container", "int4"))
+        quantize_bias=settings["quantize_bias"], container=settings.get("container", "int4"),
+        residual_conv=settings.get("residual_conv", "quantized"))
     if per_channel is None and not options.fuses and not REGISTRY[scheme.scheme].per_channel:
         options = replace(options, per_channel=False)  # one scale per tensor, until BatchNorm is folded in
     return options
@@ -158,7 +159,7 @@ def _export_act_file(run: RunDir, precision: str, opts: PrecisionOptions, preset
     manifest = run.manifest()
     own = dict(TRAINED) | ({"container": container} if precision == "int4" else {})
     entry["target"] = record_target(run, manifest, run.path / entry["file"], preset, own,
-                                    [o for o in overridden if o == "container"])
+                                    [o for o in overridden if o == "container"], trained=True)
     run.finish(manifest)
     return entry
 

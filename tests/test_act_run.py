@@ -139,3 +139,12 @@ def test_act_options_need_act_bits(tmp_path, option):
     r = cli("finetune", "resnet18", *option, "--out", tmp_path / "run")
     assert r.exit_code == 2 and "--act-bits runs only" in r.output
     assert not (tmp_path / "run").exists()
+
+
+def test_openvino_target_notes_the_fused_add(trained):
+    """The trained file goes to OpenVINO as trained; the record says where OpenVINO departs from it."""
+    for target, noted in (("openvino", True), ("ort-cpu", False)):
+        r = cli("export", trained, "--precision", "int8", "--target", target)
+        assert r.exit_code == 0, r.output
+        record = json.loads((trained / "report.json").read_text())["targets"]["model.int8.onnx"]
+        assert record["name"] == target and ("skips the requantization" in record.get("note", "")) == noted

@@ -43,3 +43,34 @@ def weight_storage(path: Path) -> dict:
             t = TensorProto.DataType.Name(inits[n.input[0]].data_type).lower()
             kinds[t] = kinds.get(t, 0) + 1
     return kinds
+
+
+def graph_index(model: onnx.ModelProto) -> tuple[dict, dict, dict]:
+    """Initializers by name, the node writing each tensor, the nodes reading each (None: a graph output)."""
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    for o in g.output:
+        consumers.setdefault(o.name, []).append(None)  # a graph output counts as a consumer
+    return {i.name: i for i in g.initializer}, producer, consumers
+
+
+def set_nodes(model: onnx.ModelProto, nodes: list) -> None:
+    """``nodes`` as the graph's, less those nothing reads any more (a bias Reshape and the
+    Shape chain feeding it, say), and the initializers nothing reads dropped."""
+    outputs = {o.name for o in model.graph.output}
+    while True:
+        used = {name for n in nodes for name in n.input} | outputs
+        live = [n for n in nodes if any(o in used for o in n.output)]
+        if len(live) == len(nodes):
+            break
+        nodes = live
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {name for n in nodes for name in n.input} | outputs
+    keep = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..errors import UserInputError
 from ..names import ACT_TYPES, CALIBRATORS, DEFAULT_CALIBRATOR, PRECISIONS  # noqa: F401 (re-exported)
 from .container import check_container
+from .placement import RESIDUAL_CONV
 
 ACT_BITS = (None, 8)
 INT_OPSET = 21  # DequantizeLinear with int4 inputs
@@ -36,12 +37,15 @@ class QuantOptions:
     act_symmetric: bool = False         # activation zero points 0 (int8) instead of calibrated ones
     quantize_bias: bool = True          # int32 biases (DequantizeLinear of int32) or float ones
     container: str = "int4"             # int4 weights stored as INT4 or as INT8 in [-7, 7] (.container)
+    residual_conv: str = "quantized"    # float: no Q/DQ between a Conv and its residual Add (.placement)
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
         if self.act_type not in ACT_TYPES:
             raise UserInputError(f"activation type must be one of: {', '.join(ACT_TYPES)}, not {self.act_type!r}")
         check_container(self.container)
+        if self.residual_conv not in RESIDUAL_CONV:
+            raise UserInputError(f"residual_conv must be one of: {', '.join(RESIDUAL_CONV)}, not {self.residual_conv!r}")
         if self.act_bits not in ACT_BITS:
             raise UserInputError(f"activation bits must be 8 or float, not {self.act_bits!r}")
         if self.calibrate_method not in CALIBRATORS:
@@ -84,5 +88,6 @@ class QuantResult:
                 "fused": o.fuses,
                 "per_channel": o.per_channel, "calibrate_method": o.calibrate_method if o.needs_calibration else None,
                 "grid_bits": o.grid_bits, "container": o.container if self.precision == "int4" else None,
+                "residual_conv": o.residual_conv if o.needs_calibration else None,
                 "exact_weights": len(self.exact_weights),
                 "lossy_weights": len(self.lossy_weights), "notes": self.notes}

@@ -6,7 +6,8 @@ Activations are asymmetric uint8 by default (``act_type``): with int8 activation
 onnxruntime's CPU provider leaves the residual Adds (and the Convs feeding them) as float ops and a
 ResNet-18 file ran 0.4x as fast as fp32, with uint8 about 1.5x faster (docs/results.md). BatchNorm
 and the scheme's per-channel scales are folded into the Conv first (``fuse``), a linear layer's
-output scale and bias into one Gemm, and no QuantizeLinear is left on the logits (:mod:`.tail`).
+output scale and bias into one Gemm, and no QuantizeLinear is left on the logits (:mod:`.tail`);
+for OpenVINO, no Q/DQ pair between a Conv and the residual Add it fuses into it (:mod:`.placement`).
 The weights of a ``--weight-bits`` run are then rewritten onto their exact grid (:mod:`.grid`), and
 int4 weights moved into int8 containers when asked (:mod:`.container`).
 """
@@ -26,6 +27,7 @@ from .container import GRID_RANGE, INT4_RANGE, to_int8_container
 from .graph import dq_weight_names, set_opset
 from .grid import exact_grid_rewrite
 from .options import INT_OPSET, QuantOptions, QuantResult
+from .placement import float_residual_convs
 from .tail import dequantized_outputs, fold_linear_tails
 
 
@@ -82,6 +84,9 @@ def write(src: Path, out: Path, tmp: Path, options: QuantOptions, calib: np.ndar
         logging.getLogger().setLevel(level)
     model = onnx.load(str(out))
     dequantized_outputs(model)  # float logits, not a uint8 grid (tail.py)
+    if options.residual_conv == "float":  # the runtime fuses the residual Add into the Conv
+        floats = float_residual_convs(model)
+        result.notes.append(f"{len(floats)} Conv outputs read by a residual Add left in float (placement.py)")
     if options.grid_bits is not None:  # the quantized graph's own weights (BatchNorm folded or not)
         exact_grid_rewrite(model, onnx.load(str(pre)), options, result)
     else:

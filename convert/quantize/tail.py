@@ -22,17 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-
-def _graph_index(model: onnx.ModelProto) -> tuple[dict, dict, dict]:
-    g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for name in n.input:
-            consumers.setdefault(name, []).append(n)
-    for o in g.output:
-        consumers.setdefault(o.name, []).append(None)  # a graph output counts as a consumer
-    return {i.name: i for i in g.initializer}, producer, consumers
+from .graph import graph_index, set_nodes
 
 
 def _constant(name: str, inits: dict, producer: dict) -> np.ndarray | None:
@@ -92,7 +82,7 @@ def fold_linear_tails(model: onnx.ModelProto) -> list[str]:
 
 
 def _fold(model: onnx.ModelProto) -> list[str]:
-    inits, producer, consumers = _graph_index(model)
+    inits, producer, consumers = graph_index(model)
     written, drop, replace = [], set(), {}
     for node in model.graph.node:
         if node.op_type != "MatMul":
@@ -108,26 +98,8 @@ def _fold(model: onnx.ModelProto) -> list[str]:
                                               [add.output[0]], name=name)
         drop |= {mul.output[0], add.output[0]}
         written.append(name)
-    _set_nodes(model, [replace.get(n.output[0], n) for n in model.graph.node if n.output[0] not in drop])
+    set_nodes(model, [replace.get(n.output[0], n) for n in model.graph.node if n.output[0] not in drop])
     return written
-
-
-def _set_nodes(model: onnx.ModelProto, nodes: list) -> None:
-    """``nodes`` as the graph's, less those nothing reads any more (the bias Reshape and the
-    Shape chain feeding it), and the initializers nothing reads dropped."""
-    outputs = {o.name for o in model.graph.output}
-    while True:
-        used = {name for n in nodes for name in n.input} | outputs
-        live = [n for n in nodes if any(o in used for o in n.output)]
-        if len(live) == len(nodes):
-            break
-        nodes = live
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    used = {name for n in nodes for name in n.input} | outputs
-    keep = [i for i in model.graph.initializer if i.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
 
 
 def _complete(model: onnx.ModelProto) -> bool:
@@ -140,7 +112,7 @@ def _complete(model: onnx.ModelProto) -> bool:
 def dequantized_outputs(model: onnx.ModelProto) -> list[str]:
     """Remove the QuantizeLinear -> DequantizeLinear pair in front of each graph output (in
     place): the producer writes the output in float. The names of the outputs changed."""
-    _, producer, consumers = _graph_index(model)
+    _, producer, consumers = graph_index(model)
     changed, drop = [], set()
     for out in model.graph.output:
         dq = producer.get(out.name)
@@ -152,6 +124,6 @@ def dequantized_outputs(model: onnx.ModelProto) -> list[str]:
         source.output[list(source.output).index(q.input[0])] = out.name
         drop.add(q.output[0])  # the pair: q writes it, dq reads it
         changed.append(out.name)
-    _set_nodes(model, [n for n in model.graph.node if n.output[0] not in drop
+    set_nodes(model, [n for n in model.graph.node if n.output[0] not in drop
                        and not (n.op_type == "DequantizeLinear" and n.input[0] in drop)])
     return changed

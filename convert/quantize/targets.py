@@ -6,9 +6,10 @@ names the quantization settings that runtime expects (:class:`TargetPreset`).
   of files with quantized activations (W4A8) in int8 containers (:mod:`.container`): onnxruntime
   has no int4 convolution kernel.
 * ``openvino``: OpenVINO's CPU plugin reads QDQ and runs uint8 activations in its integer kernels;
-  the file is ort-cpu's (measured: the same file with float biases, as OpenVINO's own quantizer
-  NNCF writes them, ran 0.35-0.45x as fast in OpenVINO at 32 px; docs/results.md). Its own name
-  keeps the record honest about where the file goes and lets its settings move on their own.
+  ort-cpu's settings (measured: the same file with float biases, as OpenVINO's own quantizer NNCF
+  writes them, ran 0.35-0.45x as fast in OpenVINO at 32 px; docs/results.md), but no Q/DQ pair
+  between a Conv and the residual Add OpenVINO fuses into it (:mod:`.placement`): OpenVINO skips
+  that requantization, so a file holding it computes another network in onnxruntime.
   4-bit values in int8 containers too: measured on a ResNet-18 W4A8 file at 32 px, OpenVINO ran the
   int8-container file 3.1-3.2x its fp32 file and the INT4 one 1.0x (docs/results.md).
 * ``tensorrt``: TensorRT's explicit quantization: int8 activations, symmetric (zero point 0),
@@ -47,17 +48,19 @@ class TargetPreset:
     act_runs: str = "trained"            # --act-bits runs: trained (their file) | po2 | refused
     rules: str | None = None             # structural rules checked after export (target_rules)
     container: str = "int4"              # 4-bit values of W4A8/W4A4 files: int4 | int8 (.container)
+    residual_conv: str = "quantized"     # a Conv output read only by a residual Add: quantized |
+                                         # float (the runtime fuses the Add into it; .placement)
 
     def settings(self) -> dict:
         """The quantization settings the preset fixes (those an option may override)."""
         return {"act_type": self.act_type, "act_symmetric": self.act_symmetric,
                 "per_channel": self.per_channel, "quantize_bias": self.quantize_bias,
-                "container": self.container}
+                "container": self.container, "residual_conv": self.residual_conv}
 
 
 PRESETS = {p.name: p for p in (
     TargetPreset("ort-cpu", "onnxruntime (CPU provider)", container="int8"),
-    TargetPreset("openvino", "OpenVINO (CPU plugin)", container="int8"),
+    TargetPreset("openvino", "OpenVINO (CPU plugin)", container="int8", residual_conv="float"),
     TargetPreset("tensorrt", "TensorRT (explicit quantization; unverified here)", act_type="int8",
                  act_symmetric=True, per_channel=True, quantize_bias=False, opsets=(13, 25),
                  precisions=("fp32", "fp16", "int8"), weights_only=False, act_runs="refused",
