@@ -3,19 +3,23 @@
 onnxruntime computes on real Fashion-MNIST images of a trained run; `eval --runtime openvino`
 measures the same accuracy.
 
-Criteria (measured on this run: ResNet-18 at 32 px trained on 128 images, 22 % top-1, OpenVINO 2026.4):
+Criteria (measured on this run: ResNet-18 at 32 px trained one epoch on 4096 images, 73 % top-1,
+OpenVINO 2026.4, 300 test images; on 1000 in brackets):
 - fp32 and int4 (weights only, float activations) compute in float in both runtimes and differ by
-  summation order only: rel error about 2e-6, checked at 1e-5, top-1 agreement 1.0.
+  summation order only: rel error about 1e-6, checked at 1e-5, top-1 agreement 1.0.
 - int8 files quantize every activation to uint8 up to the classifier, whose logits are float (one
   integer Gemm, convert/quantize/tail.py). OpenVINO runs a Conv whose output feeds only a residual
   Add as one convolution with the Add fused in, and skips the Q/DQ pair between them; the openvino
   target's file has no such pair (convert/quantize/placement.py), so both runtimes compute the same
   network and differ only where a requantized value lies within float rounding of half a step:
-  top-1 agreement 0.996 on 1000 test images, logits rel 0.03 (checked: >= 0.99 and <= 0.08).
+  top-1 agreement 1.0 (0.999), logits rel 0.009 (0.012); checked: >= 0.99 and <= 0.03.
 - the ort-cpu target's int8 file keeps the pair (onnxruntime needs it for its integer convolution:
-  without it the file ran 0.22x as fast there): OpenVINO computes the openvino file's network from
-  it (checked: it agrees with onnxruntime running the openvino file as well as the runtimes agree
-  on that file), and so departs from onnxruntime on it: agreement 0.94 here, logits rel 0.08.
+  without it the file ran 0.22x as fast there). OpenVINO computes the openvino file's network from
+  it (checked: OpenVINO on the ort-cpu file agrees with onnxruntime on the openvino file as the
+  runtimes agree on that file, and better than with onnxruntime on the ort-cpu file), so on it the
+  runtimes agree on 0.987-0.993 of top-1 decisions (0.986-0.992 for 64 to 256 calibration
+  images), logits rel 0.017-0.023: checked >= 0.97 and <= 0.05. The issue's 0.99 holds for every
+  file of the openvino target, not for the ort-cpu int8 file (a file for onnxruntime).
 """
 
 from __future__ import annotations
@@ -40,8 +44,10 @@ from helpers import cli
 DATA = "fashion-mnist"
 N_IMAGES = 300
 FLOAT_RTOL = 1e-5
-INT8_MAX_REL = 0.08
+INT8_MAX_REL = 0.03
 INT8_MIN_AGREEMENT = 0.99
+ORT_CPU_INT8_MAX_REL = 0.05  # the ort-cpu file in OpenVINO (see above)
+ORT_CPU_INT8_MIN_AGREEMENT = 0.97
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +126,8 @@ def test_openvino_skips_the_requantization_before_a_residual_add(run, ort_cpu_in
     c = compare_logits(ort_openvino_file, ov_own)
     assert c["top1_agreement"] >= INT8_MIN_AGREEMENT and c["rel"] <= INT8_MAX_REL, c
     own = compare_logits(ort_own, ov_own)  # onnxruntime requantizes where OpenVINO does not
-    assert own["top1_agreement"] < c["top1_agreement"] and own["rel"] > c["rel"], (own, c)
+    assert own["rel"] > c["rel"] and own["top1_agreement"] <= c["top1_agreement"], (own, c)
+    assert own["top1_agreement"] >= ORT_CPU_INT8_MIN_AGREEMENT and own["rel"] <= ORT_CPU_INT8_MAX_REL, own
 
 
 def test_f32_precision_is_set(run):
