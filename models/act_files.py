@@ -68,7 +68,8 @@ def export_act_precision(run_dir: Path, precision: str, act_bits: str | None = N
     entry = {"file": dst.name, "contract": CONTRACT, "precision": precision,
              "weight_bits": int(qlayers(qat)[0].weight_bits), "act_bits": manifest.act.bits,
              "calibration": None, "scales": "trained", "scale_format": manifest.act.scale_format,
-             "mixed_precision": manifest.act.mixed_precision, "float_ops": float_ops(qat)} | info.to_dict()
+             "mixed_precision": manifest.act.mixed_precision, "float_ops": float_ops(qat),
+             "residual_conv": manifest.act.residual_conv} | info.to_dict()
     entry["path"] = dst.name  # relative, like "file"
     if shifts is not None:
         entry["shifts"] = shifts  # per layer: input/weight/output scale exponents and the shift n

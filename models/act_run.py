@@ -36,22 +36,25 @@ CALIB_SEED = 1234          # their fixed draw (the training seed stream is not t
 @dataclass(frozen=True)
 class ActSettings:
     """``--act-bits``, ``--act-range``, ``--freeze-bn-epochs`` (None: 1 when the run trains
-    more than one epoch, else 0), ``--scale-format`` (float | po2) and ``--mixed-precision``."""
+    more than one epoch, else 0), ``--scale-format`` (float | po2), ``--mixed-precision`` and the
+    placement ``--target`` trains (``residual_conv``: float for openvino)."""
 
     bits: int
     range: str = "learned"
     freeze_bn_epochs: int | None = None
     scale_format: str = "float"
     mixed_precision: bool = False
+    residual_conv: str = "quantized"
 
     def __post_init__(self) -> None:
-        ActQuantConfig(self.bits, self.range, self.scale_format, self.mixed_precision)  # validates them
+        ActQuantConfig(self.bits, self.range, self.scale_format, self.mixed_precision,
+                       self.residual_conv)  # validates them
         if self.freeze_bn_epochs is not None and self.freeze_bn_epochs < 0:
             raise UserInputError("--freeze-bn-epochs must be >= 0")
 
     @property
     def quant(self) -> ActQuantConfig:
-        return ActQuantConfig(self.bits, self.range, self.scale_format, self.mixed_precision)
+        return ActQuantConfig(self.bits, self.range, self.scale_format, self.mixed_precision, self.residual_conv)
 
     def frozen_epochs(self, epochs: int) -> int:
         if self.freeze_bn_epochs is None:
@@ -68,7 +71,8 @@ class ActSettings:
         if not d:
             return None
         return cls(int(d["bits"]), d.get("range", "learned"), d.get("freeze_bn_epochs"),
-                   d.get("scale_format", "float"), bool(d.get("mixed_precision", False)))
+                   d.get("scale_format", "float"), bool(d.get("mixed_precision", False)),
+                   d.get("residual_conv", "quantized"))
 
 
 def check_act_request(scheme: SchemeConfig, act: ActSettings | None, *, data: str | None,

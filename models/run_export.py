@@ -157,9 +157,11 @@ def _export_act_file(run: RunDir, precision: str, opts: PrecisionOptions, preset
     entry = export_act_precision(run.path, precision, opts.act_bits, opts.data, container,
                                  check=rules_guard(preset, artifact_name(precision)))
     manifest = run.manifest()
-    own = dict(TRAINED) | ({"container": container} if precision == "int4" else {})
+    own = dict(TRAINED) | {"residual_conv": manifest.act.residual_conv} | (
+        {"container": container} if precision == "int4" else {})
     entry["target"] = record_target(run, manifest, run.path / entry["file"], preset, own,
-                                    [o for o in overridden if o == "container"], trained=True)
+                                    [o for o in overridden if o == "container"],
+                                    trained=manifest.act.residual_conv)
     run.finish(manifest)
     return entry
 

@@ -16,11 +16,15 @@ from wnconvert.convert.quantize.targets import (TargetPreset, apply_target, chec
 from .rundir import Manifest, RunDir
 
 TRAINED = {"scales": "trained"}  # the settings of an --act-bits run's file: its own
-# An --act-bits file keeps the trained network's Q/DQ pairs; a runtime that fuses a residual Add
-# into the Conv before it (convert/quantize/placement.py) skips one of them.
-FUSED_ADD_NOTE = ("{runtime} fuses each residual Add into the Conv before it and skips the requantization "
-                  "the trained network has between them: this file is the trained network bit for bit "
-                  "in onnxruntime (verify's lossless-activations), not in {runtime}")
+# An --act-bits file keeps the trained network's Q/DQ pairs, placed as `finetune --target` said
+# (convert/quantize/placement.py); a target placing them otherwise gets the file with a note.
+PLACEMENT_NOTES = {
+    ("quantized", "float"): "OpenVINO fuses each residual Add into the Conv before it and skips the "
+    "requantization the trained network has between them: this file is the trained network bit for bit "
+    "in onnxruntime (verify's lossless-activations), not in OpenVINO; train with finetune --target openvino",
+    ("float", "quantized"): "the run was trained for OpenVINO's placement (finetune --target openvino): the "
+    "Convs before its residual Adds stay float, and onnxruntime runs them in float, not in its integer kernels",
+}
 
 
 def check_run_target(manifest: Manifest, preset: TargetPreset, precision: str, weights_only: bool) -> None:
@@ -45,13 +49,14 @@ def resolve_target(name: str, overrides: dict) -> tuple[TargetPreset, dict, list
 
 
 def record_target(run: RunDir, manifest: Manifest, path: Path, preset: TargetPreset, settings: dict,
-                  overridden: list[str], trained: bool = False) -> dict:
+                  overridden: list[str], trained: str | None = None) -> dict:
     """Check ``path`` against the target's rules and record target and check in report.json and in
-    ``manifest`` (the caller writes it). Returns the report's record. ``trained``: an --act-bits
-    run's file, whose Q/DQ pairs are the trained network's, not the target's placement."""
+    ``manifest`` (the caller writes it). Returns the report's record. ``trained``: the placement
+    (``residual_conv``) an --act-bits run's file was trained with, noted where the target's differs."""
     record = target_record(preset, settings, overridden) | {"check": check_file(path, preset.rules)}
-    if trained and preset.residual_conv == "float":
-        record["note"] = FUSED_ADD_NOTE.format(runtime=preset.runtime.split(" (")[0])
+    note = PLACEMENT_NOTES.get((trained, preset.residual_conv))
+    if note:
+        record["note"] = note
     run.update_report(lambda report: report.setdefault("targets", {}).__setitem__(path.name, record))
     manifest.targets[path.name] = {"target": preset.name, "overridden": overridden}
     return record

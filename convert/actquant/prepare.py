@@ -3,8 +3,9 @@
 One description of the quantized graph, the list of :class:`QuantPoint`, is produced here and used
 both by the fake-quant model and by the exporter. A point sits on every tensor the deployed integer
 graph holds in integers: the network input; the output of every conv(+BN)(+ReLU/ReLU6) and linear
-(one :class:`~.layers.QLayer`); residual adds (after a following ReLU when there is one); average
-pooling; concatenation. Max pooling, flatten, dropout and identity pass their input's integers on
+(one :class:`~.layers.QLayer`) except, with ``residual_conv='float'`` (OpenVINO's placement), a
+conv read only by a residual add that is fused into it; residual adds (after a following ReLU
+when there is one); average pooling; concatenation. Max pooling, flatten, dropout and identity pass their input's integers on
 (no new point); so does stochastic depth (EfficientNet), the identity in eval.
 
 Operations without an integer form (:data:`FLOAT_OPS`: hardswish, hardsigmoid, SiLU, sigmoid, GELU,
@@ -65,6 +66,29 @@ class _Builder:
         self.modules: dict[str, nn.Module] = {}
         self.points: list[QuantPoint] = []
         self.absorbed: set[fx.Node] = set()
+        self.float_layers = self._fused_add_convs() if config.residual_conv == "float" else set()
+        self.float_outputs: set[fx.Node] = set()   # new nodes a residual add reads in float
+
+    def _fused_add_convs(self) -> set[str]:
+        """The convs whose output (after its BatchNorm) only a residual add reads and that the add
+        is fused into (OpenVINO, quantize/placement.py): per add, the later such conv in the graph."""
+        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        chosen = set()
+        for n in self.gm.graph.nodes:
+            if not _is_add(n) or len(n.all_input_nodes) != 2:
+                continue
+            convs = [c for c in (self._conv_ending_at(a) for a in n.all_input_nodes if sole_user(a) is n)
+                     if c is not None]
+            if convs:
+                chosen.add(max(convs, key=order.__getitem__).name)
+        return chosen
+
+    def _conv_ending_at(self, a: fx.Node) -> fx.Node | None:
+        """The conv node whose output ``a`` is, directly or through its BatchNorm (no activation)."""
+        if module_of(self.gm, a, BN_TYPES) is not None:
+            a = a.args[0] if isinstance(a.args[0], fx.Node) and sole_user(a.args[0]) is a else None
+        layer = module_of(self.gm, a, LAYER_TYPES) if a is not None else None
+        return a if isinstance(layer, nn.modules.conv._ConvNd) else None
 
     def _call(self, target: str, module: nn.Module, args) -> fx.Node:
         self.modules[target] = module
@@ -117,6 +141,10 @@ class _Builder:
         q.set_input_quantizer(self.input_quant(x, f"layer {n.target}"))
         new = self._call(f"qlayers.{n.name}", q, (x,))
         self.nonneg[new] = act is not None
+        if n.name in self.float_layers:  # a residual add reads it in float (fused into this conv)
+            self.env[last] = new
+            self.float_outputs.add(new)
+            return
         self.env[last] = self.quantize(new, n, "layer", 6.0 if act == "relu6" else None)
 
     def _other(self, n: fx.Node) -> None:
@@ -133,7 +161,7 @@ class _Builder:
             self.nonneg[new] = self.nonneg.get(ins[0], False)
             self.quant_of[new] = self.input_quant(ins[0], f"{op_name(self.gm, n)} node {n.name!r}")
             self.env[n] = new
-        elif n.op == "call_function" and n.target in ADD or (n.op == "call_method" and n.target in ("add", "add_")):
+        elif _is_add(n):
             self._add(n, new, ins)
         elif n.op == "call_function" and n.target in CAT:
             self.nonneg[new] = all(self.nonneg.get(a, False) for a in args[0])
@@ -150,7 +178,8 @@ class _Builder:
                 "max/average pooling, flatten and dropout (and, with --mixed-precision, "
                 f"{', '.join(FLOAT_OPS)} in float)")
         for a in ins:
-            self.input_quant(a, f"{op_name(self.gm, n)} node {n.name!r}")
+            if a not in self.float_outputs:
+                self.input_quant(a, f"{op_name(self.gm, n)} node {n.name!r}")
 
     def _float(self, n: fx.Node, new: fx.Node, ins: list[fx.Node], op: str) -> None:
         """A mixed-precision island: ``op`` in float on dequantized inputs, its output quantized."""
@@ -187,6 +216,10 @@ class _Builder:
         else:
             self.nonneg[new] = all(self.nonneg.get(a, False) for a in ins)
             self.env[n] = self.quantize(new, n, "add")
+
+
+def _is_add(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target in ADD or (n.op == "call_method" and n.target in ("add", "add_"))
 
 
 def prepare_qat(model: nn.Module, config: ActQuantConfig) -> fx.GraphModule:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserInputError
-from ..names import RANGE_MODES, SCALE_FORMATS
+from ..names import RANGE_MODES, RESIDUAL_CONV, SCALE_FORMATS
 from .po2 import round_ste
 
 CALIB_PERCENTILE = 99.99
@@ -44,13 +44,16 @@ class ActQuantConfig:
     """Activation quantization of a model: ``bits`` per activation tensor, ``range`` learned or
     frozen after calibration. ``mixed_precision``: operations without an integer form (hardswish,
     SiLU, sigmoid, GELU, tanh, the squeeze-excite multiply) stay in float between a dequantize and
-    a quantize instead of being refused. Freezing BatchNorm is the caller's schedule
-    (:func:`freeze_bn`)."""
+    a quantize instead of being refused. ``residual_conv``: ``float`` leaves the output of a conv
+    read only by a residual add unquantized (OpenVINO fuses the add into the conv and skips that
+    requantization; quantize/placement.py), ``quantized`` requantizes it. Freezing BatchNorm is the
+    caller's schedule (:func:`freeze_bn`)."""
 
     bits: int = 8
     range: str = "learned"
     scale_format: str = "float"
     mixed_precision: bool = False
+    residual_conv: str = "quantized"
 
     def __post_init__(self) -> None:
         b = self.bits
@@ -64,6 +67,11 @@ class ActQuantConfig:
         if self.po2 and self.mixed_precision:
             raise UserInputError("--scale-format po2 promises an integer-only graph; --mixed-precision keeps "
                                  "some operations in float: choose one")
+        if self.residual_conv not in RESIDUAL_CONV:
+            raise UserInputError(f"residual_conv must be one of: {', '.join(RESIDUAL_CONV)}, not {self.residual_conv!r}")
+        if self.po2 and self.residual_conv == "float":
+            raise UserInputError("--scale-format po2 promises an integer-only graph; --target openvino keeps "
+                                 "the convolutions before residual adds in float: choose one")
 
     @property
     def po2(self) -> bool:
@@ -71,7 +79,7 @@ class ActQuantConfig:
 
     def to_dict(self) -> dict:
         return {"bits": self.bits, "range": self.range, "scale_format": self.scale_format,
-                "mixed_precision": self.mixed_precision}
+                "mixed_precision": self.mixed_precision, "residual_conv": self.residual_conv}
 
 
 def int_range(bits: int, signed: bool) -> tuple[int, int]:

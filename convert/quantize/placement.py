@@ -9,7 +9,8 @@ the differences compounded to 55 % of the classifier's input, and the runtimes a
 top-1 decisions. Without the pair both runtimes compute the same network (0.996 agreement;
 1.000 on a 73 %-accurate ResNet-18 where the file with the pair gave 0.995); OpenVINO runs it
 0.88x as fast at 32 px, 1.03x at 224 px. onnxruntime needs the pair for its integer convolution
-(QLinearConv), so only the openvino target's files leave it out.
+(QLinearConv), so only the openvino target's files leave it out. An --act-bits run is trained with
+one placement or the other (``finetune --target``, actquant/prepare.py ``residual_conv``).
 
 Where both inputs of an Add come from such Convs (a ResNet block with a downsample branch),
 OpenVINO fuses the Add into the Conv it runs last and honours the other one's pair; the file
@@ -21,9 +22,8 @@ from __future__ import annotations
 
 import onnx
 
+from ..names import RESIDUAL_CONV  # noqa: F401 (re-exported)
 from .graph import graph_index, set_nodes
-
-RESIDUAL_CONV = ("quantized", "float")
 
 
 def _sole_reader(consumers: dict, name: str):
