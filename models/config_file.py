@@ -14,7 +14,9 @@ the tables ``[scheme]``, ``[fold]``, ``[verify]`` and ``[train]`` (which are onl
     lr = 0.05
 
 A ``manifest.json`` repeats (or, with flags, varies) the run that wrote it: its model, weights,
-data, image size, scheme, fold, parity and training settings. Records that are not settings
+data, image size, scheme, fold, parity and training settings, and the activation quantization
+of an --act-bits run (its ``act`` record as ``--act-bits``, ``--act-range``, ``--freeze-bn-epochs``,
+``--scale-format``, ``--mixed-precision`` and ``--target``). Records that are not settings
 (status, versions, artifacts, hashes) and the run directory itself are not taken. The caller
 checks the keys against the command's options, so a misspelt key is an error, not a no-op.
 """
@@ -36,6 +38,14 @@ _MANIFEST_RECORDS = {"status", "created", "versions", "artifacts", "input", "out
 
 def _key(name: str) -> str:
     return name.replace("-", "_")
+
+
+def _act_options(act: dict) -> dict[str, Any]:
+    """A manifest's ``act`` record (models/act_run.ActSettings) as finetune's options."""
+    out = {"act_bits": act.get("bits"), "act_range": act.get("range"), "freeze_bn_epochs": act.get("freeze_bn_epochs"),
+           "scale_format": act.get("scale_format"), "mixed_precision": act.get("mixed_precision"),
+           "target": {"float": "openvino", "quantized": "ort-cpu"}.get(act.get("residual_conv"))}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _flatten(table: dict, where: str) -> dict[str, Any]:
@@ -61,10 +71,10 @@ def _from_manifest(manifest: dict, path: Path) -> dict[str, Any]:
     for key, value in manifest.items():
         if key in _MANIFEST_RECORDS or value is None:
             continue
-        if key in SECTIONS:
+        if key in SECTIONS or key == "act":
             if not isinstance(value, dict):
                 raise UserInputError(f"{path}: {key} is not an object")
-            out.update({_key(k): v for k, v in value.items() if v is not None})
+            out.update(_act_options(value) if key == "act" else {_key(k): v for k, v in value.items() if v is not None})
         else:
             out[_key(key)] = value
     size = (manifest.get("preprocess") or {}).get("image_size")
