@@ -28,9 +28,9 @@ ACT_TYPES = ("uint8", "int8")
 CONTAINERS = ("int4", "int8")    # storage of 4-bit values (quantize/container.py)
 TARGETS = ("ort-cpu", "openvino", "tensorrt", "fixed-point")   # quantize/targets.py PRESETS
 DEFAULT_TARGET = "ort-cpu"
-# finetune --target (--act-bits runs): the runtime whose Q/DQ placement the network is trained for
-TRAIN_TARGETS = ("ort-cpu", "openvino")
 RESIDUAL_CONV = ("quantized", "float")  # a conv output read only by a residual add (quantize/placement.py)
+# finetune --target (--act-bits runs): the runtime whose placement the network is trained for -> it
+TRAIN_TARGETS = {"ort-cpu": "quantized", "openvino": "float"}
 
 # convert/actquant
 SCALE_FORMATS = ("float", "po2")

@@ -33,13 +33,6 @@ def golden_for_run(run_dir: Path, out: Path, *, data: str | None = None, count: 
     if not path.is_file():
         hint = "" if onnx_file is not None else f"; run `wnconvert export {run_dir} --precision {precision}` first"
         raise UserInputError(f"{path} does not exist{hint}")
-    target = manifest.targets.get(path.name, {}).get("target") if onnx_file is None else None
-    trained_float = manifest.act is not None and manifest.act.residual_conv == "float"
-    if onnx_file is None and (trained_float or target == "openvino" and manifest.act is None):
-        how = "trained (finetune --target openvino)" if trained_float else "exported for --target openvino"
-        fix = "" if trained_float else "; export it with --target ort-cpu for golden vectors"
-        raise UserInputError(f"{path.name} was {how} with the residual Adds reading convolutions in float "
-                             f"(OpenVINO's placement): it has no pure-integer reference{fix}")
     spec = data or manifest.data
     if not spec:
         raise UserInputError(f"{run_dir} was made without --data: give the images with --data SPEC")

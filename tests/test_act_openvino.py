@@ -122,4 +122,5 @@ def test_run_trained_for_openvino(tmp_path):
     note = json.loads((run / "report.json").read_text())["targets"]["model.int8.onnx"]["note"]
     assert "trained for OpenVINO's placement" in note
     r = cli("golden", run, "--out", tmp_path / "golden", code=2)
-    assert "finetune --target openvino" in r.stderr and not (tmp_path / "golden").exists()
+    assert "finetune --target openvino" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "golden").exists()

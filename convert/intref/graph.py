@@ -253,8 +253,12 @@ class GraphReader:
     def _dq_of(self, node: onnx.NodeProto, idx: int) -> onnx.NodeProto:
         dq = self.producer.get(node.input[idx])
         if dq is None or dq.op_type != "DequantizeLinear":
+            why = ("a Conv output left in float before a residual Add, OpenVINO's placement: files of "
+                   "export --target openvino and of finetune --target openvino runs have no pure-integer "
+                   "reference" if dq is not None and dq.op_type == "Conv" and node.op_type == "Add"
+                   else "a float tensor inside the integer graph")
             raise UserInputError(f"{_node_label(node)}: input '{node.input[idx]}' does not come from a "
-                                 "DequantizeLinear (a float tensor inside the integer graph)")
+                                 f"DequantizeLinear ({why})")
         return dq
 
     def _operand(self, dq: onnx.NodeProto) -> Operand:
