@@ -19,7 +19,7 @@ from wnconvert.convert.quantize.container import check_container
 from wnconvert.convert.quantize.targets import DEFAULT_TARGET
 
 from .act_files import export_act_precision
-from .data import Preprocess, eval_arrays
+from ..data.data import Preprocess, eval_arrays
 from .run_target import TRAINED, check_run_target, record_target, resolve_target, rules_guard
 from .rundir import Manifest, RunDir, writes_run
 from .run_options import CALIB_SPLITS, PrecisionOptions  # noqa: F401 (PrecisionOptions re-exported)

@@ -1,5 +1,5 @@
 """A run: the job behind ``wnconvert finetune`` (and its resumption). The files it writes are
-described in :mod:`wnconvert.models.rundir`."""
+described in :mod:`wnconvert.models.run.rundir`."""
 
 from __future__ import annotations
 
@@ -24,14 +24,14 @@ from wnconvert.convert.runtime import run_onnx
 from wnconvert.convert.schemes import SchemeConfig
 from wnconvert.convert.verify import VerifyConfig, make_inputs
 
-from . import distributed
-from .act_run import ActSettings, act_model, check_act_request, copy_to_float, freeze_bn_hook
-from .data import DataBundle, Preprocess, build_data, default_preprocess, eval_arrays, parse_data_spec
+from ..train import distributed
+from ..train.act_run import ActSettings, act_model, check_act_request, copy_to_float, freeze_bn_hook
+from ..data.data import DataBundle, Preprocess, build_data, default_preprocess, eval_arrays, parse_data_spec
 from .lock import check_unlocked
-from .optim_settings import SCRATCH_DEFAULTS
+from ..train.optim_settings import SCRATCH_DEFAULTS
 from .rundir import CHECKPOINT, MANIFEST, METRICS, REPORT, Manifest, RunDir  # noqa: F401 (re-exported)
-from .train import TrainConfig, train
-from .zoo import BuiltModel, build_model, fixed_image_size, min_image_size
+from ..train.train import TrainConfig, train
+from ..zoo.zoo import BuiltModel, build_model, fixed_image_size, min_image_size
 
 
 # Beyond these a value is a typo, not a model: the largest torchvision weights take 518 px (ViT-H),
@@ -57,7 +57,7 @@ class RunConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     train: TrainConfig | None = None  # None for --epochs 0
-    act: ActSettings | None = None    # --act-bits: activation QAT (models/act_run.py)
+    act: ActSettings | None = None    # --act-bits: activation QAT (models/train/act_run.py)
     no_export: bool = False
     overwrite: bool = False
     offline: bool | None = None      # None: WNCONVERT_OFFLINE decides whether weights may be downloaded

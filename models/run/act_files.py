@@ -19,7 +19,7 @@ from wnconvert.convert.quantize import artifact_name
 from wnconvert.convert.quantize.target_rules import fixed_point_violations
 from wnconvert.convert.verify import VerifyConfig, make_inputs
 
-from .data import eval_arrays
+from ..data.data import eval_arrays
 from .rundir import Manifest, RunDir
 
 CONTRACT = "lossless-activations"

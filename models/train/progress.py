@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..convert.artifacts import write_text
+from ...convert.artifacts import write_text
+
+METRICS = "metrics.jsonl"  # the run's per-epoch log (MetricsLog), at the run directory's top
 
 
 def truncate_log(path: Path, step: int, epochs: list[dict]) -> None:

@@ -49,8 +49,8 @@ def verify_quantized(run_dir: Path, model: nn.Module, targets: list[tuple[str, P
                      parity_cfg: VerifyConfig, x: np.ndarray, inputs: str,
                      thresholds: QuantThresholds) -> dict:
     """Check each low-precision file under its contract (see ``convert/quant_check.py``): the
-    deployed file of an ``--act-bits`` run bit-exact (power-of-two scales, models/bitexact_run.py)
-    or lossless-activations (models/act_files.py); a lossless one (report.json says export found
+    deployed file of an ``--act-bits`` run bit-exact (power-of-two scales, models/run/bitexact_run.py)
+    or lossless-activations (models/run/act_files.py); a lossless one (report.json says export found
     every weight on the run's trained grid) against the trained model at the fp32 tolerance; any
     other against ``model.onnx``."""
     run = RunDir(run_dir)

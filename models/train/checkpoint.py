@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..convert.artifacts import atomic_path
-from ..convert.errors import UserInputError
+from ...convert.artifacts import atomic_path
+from ...convert.errors import UserInputError
 
 LAST = "last.pt"
 BEST = "best.pt"

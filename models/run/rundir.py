@@ -38,17 +38,17 @@ from wnconvert.convert.pipeline import ONNX_NAME
 from wnconvert.convert.schemes import SchemeConfig
 from wnconvert.convert.verify import VerifyConfig
 
-from .act_run import ActSettings, copy_to_float, prepare_act_model
-from .data import Preprocess
-from .checkpoint import LAST, train_dir
+from ..train.act_run import ActSettings, copy_to_float, prepare_act_model
+from ..data.data import Preprocess
+from ..train.checkpoint import LAST, train_dir
+from ..train.progress import METRICS  # noqa: F401 (re-exported: a run file)
 from .lock import LOCK_NAME, is_locked, locked
-from .train_config import TrainConfig
-from .zoo import build_model, load_into, load_state_file
+from ..train.train_config import TrainConfig
+from ..zoo.zoo import build_model, load_into, load_state_file
 
 MANIFEST = "manifest.json"
 REPORT = "report.json"
 CHECKPOINT = "checkpoint.safetensors"
-METRICS = "metrics.jsonl"
 ONNX = ONNX_NAME
 
 # 1: the first versioned layout. Manifests without "version" (written before it existed) have the
@@ -103,7 +103,7 @@ class Manifest:
     export: ExportConfig = field(default_factory=ExportConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     train: TrainConfig | None = None
-    act: ActSettings | None = None   # --act-bits runs (models/act_run.py); None in older manifests
+    act: ActSettings | None = None   # --act-bits runs (models/train/act_run.py); None in older manifests
     targets: dict = field(default_factory=dict)  # file -> {"target", "overridden"} (export --target)
     status: str = "running"
     created: str = ""
@@ -307,7 +307,7 @@ class RunDir:
 
     def load(self) -> tuple[Manifest, nn.Module, Preprocess]:
         """The manifest, the reparametrized model with its checkpoint loaded, its preprocessing.
-        For an ``--act-bits`` run: the float network (see models/act_run.py); :meth:`load_qat`
+        For an ``--act-bits`` run: the float network (see models/train/act_run.py); :meth:`load_qat`
         gives the fake-quant one."""
         manifest, model, _ = self._load_both()
         return manifest, model, manifest.preprocess
