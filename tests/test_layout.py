@@ -2,13 +2,15 @@
 
 Layers, lowest first: ``convert/`` (weights and graphs) knows nothing of the others; in ``models/``,
 ``zoo/`` and ``data/`` are independent of each other, ``train/`` builds on them, ``run/`` (run
-directories) on all three; ``cli/`` on everything. Every module's imports are read with ``ast``
+directories) on all three; ``cli/`` on everything. ``models/files.py`` (the run directory's file
+names, which the training loop and the run layer both write) sits below all of ``models/``. Every module's imports are read with ``ast``
 (nothing is imported, so no torch), the function-level ones included.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 import tomllib
 from pathlib import Path
 
@@ -21,11 +23,12 @@ PACKAGE_DIRS = PYPROJECT["tool"]["setuptools"]["package-dir"]  # "wnconvert.conv
 # The layer each part may import from (besides itself and the third-party world).
 ALLOWED = {
     "convert": {"convert"},
-    "models.zoo": {"convert", "models.zoo"},
-    "models.data": {"convert", "models.data"},
-    "models.train": {"convert", "models.zoo", "models.data", "models.train"},
-    "models.run": {"convert", "models.zoo", "models.data", "models.train", "models.run"},
-    "cli": {"convert", "models.zoo", "models.data", "models.train", "models.run", "cli"},
+    "models.files": {"convert"},
+    "models.zoo": {"convert", "models.files", "models.zoo"},
+    "models.data": {"convert", "models.files", "models.data"},
+    "models.train": {"convert", "models.files", "models.zoo", "models.data", "models.train"},
+    "models.run": {"convert", "models.files", "models.zoo", "models.data", "models.train", "models.run"},
+    "cli": {"convert", "models.files", "models.zoo", "models.data", "models.train", "models.run", "cli"},
 }
 
 
@@ -46,7 +49,7 @@ def _part(dotted: str) -> str | None:
     parts = dotted.split(".")
     if parts[0] != "wnconvert" or len(parts) < 2:
         return None
-    if parts[1] == "models":
+    if parts[1] == "models":  # models/__init__.py is "models"; models/files.py "models.files"
         return "models" if len(parts) == 2 else f"models.{parts[2]}"
     return parts[1]
 
@@ -113,6 +116,7 @@ def test_imports_follow_the_layers():
     ("models/data/data.py", "from ..zoo.zoo import build_model\n", "models.data imports"),
     ("models/zoo/zoo.py", "from wnconvert.models.data import data\n", "models.data"),
     ("models/run/run.py", "import wnconvert.cli.main\n", "models.run imports wnconvert.cli"),
+    ("models/files.py", "from .train.checkpoint import save_atomic\n", "models.files imports"),
 ])
 def test_a_wrong_way_import_is_caught(tmp_path, layer, source, expected):
     """The checker itself: each import against the direction, added to a real module, is reported."""
@@ -123,6 +127,54 @@ def test_a_wrong_way_import_is_caught(tmp_path, layer, source, expected):
     modules[dotted] = bad_file
     found = violations(modules)
     assert len(found) == 1 and expected in found[0], found
+
+
+def _strings(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of the string literals of a module that are not docstrings; an f-string's
+    fields read as ``{}``."""
+    tree = ast.parse(path.read_text(), str(path))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)
+                  and isinstance(node.body[0].value, ast.Constant)}
+    out, in_fstrings = [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr):
+            parts = [v.value if isinstance(v, ast.Constant) else "{}" for v in node.values]
+            out.append((node.lineno, "".join(map(str, parts))))
+            in_fstrings |= {id(v) for v in node.values}
+    out += [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and id(node) not in docstrings | in_fstrings]
+    return out
+
+
+def _run_file_names() -> tuple[str, ...]:
+    from wnconvert.models import files
+    return (files.MANIFEST, files.REPORT, files.CHECKPOINT, files.ONNX, files.METRICS, files.DYNAMICS,
+            files.INITIAL, files.LAST, files.BEST, files.artifact_name("int8"))
+
+
+def spelled_run_files(paths) -> list[str]:
+    names = _run_file_names()
+    return [f"{_shown(path)}:{line}: {text!r}" for path in paths for line, text in _strings(path)
+            if text in names or re.fullmatch(r"model\.(\{\}|\w+)\.onnx", text)]
+
+
+def test_run_file_names_live_in_one_module():
+    """models/files.py names every file of a run directory: no other module spells one as a value
+    (messages and docstrings may mention them; code uses the constants)."""
+    paths = [p for p in sorted((ROOT / "convert").rglob("*.py")) + sorted((ROOT / "models").rglob("*.py"))
+             if p != ROOT / "models" / "files.py"]
+    assert spelled_run_files(paths) == []
+
+
+def test_a_spelled_run_file_is_caught(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text('"""model.int8.onnx in a docstring is fine."""\n'
+                   'def f(run, p):\n    print("no model.onnx: export first")\n'
+                   '    return run / f"model.{p}.onnx", run / "train" / "last.pt"\n')
+    assert [line.split(": ", 1)[1] for line in spelled_run_files([bad])] == ["'model.{}.onnx'", "'last.pt'"]
 
 
 def test_every_package_is_declared():

@@ -37,10 +37,10 @@ from ...convert.fold import FoldConfig, fold_model
 from ...convert.scaled import stored_tensor
 from ...convert.targets import iter_targets
 from ...convert.verify import VerifyConfig, make_inputs
-from ..train.diagnostics import DYNAMICS, INITIAL, read_dynamics, unit_histogram
-from .rundir import METRICS, RunDir
+from ..train.diagnostics import DYNAMICS, INITIAL, read_dynamics, unit_histogram  # noqa: F401
+from ..files import METRICS, REPORT_DIR
+from .rundir import RunDir
 
-REPORT_DIR = "report"
 SQNR_BITS = (8, 4)
 
 

@@ -19,7 +19,7 @@ from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.export import ExportConfig
 from wnconvert.convert.fold import FoldConfig
 from wnconvert.convert.metrics import topk_correct
-from wnconvert.convert.pipeline import ONNX_NAME, ConversionResult, convert, require_parity
+from wnconvert.convert.pipeline import ConversionResult, convert, require_parity
 from wnconvert.convert.runtime import run_onnx
 from wnconvert.convert.schemes import SchemeConfig
 from wnconvert.convert.verify import VerifyConfig, make_inputs
@@ -27,6 +27,7 @@ from wnconvert.convert.verify import VerifyConfig, make_inputs
 from ..train import distributed
 from ..train.act_run import ActSettings, act_model, check_act_request, copy_to_float, freeze_bn_hook
 from ..data.data import DataBundle, Preprocess, build_data, default_preprocess, eval_arrays, parse_data_spec
+from ..files import ONNX
 from .lock import check_unlocked
 from ..train.optim_settings import SCRATCH_DEFAULTS
 from .rundir import CHECKPOINT, MANIFEST, METRICS, REPORT, Manifest, RunDir  # noqa: F401 (re-exported)
@@ -181,12 +182,12 @@ def _run_finetune(cfg: RunConfig, console, resume: bool, owner: ExitStack) -> Ru
 
     conversion = None
     if not cfg.no_export:
-        conversion = convert(model, shape, out, fold_config=cfg.fold, export_config=cfg.export,
+        conversion = convert(model, shape, out / ONNX, fold_config=cfg.fold, export_config=cfg.export,
                              verify_config=cfg.verify,
                              original=original if cfg.train is None else None)
         report.update(conversion.to_dict())
         if data is not None:
-            report["onnx_accuracy"] = onnx_accuracy(out / ONNX_NAME, cfg.data, preprocess, cfg.limit_val)
+            report["onnx_accuracy"] = onnx_accuracy(out / ONNX, cfg.data, preprocess, cfg.limit_val)
     run.write_report(report)  # a new (or resumed) run starts its report afresh
     run.finish(manifest)
     if conversion is not None:

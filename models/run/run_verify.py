@@ -12,10 +12,11 @@ from torch import Tensor, nn
 
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.quant_check import QuantThresholds, check_lossy, detect_precision
-from wnconvert.convert.quantize import PRECISIONS, artifact_name
+from wnconvert.convert.quantize import PRECISIONS
 from wnconvert.convert.quantize.container import container_record
 from wnconvert.convert.verify import VerifyConfig, load_inputs, make_inputs, verify
 
+from ..files import artifact_name
 from .act_files import CONTRACT, verify_act_file
 from .bitexact_run import judged_bit_exact, verify_bitexact_file
 from .run_export import data_arrays

@@ -34,22 +34,16 @@ from wnconvert.convert.artifacts import atomic_path, ensure_writable_dir, read_j
 from wnconvert.convert.errors import ParityError, UserInputError
 from wnconvert.convert.export import ExportConfig
 from wnconvert.convert.fold import FoldConfig
-from wnconvert.convert.pipeline import ONNX_NAME
 from wnconvert.convert.schemes import SchemeConfig
 from wnconvert.convert.verify import VerifyConfig
 
 from ..train.act_run import ActSettings, copy_to_float, prepare_act_model
 from ..data.data import Preprocess
 from ..train.checkpoint import LAST, train_dir
-from ..train.progress import METRICS  # noqa: F401 (re-exported: a run file)
 from .lock import LOCK_NAME, is_locked, locked
 from ..train.train_config import TrainConfig
 from ..zoo.zoo import build_model, load_into, load_state_file
-
-MANIFEST = "manifest.json"
-REPORT = "report.json"
-CHECKPOINT = "checkpoint.safetensors"
-ONNX = ONNX_NAME
+from ..files import CHECKPOINT, MANIFEST, METRICS, ONNX, REPORT  # noqa: F401 (re-exported)
 
 # 1: the first versioned layout. Manifests without "version" (written before it existed) have the
 # same keys, some missing (gpu_decode, newer train options); their dataclass defaults fill them.

@@ -53,9 +53,8 @@ from torch import Tensor, nn
 from ...convert.actquant import activation_diagnostics
 from ...convert.apply import reparametrized
 from ...convert.artifacts import read_jsonl
+from ..files import DYNAMICS, INITIAL  # noqa: F401 (re-exported)
 
-DYNAMICS = "dynamics.jsonl"
-INITIAL = "initial_weights.json"
 UNIT_TOL = 1e-6
 HIST_BINS = 64
 

@@ -8,8 +8,6 @@ from typing import Any
 
 from ...convert.artifacts import write_text
 
-METRICS = "metrics.jsonl"  # the run's per-epoch log (MetricsLog), at the run directory's top
-
 
 def truncate_log(path: Path, step: int, epochs: list[dict]) -> None:
     """Rewrite ``metrics.jsonl`` as the checkpoint a run resumes from saw it: the step records up

@@ -39,12 +39,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from ...convert.errors import Interrupted, TrainingError, UserInputError
+from ..files import METRICS
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from .batches import EpochSampler, SeededSamples, collate, evaluate, make_val_loader  # noqa: F401 (evaluate re-exported)
 from .diagnostics import Diagnostics
 from .optim import build_optimizer, warmup_cosine
-from .progress import METRICS, MetricsLog, Progress, truncate_log
+from .progress import MetricsLog, Progress, truncate_log
 from .train_config import DEVICES, TRAJECTORY_FIELDS, TrainConfig  # noqa: F401 (re-exported)
 from .train_loop import (EpochMetrics, Loop, LoopEnv, LoopOutputs, LoopParts, LoopState,  # noqa: F401
                          NonFinite, Stop)
