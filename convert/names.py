@@ -33,7 +33,7 @@ TARGETS = ("ort-cpu", "openvino", "tensorrt", "fixed-point")   # quantize/target
 DEFAULT_TARGET = "ort-cpu"
 RESIDUAL_CONV = ("quantized", "float")  # a conv output read only by a residual add (quantize/placement.py)
 # finetune --target (--act-bits runs): the runtime whose placement the network is trained for -> it
-TRAIN_TARGETS = {"ort-cpu": "quantized", "openvino": "float"}
+TRAIN_PLACEMENTS = {"ort-cpu": "quantized", "openvino": "float"}
 
 # convert/actquant
 SCALE_FORMATS = ("float", "po2")
