@@ -1,7 +1,7 @@
 """A network no zoo knows, trained by its own loop, to a verified W8A8 ONNX file in five calls.
 
     python examples/custom_resnet.py --out /tmp/custom_resnet      # ~1 min on 2 CPU cores
-    python examples/custom_resnet.py --out /tmp/x --steps 20 --image-size 16   # seconds (the test)
+    python examples/custom_resnet.py --out /tmp/x --steps 4 --image-size 16   # seconds (tests/test_api.py)
 
 The five wnconvert calls: prepare, calibrate, freeze_bn, export, verify (docs/api.md). Everything
 else is ordinary PyTorch: the model class, the data, the optimizer and the loop are the user's.
@@ -63,10 +63,10 @@ def quadrant_batch(n: int, size: int, generator: torch.Generator) -> tuple[torch
     return x, y
 
 
-def main(out: Path, steps: int = 300, image_size: int = 32, batch: int = 32, seed: int = 0) -> dict:
+def main(out: Path, steps: int = 300, image_size: int = 32, batch: int = 32, width: int = 16, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    model = TinyResNet()                                    # the user's network (float, untrained here)
+    model = TinyResNet(width=width)                         # the user's network (float, untrained here)
 
     cfg = wnconvert.QATConfig(scheme="channel-max", weight_bits=8, act_bits=8)
     qmodel = wnconvert.prepare(model, cfg)                   # 1: reparametrized copy + activation fake-quant
