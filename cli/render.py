@@ -83,3 +83,25 @@ def ranges_table(ranges: list[dict], title: str, limit: int | None = 40) -> Tabl
         bad = sum(not r["in_unit_range"] for r in ranges)
         t.caption = f"{len(ranges) - limit} more; {bad} of {len(ranges)} outside [-1, 1]"
     return t
+
+
+def certificate_line(certificate: list[dict]) -> str:
+    """The fold certificate in one line: how many layers, the largest stored weight, the worst
+    relative difference (the table: report.json, ``finetune --verbose``, ``wnconvert fold``)."""
+    if not certificate:
+        return "fold certificate: no layer"
+    worst = max(certificate, key=lambda c: c["rel_diff"])
+    top = max(c["stored_max_abs"] for c in certificate)
+    return (f"fold certificate: {len(certificate)} layers, max |stored| {top:.6f}, worst rel. diff "
+            f"{worst['rel_diff']:.2e} ({worst['layer']})")
+
+
+def parity_line(parity: dict, what: str = "parity") -> str:
+    """A parity table in one line: passed or not, its worst candidate, against what, on what."""
+    cands = parity["candidates"]
+    worst = max(cands.values(), key=lambda c: c["rel"]) if cands else None
+    verdict = "[green]passed[/]" if parity["passed"] else "[red]FAILED[/]"
+    detail = (f", worst rel {worst['rel']:.2e}, min cosine {min(c['cosine'] for c in cands.values()):.8f}, "
+              f"top-1 {min(c['top1'] for c in cands.values()):.4f}" if worst else "")
+    return f"{what}: {verdict} ({len(cands)} runs of model.onnx against the {parity['reference']}, " \
+           f"{parity['inputs']}{detail})"

@@ -15,7 +15,7 @@ from torch import nn
 
 from wnconvert.convert.apply import apply_scheme, max_step0_deviation
 from wnconvert.convert.artifacts import check_output_dir
-from wnconvert.convert.errors import UserInputError
+from wnconvert.convert.errors import ParityError, UserInputError
 from wnconvert.convert.export import ExportConfig
 from wnconvert.convert.fold import FoldConfig
 from wnconvert.convert.metrics import topk_correct
@@ -29,6 +29,7 @@ from .act_run import ActSettings, act_model, check_act_request, copy_to_float, f
 from .data import DataBundle, Preprocess, build_data, default_preprocess, eval_arrays, parse_data_spec
 from .lock import check_unlocked
 from .optim_settings import SCRATCH_DEFAULTS
+from .run_deploy import deploy_run, deployed_failure
 from .rundir import CHECKPOINT, MANIFEST, METRICS, REPORT, Manifest, RunDir  # noqa: F401 (re-exported)
 from .train import TrainConfig, train
 from .zoo import BuiltModel, build_model, fixed_image_size, min_image_size
@@ -59,6 +60,7 @@ class RunConfig:
     train: TrainConfig | None = None  # None for --epochs 0
     act: ActSettings | None = None    # --act-bits: activation QAT (models/act_run.py)
     no_export: bool = False
+    deploy: bool = True               # --act-bits: write and check the deployed file (models/run_deploy.py)
     overwrite: bool = False
     offline: bool | None = None      # None: WNCONVERT_OFFLINE decides whether weights may be downloaded
     seed: int | None = None          # seeds the model's initialisation (None: the training seed, else 0)
@@ -191,6 +193,11 @@ def _run_finetune(cfg: RunConfig, console, resume: bool, owner: ExitStack) -> Ru
     run.finish(manifest)
     if conversion is not None:
         require_parity(conversion)
+        if cfg.act is not None and cfg.deploy:  # the file the run trained for, written and checked
+            deployed = deploy_run(run, preprocess, cfg.limit_val, cfg.verify.samples)
+            manifest, report = run.manifest(), run.report()
+            if not deployed["passed"]:
+                raise ParityError(deployed_failure(deployed))
     return RunSummary(out, manifest, report, conversion)
 
 
