@@ -24,6 +24,21 @@ from .options import (ActRange, Bn, Gain, Granularity, Optimizer, ScaleFormat, S
                       TrainTarget, WdMode, default, refuse_with_resume, value)
 from .render import JsonOpt, certificate_line, certificate_table, console, parity_line, parity_table, print_json
 
+# finetune --help in panels (cli/help_layout.py), in this order; every option is in one
+HELP_PANELS = {
+    "Model and weights": ("weights", "num_classes", "image_size", "offline"),
+    "Scheme (weights in [-1, 1])": ("scheme", "weight_bits", "gain", "scale_grad", "exclude", "skip_depthwise"),
+    "Quantization (--act-bits)": ("act_bits", "act_range", "scale_format", "freeze_bn_epochs", "mixed_precision",
+                                  "target", "no_deploy"),
+    "Data": ("data", "limit_train", "limit_val", "download", "gpu_decode", "workers"),
+    "Training": ("epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "wd_mode",
+                 "wd_eps", "warmup_epochs", "schedule", "label_smoothing", "grad_clip", "seed", "log_every",
+                 "diagnostics"),
+    "Device": ("device", "amp", "channels_last", "compile"),
+    "Fold, export and verify": ("bn", "granularity", "no_export", "rtol", "samples"),
+    "Run directory and output": ("out", "resume", "overwrite", "config", "json_out", "verbose"),
+}
+
 
 # Long only by its option list (one line per option); the body is parsing and one library call.
 @handle_errors
