@@ -46,7 +46,7 @@ for _name, _command in (("finetune", finetune), ("fold", fold), ("export", expor
 @handle_errors
 def inspect(
     path: Path = typer.Argument(..., help="An .onnx file, a state_dict (.pth/.pt/.safetensors) or a run directory."),
-    require_unit_range: bool = typer.Option(False, help="Exit 4 when any weight lies outside [-1, 1]."),
+    require_unit_range: bool = typer.Option(False, "--require-unit-range", help="Exit 4 when any weight lies outside [-1, 1]."),
     json_out: bool = JsonOpt,
 ):
     """Per-layer weight ranges. For a run directory, its model.onnx."""

@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 import typer
+import typer.rich_utils
 from typer.testing import CliRunner
 
 from wnconvert.cli.finetune import HELP_PANELS
@@ -18,7 +19,13 @@ BOX = re.compile(r"[│╭╮╰╯─┌┐└┘├┤┬┴┼]")
 
 
 def render(argv: list[str], columns: int) -> str:
-    r = CliRunner().invoke(app, argv, env={"COLUMNS": str(columns), "TERMINAL_WIDTH": str(columns)})
+    """``wnconvert ARGV`` as a terminal of ``columns`` columns shows it (Typer's console width)."""
+    before = typer.rich_utils.MAX_WIDTH
+    typer.rich_utils.MAX_WIDTH = columns
+    try:
+        r = CliRunner().invoke(app, argv)
+    finally:
+        typer.rich_utils.MAX_WIDTH = before
     assert r.exit_code == 0, r.output
     return r.output
 
@@ -30,7 +37,7 @@ def words(text: str) -> Counter:
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_at_80_columns_breaks_no_word(command):
     narrow, wide = render([command, "--help"], 80), render([command, "--help"], 400)
-    assert max(len(line) for line in narrow.splitlines()) <= 80
+    assert max(len(line) for line in narrow.splitlines()) <= 80 < max(len(line) for line in wide.splitlines())
     broken = words(narrow) - words(wide)   # fragments of a folded word, or a word cut with "…"
     assert not broken, f"{command} --help at 80 columns breaks: {sorted(broken)[:8]}"
     cmd = typer.main.get_command(app).get_command(None, command)
