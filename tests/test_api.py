@@ -1,10 +1,9 @@
 """The library's front door (``import wnconvert``): light to import, QATConfig's record round
 trip (its own dict and a run's manifest.json), a network of the user's own through the five calls
-(examples/custom_resnet.py at a tiny size), and the file ``wnconvert.export`` writes for a run's
-network equal, byte for byte, to the one ``wnconvert export --precision int8`` writes."""
+(examples/custom_resnet.py at a tiny size), and the float path. A run's network through the API
+gives the run's own file byte for byte: tests/test_run_end.py."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +12,10 @@ import pytest
 import torch
 
 import wnconvert
-from helpers import cli, scale_first_dequantized_weight
+from helpers import scale_first_dequantized_weight
 from wnconvert.convert.errors import UserInputError
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--weights", "none", "--image-size", "32", "--num-classes", "10", "--data", "synthetic:10",
-        "--workers", "0", "--device", "cpu", "--batch-size", "16", "--samples", "2"]
 
 
 def test_import_wnconvert_is_light_and_fast():
@@ -102,37 +99,3 @@ def test_float_path_exports_fp32_in_unit_range(tmp_path):
     assert (exp.precision, exp.contract) == ("fp32", "fp32-parity")
     rep = wnconvert.verify(r, tmp_path / "m.onnx", inputs=x)
     assert rep.passed, rep.failures
-
-
-@pytest.fixture(scope="module")
-def w8a8_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("api_run") / "run"
-    torch.manual_seed(0)
-    cli("finetune", "resnet18", *TINY, "--limit-train", "16", "--limit-val", "16", "--epochs", "0",
-        "--weight-bits", "8", "--act-bits", "8", "--out", out)
-    if not (out / "model.int8.onnx").exists():
-        cli("export", out, "--precision", "int8")
-    return out
-
-
-def test_a_runs_network_through_the_api_gives_the_cli_file(w8a8_run, tmp_path):
-    """The manifest's record loads as a QATConfig; prepare() of the plain network under it takes the
-    run's checkpoint as is, and export() writes the same bytes as ``export --precision int8``."""
-    from wnconvert.models.zoo import build_model, load_into, load_state_file
-
-    manifest = json.loads((w8a8_run / "manifest.json").read_text())
-    cfg = wnconvert.QATConfig.from_dict(manifest)
-    assert (cfg.weight_bits, cfg.act_bits, cfg.target) == (8, 8, "ort-cpu")
-    assert cfg.act_record() == manifest["act"]
-    q = wnconvert.prepare(build_model("resnet18", "none", 10).model.eval(), cfg)
-    load_into(q, load_state_file(w8a8_run / "checkpoint.safetensors"))
-    q.eval()
-    mine = tmp_path / "api.int8.onnx"
-    rep = wnconvert.export(q, mine, example_input=torch.zeros(1, 3, 32, 32))
-    assert rep.precision == "int8" and rep.target == "ort-cpu"
-    assert mine.read_bytes() == (w8a8_run / "model.int8.onnx").read_bytes()
-    x = torch.randn(4, 3, 32, 32)
-    assert wnconvert.verify(q, mine, inputs=x.numpy()).passed
-    with pytest.raises(UserInputError, match="tensorrt"):
-        wnconvert.export(q, tmp_path / "t.onnx", example_input=x[:1], target="tensorrt")
-    assert not (tmp_path / "t.onnx").exists()
