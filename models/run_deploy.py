@@ -2,7 +2,8 @@
 ``--no-deploy``).
 
 The file is the one ``wnconvert export RUN --precision P`` writes (P: int8 for 5..8-bit weights,
-int4 for 2..4-bit ones; target ort-cpu), checked under the contract ``wnconvert verify`` chooses
+int4 for 2..4-bit ones; for the target the run trained its placement for: ort-cpu, or openvino
+after ``finetune --target openvino``), checked under the contract ``wnconvert verify`` chooses
 (bit-exact for power-of-two scales, lossless-activations otherwise) on ``--samples`` validation
 images (``wnconvert verify RUN`` checks it on 256), and its top-1 measured in onnxruntime on the
 validation images the float network's is. Recorded in report.json as ``deployed``."""
@@ -10,6 +11,7 @@ validation images the float network's is. Recorded in report.json as ``deployed`
 from __future__ import annotations
 
 from wnconvert.convert.actquant.deploy import WEIGHT_BITS
+from wnconvert.convert.names import TRAIN_TARGETS
 from wnconvert.convert.verify import VerifyConfig
 
 from .act_files import act_inputs, verify_act_file
@@ -17,6 +19,9 @@ from .bitexact_run import judged_bit_exact, verify_bitexact_file
 from .data import Preprocess
 from .rundir import RunDir
 from .run_export import export_precision
+from .run_options import PrecisionOptions
+
+PLACEMENT_TARGET = {placement: target for target, placement in TRAIN_TARGETS.items()}
 
 
 def deployed_precision(weight_bits: int) -> str:
@@ -31,11 +36,12 @@ def deploy_run(run: RunDir, preprocess: Preprocess, limit_val: int | None, sampl
 
     manifest = run.manifest()
     precision = deployed_precision(manifest.scheme.weight_bits)
-    entry = export_precision.__wrapped__(run.path, precision)  # the lock is already held
+    target = PLACEMENT_TARGET[manifest.act.residual_conv]  # the runtime the run trained for
+    entry = export_precision.__wrapped__(run.path, precision, PrecisionOptions(target=target))  # lock held
     path = run.path / entry["file"]
     x, inputs = act_inputs(manifest, None, samples, VerifyConfig(samples=samples))
     check = (verify_bitexact_file if judged_bit_exact(manifest, entry) else verify_act_file)(run.path, path, x, inputs)
-    record = {"file": entry["file"], "precision": precision, "contract": check["contract"],
+    record = {"file": entry["file"], "precision": precision, "target": target, "contract": check["contract"],
               "passed": check["passed"], "failures": check["failures"], "inputs": inputs,
               "weight_bits": manifest.scheme.weight_bits, "act_bits": manifest.act.bits,
               "onnx_accuracy": onnx_accuracy(path, manifest.data, preprocess, limit_val)}
