@@ -77,7 +77,7 @@ def test_no_deploy(tmp_path):
 def test_the_runs_network_through_the_api_gives_its_file(w8a8_run, tmp_path):
     """The manifest's record loads as a QATConfig; prepare() of the plain network under it takes the
     run's checkpoint as is, and export() writes the bytes finetune (export --precision int8) wrote."""
-    from wnconvert.models.zoo import build_model, load_into, load_state_file
+    from wnconvert.models.zoo.zoo import build_model, load_into, load_state_file
 
     out, _ = w8a8_run
     manifest = json.loads((out / "manifest.json").read_text())

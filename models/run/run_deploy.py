@@ -16,7 +16,7 @@ from wnconvert.convert.verify import VerifyConfig
 
 from .act_files import act_inputs, verify_act_file
 from .bitexact_run import judged_bit_exact, verify_bitexact_file
-from .data import Preprocess
+from ..data.data import Preprocess
 from .rundir import RunDir
 from .run_export import export_precision
 from .run_options import PrecisionOptions

@@ -13,10 +13,10 @@ import torch
 from wnconvert.convert.actquant import act_points, check_lossless_activations, qlayers
 from wnconvert.convert.actquant.deploy import WEIGHT_BITS, write_deployed
 from wnconvert.convert.errors import UserInputError
-from wnconvert.convert.quantize import artifact_name
 from wnconvert.convert.verify import VerifyConfig, make_inputs
 
-from .data import eval_arrays
+from ..data.data import eval_arrays
+from ..files import artifact_name
 from .rundir import Manifest, RunDir
 
 CONTRACT = "lossless-activations"
