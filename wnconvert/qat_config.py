@@ -13,10 +13,9 @@ from dataclasses import dataclass, fields
 
 from wnconvert.convert.configs import SchemeConfig, check_act_settings
 from wnconvert.convert.errors import UserInputError
-from wnconvert.convert.names import DEFAULT_TARGET, TRAIN_TARGETS, WEIGHT_BITS_SCHEMES
+from wnconvert.convert.names import DEFAULT_TARGET, PLACEMENT_TARGETS, TRAIN_TARGETS, WEIGHT_BITS_SCHEMES
 
 VERSION = 1
-_PLACEMENT_TARGET = {placement: target for target, placement in TRAIN_TARGETS.items()}
 
 
 @dataclass(frozen=True)
@@ -122,5 +121,5 @@ class QATConfig:
         return cls(**scheme, act_bits=int(act["bits"]), act_range=act.get("range", "learned"),
                    scale_format=act.get("scale_format", "float"),
                    mixed_precision=bool(act.get("mixed_precision", False)),
-                   target=_PLACEMENT_TARGET[act.get("residual_conv", "quantized")],
+                   target=PLACEMENT_TARGETS[act.get("residual_conv", "quantized")],
                    freeze_bn_epochs=act.get("freeze_bn_epochs"))

@@ -11,7 +11,7 @@ validation images the float network's is. Recorded in report.json as ``deployed`
 from __future__ import annotations
 
 from wnconvert.convert.actquant.deploy import WEIGHT_BITS
-from wnconvert.convert.names import TRAIN_TARGETS
+from wnconvert.convert.names import PLACEMENT_TARGETS
 from wnconvert.convert.verify import VerifyConfig
 
 from .act_files import act_inputs, verify_act_file
@@ -20,8 +20,6 @@ from ..data.data import Preprocess
 from .rundir import RunDir
 from .run_export import export_precision
 from .run_options import PrecisionOptions
-
-PLACEMENT_TARGET = {placement: target for target, placement in TRAIN_TARGETS.items()}
 
 
 def deployed_precision(weight_bits: int) -> str:
@@ -36,7 +34,7 @@ def deploy_run(run: RunDir, preprocess: Preprocess, limit_val: int | None, sampl
 
     manifest = run.manifest()
     precision = deployed_precision(manifest.scheme.weight_bits)
-    target = PLACEMENT_TARGET[manifest.act.residual_conv]  # the runtime the run trained for
+    target = PLACEMENT_TARGETS[manifest.act.residual_conv]  # the runtime the run trained for
     entry = export_precision.__wrapped__(run.path, precision, PrecisionOptions(target=target))  # lock held
     path = run.path / entry["file"]
     x, inputs = act_inputs(manifest, None, samples, VerifyConfig(samples=samples))
