@@ -28,7 +28,7 @@ def test_import_wnconvert_is_light_and_fast():
     assert out.returncode == 0, out.stderr
     seconds, loaded, version = out.stdout.strip().splitlines()
     assert json.loads(loaded.replace("'", '"')) == []
-    assert float(seconds) < 0.5
+    assert float(seconds) < 1.0  # 0.02 s on a quiet machine, 0.3-0.5 s at load 25-35 on 2 cores
     from importlib.metadata import version as dist_version
     assert version == dist_version("wnconvert")
     assert set(wnconvert.__all__) <= set(dir(wnconvert))
