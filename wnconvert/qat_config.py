@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 
 from wnconvert.convert.configs import SchemeConfig, check_act_settings
 from wnconvert.convert.errors import UserInputError
-from wnconvert.convert.names import DEFAULT_TARGET, PLACEMENT_TARGETS, TRAIN_TARGETS, WEIGHT_BITS_SCHEMES
+from wnconvert.convert.names import DEFAULT_TARGET, PLACEMENT_TARGETS, TRAIN_PLACEMENTS, WEIGHT_BITS_SCHEMES
 
 VERSION = 1
 
@@ -53,8 +53,8 @@ class QATConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         self.scheme_config()  # validates the scheme's part
-        if self.target not in TRAIN_TARGETS:
-            raise UserInputError(f"unknown target {self.target!r}; choose one of: {', '.join(TRAIN_TARGETS)}")
+        if self.target not in TRAIN_PLACEMENTS:
+            raise UserInputError(f"unknown target {self.target!r}; choose one of: {', '.join(TRAIN_PLACEMENTS)}")
         if self.act_bits is None:
             if self.scale_format != "float" or self.mixed_precision or self.act_range != "learned":
                 raise UserInputError("act_range, scale_format and mixed_precision apply with act_bits only")
@@ -70,8 +70,8 @@ class QATConfig:
 
     @property
     def residual_conv(self) -> str:
-        """The placement ``target`` trains: ``quantized`` or ``float`` (convert/names.py TRAIN_TARGETS)."""
-        return TRAIN_TARGETS[self.target]
+        """The placement ``target`` trains: ``quantized`` or ``float`` (convert/names.py TRAIN_PLACEMENTS)."""
+        return TRAIN_PLACEMENTS[self.target]
 
     def scheme_config(self) -> SchemeConfig:
         """The weight part, as ``wnconvert.apply_scheme`` takes it."""
