@@ -22,7 +22,22 @@ from .config_option import ConfigOpt
 from .errors import handle_errors
 from .options import (ActRange, Bn, Gain, Granularity, Optimizer, ScaleFormat, ScaleGrad, Schedule, Scheme,
                       TrainTarget, WdMode, default, refuse_with_resume, value)
-from .render import JsonOpt, certificate_table, console, parity_table, print_json
+from .render import JsonOpt, certificate_line, certificate_table, console, parity_line, parity_table, print_json
+
+# finetune --help in panels (cli/help_layout.py), in this order; every option is in one
+HELP_PANELS = {
+    "Model and weights": ("weights", "num_classes", "image_size", "offline"),
+    "Scheme (weights in [-1, 1])": ("scheme", "weight_bits", "gain", "scale_grad", "exclude", "skip_depthwise"),
+    "Quantization (--act-bits)": ("act_bits", "act_range", "scale_format", "freeze_bn_epochs", "mixed_precision",
+                                  "target", "no_deploy"),
+    "Data": ("data", "limit_train", "limit_val", "download", "gpu_decode", "workers"),
+    "Training": ("epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "wd_mode",
+                 "wd_eps", "warmup_epochs", "schedule", "label_smoothing", "grad_clip", "seed", "log_every",
+                 "diagnostics"),
+    "Device": ("device", "amp", "channels_last", "compile"),
+    "Fold, export and verify": ("bn", "granularity", "no_export", "rtol", "samples"),
+    "Run directory and output": ("out", "resume", "overwrite", "config", "json_out", "verbose"),
+}
 
 
 # Long only by its option list (one line per option); the body is parsing and one library call.
@@ -76,6 +91,8 @@ def finetune(
     diagnostics: int = typer.Option(default(TrainConfig, "diagnostics"), "--diagnostics", metavar="K", help="Log per-layer training dynamics to dynamics.jsonl every K steps (0: off); see `wnconvert report`."),
     resume: Optional[Path] = typer.Option(None, help="Continue the run in this directory from its last checkpoint."),
     no_export: bool = typer.Option(False, "--no-export", help="Stop after training: no fold, export or verify."),
+    no_deploy: bool = typer.Option(False, "--no-deploy", help="--act-bits: do not write and check the deployed model.int8.onnx / model.int4.onnx at the end (export --precision writes it later)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print the per-layer fold certificate, the parity tables and every file at the end."),
     rtol: float = typer.Option(default(VerifyConfig, "rtol"), help="Parity: max |err| / max |ref| allowed."),
     samples: int = typer.Option(default(VerifyConfig, "samples"), help="Parity: number of generated inputs."),
     overwrite: bool = typer.Option(False, help="Replace an existing run in --out."),
@@ -95,7 +112,7 @@ def finetune(
         raise UserInputError("--act-range, --freeze-bn-epochs, --mixed-precision and --target apply to --act-bits "
                              "runs only")
     if resume is not None:
-        refuse_with_resume(ctx, {"model", "resume", "config", "json_out"})
+        refuse_with_resume(ctx, {"model", "resume", "config", "json_out", "no_deploy", "verbose"})
         cfg = resume_config(resume)
         if model != cfg.model:
             raise UserInputError(f"{resume} is a {cfg.model} run, not {model}")
@@ -121,37 +138,74 @@ def finetune(
             act=ActSettings(act_bits, value(act_range), freeze_bn_epochs, value(scale_format), mixed_precision,
                             TRAIN_PLACEMENTS[value(target) or DEFAULT_TARGET])
             if act_bits is not None else None)
+    if no_deploy and cfg.act is None:
+        raise UserInputError("--no-deploy applies to --act-bits runs only (they end with their deployed file)")
+    cfg.deploy = not no_deploy
     summary = finetune_torchrun(cfg, console=None if json_out else console, resume=resume is not None)
     if summary is None:  # another rank under torchrun: rank 0 reports
         return
     if json_out:
         return print_json({"out": str(summary.out), "manifest": summary.manifest.to_dict(), "report": summary.report})
-    _print_summary(summary)
+    _print_summary(summary, verbose)
 
 
-def _print_summary(summary) -> None:
-    rep = summary.report
+def _print_summary(summary, verbose: bool = False) -> None:
+    """The end of a run at the terminal: what was written, how it did, and what to run next.
+    Per-layer tables are one line each (report.json has them; ``--verbose`` prints them)."""
+    rep, out = summary.report, summary.out
     if "certificate" in rep:
-        console.print(certificate_table(rep["certificate"], limit=12))
-        console.print(parity_table(rep["parity"]))
-        if rep.get("parity_vs_original"):
-            console.print(parity_table(rep["parity_vs_original"], "Against the original model"))
+        if verbose:
+            console.print(certificate_table(rep["certificate"], limit=None))
+            console.print(parity_table(rep["parity"]))
+            if rep.get("parity_vs_original"):
+                console.print(parity_table(rep["parity_vs_original"], "Against the original model"))
+        else:
+            console.print(certificate_line(rep["certificate"]))
+            console.print(parity_line(rep["parity"]))
     t = Table(title="Run", show_header=False)
-    t.add_column(style="bold")
+    t.add_column(style="bold", no_wrap=True)
     t.add_column()
-    t.add_row("run directory", str(summary.out))
+    t.add_row("run directory", str(out))
     t.add_row("step-0 deviation", f"{rep['step0_rel_deviation']:.2e} (relative, reparametrized vs original)")
     tr = rep.get("training")
     if tr:
         t.add_row("val top-1 before", f"{tr['initial'].get('val_top1', float('nan')):.4f}")
         if tr.get("final"):
             t.add_row("val top-1 after", f"{tr['final']['val_top1']:.4f} (best {tr['best_top1']:.4f}, epoch {tr['best_epoch']})")
+    deployed = rep.get("deployed")
     if rep.get("onnx_accuracy"):
         a = rep["onnx_accuracy"]
-        t.add_row("ONNX top-1", f"{a['top1']:.4f} on {a['images']} val images (onnxruntime)")
+        label = "float top-1" if deployed or summary.manifest.act is not None else "ONNX top-1"
+        t.add_row(label, f"{a['top1']:.4f} model.onnx on {a['images']} val images (onnxruntime)")
+    if deployed:
+        a = deployed["onnx_accuracy"]
+        t.add_row("deployed top-1", f"{a['top1']:.4f} {deployed['file']} (W{deployed['weight_bits']}"
+                  f"A{deployed['act_bits']}) on {a['images']} val images (onnxruntime)")
+        t.add_row("deployed check", ("[green]passed[/]" if deployed["passed"] else "[red]FAILED[/]")
+                  + f" {deployed['contract']} on {deployed['inputs']}")
     if "stored_max_abs" in rep:
         t.add_row("max |stored weight|", f"{rep['stored_max_abs']:.6f}")
         t.add_row("parity", "[green]passed[/]" if rep["parity"]["passed"] else "[red]FAILED[/]")
-    for name in sorted(summary.manifest.artifacts):
-        t.add_row("artifact", str(summary.out / name))
+    if verbose:
+        for name in sorted(summary.manifest.artifacts):
+            t.add_row("artifact", str(out / name))
+    else:
+        files = [n for n in ("model.onnx", deployed and deployed["file"]) if n and n in summary.manifest.artifacts]
+        t.add_row("files", ", ".join(files + ["report.json"]) + f" ({len(summary.manifest.artifacts)} in all)")
     console.print(t)
+    console.print(f"next: {next_command(summary)}")
+
+
+def next_command(summary) -> str:
+    """The command a user runs next with this run."""
+    out, rep, m = summary.out, summary.report, summary.manifest
+    if m.no_export:
+        return f"wnconvert export {out}   (fold, export and verify model.onnx)"
+    if rep.get("deployed"):
+        return (f"wnconvert verify {out}   (every file on 256 validation images); for OpenVINO: "
+                f"wnconvert export {out} --precision {rep['deployed']['precision']} --target openvino")
+    if m.act is not None:
+        wbits = m.scheme.weight_bits
+        return f"wnconvert export {out} --precision {'int4' if wbits <= 4 else 'int8'}   (the deployed file)"
+    return (f"wnconvert export {out} --precision int8   (post-training int8), or wnconvert eval "
+            f"{out / 'model.onnx'} --data SPEC")

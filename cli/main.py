@@ -14,8 +14,10 @@ from wnconvert.convert.errors import RangeError
 
 from .errors import OneLineErrors, handle_errors
 from .eval_cmd import eval_command
+from .finetune import HELP_PANELS as FINETUNE_PANELS
 from .finetune import finetune
 from .golden_cmd import golden
+from .help_layout import tidy_help
 from .render import JsonOpt, console, print_json, ranges_table
 from .options import usage_message
 from .report_cmd import report
@@ -24,6 +26,11 @@ from .runs import export, fold, verify
 class _Group(OneLineErrors):
     message = staticmethod(usage_message)
 
+    def get_command(self, ctx, cmd_name):  # every command's --help reads at 80 columns (help_layout)
+        return tidy_help(super().get_command(ctx, cmd_name), HELP_PANELS.get(cmd_name))
+
+
+HELP_PANELS = {"finetune": FINETUNE_PANELS}
 
 app = typer.Typer(
     cls=_Group, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -39,7 +46,7 @@ for _name, _command in (("finetune", finetune), ("fold", fold), ("export", expor
 @handle_errors
 def inspect(
     path: Path = typer.Argument(..., help="An .onnx file, a state_dict (.pth/.pt/.safetensors) or a run directory."),
-    require_unit_range: bool = typer.Option(False, help="Exit 4 when any weight lies outside [-1, 1]."),
+    require_unit_range: bool = typer.Option(False, "--require-unit-range", help="Exit 4 when any weight lies outside [-1, 1]."),
     json_out: bool = JsonOpt,
 ):
     """Per-layer weight ranges. For a run directory, its model.onnx."""

@@ -20,12 +20,20 @@ def print_json(obj) -> None:
 
 
 def certificate_table(certificate: list[dict], limit: int | None = 40) -> Table:
-    t = Table(title="Fold certificate", show_lines=False)
-    for col in ("layer", "scheme", "max|stored|", "scale", "rel. diff"):
-        t.add_column(col, justify="right" if col in ("max|stored|", "rel. diff") else "left")
+    """The per-layer fold certificate; layer names are never cut (one scheme for every layer goes
+    into the title, so the table fits 80 columns for torchvision's names)."""
+    schemes = sorted({c["scheme"] for c in certificate})
+    one = len(schemes) == 1
+    t = Table(title="Fold certificate" + (f" ({schemes[0]})" if one else ""), show_lines=False)
+    cols = ("layer", "max|stored|", "scale", "rel. diff") if one else ("layer", "scheme", "max|stored|", "scale",
+                                                                      "rel. diff")
+    for col in cols:
+        t.add_column(col, justify="right" if col in ("max|stored|", "rel. diff") else "left",
+                     no_wrap=col == "layer")
     rows = certificate if limit is None else certificate[:limit]
     for c in rows:
-        t.add_row(c["layer"], c["scheme"], f"{c['stored_max_abs']:.6f}", c["scale"], f"{c['rel_diff']:.2e}")
+        cells = (c["layer"],) + (() if one else (c["scheme"],))
+        t.add_row(*cells, f"{c['stored_max_abs']:.6f}", c["scale"], f"{c['rel_diff']:.2e}")
     if limit is not None and len(certificate) > limit:
         t.caption = f"{len(certificate) - limit} more layers in report.json (worst rel. diff " \
                     f"{max(c['rel_diff'] for c in certificate):.2e})"
@@ -83,3 +91,25 @@ def ranges_table(ranges: list[dict], title: str, limit: int | None = 40) -> Tabl
         bad = sum(not r["in_unit_range"] for r in ranges)
         t.caption = f"{len(ranges) - limit} more; {bad} of {len(ranges)} outside [-1, 1]"
     return t
+
+
+def certificate_line(certificate: list[dict]) -> str:
+    """The fold certificate in one line: how many layers, the largest stored weight, the worst
+    relative difference (the table: report.json, ``finetune --verbose``, ``wnconvert fold``)."""
+    if not certificate:
+        return "fold certificate: no layer"
+    worst = max(certificate, key=lambda c: c["rel_diff"])
+    top = max(c["stored_max_abs"] for c in certificate)
+    return (f"fold certificate: {len(certificate)} layers, max |stored| {top:.6f}, worst rel. diff "
+            f"{worst['rel_diff']:.2e} ({worst['layer']})")
+
+
+def parity_line(parity: dict, what: str = "parity") -> str:
+    """A parity table in one line: passed or not, its worst candidate, against what, on what."""
+    cands = parity["candidates"]
+    worst = max(cands.values(), key=lambda c: c["rel"]) if cands else None
+    verdict = "[green]passed[/]" if parity["passed"] else "[red]FAILED[/]"
+    detail = (f", worst rel {worst['rel']:.2e}, min cosine {min(c['cosine'] for c in cands.values()):.8f}, "
+              f"top-1 {min(c['top1'] for c in cands.values()):.4f}" if worst else "")
+    return f"{what}: {verdict} ({len(cands)} runs of model.onnx against the {parity['reference']}, " \
+           f"{parity['inputs']}{detail})"

@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass
 
 from .errors import UserInputError
-from .names import BN_MODES, GAIN_MODES, GRANULARITIES, SCALE_GRAD_MODES, SCHEME_NAMES, WEIGHT_BITS_SCHEMES
+from .names import (BN_MODES, GAIN_MODES, GRANULARITIES, RANGE_MODES, RESIDUAL_CONV, SCALE_FORMATS,
+                    SCALE_GRAD_MODES, SCHEME_NAMES, WEIGHT_BITS_SCHEMES)
 
 
 @dataclass(frozen=True)
@@ -88,3 +89,25 @@ class QuantThresholds:
     def __post_init__(self) -> None:
         if not 0 <= self.min_agreement <= 1:
             raise UserInputError(f"--min-agreement must be in [0, 1], got {self.min_agreement}")
+
+
+def check_act_settings(bits, range_mode: str, scale_format: str, mixed_precision: bool,
+                       residual_conv: str) -> None:
+    """Refuse activation quantization settings that cannot work together (the checks of
+    ``actquant.ActQuantConfig`` and of ``wnconvert.QATConfig``, here without torch)."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 4 <= bits <= 8:
+        raise UserInputError(f"--act-bits must be an integer from 4 to 8, not {bits!r}")
+    if range_mode not in RANGE_MODES:
+        raise UserInputError(f"unknown --act-range {range_mode!r}; choose one of: {', '.join(RANGE_MODES)}")
+    if scale_format not in SCALE_FORMATS:
+        raise UserInputError(f"unknown --scale-format {scale_format!r}; "
+                             f"choose one of: {', '.join(SCALE_FORMATS)}")
+    po2 = scale_format == "po2"
+    if po2 and mixed_precision:
+        raise UserInputError("--scale-format po2 promises an integer-only graph; --mixed-precision keeps "
+                             "some operations in float: choose one")
+    if residual_conv not in RESIDUAL_CONV:
+        raise UserInputError(f"residual_conv must be one of: {', '.join(RESIDUAL_CONV)}, not {residual_conv!r}")
+    if po2 and residual_conv == "float":
+        raise UserInputError("--scale-format po2 promises an integer-only graph; --target openvino keeps "
+                             "the convolutions before residual adds in float: choose one")

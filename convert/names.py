@@ -34,6 +34,7 @@ DEFAULT_TARGET = "ort-cpu"
 RESIDUAL_CONV = ("quantized", "float")  # a conv output read only by a residual add (quantize/placement.py)
 # finetune --target (--act-bits runs): the runtime whose placement the network is trained for -> it
 TRAIN_PLACEMENTS = {"ort-cpu": "quantized", "openvino": "float"}
+PLACEMENT_TARGETS = {placement: target for target, placement in TRAIN_PLACEMENTS.items()}  # and back
 
 # convert/actquant
 SCALE_FORMATS = ("float", "po2")

@@ -110,9 +110,9 @@ def test_mobilenet_v3_run_exports_and_verifies(tmp_path):
             "--batch-size", "16", "--weight-bits", "8", "--act-bits", "8", "--mixed-precision", "--out", out)
     assert r.exit_code == 0, r.output
     assert json.loads((out / "manifest.json").read_text())["act"]["mixed_precision"] is True
-    r = cli("export", out, "--precision", "int8")
-    assert r.exit_code == 0, r.output
-    entry = json.loads((out / "report.json").read_text())["quantized"]["int8"]
+    report = json.loads((out / "report.json").read_text())  # finetune wrote and checked model.int8.onnx
+    assert report["deployed"]["file"] == "model.int8.onnx" and report["deployed"]["passed"]
+    entry = report["quantized"]["int8"]
     assert entry["mixed_precision"] is True
     assert set(entry["float_ops"].values()) == {"hardswish", "hardsigmoid", "mul"}
     assert set(entry["float_ops"]) <= set(entry["points"])

@@ -36,7 +36,7 @@ def _convert_only(out, *extra):
 @pytest.fixture(scope="module")
 def w4a8(tmp_path_factory):
     """A W4A8 run's file in both containers: model.int4.onnx (the ort-cpu default) and c4.onnx."""
-    out = _convert_only(tmp_path_factory.mktemp("container") / "run", "--act-bits", "8")
+    out = _convert_only(tmp_path_factory.mktemp("container") / "run", "--act-bits", "8", "--no-deploy")
     r = cli("export", out, "--precision", "int4", "--container", "int4")
     assert r.exit_code == 0, r.output
     (out / "model.int4.onnx").rename(out / "c4.onnx")
@@ -185,7 +185,7 @@ def _weights_only(out) -> list[onnx.TensorProto]:
 def test_w4a4_po2_in_int8_container_is_bit_exact(tmp_path):
     """4-bit activations in int8 containers (Clip, then an 8-bit QuantizeLinear; the input's too):
     the bit-exact contract (integer reference, onnxruntime off and on) holds as on INT4/UINT4."""
-    out = _convert_only(tmp_path / "run", "--act-bits", "4", "--scale-format", "po2")
+    out = _convert_only(tmp_path / "run", "--act-bits", "4", "--scale-format", "po2", "--no-deploy")
     r = cli("export", out, "--precision", "int4", "--target", "fixed-point", "--container", "int8")
     assert r.exit_code == 0, r.output
     model = onnx.load(str(out / "model.int4.onnx"))

@@ -30,8 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..errors import UserInputError
-from ..names import RANGE_MODES, RESIDUAL_CONV, SCALE_FORMATS
+from ..configs import check_act_settings
 from .po2 import round_ste
 
 CALIB_PERCENTILE = 99.99
@@ -56,22 +55,7 @@ class ActQuantConfig:
     residual_conv: str = "quantized"
 
     def __post_init__(self) -> None:
-        b = self.bits
-        if isinstance(b, bool) or not isinstance(b, int) or not 4 <= b <= 8:
-            raise UserInputError(f"--act-bits must be an integer from 4 to 8, not {b!r}")
-        if self.range not in RANGE_MODES:
-            raise UserInputError(f"unknown --act-range {self.range!r}; choose one of: {', '.join(RANGE_MODES)}")
-        if self.scale_format not in SCALE_FORMATS:
-            raise UserInputError(f"unknown --scale-format {self.scale_format!r}; "
-                                 f"choose one of: {', '.join(SCALE_FORMATS)}")
-        if self.po2 and self.mixed_precision:
-            raise UserInputError("--scale-format po2 promises an integer-only graph; --mixed-precision keeps "
-                                 "some operations in float: choose one")
-        if self.residual_conv not in RESIDUAL_CONV:
-            raise UserInputError(f"residual_conv must be one of: {', '.join(RESIDUAL_CONV)}, not {self.residual_conv!r}")
-        if self.po2 and self.residual_conv == "float":
-            raise UserInputError("--scale-format po2 promises an integer-only graph; --target openvino keeps "
-                                 "the convolutions before residual adds in float: choose one")
+        check_act_settings(self.bits, self.range, self.scale_format, self.mixed_precision, self.residual_conv)
 
     @property
     def po2(self) -> bool:

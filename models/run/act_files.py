@@ -8,14 +8,11 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnx
 import torch
 
-from wnconvert.convert.actquant import act_points, check_lossless_activations, export_qdq, qlayers
-from wnconvert.convert.actquant.shifts import layer_shifts
-from wnconvert.convert.errors import ParityError, UserInputError
-from wnconvert.convert.artifacts import atomic_path
-from wnconvert.convert.quantize.target_rules import fixed_point_violations
+from wnconvert.convert.actquant import act_points, check_lossless_activations, qlayers
+from wnconvert.convert.actquant.deploy import WEIGHT_BITS, write_deployed
+from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.verify import VerifyConfig, make_inputs
 
 from ..data.data import eval_arrays
@@ -23,8 +20,6 @@ from ..files import artifact_name
 from .rundir import Manifest, RunDir
 
 CONTRACT = "lossless-activations"
-# weight storage of each deployed precision: int8 holds 5..8-bit grids, int4 the 2..4-bit ones
-WEIGHT_BITS = {"int8": range(5, 9), "int4": range(2, 5)}
 
 
 def check_act_precision(manifest: Manifest, precision: str, act_bits: str | None, data: str | None) -> None:
@@ -55,16 +50,8 @@ def export_act_precision(run_dir: Path, precision: str, act_bits: str | None = N
     check_act_precision(run.manifest(), precision, act_bits, data)
     manifest, qat = run.load_qat()
     dst = run.path / artifact_name(precision)
-    po2 = manifest.po2
-    shifts = layer_shifts(qat) if po2 else None  # raises before anything is written
-    with atomic_path(dst) as tmp:  # a po2 file is in place only once its scales are checked
-        info = export_qdq(qat, tmp, example_shape=(1, *manifest.input_shape),  # opset 17, 21 with INT4
-                          container=container)
-        bad = fixed_point_violations(onnx.load(str(tmp))) if po2 else []
-        if bad:
-            raise ParityError(f"{dst.name} of a po2 run: {bad[0]}")
-        if check is not None:
-            check(tmp)
+    info, shifts = write_deployed(qat, dst, example_shape=(1, *manifest.input_shape), container=container,
+                                  check=check)
     entry = {"file": dst.name, "contract": CONTRACT, "precision": precision,
              "weight_bits": int(qlayers(qat)[0].weight_bits), "act_bits": manifest.act.bits,
              "calibration": None, "scales": "trained", "scale_format": manifest.act.scale_format,

@@ -15,7 +15,7 @@ from torch import nn
 
 from wnconvert.convert.apply import apply_scheme, max_step0_deviation
 from wnconvert.convert.artifacts import check_output_dir
-from wnconvert.convert.errors import UserInputError
+from wnconvert.convert.errors import ParityError, UserInputError
 from wnconvert.convert.export import ExportConfig
 from wnconvert.convert.fold import FoldConfig
 from wnconvert.convert.metrics import topk_correct
@@ -30,6 +30,7 @@ from ..data.data import DataBundle, Preprocess, build_data, default_preprocess, 
 from ..files import ONNX
 from .lock import check_unlocked
 from ..train.optim_settings import SCRATCH_DEFAULTS
+from .run_deploy import deploy_run, deployed_failure
 from .rundir import CHECKPOINT, MANIFEST, METRICS, REPORT, Manifest, RunDir  # noqa: F401 (re-exported)
 from ..train.train import TrainConfig, train
 from ..zoo.zoo import BuiltModel, build_model, fixed_image_size, min_image_size
@@ -60,6 +61,7 @@ class RunConfig:
     train: TrainConfig | None = None  # None for --epochs 0
     act: ActSettings | None = None    # --act-bits: activation QAT (models/train/act_run.py)
     no_export: bool = False
+    deploy: bool = True               # --act-bits: write and check the deployed file (models/run/run_deploy.py)
     overwrite: bool = False
     offline: bool | None = None      # None: WNCONVERT_OFFLINE decides whether weights may be downloaded
     seed: int | None = None          # seeds the model's initialisation (None: the training seed, else 0)
@@ -194,6 +196,11 @@ def _finetune_locked(cfg: RunConfig, console, resume: bool, owner: ExitStack) ->
     run.finish(manifest)
     if conversion is not None:
         require_parity(conversion)
+        if cfg.act is not None and cfg.deploy:  # the file the run trained for, written and checked
+            deployed = deploy_run(run, preprocess, cfg.limit_val, cfg.verify.samples)
+            manifest, report = run.manifest(), run.report()
+            if not deployed["passed"]:
+                raise ParityError(deployed_failure(deployed))
     return RunSummary(out, manifest, report, conversion)
 
 
