@@ -55,6 +55,7 @@ class Operand:
     tensor: str
     params: QParams
     const: np.ndarray | None = None  # int64 values when the integer tensor is an initializer
+    cache: dict = field(default_factory=dict, repr=False, compare=False)  # kernels' data derived from const
 
 
 @dataclass
