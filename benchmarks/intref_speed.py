@@ -22,16 +22,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 import torch
-
-from wnconvert.convert.actquant import ActQuantConfig, calibrate, export_qdq, freeze_bn, prepare_qat
+from wnconvert.convert.actquant import (
+    ActQuantConfig,
+    calibrate,
+    export_qdq,
+    freeze_bn,
+    prepare_qat,
+)
 from wnconvert.convert.apply import apply_scheme
 from wnconvert.convert.export import export_onnx
 from wnconvert.convert.fold import FoldConfig, fold_model
-from wnconvert.convert.intref import compare_runs, run_integer
-from wnconvert.convert.intref import kernels
+from wnconvert.convert.intref import compare_runs, kernels, run_integer
 from wnconvert.convert.schemes import SchemeConfig
 from wnconvert.models.zoo import build_model
 
