@@ -183,7 +183,7 @@ def _weights_only(out) -> list[onnx.TensorProto]:
 
 
 def test_w4a4_po2_in_int8_container_is_bit_exact(tmp_path):
-    """4-bit activations in int8 containers (Clip, then an 8-bit QuantizeLinear; the input's too):
+    """4-bit activations in int8 containers (an 8-bit QuantizeLinear, then an integer Clip; the input's too):
     the bit-exact contract (integer reference, onnxruntime off and on) holds as on INT4/UINT4."""
     out = _convert_only(tmp_path / "run", "--act-bits", "4", "--scale-format", "po2")
     r = cli("export", out, "--precision", "int4", "--target", "fixed-point", "--container", "int8")
@@ -192,7 +192,9 @@ def test_w4a4_po2_in_int8_container_is_bit_exact(tmp_path):
     clips = [n for n in model.graph.node if n.op_type == "Clip" and n.name.startswith("Clip_")]
     entry = json.loads((out / "report.json").read_text())["quantized"]["int4"]
     assert entry["container"] == "int8" and entry["clipped_points"] == entry["points"] == [c.name[5:] for c in clips]
-    assert clips[0].input[0] == "input" and set(entry["activation_types"].values()) <= {"UINT8", "UINT8+128"}
+    q_input = next(n for n in model.graph.node if n.output[0] == clips[0].input[0])
+    assert q_input.op_type == "QuantizeLinear" and q_input.input[0] == "input"
+    assert set(entry["activation_types"].values()) <= {"UINT8", "UINT8+128"}
     r = cli("verify", out, "--precision", "int4", "--limit", "2")
     assert r.exit_code == 0, r.output
     res = json.loads((out / "report.json").read_text())["verify"]["quantized"]["int4"]

@@ -6,8 +6,12 @@ per-channel scales of :func:`~.layers.deployed_parts`; every bias is the int32 t
 model uses, with scale ``s_x · s_w``; every quantization point is one ``QuantizeLinear`` (node
 ``Q_<point>``) and its ``DequantizeLinear`` (``DQ_<point>``), zero point 0, uint8/int8 (uint4/int4
 at opset 21 for 4-bit activations; with ``container="int8"`` 4-bit values stay in int8/uint8, like
-those of 5 to 7 bits). Activations of 5 to 7 bits are stored in 8-bit types behind a ``Clip`` to
-the grid's range. Max pooling and flatten act on the integers where the storage is
+those of 5 to 7 bits). Activations of 5 to 7 bits (and 4-bit ones stored in 8 bits) are stored in
+8-bit types with their grid's range applied in the quantized domain: ``Q_<point>`` (output
+``<point>_q8``) -> ``Clip_<point>``, an integer Clip to ``[qmin, qmax]`` plus the zero point (output
+``<point>_q``, the point's integers) -> DequantizeLinear. Quantization is monotone, so this holds
+the integers a float Clip before the QuantizeLinear gives, and onnxruntime and OpenVINO fuse the
+convolutions and adds around it into their integer kernels (a float Clip blocks that). Max pooling and flatten act on the integers where the storage is
 8-bit (onnxruntime has no 4-bit kernels for them; there they act on the dequantized values, which
 is the same function). A mixed-precision operation (prepare.FLOAT_OPS) is written in float between
 the DequantizeLinear of its inputs and the QuantizeLinear of the point after it.
@@ -46,7 +50,7 @@ class ExportInfo:
     points: list[str]
     activation_types: dict[str, str] = field(default_factory=dict)   # point -> onnx element type
     weight_types: dict[str, str] = field(default_factory=dict)       # layer -> onnx element type
-    clipped_points: list[str] = field(default_factory=list)          # 5..7-bit points behind a Clip
+    clipped_points: list[str] = field(default_factory=list)          # 8-bit-stored points below 8 bits: Q -> integer Clip
     container: str | None = None     # storage of 4-bit values: int4 | int8 (None: no 4-bit value)
 
     def to_dict(self) -> dict:
@@ -175,14 +179,17 @@ class _Emitter:
         qtype, zero = _qtype(q.bits if width == 4 else 8, q.signed, self.opset, self.storage)
         s = np.float32(q.scale_value())
         x = self.as_float(v)
-        if q.bits not in (8, width):
-            lo, hi = self.init(f"{point}_lo", np.float32(q.qmin * s)), self.init(f"{point}_hi", np.float32(q.qmax * s))
-            x = self.node("Clip", [x, lo, hi], f"{point}_clip", f"Clip_{point}")
-            self.info.clipped_points.append(point)
+        clipped = q.bits not in (8, width)
         scale = self.init(f"{point}_scale", s)
         zp = self.init(f"{point}_zp", np.full((), zero, np.int64), qtype)
-        out = self.node("QuantizeLinear", [x, scale, zp], f"{point}_q", f"Q_{point}")
+        out = self.node("QuantizeLinear", [x, scale, zp], f"{point}_q8" if clipped else f"{point}_q", f"Q_{point}")
         self.nodes[-1].doc_string = point
+        if clipped:  # the grid's range in the quantized domain: Q -> integer Clip -> DQ (module docstring)
+            lo = self.init(f"{point}_lo", np.full((), q.qmin + zero, np.int64), qtype)
+            hi = self.init(f"{point}_hi", np.full((), q.qmax + zero, np.int64), qtype)
+            out = self.node("Clip", [out, lo, hi], f"{point}_q", f"Clip_{point}")
+            self.nodes[-1].doc_string = point
+            self.info.clipped_points.append(point)
         self.info.points.append(point)
         self.info.activation_types[point] = TensorProto.DataType.Name(qtype) + (f"+{zero}" if zero else "")
         return _Value(point=point, int_name=out, qtype=qtype, zero=zero)

@@ -40,6 +40,7 @@ from .execute import (FLOAT32_EXACT, INT32_RANGE, Requant, accumulator, quantize
                       weight_scale)
 from .graph import QParams, Step, load_model, read_steps
 from .ops import evaluate, move
+from .requant import saturate
 
 
 @dataclass
@@ -136,6 +137,13 @@ def _record(step: Step, values: np.ndarray, req: Requant | None, params: QParams
 
 
 def _execute(step: Step, env: dict, inputs: dict) -> tuple[np.ndarray, Requant | None, QParams]:
+    values, req, params = _compute(step, env, inputs)
+    if step.qclamp is not None:
+        values = saturate(values, *step.qclamp)
+    return values, req, params
+
+
+def _compute(step: Step, env: dict, inputs: dict) -> tuple[np.ndarray, Requant | None, QParams]:
     p = step.out_params
     if step.kind == "input":
         return quantize_input(inputs[step.source], p, step.clamp), None, p
