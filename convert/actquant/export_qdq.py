@@ -32,13 +32,14 @@ from torchvision.ops import StochasticDepth
 from ..artifacts import atomic_path
 from ..errors import UserInputError
 from ..quantize.container import check_container, mark_int8_container
-from .layers import QLayer, deployed_parts
+from .layers import QLayer
 from .graph_ops import ADD, AVGPOOL_FN, CAT, float_op, is_passthrough
 from .prepare import act_points, qlayers
 from .quantizer import ActQuantizer
 
 INT4_OPSET = 21
 DEFAULT_OPSET = 17
+_NUMPY_TYPES = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.INT32: np.int32}
 ACT_TYPES = {(8, False): TensorProto.UINT8, (8, True): TensorProto.INT8,
              (4, False): TensorProto.UINT4, (4, True): TensorProto.INT4}
 
@@ -101,7 +102,9 @@ class _Emitter:
     def init(self, name: str, array: np.ndarray, dtype: int | None = None) -> str:
         if dtype is None:
             self.inits.append(numpy_helper.from_array(array, name))
-        else:
+        elif dtype in _NUMPY_TYPES:  # raw bytes: a list of ints is slow for millions of weights
+            self.inits.append(numpy_helper.from_array(np.asarray(array).astype(_NUMPY_TYPES[dtype]), name))
+        else:  # INT4/UINT4: packed two to a byte by make_tensor
             self.inits.append(helper.make_tensor(name, dtype, list(array.shape),
                                                  np.asarray(array).ravel().astype(np.int64).tolist()))
         return name
@@ -195,7 +198,7 @@ class _Emitter:
         return _Value(point=point, int_name=out, qtype=qtype, zero=zero)
 
     def layer(self, name: str, q: QLayer, v: _Value) -> str:
-        d = deployed_parts(q)
+        d = q.deployed()
         wtype = TensorProto.INT4 if d.weight_bits <= 4 and self.four else TensorProto.INT8
         self.info.weight_types[q.name] = TensorProto.DataType.Name(wtype)
         w = self.init(f"{name}_w_q", d.weight_int, wtype)

@@ -51,26 +51,37 @@ def products(mode: str):
 
 
 class Weights:
-    """An int64 weight ``(..., K, N)`` (reduction axis -2) with what the exact products need of it,
-    computed once: its row bound ``max_n sum_k |w|``, its column maxima ``max |w[.., k, :]|`` and
-    its float copies (kept in a :func:`conv2d`/:func:`matmul` ``cache`` across calls)."""
+    """An int64 weight with what the exact products need of it, computed once: ``nk`` is
+    ``(..., N, K)`` (output channels, then the reduction axis; a view of the ONNX layout where it
+    can be). Keeps the ``(..., K, N)`` view :attr:`w`, its row bound ``max_n sum_k |w|``, its
+    column maxima ``max |w[.., :, k]|`` and its float copies (in a :func:`conv2d`/:func:`matmul`
+    ``cache`` across calls)."""
 
-    def __init__(self, w: np.ndarray) -> None:
-        self.w = w
-        self.k = w.shape[-2]
-        w_abs = np.abs(w)
-        self.row = int(w_abs.sum(axis=-2).max()) if w.size else 0
-        axes = tuple(a for a in range(w.ndim) if a != w.ndim - 2)
-        self.column = w_abs.max(axis=axes).astype(np.int64) if w.size else np.zeros(self.k, np.int64)
+    def __init__(self, nk: np.ndarray) -> None:
+        self.w = np.swapaxes(nk, -1, -2)
+        self.k = nk.shape[-1]
         self._floats: dict = {}
+        if not nk.size:
+            self.row, self.column, self._f32 = 0, np.zeros(self.k, np.int64), None
+            return
+        peak = int(np.abs(nk).max())
+        # weights of up to 24 bits are float32 exactly: bounds and float copies from one float32 copy
+        self._f32 = np.ascontiguousarray(nk, dtype=np.float32) if peak <= FLOAT32_EXACT else None
+        w_abs = np.abs(self._f32) if self._f32 is not None else np.abs(nk)
+        self.row = int(w_abs.sum(axis=-1, dtype=np.float64 if self._f32 is not None else np.int64).max())
+        self.column = w_abs.max(axis=tuple(range(nk.ndim - 1))).astype(np.int64)
+        self._abs = w_abs
 
     def floats(self, dtype, nonneg: bool):
         """``[w | |w|]`` (``nonneg``) or ``(w, |w|)`` in ``dtype``, as ``(..., K, N)`` views of
         ``(..., N, K)`` arrays (BLAS reads them transposed, no copy)."""
         key = (np.dtype(dtype).name, nonneg)
         if key not in self._floats:
-            nk = np.ascontiguousarray(np.swapaxes(self.w, -1, -2)).astype(dtype)
-            nk_abs = np.abs(nk)
+            if self._f32 is not None:
+                nk, nk_abs = self._f32.astype(dtype, copy=False), self._abs.astype(dtype, copy=False)
+            else:
+                nk = np.ascontiguousarray(np.swapaxes(self.w, -1, -2)).astype(dtype)
+                nk_abs = np.abs(nk)
             pair = (np.concatenate([nk, nk_abs], axis=-2),) if nonneg else (nk, nk_abs)
             views = tuple(np.swapaxes(a, -1, -2) for a in pair)
             self._floats[key] = views[0] if nonneg else views
@@ -168,7 +179,7 @@ def conv2d(x: np.ndarray, w: np.ndarray, strides, pads, dilations, group: int, c
     dict kept with the weight (the same ``w`` on every call) for what is derived from it."""
     o, cg, kh, kw = w.shape
     og, k = o // group, cg * kh * kw
-    weights = _weights(w, lambda v: v.reshape(group, og, k).transpose(0, 2, 1), cache)  # (group, K, O/group)
+    weights = _weights(w, lambda v: v.reshape(group, og, k), cache)  # (group, O/group, K)
     dtype, slices = plan(_max_abs(x), weights)
     nonneg = bool(x.size) and int(x.min()) >= 0
     win = windows(x if dtype is None else x.astype(dtype), (kh, kw), strides, pads, dilations, 0)
@@ -186,7 +197,7 @@ def conv2d(x: np.ndarray, w: np.ndarray, strides, pads, dilations, group: int, c
 def matmul(a: np.ndarray, b: np.ndarray, cache: dict | None = None):
     """Integer ``a @ b`` (``b`` is ``(K, N)``): ``(acc, abs_sum)`` in int64; ``cache`` as for
     :func:`conv2d`, kept with ``b``."""
-    weights = _weights(b, lambda v: v, cache)
+    weights = _weights(b, lambda v: np.swapaxes(v, -1, -2), cache)
     dtype, slices = plan(_max_abs(a), weights)
     nonneg = bool(a.size) and int(a.min()) >= 0
     return _products(a if dtype is None else a.astype(dtype), weights, nonneg, dtype, slices)
