@@ -26,13 +26,8 @@ import onnx
 import onnxruntime as ort
 import torch
 from onnx import helper, numpy_helper
-from wnconvert.convert.actquant import (
-    ActQuantConfig,
-    calibrate,
-    export_qdq,
-    freeze_bn,
-    prepare_qat,
-)
+
+from wnconvert.convert.actquant import ActQuantConfig, calibrate, export_qdq, freeze_bn, prepare_qat
 from wnconvert.convert.apply import apply_scheme
 from wnconvert.convert.export import export_onnx
 from wnconvert.convert.fold import FoldConfig, fold_model

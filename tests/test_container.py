@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -16,11 +16,11 @@ import torch
 from onnx import TensorProto, numpy_helper
 from test_act_run import TINY, cli
 
+from wnconvert.convert.actquant.layers import QLayer
 from wnconvert.convert.quantize.container import (GRID_RANGE, META_KEY, container_record, container_violations,
                                                   mark_int8_container, to_int8_container)
 from wnconvert.models.rundir import RunDir
 
-export_qdq_mod = importlib.import_module("wnconvert.convert.actquant.export_qdq")  # the package exports the function
 LEVELS = {"off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "on": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 
 
@@ -129,14 +129,15 @@ def test_export_refuses_a_weight_outside_the_4bit_range(w4a8, tmp_path, monkeypa
     """The structural check at export: a file whose stored weights leave [-7, 7] exits 3."""
     out = tmp_path / "run"
     shutil.copytree(w4a8[0], out)
-    real = export_qdq_mod.deployed_parts
+    real = QLayer.deployed
 
     def off_grid(q):
         d = real(q)
         if q.name == "fc":
+            d = replace(d, weight_int=d.weight_int.copy())
             d.weight_int[0, 0] = -8
         return d
-    monkeypatch.setattr(export_qdq_mod, "deployed_parts", off_grid)
+    monkeypatch.setattr(QLayer, "deployed", off_grid)  # what export_qdq writes of each layer
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
     r = cli("export", out, "--precision", "int4", "--container", "int8")
     assert r.exit_code == 3, r.output

@@ -17,15 +17,9 @@ import torch
 from helpers import randomize
 from onnx import TensorProto, numpy_helper
 from test_intref_fast import _Net
-from wnconvert.convert.actquant import (
-    ActQuantConfig,
-    calibrate,
-    check_bit_exact,
-    check_lossless_activations,
-    export_qdq,
-    freeze_bn,
-    prepare_qat,
-)
+
+from wnconvert.convert.actquant import (ActQuantConfig, calibrate, check_bit_exact, check_lossless_activations,
+                                        export_qdq, freeze_bn, prepare_qat)
 from wnconvert.convert.apply import apply_scheme
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.intref import run_integer

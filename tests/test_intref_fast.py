@@ -9,13 +9,8 @@ import pytest
 import torch
 from helpers import randomize
 from torch import nn
-from wnconvert.convert.actquant import (
-    ActQuantConfig,
-    calibrate,
-    export_qdq,
-    freeze_bn,
-    prepare_qat,
-)
+
+from wnconvert.convert.actquant import ActQuantConfig, calibrate, export_qdq, freeze_bn, prepare_qat
 from wnconvert.convert.apply import apply_scheme
 from wnconvert.convert.intref import kernels, read_graph, run_integer
 from wnconvert.convert.schemes import SchemeConfig

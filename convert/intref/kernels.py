@@ -61,15 +61,33 @@ class Weights:
         self.w = np.swapaxes(nk, -1, -2)
         self.k = nk.shape[-1]
         self._floats: dict = {}
+        self._nk = nk
+        self._bounds = False
+
+    @property
+    def row(self) -> int:
+        self._prepare()
+        return self._row
+
+    @property
+    def column(self) -> np.ndarray:
+        self._prepare()
+        return self._column
+
+    def _prepare(self) -> None:
+        """The bounds and the float32 copy, on first use (the int64 path needs neither)."""
+        if self._bounds:
+            return
+        self._bounds, nk = True, self._nk
         if not nk.size:
-            self.row, self.column, self._f32 = 0, np.zeros(self.k, np.int64), None
+            self._row, self._column, self._f32 = 0, np.zeros(self.k, np.int64), None
             return
         peak = int(np.abs(nk).max())
         # weights of up to 24 bits are float32 exactly: bounds and float copies from one float32 copy
         self._f32 = np.ascontiguousarray(nk, dtype=np.float32) if peak <= FLOAT32_EXACT else None
         w_abs = np.abs(self._f32) if self._f32 is not None else np.abs(nk)
-        self.row = int(w_abs.sum(axis=-1, dtype=np.float64 if self._f32 is not None else np.int64).max())
-        self.column = w_abs.max(axis=tuple(range(nk.ndim - 1))).astype(np.int64)
+        self._row = int(w_abs.sum(axis=-1, dtype=np.float64 if self._f32 is not None else np.int64).max())
+        self._column = w_abs.max(axis=tuple(range(nk.ndim - 1))).astype(np.int64)
         self._abs = w_abs
 
     def floats(self, dtype, nonneg: bool):
@@ -77,6 +95,7 @@ class Weights:
         ``(..., N, K)`` arrays (BLAS reads them transposed, no copy)."""
         key = (np.dtype(dtype).name, nonneg)
         if key not in self._floats:
+            self._prepare()
             if self._f32 is not None:
                 nk, nk_abs = self._f32.astype(dtype, copy=False), self._abs.astype(dtype, copy=False)
             else:
@@ -93,7 +112,7 @@ def plan(x_max: int, weights: Weights) -> tuple[type | None, list[tuple[int, int
     ``weights``: dtype None means int64, ``slices`` the ``[k0, k1)`` ranges of the reduction axis
     each computed in one float product (module docstring)."""
     k = weights.k
-    if _mode == "int64" or not weights.w.size:
+    if _mode == "int64" or not weights.w.size:  # (before the bounds: the int64 path computes none)
         return None, [(0, k)]
     tight = x_max * weights.row
     if _mode == "auto" and tight <= FLOAT32_EXACT:
