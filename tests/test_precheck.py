@@ -10,9 +10,8 @@ from pathlib import Path
 
 from test_cli_startup import HEAVY
 
-from wnconvert.convert.quantize import artifact_name
 from wnconvert.convert.quantize.targets import PRESETS
-from wnconvert.models import precheck
+from wnconvert.models.run import precheck
 
 CHILD = f"""
 import contextlib, io, json, sys, time
@@ -121,4 +120,3 @@ def test_manifest_decided_refusals_load_nothing(tmp_path):
 
 def test_light_tables_equal_the_heavy_registries():
     assert precheck.TARGET_TAKES == {n: (p.precisions, p.weights_only, p.act_runs) for n, p in PRESETS.items()}
-    assert all(precheck.artifact_name(p) == artifact_name(p) for p in ("fp32", "fp16", "int8", "int4"))
