@@ -33,7 +33,7 @@ from wnconvert.convert.export import export_onnx
 from wnconvert.convert.fold import FoldConfig, fold_model
 from wnconvert.convert.openvino_rt import ov_runner
 from wnconvert.convert.schemes import SchemeConfig
-from wnconvert.models.zoo import build_model
+from wnconvert.models.zoo.zoo import build_model
 
 
 def float_clip_form(path: Path, out: Path) -> int:
