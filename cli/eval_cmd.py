@@ -23,6 +23,9 @@ def eval_command(
     json_out: bool = JsonOpt,
 ):
     """Top-1 / top-5 and images/s of a checkpoint (PyTorch) or an ONNX file (onnxruntime or OpenVINO)."""
+    from wnconvert.models.run.precheck import check_eval
+
+    check_eval(artifact, value(provider), batch_size)  # before torch, onnx and the data load
     from wnconvert.models.run.accuracy import artifact_accuracy
 
     res = artifact_accuracy(artifact, data, limit=limit, batch=batch_size, provider=value(provider),

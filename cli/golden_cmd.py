@@ -23,6 +23,9 @@ def golden(
 ):
     """Run the pure-integer reference on real images and write every quantized tensor (golden.npz)
     with its scales, shifts and zero points (index.json)."""
+    from wnconvert.models.run.precheck import check_golden
+
+    check_golden(run_dir, out, data, count, precision, onnx_file)  # before torch, onnx and the data load
     from wnconvert.models.run.golden_run import golden_for_run
 
     s = golden_for_run(run_dir, out, data=data, count=count, precision=precision, onnx_file=onnx_file)

@@ -64,14 +64,18 @@ def export(
 ):
     """Fold the run's checkpoint, write RUN_DIR/model.onnx, check weight ranges and parity.
     With --precision fp16|int8|int4: write RUN_DIR/model.PRECISION.onnx from model.onnx instead."""
+    from wnconvert.models.run.precheck import check_export
+
+    opts = PrecisionOptions(data=data, calib_samples=calib_samples, calib_split=value(calib_split),
+                            act_bits=act_bits, per_channel=per_channel, rtol=rtol,
+                            calibrate_method=value(calibrate_method), act_type=value(act_type), fuse=fuse,
+                            target=value(target), container=value(container))
+    check_export(run_dir, value(precision), opts)  # before torch, onnx and the model load
+
     from wnconvert.convert.pipeline import require_parity
     from wnconvert.models.run.run_export import export_precision, export_run
 
     if value(precision) != "fp32":
-        opts = PrecisionOptions(data=data, calib_samples=calib_samples, calib_split=value(calib_split),
-                                act_bits=act_bits, per_channel=per_channel, rtol=rtol,
-                                calibrate_method=value(calibrate_method), act_type=value(act_type), fuse=fuse,
-                                target=value(target), container=value(container))
         entry = export_precision(run_dir, value(precision), opts)
         return print_json(entry) if json_out else console.print(quantized_line(run_dir, entry))
     result = export_run(run_dir, bn=value(bn), granularity=value(granularity), opset=opset, rtol=rtol,
@@ -120,6 +124,9 @@ def verify(
     evaluated in float64, and each low-precision file under its contract: lossless weights
     against the checkpoint at the same tolerance, lossy ones against model.onnx (top-1 agreement,
     SQNR). Exits 3 when a check fails."""
+    from wnconvert.models.run.precheck import check_verify
+
+    check_verify(run_dir, onnx_file, value(precision))  # before torch, onnx and the model load
     from wnconvert.models.run.run_verify import verify_run
 
     req = VerifyRequest(

@@ -25,6 +25,8 @@ GRANULARITIES = ("tensor", "channel")
 
 # convert/quantize
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
+# weight storage of each deployed precision of an --act-bits run: int8 holds 5..8-bit grids, int4 the 2..4-bit ones
+DEPLOYED_WEIGHT_BITS = {"int8": range(5, 9), "int4": range(2, 5)}
 CALIBRATORS = ("minmax", "percentile", "entropy")
 DEFAULT_CALIBRATOR = "minmax"
 ACT_TYPES = ("uint8", "int8")

@@ -255,12 +255,13 @@ def test_w4a4_exports_4bit_types_at_opset_21_and_is_lossless(tmp_path):
     inits = {i.name: i for i in model.graph.initializer}
     types = {n.doc_string: TensorProto.DataType.Name(inits[n.input[2]].data_type) for n in model.graph.node
              if n.op_type == "QuantizeLinear"}
-    # points feeding max pooling / flatten are stored in 8 bits behind a Clip to the 4-bit range
+    # points feeding max pooling / flatten are stored in 8 bits, an integer Clip to the 4-bit range
+    # after their QuantizeLinear
     assert sorted(info.clipped_points) == ["avgpool", "conv1"]
     assert {types[p] for p in info.clipped_points} == {"UINT8"}
     assert {t for p, t in types.items() if p not in info.clipped_points} == {"UINT4", "INT4"}
-    clips = {n.input[0].removesuffix("_clip") for n in model.graph.node if n.op_type == "QuantizeLinear"
-             and n.input[0].endswith("_clip")}
+    clips = {n.output[0].removesuffix("_q") for n in model.graph.node if n.op_type == "Clip"
+             and n.input[0].endswith("_q8")}
     assert clips == set(info.clipped_points)
     assert {inits[f"{n}_w_q"].data_type for n in qlayers_by_point(q)} == {TensorProto.INT4}
     res = check_lossless_activations(q, path, _images(8))

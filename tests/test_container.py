@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -16,11 +16,11 @@ import torch
 from onnx import TensorProto, numpy_helper
 from test_act_run import TINY, cli
 
+from wnconvert.convert.actquant.layers import QLayer
 from wnconvert.convert.quantize.container import (GRID_RANGE, META_KEY, container_record, container_violations,
                                                   mark_int8_container, to_int8_container)
 from wnconvert.models.run.rundir import RunDir
 
-export_qdq_mod = importlib.import_module("wnconvert.convert.actquant.export_qdq")  # the package exports the function
 LEVELS = {"off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "on": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 
 
@@ -129,14 +129,15 @@ def test_export_refuses_a_weight_outside_the_4bit_range(w4a8, tmp_path, monkeypa
     """The structural check at export: a file whose stored weights leave [-7, 7] exits 3."""
     out = tmp_path / "run"
     shutil.copytree(w4a8[0], out)
-    real = export_qdq_mod.deployed_parts
+    real = QLayer.deployed
 
     def off_grid(q):
         d = real(q)
         if q.name == "fc":
+            d = replace(d, weight_int=d.weight_int.copy())
             d.weight_int[0, 0] = -8
         return d
-    monkeypatch.setattr(export_qdq_mod, "deployed_parts", off_grid)
+    monkeypatch.setattr(QLayer, "deployed", off_grid)  # what export_qdq writes of each layer
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
     r = cli("export", out, "--precision", "int4", "--container", "int8")
     assert r.exit_code == 3, r.output
@@ -183,7 +184,7 @@ def _weights_only(out) -> list[onnx.TensorProto]:
 
 
 def test_w4a4_po2_in_int8_container_is_bit_exact(tmp_path):
-    """4-bit activations in int8 containers (Clip, then an 8-bit QuantizeLinear; the input's too):
+    """4-bit activations in int8 containers (an 8-bit QuantizeLinear, then an integer Clip; the input's too):
     the bit-exact contract (integer reference, onnxruntime off and on) holds as on INT4/UINT4."""
     out = _convert_only(tmp_path / "run", "--act-bits", "4", "--scale-format", "po2", "--no-deploy")
     r = cli("export", out, "--precision", "int4", "--target", "fixed-point", "--container", "int8")
@@ -192,7 +193,9 @@ def test_w4a4_po2_in_int8_container_is_bit_exact(tmp_path):
     clips = [n for n in model.graph.node if n.op_type == "Clip" and n.name.startswith("Clip_")]
     entry = json.loads((out / "report.json").read_text())["quantized"]["int4"]
     assert entry["container"] == "int8" and entry["clipped_points"] == entry["points"] == [c.name[5:] for c in clips]
-    assert clips[0].input[0] == "input" and set(entry["activation_types"].values()) <= {"UINT8", "UINT8+128"}
+    q_input = next(n for n in model.graph.node if n.output[0] == clips[0].input[0])
+    assert q_input.op_type == "QuantizeLinear" and q_input.input[0] == "input"
+    assert set(entry["activation_types"].values()) <= {"UINT8", "UINT8+128"}
     r = cli("verify", out, "--precision", "int4", "--limit", "2")
     assert r.exit_code == 0, r.output
     res = json.loads((out / "report.json").read_text())["verify"]["quantized"]["int4"]

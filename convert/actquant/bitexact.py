@@ -36,7 +36,7 @@ import torch
 from torch import fx
 
 from ..errors import UserInputError
-from ..intref import run_integer
+from ..intref import read_graph, run_integer
 from ..intref.execute import FLOAT32_EXACT
 from .ort_points import OrtPoints
 from .prepare import act_points, quantizers
@@ -128,7 +128,7 @@ def _pytorch(qat_model: fx.GraphModule, x: torch.Tensor) -> tuple[dict[str, np.n
     return seen, logits
 
 
-def _intref(model: onnx.ModelProto, points: list[str], x: np.ndarray, checks: dict[str, LayerCheck]):
+def _intref(model, points: list[str], x: np.ndarray, checks: dict[str, LayerCheck]):
     """The integer reference's integers at every point (zero point removed), its logits (the last
     point's integers times its scale, in float32, as DequantizeLinear), and each layer's record."""
     run = run_integer(model, x)
@@ -210,8 +210,9 @@ def check_bit_exact(qat_model: fx.GraphModule, onnx_path: Path, x: torch.Tensor,
         if len(x) == 0:
             raise UserInputError("the bit-exact check needs at least one image")
         x = x.float()
+        graph = read_graph(model)   # read once for every batch
         for i in range(0, len(x), batch_size):
-            _batch(qat_model, model, sessions, points, x[i:i + batch_size], checks)
+            _batch(qat_model, graph, sessions, points, x[i:i + batch_size], checks)
         layers = list(checks.values())
         return BitExactReport(len(x), layers, _failures(layers))
     finally:

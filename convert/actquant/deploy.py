@@ -17,12 +17,11 @@ from torch import fx
 from ..artifacts import atomic_path
 from ..errors import ParityError, UserInputError
 from ..quantize.target_rules import fixed_point_violations
+from ..names import DEPLOYED_WEIGHT_BITS as WEIGHT_BITS
 from .export_qdq import ExportInfo, export_qdq
 from .prepare import act_config, qlayers
 from .shifts import layer_shifts
 
-# weight storage of each deployed precision: int8 holds 5..8-bit grids, int4 the 2..4-bit ones
-WEIGHT_BITS = {"int8": range(5, 9), "int4": range(2, 5)}
 
 
 def deployed_precision(qat_model: fx.GraphModule) -> str:

@@ -6,8 +6,12 @@ per-channel scales of :func:`~.layers.deployed_parts`; every bias is the int32 t
 model uses, with scale ``s_x · s_w``; every quantization point is one ``QuantizeLinear`` (node
 ``Q_<point>``) and its ``DequantizeLinear`` (``DQ_<point>``), zero point 0, uint8/int8 (uint4/int4
 at opset 21 for 4-bit activations; with ``container="int8"`` 4-bit values stay in int8/uint8, like
-those of 5 to 7 bits). Activations of 5 to 7 bits are stored in 8-bit types behind a ``Clip`` to
-the grid's range. Max pooling and flatten act on the integers where the storage is
+those of 5 to 7 bits). Activations of 5 to 7 bits (and 4-bit ones stored in 8 bits) are stored in
+8-bit types with their grid's range applied in the quantized domain: ``Q_<point>`` (output
+``<point>_q8``) -> ``Clip_<point>``, an integer Clip to ``[qmin, qmax]`` plus the zero point (output
+``<point>_q``, the point's integers) -> DequantizeLinear. Quantization is monotone, so this holds
+the integers a float Clip before the QuantizeLinear gives, and onnxruntime and OpenVINO fuse the
+convolutions and adds around it into their integer kernels (a float Clip blocks that). Max pooling and flatten act on the integers where the storage is
 8-bit (onnxruntime has no 4-bit kernels for them; there they act on the dequantized values, which
 is the same function). A mixed-precision operation (prepare.FLOAT_OPS) is written in float between
 the DequantizeLinear of its inputs and the QuantizeLinear of the point after it.
@@ -28,13 +32,14 @@ from torchvision.ops import StochasticDepth
 from ..artifacts import atomic_path
 from ..errors import UserInputError
 from ..quantize.container import check_container, mark_int8_container
-from .layers import QLayer, deployed_parts
+from .layers import QLayer
 from .graph_ops import ADD, AVGPOOL_FN, CAT, float_op, is_passthrough
 from .prepare import act_points, qlayers
 from .quantizer import ActQuantizer
 
 INT4_OPSET = 21
 DEFAULT_OPSET = 17
+_NUMPY_TYPES = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.INT32: np.int32}
 ACT_TYPES = {(8, False): TensorProto.UINT8, (8, True): TensorProto.INT8,
              (4, False): TensorProto.UINT4, (4, True): TensorProto.INT4}
 
@@ -46,7 +51,7 @@ class ExportInfo:
     points: list[str]
     activation_types: dict[str, str] = field(default_factory=dict)   # point -> onnx element type
     weight_types: dict[str, str] = field(default_factory=dict)       # layer -> onnx element type
-    clipped_points: list[str] = field(default_factory=list)          # 5..7-bit points behind a Clip
+    clipped_points: list[str] = field(default_factory=list)          # 8-bit-stored points below 8 bits: Q -> integer Clip
     container: str | None = None     # storage of 4-bit values: int4 | int8 (None: no 4-bit value)
 
     def to_dict(self) -> dict:
@@ -97,7 +102,9 @@ class _Emitter:
     def init(self, name: str, array: np.ndarray, dtype: int | None = None) -> str:
         if dtype is None:
             self.inits.append(numpy_helper.from_array(array, name))
-        else:
+        elif dtype in _NUMPY_TYPES:  # raw bytes: a list of ints is slow for millions of weights
+            self.inits.append(numpy_helper.from_array(np.asarray(array).astype(_NUMPY_TYPES[dtype]), name))
+        else:  # INT4/UINT4: packed two to a byte by make_tensor
             self.inits.append(helper.make_tensor(name, dtype, list(array.shape),
                                                  np.asarray(array).ravel().astype(np.int64).tolist()))
         return name
@@ -175,20 +182,23 @@ class _Emitter:
         qtype, zero = _qtype(q.bits if width == 4 else 8, q.signed, self.opset, self.storage)
         s = np.float32(q.scale_value())
         x = self.as_float(v)
-        if q.bits not in (8, width):
-            lo, hi = self.init(f"{point}_lo", np.float32(q.qmin * s)), self.init(f"{point}_hi", np.float32(q.qmax * s))
-            x = self.node("Clip", [x, lo, hi], f"{point}_clip", f"Clip_{point}")
-            self.info.clipped_points.append(point)
+        clipped = q.bits not in (8, width)
         scale = self.init(f"{point}_scale", s)
         zp = self.init(f"{point}_zp", np.full((), zero, np.int64), qtype)
-        out = self.node("QuantizeLinear", [x, scale, zp], f"{point}_q", f"Q_{point}")
+        out = self.node("QuantizeLinear", [x, scale, zp], f"{point}_q8" if clipped else f"{point}_q", f"Q_{point}")
         self.nodes[-1].doc_string = point
+        if clipped:  # the grid's range in the quantized domain: Q -> integer Clip -> DQ (module docstring)
+            lo = self.init(f"{point}_lo", np.full((), q.qmin + zero, np.int64), qtype)
+            hi = self.init(f"{point}_hi", np.full((), q.qmax + zero, np.int64), qtype)
+            out = self.node("Clip", [out, lo, hi], f"{point}_q", f"Clip_{point}")
+            self.nodes[-1].doc_string = point
+            self.info.clipped_points.append(point)
         self.info.points.append(point)
         self.info.activation_types[point] = TensorProto.DataType.Name(qtype) + (f"+{zero}" if zero else "")
         return _Value(point=point, int_name=out, qtype=qtype, zero=zero)
 
     def layer(self, name: str, q: QLayer, v: _Value) -> str:
-        d = deployed_parts(q)
+        d = q.deployed()
         wtype = TensorProto.INT4 if d.weight_bits <= 4 and self.four else TensorProto.INT8
         self.info.weight_types[q.name] = TensorProto.DataType.Name(wtype)
         w = self.init(f"{name}_w_q", d.weight_int, wtype)

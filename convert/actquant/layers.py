@@ -136,6 +136,17 @@ class QLayer(nn.Module):
             (id(s_x), s_x._version, float(s_x)) if s_x is not None else ())
 
     @torch.no_grad()
+    def deployed(self) -> DeployedParts:
+        """:func:`deployed_parts` of this layer, cached like :meth:`deployed_tensors` (the export
+        and the eval-mode forward read the same parts)."""
+        key = self._state_key()
+        cached = self.__dict__.get("_parts_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, deployed_parts(self))
+            self.__dict__["_parts_cache"] = cached
+        return cached[1]
+
+    @torch.no_grad()
     def deployed_tensors(self) -> tuple[Tensor, Tensor]:
         """Weight and bias of the deployed layer as float32 tensors (``int · scale`` in float32,
         what ``DequantizeLinear`` computes); cached until a parameter or the input scale changes."""
@@ -143,7 +154,7 @@ class QLayer(nn.Module):
         cached = self.__dict__.get("_deployed_cache")
         if cached is not None and cached[0] == key:
             return cached[1]
-        d = deployed_parts(self)
+        d = self.deployed()
         dev = self.layer.parametrizations.weight.original.device
         shape = (-1,) + (1,) * (d.weight_int.ndim - 1)
         w = torch.from_numpy(d.weight_int.astype(np.float32)) * torch.from_numpy(d.weight_scale).reshape(shape)

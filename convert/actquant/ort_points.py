@@ -1,6 +1,7 @@
 """onnxruntime's integers at the quantization points of a QDQ file written by :func:`~.export_qdq`.
 
-Each point ``P`` is the output ``P_q`` of the node ``Q_P``; the file is instrumented once with those
+Each point ``P`` is the tensor ``P_q``, the output of the node ``Q_P`` (or of the integer Clip
+``Clip_P`` that follows it, for points below 8 bits stored in 8); the file is instrumented once with those
 tensors as extra graph outputs (a 4-bit one read through a ``Cast`` to int8: onnxruntime hands no
 4-bit tensor to numpy) and run by one session per optimization level. The integers returned are
 the stored values minus the zero point, the ``k`` of ``k * s``.
@@ -32,6 +33,16 @@ def _session(model: onnx.ModelProto, optimized: bool):
         raise UserInputError(f"onnxruntime cannot load the QDQ file: {str(e).strip().splitlines()[0][:300]}") from None
 
 
+def _point_quantizers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """Each quantized tensor -> the QuantizeLinear that sets its zero point: its own producer, or
+    for the output of an integer Clip (``Q -> Clip -> DQ``, export_qdq) the Clip's QuantizeLinear."""
+    q_nodes = {n.output[0]: n for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    for n in model.graph.node:
+        if n.op_type == "Clip" and n.input[0] in q_nodes:
+            q_nodes[n.output[0]] = q_nodes[n.input[0]]
+    return q_nodes
+
+
 class OrtPoints:
     """One instrumented session of ``onnx_path`` reading the integers at ``points``;
     ``missing`` lists the points the file has no ``Q_<point>`` output for."""
@@ -39,7 +50,7 @@ class OrtPoints:
     def __init__(self, onnx_path: Path, points: list[str], optimized: bool) -> None:
         model = onnx.load(str(onnx_path))
         inits = {i.name: i for i in model.graph.initializer}
-        q_nodes = {n.output[0]: n for n in model.graph.node if n.op_type == "QuantizeLinear"}
+        q_nodes = _point_quantizers(model)
         self.zero: dict[str, int] = {}
         self.missing = [p for p in points if f"{p}_q" not in q_nodes]
         self.points = [p for p in points if p not in self.missing]

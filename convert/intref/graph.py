@@ -6,6 +6,9 @@ A *step* produces one quantized tensor, the output of a ``QuantizeLinear`` (name
 * ``requant``: ``DequantizeLinear``(s) -> one core op (Conv, Gemm, MatMul, Add, MaxPool,
   AveragePool, GlobalAveragePool, ReduceMean, Concat, Flatten, Reshape, or none) -> any chain of
   Relu/Clip -> ``QuantizeLinear``. Weights and biases are ``DequantizeLinear`` of integer initializers.
+* any of these two followed by an integer ``Clip`` (``Q -> Clip -> DQ``, the form export_qdq
+  writes for points below 8 bits stored in 8): the Clip's bounds become the step's integer bounds
+  and the step is named like the Clip's output;
 * ``move``: MaxPool/Flatten/Reshape/Concat applied directly to integer tensors (no DQ/Q around);
   the output keeps the input's scale and zero point and is named like the ONNX tensor.
 * ``acc``: a Conv/Gemm/MatMul of DequantizeLinear inputs whose float output is a graph output
@@ -55,6 +58,7 @@ class Operand:
     tensor: str
     params: QParams
     const: np.ndarray | None = None  # int64 values when the integer tensor is an initializer
+    cache: dict = field(default_factory=dict, repr=False, compare=False)  # kernels' data derived from const
 
 
 @dataclass
@@ -69,6 +73,7 @@ class Step:
     clamp: tuple[float, float] = (-np.inf, np.inf)
     source: str | None = None  # float graph input (kind "input") or integer input (kind "move")
     core: onnx.NodeProto | None = None
+    qclamp: tuple[int, int] | None = None  # an integer Clip after the QuantizeLinear (stored integers)
 
 
 def load_model(model_or_path) -> onnx.ModelProto:
@@ -103,6 +108,10 @@ class GraphReader:
         self.float_inputs = {i.name for i in self.graph.input if i.name not in self.consts}
         self.graph_outputs = {o.name for o in self.graph.output}
         self.integer: dict[str, QParams | None] = {}  # integer tensors known so far
+        self.readers: dict[str, int] = {}
+        for node in self.graph.node:
+            for name in node.input:
+                self.readers[name] = self.readers.get(name, 0) + 1
         self.covered: set[int] = set()
         self.steps: list[Step] = []
 
@@ -130,6 +139,8 @@ class GraphReader:
                 raise UserInputError(f"{_node_label(node)} reads '{src}', which is not an integer tensor "
                                      "the reference knows (a QuantizeLinear output or an initializer)")
             self.covered.add(id(node))
+        elif op == "Clip" and node.input[0] in self.integer:
+            self._integer_clip(node)
         elif op in MOVE_OPS and node.input[0] in self.integer:
             self._move(node)
         elif op in ACC_OPS and node.output[0] in self.graph_outputs:
@@ -266,6 +277,25 @@ class GraphReader:
         const = self.consts.get(dq.input[0])
         values = None if const is None else np.asarray(const).astype(np.int64)
         return Operand(dq.input[0], params, values)
+
+    def _integer_clip(self, node: onnx.NodeProto) -> None:
+        """``Q -> Clip -> DQ``: a Clip of integers, sole reader of a step's output, becomes that
+        step's integer bounds (in stored units, zero point included); the step now produces the
+        Clip's output."""
+        src = node.input[0]
+        step = next((s for s in reversed(self.steps) if s.out == src), None)
+        if step is None or self.readers.get(src, 0) != 1 or src in self.graph_outputs:
+            raise UserInputError(f"{_node_label(node)} clips integer tensor '{src}': supported only as the sole "
+                                 "reader of a QuantizeLinear output")
+        params = self.integer[src]
+        lo, hi = step.qclamp or (params.qtype.qmin, params.qtype.qmax)
+        if len(node.input) > 1 and node.input[1]:
+            lo = max(lo, int(np.asarray(self._const(node, 1))))
+        if len(node.input) > 2 and node.input[2]:
+            hi = min(hi, int(np.asarray(self._const(node, 2))))
+        step.qclamp, step.out = (lo, hi), node.output[0]
+        self.integer[node.output[0]] = params
+        self.covered.add(id(node))
 
     def _move(self, node: onnx.NodeProto) -> None:
         data = node.input if node.op_type == "Concat" else node.input[:1]

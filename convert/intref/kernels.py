@@ -4,11 +4,167 @@ Inputs are already offset by their zero points (``x - z_x``, ``w - z_w``), so a 
 0, which is exactly the float 0 that ONNX pads with. Every kernel also returns, where it matters,
 ``sum |x·w|`` per output: the largest magnitude any partial sum can reach in whatever order a
 runtime adds the products (what decides whether a float32 accumulation is exact).
+
+Products go through BLAS where that is provably exact. A float format holds every integer up to
+its limit exactly (2^24 for float32, 2^53 for float64), so a product accumulation whose products
+and partial sums are integers within that limit is exact in any order, blocking or FMA the BLAS
+uses. Before each convolution or matrix product the kernel bounds them (:func:`plan`):
+
+* ``max|x| · max_o sum_k |w[o, k]|`` (no partial sum of ``x·w[o]`` nor of ``|x|·|w[o]|`` exceeds
+  it) within 2^24: one float32 product;
+* otherwise, while a single product ``max|x| · max|w|`` is within 2^24, float32 products over
+  slices of the reduction axis, each slice's bound ``max|x| · sum_(k in slice) max_o |w[o, k]|``
+  within 2^24, the slices' exact results added in int64;
+* otherwise ``max|x| · max_o sum_k |w[o, k]|`` below 2^53: one float64 product;
+* otherwise int64 products (numpy's own loops, no BLAS).
+
+All four give the same integers. :func:`products` forces a path (``"int64"``: the plain reference,
+``"float64"``: one float64 product wherever the bound allows it).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
+
+FLOAT32_EXACT = 2 ** 24   # every integer of magnitude up to this is a float32
+FLOAT64_EXACT = 2 ** 53   # ... a float64
+PRODUCT_MODES = ("auto", "float64", "int64")
+MIN_SLICE = 64            # float32 slices shorter than this on average: float64 instead
+_mode = "auto"
+
+
+@contextmanager
+def products(mode: str):
+    """Within the block, products use ``mode``: ``auto`` (the default: float32, sliced float32,
+    float64 or int64, the first the bounds prove exact), ``float64`` (float64 wherever the bound is
+    below 2^53, int64 beyond) or ``int64`` (no BLAS)."""
+    global _mode
+    if mode not in PRODUCT_MODES:
+        raise ValueError(f"unknown product mode {mode!r}; choose one of: {', '.join(PRODUCT_MODES)}")
+    before, _mode = _mode, mode
+    try:
+        yield
+    finally:
+        _mode = before
+
+
+class Weights:
+    """An int64 weight with what the exact products need of it, computed once: ``nk`` is
+    ``(..., N, K)`` (output channels, then the reduction axis; a view of the ONNX layout where it
+    can be). Keeps the ``(..., K, N)`` view :attr:`w`, its row bound ``max_n sum_k |w|``, its
+    column maxima ``max |w[.., :, k]|`` and its float copies (in a :func:`conv2d`/:func:`matmul`
+    ``cache`` across calls)."""
+
+    def __init__(self, nk: np.ndarray) -> None:
+        self.w = np.swapaxes(nk, -1, -2)
+        self.k = nk.shape[-1]
+        self._floats: dict = {}
+        self._nk = nk
+        self._bounds = False
+
+    @property
+    def row(self) -> int:
+        self._prepare()
+        return self._row
+
+    @property
+    def column(self) -> np.ndarray:
+        self._prepare()
+        return self._column
+
+    def _prepare(self) -> None:
+        """The bounds and the float32 copy, on first use (the int64 path needs neither)."""
+        if self._bounds:
+            return
+        self._bounds, nk = True, self._nk
+        if not nk.size:
+            self._row, self._column, self._f32 = 0, np.zeros(self.k, np.int64), None
+            return
+        peak = int(np.abs(nk).max())
+        # weights of up to 24 bits are float32 exactly: bounds and float copies from one float32 copy
+        self._f32 = np.ascontiguousarray(nk, dtype=np.float32) if peak <= FLOAT32_EXACT else None
+        w_abs = np.abs(self._f32) if self._f32 is not None else np.abs(nk)
+        self._row = int(w_abs.sum(axis=-1, dtype=np.float64 if self._f32 is not None else np.int64).max())
+        self._column = w_abs.max(axis=tuple(range(nk.ndim - 1))).astype(np.int64)
+        self._abs = w_abs
+
+    def floats(self, dtype, nonneg: bool):
+        """``[w | |w|]`` (``nonneg``) or ``(w, |w|)`` in ``dtype``, as ``(..., K, N)`` views of
+        ``(..., N, K)`` arrays (BLAS reads them transposed, no copy)."""
+        key = (np.dtype(dtype).name, nonneg)
+        if key not in self._floats:
+            self._prepare()
+            if self._f32 is not None:
+                nk, nk_abs = self._f32.astype(dtype, copy=False), self._abs.astype(dtype, copy=False)
+            else:
+                nk = np.ascontiguousarray(np.swapaxes(self.w, -1, -2)).astype(dtype)
+                nk_abs = np.abs(nk)
+            pair = (np.concatenate([nk, nk_abs], axis=-2),) if nonneg else (nk, nk_abs)
+            views = tuple(np.swapaxes(a, -1, -2) for a in pair)
+            self._floats[key] = views[0] if nonneg else views
+        return self._floats[key]
+
+
+def plan(x_max: int, weights: Weights) -> tuple[type | None, list[tuple[int, int]]]:
+    """``(dtype, slices)`` of the exact product of activations bounded by ``x_max`` with
+    ``weights``: dtype None means int64, ``slices`` the ``[k0, k1)`` ranges of the reduction axis
+    each computed in one float product (module docstring)."""
+    k = weights.k
+    if _mode == "int64" or not weights.w.size:  # (before the bounds: the int64 path computes none)
+        return None, [(0, k)]
+    tight = x_max * weights.row
+    if _mode == "auto" and tight <= FLOAT32_EXACT:
+        return np.float32, [(0, k)]
+    column = weights.column * x_max
+    if _mode == "auto" and int(column.max()) <= FLOAT32_EXACT:
+        ends = np.cumsum(column)
+        slices, start, base = [], 0, 0
+        while start < k:
+            end = int(np.searchsorted(ends, base + FLOAT32_EXACT, side="right"))
+            slices.append((start, end))
+            base, start = int(ends[end - 1]), end
+        if len(slices) * MIN_SLICE <= k:
+            return np.float32, slices
+    if tight < FLOAT64_EXACT:
+        return np.float64, [(0, k)]
+    return None, [(0, k)]
+
+
+def _products(cols: np.ndarray, weights: Weights, nonneg: bool, dtype, slices):
+    """``(cols @ w, |cols| @ |w|)`` as int64; ``cols`` already of ``dtype`` (int64 for None)."""
+    w = weights.w
+    if dtype is None:
+        return np.matmul(cols, w), np.matmul(np.abs(cols), np.abs(w))
+    n = w.shape[-1]
+    if nonneg:  # |cols| = cols: one product of twice the width, cols @ [w | |w|]
+        wb = weights.floats(dtype, True)
+    else:
+        (wf, wa), cols_abs = weights.floats(dtype, False), np.abs(cols)
+    acc = abs_sum = None
+    for k0, k1 in slices:
+        if nonneg:
+            both = np.matmul(cols[..., k0:k1], wb[..., k0:k1, :])
+            a, b = both[..., :n], both[..., n:]
+        else:
+            a, b = np.matmul(cols[..., k0:k1], wf[..., k0:k1, :]), np.matmul(cols_abs[..., k0:k1], wa[..., k0:k1, :])
+        a, b = a.astype(np.int64), b.astype(np.int64)
+        acc, abs_sum = (a, b) if acc is None else (acc + a, abs_sum + b)
+    return acc, abs_sum
+
+
+def _weights(w: np.ndarray, layout, cache: dict | None) -> Weights:
+    if cache is not None and "weights" in cache:
+        return cache["weights"]
+    weights = Weights(layout(w))
+    if cache is not None:
+        cache["weights"] = weights
+    return weights
+
+
+def _max_abs(x: np.ndarray) -> int:
+    return int(max(-int(x.min()), int(x.max()))) if x.size else 0
 
 
 def _out_size(size: int, kernel: int, stride: int, pad_begin: int, pad_end: int, dilation: int,
@@ -37,26 +193,33 @@ def windows(x: np.ndarray, kernel, strides, pads, dilations, fill: int, ceil: bo
     return np.lib.stride_tricks.as_strided(padded, shape, view_strides, writeable=False)
 
 
-def conv2d(x: np.ndarray, w: np.ndarray, strides, pads, dilations, group: int):
-    """Integer 2-D convolution: ``(acc, abs_sum)``, both int64 ``(N, O, OH, OW)``."""
+def conv2d(x: np.ndarray, w: np.ndarray, strides, pads, dilations, group: int, cache: dict | None = None):
+    """Integer 2-D convolution: ``(acc, abs_sum)``, both int64 ``(N, O, OH, OW)``. ``cache``: a
+    dict kept with the weight (the same ``w`` on every call) for what is derived from it."""
     o, cg, kh, kw = w.shape
-    win = windows(x, (kh, kw), strides, pads, dilations, 0)
+    og, k = o // group, cg * kh * kw
+    weights = _weights(w, lambda v: v.reshape(group, og, k), cache)  # (group, O/group, K)
+    dtype, slices = plan(_max_abs(x), weights)
+    nonneg = bool(x.size) and int(x.min()) >= 0
+    win = windows(x if dtype is None else x.astype(dtype), (kh, kw), strides, pads, dilations, 0)
     n, c, oh, ow = win.shape[:4]
-    og = o // group
-    accs, abss = [], []
-    for g in range(group):
-        cols = win[:, g * cg:(g + 1) * cg].transpose(0, 2, 3, 1, 4, 5).reshape(n, oh * ow, cg * kh * kw)
-        wg = w[g * og:(g + 1) * og].reshape(og, cg * kh * kw).T
-        accs.append(np.matmul(cols, wg))
-        abss.append(np.matmul(np.abs(cols), np.abs(wg)))
-    acc = np.concatenate(accs, axis=2).reshape(n, oh, ow, o).transpose(0, 3, 1, 2)
-    abs_sum = np.concatenate(abss, axis=2).reshape(n, oh, ow, o).transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(acc), np.ascontiguousarray(abs_sum)
+    # (group, N·OH·OW, K) columns times (group, K, O/group) weights: one batched product
+    cols = win.reshape(n, group, cg, oh, ow, kh, kw).transpose(1, 0, 3, 4, 2, 5, 6).reshape(group, n * oh * ow, k)
+    acc, abs_sum = _products(cols, weights, nonneg, dtype, slices)
+
+    def nchw(a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(a.reshape(group, n, oh, ow, og).transpose(1, 0, 4, 2, 3).reshape(n, o, oh, ow))
+
+    return nchw(acc), nchw(abs_sum)
 
 
-def matmul(a: np.ndarray, b: np.ndarray):
-    """Integer ``a @ b`` (``b`` is ``(K, N)``): ``(acc, abs_sum)`` in int64."""
-    return np.matmul(a, b), np.matmul(np.abs(a), np.abs(b))
+def matmul(a: np.ndarray, b: np.ndarray, cache: dict | None = None):
+    """Integer ``a @ b`` (``b`` is ``(K, N)``): ``(acc, abs_sum)`` in int64; ``cache`` as for
+    :func:`conv2d`, kept with ``b``."""
+    weights = _weights(b, lambda v: np.swapaxes(v, -1, -2), cache)
+    dtype, slices = plan(_max_abs(a), weights)
+    nonneg = bool(a.size) and int(a.min()) >= 0
+    return _products(a if dtype is None else a.astype(dtype), weights, nonneg, dtype, slices)
 
 
 def max_pool(x: np.ndarray, kernel, strides, pads, dilations, ceil: bool) -> np.ndarray:

@@ -45,6 +45,8 @@ def weight(step: Step, op: Operand, channel_axis: int) -> tuple[np.ndarray, np.n
     """``(w - z_w, s_w)`` with per-channel scales shaped to broadcast along ``channel_axis``."""
     if op.const is None:
         raise _fail(step, f"weight '{op.tensor}' is not an initializer")
+    if ("offset", channel_axis) in op.cache:
+        return op.cache[("offset", channel_axis)]
     w = op.const
     scale, zp = op.params.scale, op.params.zero_point
     if op.params.axis is not None:
@@ -53,7 +55,8 @@ def weight(step: Step, op: Operand, channel_axis: int) -> tuple[np.ndarray, np.n
                         f"not on its output-channel axis {channel_axis}")
         shape = [-1 if a == channel_axis else 1 for a in range(w.ndim)]
         scale, zp = scale.reshape(shape), zp.reshape(shape)
-    return w - zp, scale
+    op.cache[("offset", channel_axis)] = (w - zp if np.any(zp) else w), scale
+    return op.cache[("offset", channel_axis)]
 
 
 def _bias(step: Step, op: Operand, s_x: np.ndarray, s_w: np.ndarray, n_out: int) -> np.ndarray:
@@ -87,7 +90,7 @@ def conv(step: Step, env) -> Accum:
     group = int(step.attrs.get("group", 1))
     if x.shape[1] != w.shape[1] * group or w.shape[0] % group:
         raise _fail(step, f"input of {x.shape[1]} channels does not fit weight {list(w.shape)}, group {group}")
-    acc, abs_sum = kernels.conv2d(x, w, strides, pads, dilations, group)
+    acc, abs_sum = kernels.conv2d(x, w, strides, pads, dilations, group, step.operands[1].cache)
     s_w = s_w.reshape(1, -1, 1, 1) if s_w.ndim else s_w
     if len(step.operands) > 2:
         b = _bias(step, step.operands[2], s_x, s_w, acc.shape[1]).reshape(1, -1, 1, 1)
@@ -105,7 +108,7 @@ def gemm(step: Step, env) -> Accum:
     if w.ndim != 2:
         raise _fail(step, "the weight must be a 2-D initializer")
     w, s_w = (w.T, s_w.T) if trans_b else (w, s_w)
-    acc, abs_sum = kernels.matmul(x, w)
+    acc, abs_sum = kernels.matmul(x, w, step.operands[1].cache)
     s_w = s_w.reshape(-1) if s_w.ndim else s_w
     if step.op == "Gemm" and len(step.operands) > 2:
         b = _bias(step, step.operands[2], s_x, s_w, acc.shape[-1])

@@ -40,6 +40,7 @@ from .execute import (FLOAT32_EXACT, INT32_RANGE, Requant, accumulator, quantize
                       weight_scale)
 from .graph import QParams, Step, load_model, read_steps
 from .ops import evaluate, move
+from .requant import saturate
 
 
 @dataclass
@@ -136,6 +137,13 @@ def _record(step: Step, values: np.ndarray, req: Requant | None, params: QParams
 
 
 def _execute(step: Step, env: dict, inputs: dict) -> tuple[np.ndarray, Requant | None, QParams]:
+    values, req, params = _compute(step, env, inputs)
+    if step.qclamp is not None:
+        values = saturate(values, *step.qclamp)
+    return values, req, params
+
+
+def _compute(step: Step, env: dict, inputs: dict) -> tuple[np.ndarray, Requant | None, QParams]:
     p = step.out_params
     if step.kind == "input":
         return quantize_input(inputs[step.source], p, step.clamp), None, p
@@ -147,9 +155,26 @@ def _execute(step: Step, env: dict, inputs: dict) -> tuple[np.ndarray, Requant |
     return *requantize_accum(evaluate(step, env), p, step.clamp), p
 
 
+@dataclass
+class IntegerGraph:
+    """A QDQ graph read once into its integer steps (:func:`read_graph`): :func:`run_integer` on it
+    skips reading the file again and keeps what the kernels derive from each weight between calls."""
+
+    steps: list[Step]
+
+
+def read_graph(onnx_path_or_model) -> IntegerGraph:
+    """Read a QDQ file (path or ``onnx.ModelProto``) for several :func:`run_integer` calls."""
+    return IntegerGraph(read_steps(load_model(onnx_path_or_model)))
+
+
 def run_integer(onnx_path_or_model, x_float) -> IntegerRun:
-    """Execute the QDQ graph in integers on ``x_float`` (an array, or a dict for several inputs)."""
-    steps = read_steps(load_model(onnx_path_or_model))
+    """Execute the QDQ graph in integers on ``x_float`` (an array, or a dict for several inputs).
+    ``onnx_path_or_model``: a path, an ``onnx.ModelProto`` or an :class:`IntegerGraph`."""
+    if isinstance(onnx_path_or_model, IntegerGraph):
+        steps = onnx_path_or_model.steps
+    else:
+        steps = read_steps(load_model(onnx_path_or_model))
     inputs = _inputs(steps, x_float)
     start = time.perf_counter()
     run = IntegerRun()

@@ -16,6 +16,7 @@ from wnconvert.convert.metrics import topk_correct
 from wnconvert.convert.openvino_rt import check_runtime, file_runner
 
 from ..data.data import Preprocess, default_preprocess, eval_arrays
+from .precheck import check_eval
 from .rundir import CHECKPOINT, MANIFEST, RunDir
 
 
@@ -33,12 +34,7 @@ def artifact_accuracy(artifact: Path, data: str, *, limit: int | None = None, ba
     ``artifact``: an ``.onnx`` file, a run directory, or a run's ``checkpoint.safetensors``.
     ``runtime`` (onnxruntime | openvino) runs an ``.onnx`` file; a checkpoint runs in PyTorch."""
     artifact = Path(artifact)
-    if not artifact.exists():
-        raise UserInputError(f"{artifact} does not exist")
-    if provider not in ("cpu", "cuda"):
-        raise UserInputError(f"unknown provider {provider!r}; choose cpu or cuda")
-    if batch < 1:
-        raise UserInputError("--batch-size must be at least 1")
+    check_eval(artifact, provider, batch)
     check_runtime(runtime, provider)
     is_onnx = artifact.is_file() and artifact.suffix == ".onnx"
     if runtime != "onnxruntime" and not is_onnx:

@@ -11,32 +11,20 @@ import numpy as np
 import torch
 
 from wnconvert.convert.actquant import act_points, check_lossless_activations, qlayers
-from wnconvert.convert.actquant.deploy import WEIGHT_BITS, write_deployed
-from wnconvert.convert.errors import UserInputError
+from wnconvert.convert.actquant.deploy import write_deployed
 from wnconvert.convert.verify import VerifyConfig, make_inputs
 
 from ..data.data import eval_arrays
 from ..files import artifact_name
+from .precheck import WEIGHT_BITS, check_act_values  # noqa: F401 (WEIGHT_BITS re-exported)
 from .rundir import Manifest, RunDir
 
 CONTRACT = "lossless-activations"
 
 
 def check_act_precision(manifest: Manifest, precision: str, act_bits: str | None, data: str | None) -> None:
-    """Refuse an export that does not match what the run trained (one line, exit 2)."""
-    act, wbits = manifest.act, manifest.scheme.weight_bits
-    if precision not in WEIGHT_BITS:
-        raise UserInputError(f"an --act-bits run exports its trained network at int8 or int4, not {precision}")
-    if wbits not in WEIGHT_BITS[precision]:
-        want = "int4" if wbits <= 4 else "int8"
-        raise UserInputError(f"this run trained {wbits}-bit weights: export it with --precision {want}, "
-                             f"not {precision}")
-    if act_bits is not None and act_bits.strip().lower() not in (str(act.bits), f"int{act.bits}"):
-        raise UserInputError(f"this run trained {act.bits}-bit activations; --act-bits {act_bits} "
-                             "does not match (leave it out)")
-    if data:
-        raise UserInputError("an --act-bits run exports its trained activation scales; it takes no "
-                             "calibration --data")
+    """Refuse an export that does not match what the run trained (one line, exit 2; .precheck)."""
+    check_act_values(manifest.scheme.weight_bits, manifest.act.bits, precision, act_bits, data)
 
 
 def export_act_precision(run_dir: Path, precision: str, act_bits: str | None = None,

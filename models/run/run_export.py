@@ -15,27 +15,15 @@ from wnconvert.convert.quantize import (QuantOptions, check_precision, compare_f
 from wnconvert.convert.schemes import REGISTRY
 from wnconvert.convert.verify import make_inputs
 
-from wnconvert.convert.quantize.container import check_container
 from wnconvert.convert.quantize.targets import DEFAULT_TARGET
 
 from ..files import artifact_name
 from .act_files import export_act_precision
 from ..data.data import Preprocess, eval_arrays
+from .precheck import check_calibration, check_container_use, parse_act_bits  # noqa: F401 (re-exported)
 from .run_target import TRAINED, check_run_target, record_target, resolve_target, rules_guard
 from .rundir import Manifest, RunDir, writes_run
 from .run_options import CALIB_SPLITS, PrecisionOptions  # noqa: F401 (PrecisionOptions re-exported)
-
-
-def parse_act_bits(value: str | None, precision: str) -> int | None:
-    """``--act-bits``: 8 | float (None: 8 for int8, float otherwise)."""
-    if value is None:
-        return 8 if precision == "int8" else None
-    v = value.strip().lower()
-    if v in ("float", "fp32", "none", "0"):
-        return None
-    if v in ("8", "int8"):
-        return 8
-    raise UserInputError(f"--act-bits must be 8 or float, not {value!r}")
 
 
 def data_arrays(data: str, preprocess: Preprocess, samples: int, split: str = "val",
@@ -58,15 +46,6 @@ def fold_run(run_dir: Path, bn: str | None = None, granularity: str | None = Non
     manifest, model, _ = RunDir(run_dir).load()
     cfg = _fold_override(manifest.fold, bn, granularity)
     return cfg, fold_model(model, example_inputs(manifest.input_shape), cfg)
-
-
-def check_container_use(precision: str, container: str | None) -> None:
-    """``--container`` names the storage of 4-bit values: only int4 files have any."""
-    if container is not None:
-        check_container(container)
-        if precision != "int4":
-            raise UserInputError(f"--container stores the 4-bit values of int4 files; --precision {precision} "
-                                 "has none (leave it out)")
 
 
 @writes_run

@@ -8,11 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from wnconvert.convert.errors import ParityError, UserInputError
+from wnconvert.convert.errors import ParityError
 from wnconvert.convert.quantize.target_rules import check_file
-from wnconvert.convert.quantize.targets import (TargetPreset, apply_target, check_target_precision,
-                                                get_target, target_record)
+from wnconvert.convert.quantize.targets import TargetPreset, apply_target, get_target, target_record
 
+from .precheck import check_target
 from .rundir import Manifest, RunDir
 
 TRAINED = {"scales": "trained"}  # the settings of an --act-bits run's file: its own
@@ -28,17 +28,10 @@ PLACEMENT_NOTES = {
 
 
 def check_run_target(manifest: Manifest, preset: TargetPreset, precision: str, weights_only: bool) -> None:
-    """Refuse, in one line and before anything is written, a file the target cannot take from this run."""
-    act_file = manifest.act is not None and precision != "fp16"
-    if preset.act_runs == "po2" and not manifest.po2:
-        how = "without --act-bits" if manifest.act is None else "with float activation scales"
-        raise UserInputError(f"--target {preset.name} needs a run trained with power-of-two activation "
-                             f"scales (finetune --act-bits A --weight-bits B --scale-format po2); this run was trained {how}")
-    check_target_precision(preset, precision, weights_only and not act_file)
-    if act_file and preset.act_runs == "refused":
-        raise UserInputError(f"--target {preset.name}: an --act-bits run's file keeps its trained "
-                             "integers (unsigned activations, int32 biases), which this target does not "
-                             "take; export it with --target ort-cpu or openvino")
+    """Refuse, in one line and before anything is written, a file the target cannot take from this
+    run (.precheck, which the command line asks before loading anything)."""
+    check_target(preset.name, preset.precisions, preset.weights_only, preset.act_runs, precision,
+                 manifest.act is not None, manifest.po2, weights_only)
 
 
 def resolve_target(name: str, overrides: dict) -> tuple[TargetPreset, dict, list[str]]:

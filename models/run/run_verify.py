@@ -19,6 +19,7 @@ from wnconvert.convert.verify import VerifyConfig, load_inputs, make_inputs, ver
 from ..files import artifact_name
 from .act_files import CONTRACT, verify_act_file
 from .bitexact_run import judged_bit_exact, verify_bitexact_file
+from .precheck import verify_paths
 from .run_export import data_arrays
 from .rundir import REPORT, RunDir
 from .run_options import VerifyRequest  # noqa: F401 (re-exported)
@@ -33,16 +34,9 @@ def quantized_artifacts(run_dir: Path) -> list[tuple[str, Path]]:
 def verify_targets(run_dir: Path, onnx_file: Path | None, precision: str | None) -> list[tuple[str, Path]]:
     """``(precision, path)`` pairs ``verify`` checks: ``--onnx F`` alone (its precision read from
     the file), ``--precision P``'s file alone, or model.onnx and every low-precision file present."""
-    if onnx_file is not None and precision is not None:
-        raise UserInputError("give --onnx or --precision, not both")
+    path = verify_paths(run_dir, onnx_file, precision)
     if onnx_file is not None:
-        if not onnx_file.exists():
-            raise UserInputError(f"{onnx_file} does not exist")
         return [(detect_precision(onnx_file), onnx_file)]
-    path = Path(run_dir) / artifact_name(precision or "fp32")
-    if not path.exists():
-        how = "" if precision in (None, "fp32") else f" --precision {precision}"
-        raise UserInputError(f"{path} does not exist; run `wnconvert export {run_dir}{how}` first")
     return [(precision or "fp32", path)] + (quantized_artifacts(run_dir) if precision is None else [])
 
 
