@@ -100,5 +100,5 @@ def verify_act_file(run_dir: Path, path: Path, x: torch.Tensor, inputs: str) -> 
     res = check_lossless_activations(qat, path, x)
     ties = {level: {p: st.get("at_ties", 0) for p, st in d["points"].items()}
             for level, d in res["levels"].items()}
-    return {"contract": CONTRACT, "inputs": inputs, "passed": res["passed"],
-            "failures": res["failures"], "ties": ties, "levels": res["levels"]}
+    return {"contract": CONTRACT, "inputs": inputs, "passed": res["passed"], "failures": res["failures"],
+            "ties": ties, "classifier": res["classifier"], "levels": res["levels"]}

@@ -14,19 +14,24 @@ from wnconvert.convert.golden import golden_for_file
 from wnconvert.convert.quantize import artifact_name
 
 from .run_export import data_arrays
-from .rundir import RunDir
+from .rundir import MANIFEST, RunDir
 
 GOLDEN_PRECISIONS = ("int8", "int4")
+MAX_COUNT = 1024  # images per golden call (README); the reference keeps every tensor of each in memory
 
 
 def golden_for_run(run_dir: Path, out: Path, *, data: str | None = None, count: int = 8,
                    precision: str = "int8", onnx_file: Path | None = None) -> dict:
     """Write ``out/golden.npz`` and ``out/index.json`` for ``count`` validation images of ``data``
     (default: the run's) through the run's ``model.<precision>.onnx`` (or ``onnx_file``)."""
-    if count < 1:
-        raise UserInputError("--count must be at least 1")
+    if not 1 <= count <= MAX_COUNT:
+        raise UserInputError(f"--count must be between 1 and {MAX_COUNT} (the integer reference takes "
+                             "tens of ms per image and holds every tensor of every image in memory)")
     if precision not in GOLDEN_PRECISIONS:
         raise UserInputError(f"--precision must be one of {', '.join(GOLDEN_PRECISIONS)}, not {precision!r}")
+    if (Path(out) / MANIFEST).exists():
+        raise UserInputError(f"--out {out} is a run directory (it holds {MANIFEST}); golden vectors go "
+                             "into a folder of their own")
     run = RunDir(run_dir)
     manifest = run.manifest()
     path = Path(onnx_file) if onnx_file is not None else run.path / artifact_name(precision)
@@ -39,5 +44,7 @@ def golden_for_run(run_dir: Path, out: Path, *, data: str | None = None, count: 
     if Path(out).resolve() == run.path.resolve():
         raise UserInputError("--out must be a folder of its own, not the run directory")
     x = data_arrays(spec, manifest.preprocess, count, "val", "--count")
+    if len(x) < count:
+        raise UserInputError(f"--count {count}: the validation set of {spec} has {len(x)} images")
     summary = golden_for_file(path, x, Path(out), f"{len(x)} validation images of {spec}")
     return summary | {"onnx": str(path)}

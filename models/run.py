@@ -27,7 +27,7 @@ from wnconvert.convert.verify import VerifyConfig, make_inputs
 from . import distributed
 from .act_run import ActSettings, act_model, check_act_request, copy_to_float, freeze_bn_hook
 from .data import DataBundle, Preprocess, build_data, default_preprocess, eval_arrays, parse_data_spec
-from .lock import check_unlocked
+from .lock import OUT_ADVICE, check_unlocked
 from .optim_settings import SCRATCH_DEFAULTS
 from .rundir import CHECKPOINT, MANIFEST, METRICS, REPORT, Manifest, RunDir  # noqa: F401 (re-exported)
 from .train import TrainConfig, train
@@ -136,6 +136,8 @@ def _run_finetune(cfg: RunConfig, console, resume: bool, owner: ExitStack) -> Ru
         check_unlocked(out)  # a run in progress: name its process
         raise UserInputError(f"{out} already holds a run; use --resume to continue it, "
                              "--overwrite to replace it, or another --out")
+    if out.is_dir():  # --overwrite/--resume of a run in progress: said before any model or data loads
+        check_unlocked(out, "" if resume else OUT_ADVICE)
     built, data = _model_and_data(cfg, resume)
     preprocess = resolve_preprocess(cfg, built)
     if cfg.train is not None and built.weights == "none" and not resume:

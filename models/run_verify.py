@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 from torch import Tensor, nn
 
-from wnconvert.convert.errors import UserInputError
+from wnconvert.convert.errors import ParityError, UserInputError
+from wnconvert.convert.reading import load_onnx
 from wnconvert.convert.quant_check import QuantThresholds, check_lossy, detect_precision
 from wnconvert.convert.quantize import PRECISIONS, artifact_name
 from wnconvert.convert.quantize.container import container_record
@@ -80,7 +80,7 @@ def verify_quantized(run_dir: Path, model: nn.Module, targets: list[tuple[str, P
 def with_container_check(res: dict, path: Path) -> dict:
     """``res`` with the check of the file's int8 containers (every weight in the 4-bit range of a
     file marked as such) recorded and its violations among the failures."""
-    record = container_record(onnx.load(str(path)))
+    record = container_record(load_onnx(path, error=ParityError))  # under a contract: unreadable is 3
     if record["storage"] != "int8":
         return res
     bad = record["violations"]
