@@ -252,3 +252,20 @@ def test_download_refuses_other_schemes(tmp_path, monkeypatch):
     monkeypatch.setenv(download.BASE_URL_ENV, "ftp://127.0.0.1/models")
     with pytest.raises(UserInputError, match="unsupported scheme 'ftp'"):
         download.fetch_weights("https://example.invalid/x/w-abcdef12.pth")
+
+
+def test_sigterm_during_start_up_is_one_line_and_130(tmp_path):
+    """Issue 22, item 9: SIGTERM before training installs its handler (here: while torch loads)."""
+    import signal
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("wnconvert")
+    env = {**os.environ, "WNCONVERT_OFFLINE": "1"}
+    p = subprocess.Popen([str(exe), "finetune", "resnet18", *TINY, "--out", str(tmp_path / "run")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, (p.returncode, err)
+    assert err.strip().splitlines()[-1] == "wnconvert: error: interrupted by SIGTERM", err
