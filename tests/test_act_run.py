@@ -236,3 +236,23 @@ def test_validation_ranks_equal_logits_like_eval():
     res = evaluate_loader(Fixed(), Fixed(), loader, torch.device("cpu"), False, False)
     top1, top5 = topk_correct(tied.numpy(), labels.numpy())
     assert res["val_top1"] == top1 / 3 == 1.0 and res["val_top5"] == top5 / 3
+
+
+def test_verify_shows_its_stages_on_a_terminal(trained):
+    """Issue 22, item 9: a long verify tells a terminal what it is doing; a pipe gets nothing."""
+    import io
+
+    from rich.console import Console
+
+    from wnconvert.models.run_verify import VerifyRequest, verify_run
+    from wnconvert.models.verify_progress import VerifyProgress
+
+    assert cli("export", trained, "--precision", "int8").exit_code == 0  # an earlier test truncated it
+    screen, pipe = io.StringIO(), io.StringIO()
+    with VerifyProgress(Console(file=screen, force_terminal=True, width=200)) as shown, \
+            VerifyProgress(Console(file=pipe, force_terminal=False)) as hidden:
+        assert verify_run(trained, VerifyRequest(precision="int8", limit=4), shown).passed
+        hidden.stage("anything")
+    assert shown.stages[0] == "checking the artifacts' sha256"
+    assert any("model.int8.onnx" in s and "optimizations on" in s for s in shown.stages), shown.stages
+    assert "verify:" in screen.getvalue() and pipe.getvalue() == ""
