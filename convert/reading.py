@@ -110,7 +110,7 @@ def read_text(path: Path | str, kind: str, error: type = UserInputError) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise error(f"{path} is not a {WHAT[kind]}: not UTF-8 text (byte {e.start})") from None
+        raise error(f"cannot read {path}: not UTF-8 text (byte {e.start}), so not a {WHAT[kind]}") from None
 
 
 def _one_line(err: BaseException) -> str:
@@ -122,7 +122,7 @@ def read_json(path: Path | str, kind: str = "json", error: type = UserInputError
     try:
         return json.loads(text)
     except (ValueError, RecursionError) as e:
-        raise error(f"{path} is not a {WHAT[kind]} (JSON): {_one_line(e)}") from None
+        raise error(f"cannot read {path}: not a {WHAT[kind]} (JSON: {_one_line(e)})") from None
 
 
 def read_toml(path: Path | str, kind: str = "config", error: type = UserInputError) -> dict:
@@ -148,8 +148,6 @@ def load_onnx(path: Path | str, kind: str = "onnx", external_data: bool = True,
         model = onnx.load_model_from_string(raw)
     except (DecodeError, ValueError, RuntimeError, RecursionError) as e:
         raise error(f"{path} is not a readable {WHAT[kind]} ({type(e).__name__}: {_one_line(e)})") from None
-    if not model.graph.node and not model.graph.output:
-        raise error(f"{path} is not a readable {WHAT[kind]} (no graph)")
     if external_data:
         from .onnx_files import external_locations, check_external_data
 

@@ -60,7 +60,7 @@ def test_reader_refuses_a_file_over_its_bound_without_reading_it(tmp_path):
     ok.write_text('{"a": 1}')
     assert reading.read_json(ok, "manifest") == {"a": 1}
     ok.write_text('{"a": ')
-    with pytest.raises(UserInputError, match="ok.json is not a manifest"):
+    with pytest.raises(UserInputError, match="ok.json: not a manifest"):
         reading.read_json(ok, "manifest")
 
 
