@@ -1,5 +1,5 @@
 """``finetune --act-bits``: a run trained with activation quantization, exported with its trained
-scales and verified under the lossless-activations contract (models/act_run.py, act_files.py)."""
+scales and verified under the lossless-activations contract (models/train/act_run.py, act_files.py)."""
 
 import json
 from pathlib import Path
@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from wnconvert.cli.main import app
 from wnconvert.convert.actquant import act_points, quantizers
-from wnconvert.models.optim import build_optimizer
-from wnconvert.models.rundir import RunDir
+from wnconvert.models.train.optim import build_optimizer
+from wnconvert.models.run.rundir import RunDir
 
 TINY = ["--weights", "none", "--image-size", "32", "--num-classes", "10", "--data", "synthetic:10",
         "--workers", "0", "--device", "cpu", "--batch-size", "32", "--samples", "2"]
@@ -223,7 +223,7 @@ def test_validation_ranks_equal_logits_like_eval():
     from torch.utils.data import DataLoader, TensorDataset
 
     from wnconvert.convert.metrics import topk_correct
-    from wnconvert.models.batches import evaluate_loader
+    from wnconvert.models.train.batches import evaluate_loader
 
     tied = torch.tensor([[0.5] * 10, [1.0, 3.0, 3.0] + [0.0] * 7, [3.0] * 9 + [1.0]])
     labels = torch.tensor([0, 1, 0])
@@ -244,8 +244,8 @@ def test_verify_shows_its_stages_on_a_terminal(trained):
 
     from rich.console import Console
 
-    from wnconvert.models.run_verify import VerifyRequest, verify_run
-    from wnconvert.models.verify_progress import VerifyProgress
+    from wnconvert.models.run.run_verify import VerifyRequest, verify_run
+    from wnconvert.models.run.verify_progress import VerifyProgress
 
     assert cli("export", trained, "--precision", "int8").exit_code == 0  # an earlier test truncated it
     screen, pipe = io.StringIO(), io.StringIO()

@@ -107,7 +107,7 @@ def test_config_from_a_newer_manifest_is_refused(tmp_path):
     r = cli("finetune", "resnet18", "--config", tmp_path / "manifest.json", "--out", tmp_path / "run")
     assert "manifest version 99" in one_line(r, 2)
     # the same rule as every run reader (verify, export, eval, --resume go through RunDir.manifest)
-    from wnconvert.models.rundir import RunDir
+    from wnconvert.models.run.rundir import RunDir
     with pytest.raises(UserInputError, match="manifest version 99"):
         RunDir(tmp_path).manifest()
     assert not (tmp_path / "run").exists()
@@ -141,7 +141,7 @@ def _stub_run(path: Path) -> None:
 
 @pytest.mark.parametrize("flag", ["--overwrite", "--resume"])
 def test_locked_run_refused_before_loading(tmp_path, monkeypatch, flag):
-    from wnconvert.models import lock, run as run_mod
+    from wnconvert.models.run import lock, run as run_mod
 
     out = tmp_path / "run"
     _stub_run(out)
@@ -153,12 +153,12 @@ def test_locked_run_refused_before_loading(tmp_path, monkeypatch, flag):
         if flag == "--overwrite":
             r = cli("finetune", "resnet18", *TINY, "--out", out, "--overwrite")
         else:
-            from wnconvert.models.run import RunConfig, run_finetune
-            from wnconvert.models.train_config import TrainConfig
+            from wnconvert.models.run.run import RunConfig, finetune_process
+            from wnconvert.models.train.train_config import TrainConfig
             cfg = RunConfig(model="resnet18", out=out, weights="none", num_classes=10, data="synthetic:10",
                             train=TrainConfig(epochs=1, workers=0, device="cpu"))
             with pytest.raises(UserInputError) as e:
-                run_finetune(cfg, resume=True)
+                finetune_process(cfg, resume=True)
             r = None
         line = one_line(r, 2) if r is not None else str(e.value)
     finally:
@@ -169,7 +169,7 @@ def test_locked_run_refused_before_loading(tmp_path, monkeypatch, flag):
 
 @pytest.mark.parametrize("command", [["export", "--precision", "int8"], ["verify"]])
 def test_lock_message_fits_export_and_verify(tmp_path, command):
-    from wnconvert.models import lock
+    from wnconvert.models.run import lock
 
     out = tmp_path / "run"
     _stub_run(out)
@@ -185,7 +185,7 @@ def test_lock_message_fits_export_and_verify(tmp_path, command):
 # -- golden bounds ----------------------------------------------------------------------------------
 
 def test_golden_count_and_out_are_bounded(tmp_path):
-    from wnconvert.models.golden_run import MAX_COUNT
+    from wnconvert.models.run.golden_run import MAX_COUNT
 
     run = tmp_path / "run"
     other = tmp_path / "other"
@@ -225,7 +225,7 @@ def _trickle_server(stop: threading.Event) -> int:
 
 
 def test_download_timeout_covers_the_whole_transfer(tmp_path, monkeypatch):
-    from wnconvert.models import download
+    from wnconvert.models.zoo import download
 
     monkeypatch.delenv(download.OFFLINE_ENV, raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
@@ -245,7 +245,7 @@ def test_download_timeout_covers_the_whole_transfer(tmp_path, monkeypatch):
 
 
 def test_download_refuses_other_schemes(tmp_path, monkeypatch):
-    from wnconvert.models import download
+    from wnconvert.models.zoo import download
 
     monkeypatch.delenv(download.OFFLINE_ENV, raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))

@@ -12,10 +12,11 @@ from torch import Tensor, nn
 from wnconvert.convert.errors import ParityError, UserInputError
 from wnconvert.convert.reading import load_onnx
 from wnconvert.convert.quant_check import QuantThresholds, check_lossy, detect_precision
-from wnconvert.convert.quantize import PRECISIONS, artifact_name
+from wnconvert.convert.quantize import PRECISIONS
 from wnconvert.convert.quantize.container import container_record
 from wnconvert.convert.verify import VerifyConfig, load_inputs, make_inputs, verify
 
+from ..files import artifact_name
 from .act_files import CONTRACT, verify_act_file
 from .bitexact_run import judged_bit_exact, verify_bitexact_file
 from .run_export import data_arrays
@@ -50,8 +51,8 @@ def verify_quantized(run_dir: Path, model: nn.Module, targets: list[tuple[str, P
                      parity_cfg: VerifyConfig, x: np.ndarray, inputs: str,
                      thresholds: QuantThresholds, progress: VerifyProgress | None = None) -> dict:
     """Check each low-precision file under its contract (see ``convert/quant_check.py``): the
-    deployed file of an ``--act-bits`` run bit-exact (power-of-two scales, models/bitexact_run.py)
-    or lossless-activations (models/act_files.py); a lossless one (report.json says export found
+    deployed file of an ``--act-bits`` run bit-exact (power-of-two scales, models/run/bitexact_run.py)
+    or lossless-activations (models/run/act_files.py); a lossless one (report.json says export found
     every weight on the run's trained grid) against the trained model at the fp32 tolerance; any
     other against ``model.onnx``."""
     run = RunDir(run_dir)
@@ -114,7 +115,7 @@ def verify_run(run_dir: Path, req: VerifyRequest = VerifyRequest(),
     and each low-precision file under its contract; records the result in report.json (when the
     run has one and the directory is writable, under its write lock; report.json's new sha256 goes
     into the manifest) and returns it. The caller raises ParityError on failures, after showing them.
-    ``progress`` (models/verify_progress.py) is told each stage."""
+    ``progress`` (models/run/verify_progress.py) is told each stage."""
     run = RunDir(run_dir)
     if run.path.is_dir() and run.writable():
         with run.writing():

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from wnconvert.convert.errors import UserInputError
-from wnconvert.convert.names import TRAIN_TARGETS
+from wnconvert.convert.names import TRAIN_PLACEMENTS
 from wnconvert.convert.reading import read_json, read_toml
 
+from ..files import MANIFEST
 from .manifest_version import check_manifest_version
 
 SECTIONS = ("scheme", "fold", "verify", "train")
@@ -43,10 +44,10 @@ def _key(name: str) -> str:
 
 
 def _act_options(act: dict) -> dict[str, Any]:
-    """A manifest's ``act`` record (models/act_run.ActSettings) as finetune's options."""
+    """A manifest's ``act`` record (models/train/act_run.ActSettings) as finetune's options."""
     out = {"act_bits": act.get("bits"), "act_range": act.get("range"), "freeze_bn_epochs": act.get("freeze_bn_epochs"),
            "scale_format": act.get("scale_format"), "mixed_precision": act.get("mixed_precision"),
-           "target": {placement: t for t, placement in TRAIN_TARGETS.items()}.get(act.get("residual_conv"))}
+           "target": {placement: t for t, placement in TRAIN_PLACEMENTS.items()}.get(act.get("residual_conv"))}
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -92,7 +93,7 @@ def read_defaults(path: Path, known: set[str], never: set[str]) -> dict[str, Any
     manifest's settings that are not options of the command (it records every field) are left out."""
     path = Path(path)
     if path.is_dir():
-        path = path / "manifest.json"
+        path = path / MANIFEST
     if path.suffix == ".json":
         data = read_json(path, "config")  # regular file, at most LIMITS["config"] bytes (reading.py)
         if not isinstance(data, dict):

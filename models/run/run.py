@@ -1,5 +1,5 @@
 """A run: the job behind ``wnconvert finetune`` (and its resumption). The files it writes are
-described in :mod:`wnconvert.models.rundir`."""
+described in :mod:`wnconvert.models.run.rundir`."""
 
 from __future__ import annotations
 
@@ -19,19 +19,20 @@ from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.export import ExportConfig
 from wnconvert.convert.fold import FoldConfig
 from wnconvert.convert.metrics import topk_correct
-from wnconvert.convert.pipeline import ONNX_NAME, ConversionResult, convert, require_parity
+from wnconvert.convert.pipeline import ConversionResult, convert, require_parity
 from wnconvert.convert.runtime import run_onnx
 from wnconvert.convert.schemes import SchemeConfig
 from wnconvert.convert.verify import VerifyConfig, make_inputs
 
-from . import distributed
-from .act_run import ActSettings, act_model, check_act_request, copy_to_float, freeze_bn_hook
-from .data import DataBundle, Preprocess, build_data, default_preprocess, eval_arrays, parse_data_spec
+from ..train import distributed
+from ..train.act_run import ActSettings, act_model, check_act_request, copy_to_float, freeze_bn_hook
+from ..data.data import DataBundle, Preprocess, build_data, default_preprocess, eval_arrays, parse_data_spec
+from ..files import ONNX
 from .lock import OUT_ADVICE, check_unlocked
-from .optim_settings import SCRATCH_DEFAULTS
+from ..train.optim_settings import SCRATCH_DEFAULTS
 from .rundir import CHECKPOINT, MANIFEST, METRICS, REPORT, Manifest, RunDir  # noqa: F401 (re-exported)
-from .train import TrainConfig, train
-from .zoo import BuiltModel, build_model, fixed_image_size, min_image_size
+from ..train.train import TrainConfig, train
+from ..zoo.zoo import BuiltModel, build_model, fixed_image_size, min_image_size
 
 
 # Beyond these a value is a typo, not a model: the largest torchvision weights take 518 px (ViT-H),
@@ -57,7 +58,7 @@ class RunConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     train: TrainConfig | None = None  # None for --epochs 0
-    act: ActSettings | None = None    # --act-bits: activation QAT (models/act_run.py)
+    act: ActSettings | None = None    # --act-bits: activation QAT (models/train/act_run.py)
     no_export: bool = False
     overwrite: bool = False
     offline: bool | None = None      # None: WNCONVERT_OFFLINE decides whether weights may be downloaded
@@ -108,11 +109,12 @@ def resolve_preprocess(cfg: RunConfig, built: BuiltModel) -> Preprocess:
     return Preprocess(size, max(resize, size), built.mean, built.std)
 
 
-def run_finetune(cfg: RunConfig, console=None, resume: bool = False) -> RunSummary:
-    """Build, train, fold, export and verify; rank 0 holds the run directory's write lock from
-    its first write to the end."""
+def finetune_process(cfg: RunConfig, console=None, resume: bool = False) -> RunSummary:
+    """One process's run: build, train, fold, export and verify (:func:`_finetune_locked`); rank 0
+    holds the run directory's write lock from its first write to the end. Under torchrun, call
+    :func:`finetune_torchrun` instead."""
     with ExitStack() as owner:
-        return _run_finetune(cfg, console, resume, owner)
+        return _finetune_locked(cfg, console, resume, owner)
 
 
 def _take_over(run: RunDir, cfg: RunConfig, resume: bool) -> None:
@@ -126,7 +128,8 @@ def _take_over(run: RunDir, cfg: RunConfig, resume: bool) -> None:
     run.clear()
 
 
-def _run_finetune(cfg: RunConfig, console, resume: bool, owner: ExitStack) -> RunSummary:
+def _finetune_locked(cfg: RunConfig, console, resume: bool, owner: ExitStack) -> RunSummary:
+    """The steps of :func:`finetune_process`; the write lock, once taken, lives in ``owner``."""
     out = check_output_dir(cfg.out)
     if cfg.train is not None:  # bad settings fail before anything is built or written
         cfg.train.validate()
@@ -183,12 +186,12 @@ def _run_finetune(cfg: RunConfig, console, resume: bool, owner: ExitStack) -> Ru
 
     conversion = None
     if not cfg.no_export:
-        conversion = convert(model, shape, out, fold_config=cfg.fold, export_config=cfg.export,
+        conversion = convert(model, shape, out / ONNX, fold_config=cfg.fold, export_config=cfg.export,
                              verify_config=cfg.verify,
                              original=original if cfg.train is None else None)
         report.update(conversion.to_dict())
         if data is not None:
-            report["onnx_accuracy"] = onnx_accuracy(out / ONNX_NAME, cfg.data, preprocess, cfg.limit_val)
+            report["onnx_accuracy"] = onnx_accuracy(out / ONNX, cfg.data, preprocess, cfg.limit_val)
     run.write_report(report)  # a new (or resumed) run starts its report afresh
     run.finish(manifest)
     if conversion is not None:
@@ -215,12 +218,12 @@ def _model_and_data(cfg: RunConfig, resume: bool) -> tuple[BuiltModel, DataBundl
     return built, data
 
 
-def finetune_run(cfg: RunConfig, console=None, resume: bool = False) -> RunSummary | None:
-    """:func:`run_finetune`, under torchrun on every rank (a plain call outside it); the summary
+def finetune_torchrun(cfg: RunConfig, console=None, resume: bool = False) -> RunSummary | None:
+    """:func:`finetune_process`, under torchrun on every rank (a plain call outside it); the summary
     on rank 0, None on the others."""
     rank = distributed.init_distributed()  # a no-op outside torchrun
     try:
-        summary = run_finetune(cfg, console=console, resume=resume)
+        summary = finetune_process(cfg, console=console, resume=resume)
     finally:
         distributed.cleanup()
     return summary if rank.is_main else None
