@@ -26,8 +26,35 @@ def _load(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path])
         defaults = read_defaults(value, known, NEVER_FROM_CONFIG)
     except UserInputError as err:
         raise typer.BadParameter(str(err), ctx=ctx, param=param) from None
+    params = {p.name: p for p in ctx.command.params if p.name}
+    for key, v in defaults.items():
+        problem = _type_problem(params[key], v)
+        if problem:
+            raise typer.BadParameter(f"{value}: {key.replace('_', '-')} = {v!r} {problem}", ctx=ctx, param=param)
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
+
+
+def _kind(p) -> str:
+    """boolean | integer | float | "" (anything else) for option ``p``."""
+    ann = getattr(getattr(p, "type_descriptor", None), "annotation", None)
+    if ann in (bool, int, float):
+        return {bool: "boolean", int: "integer", float: "float"}[ann]
+    return {"boolean": "boolean", "integer": "integer", "float": "float"}.get(
+        getattr(getattr(p, "type", None), "name", ""), "")
+
+
+def _type_problem(p, v) -> str:
+    """Why the config value ``v`` does not fit option ``p`` where Click would silently coerce it
+    (``true`` to 1 for an integer option, ``8.5`` to 8), or ""."""
+    kind = _kind(p)
+    if isinstance(v, bool) and kind != "boolean":
+        return f"is a boolean; {p.opts[0]} takes {'an ' + kind if kind else 'a value'}"
+    if kind == "integer" and isinstance(v, float):
+        return f"is not an integer; {p.opts[0]} takes one"
+    if kind == "boolean" and not isinstance(v, bool):
+        return f"is not true or false; {p.opts[0]} is a flag"
+    return ""
 
 
 ConfigOpt = typer.Option(

@@ -37,8 +37,8 @@ def handle_errors(fn):
             return fn(*args, **kwargs)
         except WnError as e:
             fail(str(e), e.exit_code)
-        except KeyboardInterrupt:
-            fail("interrupted", INTERRUPTED)
+        except KeyboardInterrupt as e:
+            fail("interrupted by SIGTERM" if str(e) == "SIGTERM" else "interrupted", INTERRUPTED)
         except PermissionError as e:
             fail(f"permission denied: {e.filename or e}", 2)
         except OSError as e:
@@ -73,6 +73,6 @@ class OneLineErrors(TyperGroup):
             param = getattr(e, "param", None)
             fail(self.message(getattr(param, "name", None), getattr(e, "message", None) or e.format_message()),
                  getattr(e, "exit_code", 2))
-        except typer.Abort:
-            fail("interrupted", INTERRUPTED)
+        except typer.Abort as e:
+            fail("interrupted by SIGTERM" if str(e.__cause__) == "SIGTERM" else "interrupted", INTERRUPTED)
         raise SystemExit(code if isinstance(code, int) else 0)

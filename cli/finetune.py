@@ -21,7 +21,7 @@ from wnconvert.models.train.train_config import TrainConfig
 from .config_option import ConfigOpt
 from .errors import handle_errors
 from .options import (ActRange, Bn, Gain, Granularity, Optimizer, ScaleFormat, ScaleGrad, Schedule, Scheme,
-                      TrainTarget, WdMode, default, refuse_with_resume, value)
+                      TrainTarget, WdMode, default, given, refuse_with_resume, value)
 from .render import JsonOpt, certificate_line, certificate_table, console, parity_line, parity_table, print_json
 
 # finetune --help in panels (cli/help_layout.py), in this order; every option is in one
@@ -112,8 +112,11 @@ def finetune(
         raise UserInputError("--act-range, --freeze-bn-epochs, --mixed-precision and --target apply to --act-bits "
                              "runs only")
     if resume is not None:
-        refuse_with_resume(ctx, {"model", "resume", "config", "json_out", "no_deploy", "verbose"})
+        refuse_with_resume(ctx, {"model", "resume", "config", "json_out", "no_deploy", "verbose", "workers"})
         cfg = resume_config(resume)
+        if cfg.train is not None and given(ctx, "workers"):  # exact with any workers (models/train/batches.py)
+            cfg.train = replace(cfg.train, workers=workers)
+            cfg.train.validate()
         if model != cfg.model:
             raise UserInputError(f"{resume} is a {cfg.model} run, not {model}")
     else:

@@ -104,6 +104,12 @@ app.command(name="golden")(golden)
 
 
 def main() -> None:
+    import signal
+
+    from . import _terminate, _terminate_importing
+
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, _terminate_importing):  # one line and 130, not 143
+        signal.signal(signal.SIGTERM, _terminate)
     app()
 
 

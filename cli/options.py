@@ -68,6 +68,11 @@ def usage_message(param_name: str | None, message: str) -> str:
     return message
 
 
+def given(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was given on the command line (or through its environment variable)."""
+    return getattr(ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE", "ENVIRONMENT")
+
+
 def refuse_with_resume(ctx: typer.Context, allowed: set[str]) -> None:
     """``--resume`` continues a run with the settings it recorded: any other option given on the
     command line (or through its environment variable) would be ignored, so it is refused."""

@@ -133,7 +133,10 @@ def verify(
         onnx_file=onnx_file, precision=value(precision), inputs=inputs, data=data, limit=limit,
         config=VerifyConfig(rtol=rtol, min_cosine=min_cosine, min_top1=min_top1, samples=samples, seed=seed),
         thresholds=QuantThresholds(min_agreement, min_sqnr))
-    out = verify_run(run_dir, req)
+    from wnconvert.models.run.verify_progress import VerifyProgress
+
+    with VerifyProgress(enabled=not json_out) as progress:  # a status line on a terminal's stderr
+        out = verify_run(run_dir, req, progress)
     if not out.recorded:
         typer.echo(f"wnconvert: note: {run_dir} is not writable; report.json was not updated", err=True)
     if json_out:

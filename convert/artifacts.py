@@ -116,11 +116,8 @@ def check_output_dir(path: Path) -> Path:
     return path
 
 
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserInputError(f"{path} does not exist") from None
-    except (OSError, ValueError) as e:  # ValueError: bad JSON, or not UTF-8
-        first = (str(e).splitlines() or [type(e).__name__])[0]
-        raise UserInputError(f"cannot read {path}: {first}") from None
+def read_json(path: Path, kind: str = "json") -> dict:
+    """A JSON record through the guarded reader (``reading.py``: regular file, ``kind``'s size bound)."""
+    from .reading import read_json as guarded
+
+    return guarded(path, kind)

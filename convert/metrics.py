@@ -66,6 +66,8 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict:
 
 
 def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int = 5) -> tuple[int, int]:
-    """``(top-1 correct, top-k correct)`` counts of a batch of logits."""
-    order = np.argsort(-logits, axis=1)[:, :k]
+    """``(top-1 correct, top-k correct)`` counts of a batch of logits. Equal logits (frequent on a
+    low-bit grid) rank by class index, lowest first, as ``argmax`` does; training's validation
+    uses the same rule (models/train/batches.py), so a run's recorded top-1 is what ``eval`` measures."""
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
     return int((order[:, 0] == labels).sum()), int((order == labels[:, None]).any(axis=1).sum())

@@ -16,6 +16,7 @@ import onnx
 from onnx import TensorProto
 
 from .errors import UserInputError
+from .reading import load_onnx
 
 
 def _tensors(graph: onnx.GraphProto):
@@ -59,10 +60,7 @@ def check_external_data(path: Path) -> None:
 
 @functools.lru_cache(maxsize=64)
 def _check(path: Path, resolved: Path, size: int, mtime_ns: int) -> None:
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise UserInputError(f"{path} is not a readable ONNX file ({type(e).__name__})") from None
+    model = load_onnx(path, external_data=False)  # regular file, bounded, parse errors in one line
     folder = resolved.parent
     for name, location in external_locations(model):
         where = f"{path}: tensor {name!r} keeps its data in {location!r}"

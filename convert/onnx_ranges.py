@@ -28,7 +28,7 @@ import onnx
 from onnx import helper
 
 from .errors import RangeError, UserInputError
-from .onnx_files import check_external_data
+from .reading import load_onnx
 from .onnx_graph import ACT, CONST, GraphIndex, Request, evaluate, is_default, label, read_initializer
 
 WEIGHT_OPS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (0, 1), "MatMul": (0, 1),
@@ -59,8 +59,7 @@ def load_model(path: Path) -> onnx.ModelProto:
     try:
         if path.stat().st_size == 0:
             raise UserInputError(f"{path} is empty (0 bytes), not an ONNX model")
-        check_external_data(path)
-        model = onnx.load(str(path))
+        model = load_onnx(path)  # reading.py: regular file, bounded, external data checked
     except FileNotFoundError:
         raise UserInputError(f"{path} does not exist") from None
     except UserInputError:

@@ -19,11 +19,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import onnx
 from onnx import TensorProto
 
 from .configs import QuantThresholds  # noqa: F401 (re-exported)
-from .errors import UserInputError
+from .reading import load_onnx
 from .metrics import compare_logits
 from .runtime import run_onnx
 
@@ -35,10 +34,7 @@ _INT_TYPES = {TensorProto.INT4: "int4", TensorProto.UINT4: "int4",
 def detect_precision(path: Path) -> str:
     """fp32 | fp16 | int8 | int4 from the file's contents: the narrowest integer type feeding a
     DequantizeLinear, else fp16 when any initializer is float16."""
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:
-        raise UserInputError(f"{path} is not a readable ONNX file") from None
+    model = load_onnx(path, external_data=False)  # reading.py: regular file, bounded, one line
     inits = {i.name: i.data_type for i in model.graph.initializer}
     found = {_INT_TYPES[inits[n.input[0]]] for n in model.graph.node
              if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) in _INT_TYPES}

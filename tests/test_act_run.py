@@ -148,3 +148,111 @@ def test_openvino_target_notes_the_fused_add(trained):
         assert r.exit_code == 0, r.output
         record = json.loads((trained / "report.json").read_text())["targets"]["model.int8.onnx"]
         assert record["name"] == target and ("skips the requantization" in record.get("note", "")) == noted
+
+
+def _rerecord(run: Path, name: str) -> None:
+    from wnconvert.convert.artifacts import sha256
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["artifacts"][name] = sha256(run / name)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _logits_dq(model: onnx.ModelProto) -> onnx.NodeProto:
+    return next(n for n in model.graph.node if "logits" in n.output)
+
+
+def _scale_logits(model: onnx.ModelProto) -> None:
+    """A Mul by 1.01 after the last DequantizeLinear (issue 22, item 5)."""
+    dq = _logits_dq(model)
+    dq.output[0] = "logits_pre"
+    model.graph.initializer.append(numpy_helper.from_array(np.array(1.01, np.float32), "tamper_c"))
+    model.graph.node.append(onnx.helper.make_node("Mul", ["logits_pre", "tamper_c"], ["logits"], name="tamper_mul"))
+
+
+def _shift_logits(model: onnx.ModelProto) -> None:
+    """The logits' DequantizeLinear zero point raised by 3 (issue 22, item 5)."""
+    zp = next(i for i in model.graph.initializer if i.name == _logits_dq(model).input[2])
+    arr = numpy_helper.to_array(zp)
+    zp.CopyFrom(numpy_helper.from_array((arr.astype(np.int64) + 3).astype(arr.dtype), zp.name))
+
+
+@pytest.mark.parametrize("tamper, words", [(None, None), (_scale_logits, "unexpected Mul 'tamper_mul'"),
+                                           (_shift_logits, "after its last quantization point"),
+                                           ("truncate", "is not a readable ONNX file")])
+def test_contract_sees_the_logits(trained, tamper, words):
+    """Issue 22, items 0, 2 and 5: the untouched file passes with its per-image tie bound in
+    report.json; a change after the last quantization point, or a truncated file (hashes
+    re-recorded each time), fails with exit 3 in one line naming it, never 70."""
+    path = trained / "model.int8.onnx"
+    assert cli("export", trained, "--precision", "int8").exit_code == 0
+    if tamper == "truncate":
+        raw = path.read_bytes()
+        path.write_bytes(raw[: len(raw) // 3])
+    elif tamper is not None:
+        model = onnx.load(str(path))
+        tamper(model)
+        onnx.save(model, str(path))
+    _rerecord(trained, path.name)
+    r = cli("verify", trained, "--precision", "int8", "--limit", "16")
+    if tamper is None:
+        assert r.exit_code == 0, r.output
+        res = json.loads((trained / "report.json").read_text())["verify"]["quantized"]["int8"]
+        assert res["classifier"] == {"layer": "fc", "input_point": res["classifier"]["input_point"],
+                                     "output_point": "fc"}
+        for level in res["levels"].values():
+            logits = level["logits"]
+            assert len(logits["bound"]["per_image"]) == 16 and min(logits["bound"]["per_image"]) > 0
+            assert logits["after_last_point"]["images_beyond"] == 0 and logits["bound"]["images_beyond"] == 0
+        return
+    assert r.exit_code == 3, r.output
+    assert words in r.output and "internal error" not in r.output and "Traceback" not in r.output
+
+
+def test_recorded_top1_is_the_checkpoints_own(trained):
+    """Issue 22, item 0b: the final validation top-1 a run records is what ``eval RUN`` measures
+    on the same images; equal logits (a low-bit logit grid has many) rank by class index in both."""
+    final = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()
+             if '"val_top1"' in line][-1]
+    r = cli("eval", trained, "--data", "synthetic:10", "--limit", "32", "--json")
+    assert r.exit_code == 0, r.output
+    measured = json.loads(r.output[r.output.index("{"):])
+    assert measured["images"] == 32 and measured["top1"] == final["val_top1"] and measured["top5"] == final["val_top5"]
+
+
+def test_validation_ranks_equal_logits_like_eval():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from wnconvert.convert.metrics import topk_correct
+    from wnconvert.models.train.batches import evaluate_loader
+
+    tied = torch.tensor([[0.5] * 10, [1.0, 3.0, 3.0] + [0.0] * 7, [3.0] * 9 + [1.0]])
+    labels = torch.tensor([0, 1, 0])
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return tied[x[:, 0].long()]
+
+    loader = DataLoader(TensorDataset(torch.arange(3.0)[:, None], labels), batch_size=3)
+    res = evaluate_loader(Fixed(), Fixed(), loader, torch.device("cpu"), False, False)
+    top1, top5 = topk_correct(tied.numpy(), labels.numpy())
+    assert res["val_top1"] == top1 / 3 == 1.0 and res["val_top5"] == top5 / 3
+
+
+def test_verify_shows_its_stages_on_a_terminal(trained):
+    """Issue 22, item 9: a long verify tells a terminal what it is doing; a pipe gets nothing."""
+    import io
+
+    from rich.console import Console
+
+    from wnconvert.models.run.run_verify import VerifyRequest, verify_run
+    from wnconvert.models.run.verify_progress import VerifyProgress
+
+    assert cli("export", trained, "--precision", "int8").exit_code == 0  # an earlier test truncated it
+    screen, pipe = io.StringIO(), io.StringIO()
+    with VerifyProgress(Console(file=screen, force_terminal=True, width=200)) as shown, \
+            VerifyProgress(Console(file=pipe, force_terminal=False)) as hidden:
+        assert verify_run(trained, VerifyRequest(precision="int8", limit=4), shown).passed
+        hidden.stage("anything")
+    assert shown.stages[0] == "checking the artifacts' sha256"
+    assert any("model.int8.onnx" in s and "optimizations on" in s for s in shown.stages), shown.stages
+    assert "verify:" in screen.getvalue() and pipe.getvalue() == ""

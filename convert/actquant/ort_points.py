@@ -16,7 +16,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from ..errors import UserInputError
+from ..errors import ParityError, UserInputError
+from ..reading import load_onnx
 
 FOUR_BIT = (TensorProto.INT4, TensorProto.UINT4)
 
@@ -47,8 +48,11 @@ class OrtPoints:
     """One instrumented session of ``onnx_path`` reading the integers at ``points``;
     ``missing`` lists the points the file has no ``Q_<point>`` output for."""
 
-    def __init__(self, onnx_path: Path, points: list[str], optimized: bool) -> None:
-        model = onnx.load(str(onnx_path))
+    def __init__(self, onnx_path: Path, points: list[str], optimized: bool,
+                 model: onnx.ModelProto | None = None) -> None:
+        # the file is under a contract: unreadable is a parity failure (exit 3), never an internal error
+        model = onnx.ModelProto.FromString(model.SerializeToString()) if model is not None else \
+            load_onnx(onnx_path, error=ParityError)
         inits = {i.name: i for i in model.graph.initializer}
         q_nodes = _point_quantizers(model)
         self.zero: dict[str, int] = {}

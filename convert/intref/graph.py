@@ -28,7 +28,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from ..errors import UserInputError
-from ..onnx_files import check_external_data
+from ..reading import load_onnx
 from .requant import QTYPES, QType
 
 CORE_OPS = {"Conv", "Gemm", "MatMul", "Add", "MaxPool", "AveragePool", "GlobalAveragePool",
@@ -79,14 +79,7 @@ class Step:
 def load_model(model_or_path) -> onnx.ModelProto:
     if isinstance(model_or_path, onnx.ModelProto):
         return model_or_path
-    path = Path(model_or_path)
-    check_external_data(path)
-    try:
-        return onnx.load(str(path))
-    except FileNotFoundError:
-        raise UserInputError(f"{path} does not exist") from None
-    except Exception as e:  # onnx raises DecodeError and others on a corrupt file
-        raise UserInputError(f"cannot read ONNX file {path}: {e}") from None
+    return load_onnx(Path(model_or_path))  # regular file, bounded, external data checked (reading.py)
 
 
 def attributes(node: onnx.NodeProto) -> dict:

@@ -44,12 +44,14 @@ def artifact_accuracy(artifact: Path, data: str, *, limit: int | None = None, ba
         raise UserInputError(f"{artifact} is neither an .onnx file, a run directory nor its {CHECKPOINT}")
     image_size = None
     if is_onnx:
-        import onnx
+        from wnconvert.convert.reading import load_onnx
+
+        model = load_onnx(artifact, external_data=False)  # regular file, bounded, one line
         try:
-            dims = onnx.load(str(artifact), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+            dims = model.graph.input[0].type.tensor_type.shape.dim
             image_size = dims[-1].dim_value or None
-        except Exception:
-            raise UserInputError(f"{artifact} is not a readable ONNX file") from None
+        except (IndexError, AttributeError):
+            raise UserInputError(f"{artifact} is not a readable ONNX file (no image input)") from None
     pre, run_dir = _preprocess_for(artifact, data, image_size)
     images, labels = eval_arrays(data, pre, limit=limit)
     if is_onnx:

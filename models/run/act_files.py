@@ -68,12 +68,13 @@ def act_inputs(manifest: Manifest, data: str | None, limit: int, config: VerifyC
     return x, f"{len(x)} generated samples, seed {config.seed}"
 
 
-def verify_act_file(run_dir: Path, path: Path, x: torch.Tensor, inputs: str) -> dict:
+def verify_act_file(run_dir: Path, path: Path, x: torch.Tensor, inputs: str,
+                    progress: Callable[[int], None] | None = None) -> dict:
     """``check_lossless_activations`` of ``path`` against the run's QAT model, with per-point
     counts of elements at rounding ties (``ties``) for report.json."""
     _, qat = RunDir(run_dir).load_qat()
-    res = check_lossless_activations(qat, path, x)
+    res = check_lossless_activations(qat, path, x, progress=progress)
     ties = {level: {p: st.get("at_ties", 0) for p, st in d["points"].items()}
             for level, d in res["levels"].items()}
-    return {"contract": CONTRACT, "inputs": inputs, "passed": res["passed"],
-            "failures": res["failures"], "ties": ties, "levels": res["levels"]}
+    return {"contract": CONTRACT, "inputs": inputs, "passed": res["passed"], "failures": res["failures"],
+            "ties": ties, "classifier": res["classifier"], "levels": res["levels"]}

@@ -23,15 +23,15 @@ checks the keys against the command's options, so a misspelt key is an error, no
 
 from __future__ import annotations
 
-import json
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.names import TRAIN_PLACEMENTS
+from wnconvert.convert.reading import read_json, read_toml
 
 from ..files import MANIFEST
+from .manifest_version import check_manifest_version
 
 SECTIONS = ("scheme", "fold", "verify", "train")
 # Manifest entries that record a run rather than configure one.
@@ -94,22 +94,13 @@ def read_defaults(path: Path, known: set[str], never: set[str]) -> dict[str, Any
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise UserInputError(f"cannot read config {path}: {err.strerror or err}") from None
     if path.suffix == ".json":
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise UserInputError(f"{path} is not a JSON manifest: {err}") from None
+        data = read_json(path, "config")  # regular file, at most LIMITS["config"] bytes (reading.py)
         if not isinstance(data, dict):
             raise UserInputError(f"{path} is not a JSON object")
+        check_manifest_version(data, str(path))  # the rule verify, export, eval and --resume apply
         return {k: v for k, v in _from_manifest(data, path).items() if k in known and k not in never}
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-        raise UserInputError(f"{path} is not a TOML file: {' '.join(str(err).split())}") from None
+    data = read_toml(path, "config")
     defaults = _flatten(data, str(path))
     for key in defaults:
         if key in never:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.golden import golden_for_file
 
-from ..files import artifact_name
 from .precheck import GOLDEN_PRECISIONS, check_golden  # noqa: F401 (GOLDEN_PRECISIONS re-exported)
 from .run_export import data_arrays
 from .rundir import RunDir
@@ -24,5 +24,7 @@ def golden_for_run(run_dir: Path, out: Path, *, data: str | None = None, count: 
     path, spec = check_golden(run_dir, out, data, count, precision, onnx_file)
     manifest = RunDir(run_dir).manifest()
     x = data_arrays(spec, manifest.preprocess, count, "val", "--count")
+    if len(x) < count:
+        raise UserInputError(f"--count {count}: the validation set of {spec} has {len(x)} images")
     summary = golden_for_file(path, x, Path(out), f"{len(x)} validation images of {spec}")
     return summary | {"onnx": str(path)}

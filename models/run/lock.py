@@ -26,22 +26,26 @@ def _holder(fd: int) -> str:
     return f"process {pid}" if pid.isdigit() else "another process"
 
 
-def _busy(run_dir: Path, holder: str) -> UserInputError:
-    return UserInputError(f"{run_dir} is being written by {holder}; wait for it to finish "
-                          "or use another --out")
+# What a second writer is told besides waiting: finetune may pick another --out; export and verify
+# work on that run only (``advice=""``).
+OUT_ADVICE = " or use another --out"
 
 
-def acquire(run_dir: Path) -> int:
+def _busy(run_dir: Path, holder: str, advice: str = OUT_ADVICE) -> UserInputError:
+    return UserInputError(f"{run_dir} is being written by {holder}; wait for it to finish{advice}")
+
+
+def acquire(run_dir: Path, advice: str = OUT_ADVICE) -> int:
     """Lock ``run_dir`` (which must exist) for writing; returns the lock's file descriptor.
 
-    Raises UserInputError naming the holder's pid when another process holds it."""
+    Raises UserInputError naming the holder's pid (and ``advice``) when another process holds it."""
     fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = _holder(fd)
         os.close(fd)
-        raise _busy(run_dir, holder) from None
+        raise _busy(run_dir, holder, advice) from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
@@ -53,9 +57,9 @@ def release(fd: int) -> None:
 
 
 @contextmanager
-def locked(run_dir: Path) -> Iterator[None]:
+def locked(run_dir: Path, advice: str = OUT_ADVICE) -> Iterator[None]:
     """``with locked(run_dir): ...`` holds the write lock for the block."""
-    fd = acquire(run_dir)
+    fd = acquire(run_dir, advice)
     try:
         yield
     finally:
@@ -77,12 +81,12 @@ def is_locked(run_dir: Path) -> bool:
     return False
 
 
-def check_unlocked(run_dir: Path) -> None:
+def check_unlocked(run_dir: Path, advice: str = OUT_ADVICE) -> None:
     """Raise the second writer's error (naming the holder) when another process holds
     ``run_dir``'s lock; writes nothing."""
     if is_locked(run_dir):
         fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
         try:
-            raise _busy(run_dir, _holder(fd))
+            raise _busy(run_dir, _holder(fd), advice)
         finally:
             os.close(fd)

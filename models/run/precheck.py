@@ -22,6 +22,7 @@ from ..files import MANIFEST, ONNX, artifact_name
 from .run_options import CALIB_SPLITS, PrecisionOptions
 
 GOLDEN_PRECISIONS = ("int8", "int4")
+MAX_GOLDEN_COUNT = 1024  # images per golden call (README)
 # target -> (precisions, takes weights-only int8/int4 files, what it does with an --act-bits run's
 # file: trained | po2 | refused); convert/quantize/targets.py PRESETS
 TARGET_TAKES = {
@@ -181,8 +182,9 @@ def check_verify(run_dir: Path, onnx_file: Path | None, precision: str | None) -
 def check_golden(run_dir: Path, out: Path, data: str | None, count: int, precision: str,
                  onnx_file: Path | None) -> tuple[Path, str]:
     """The refusals of ``golden RUN``; returns the QDQ file and the data spec it runs on."""
-    if count < 1:
-        raise UserInputError("--count must be at least 1")
+    if not 1 <= count <= MAX_GOLDEN_COUNT:
+        raise UserInputError(f"--count must be between 1 and {MAX_GOLDEN_COUNT} (the integer reference "
+                             "holds every tensor of every image in memory)")
     if precision not in GOLDEN_PRECISIONS:
         raise UserInputError(f"--precision must be one of {', '.join(GOLDEN_PRECISIONS)}, not {precision!r}")
     manifest = manifest_of(run_dir)
@@ -195,6 +197,9 @@ def check_golden(run_dir: Path, out: Path, data: str | None, count: int, precisi
         raise UserInputError(f"{run_dir} was made without --data: give the images with --data SPEC")
     if Path(out).resolve() == Path(run_dir).resolve():
         raise UserInputError("--out must be a folder of its own, not the run directory")
+    if (Path(out) / MANIFEST).exists():
+        raise UserInputError(f"--out {out} is a run directory (it holds {MANIFEST}); golden vectors go "
+                             "into a folder of their own")
     return path, spec
 
 

@@ -28,7 +28,7 @@ from ..train import distributed
 from ..train.act_run import ActSettings, act_model, check_act_request, copy_to_float, freeze_bn_hook
 from ..data.data import DataBundle, Preprocess, build_data, default_preprocess, eval_arrays, parse_data_spec
 from ..files import ONNX
-from .lock import check_unlocked
+from .lock import OUT_ADVICE, check_unlocked
 from ..train.optim_settings import SCRATCH_DEFAULTS
 from .run_deploy import deploy_run, deployed_failure
 from .rundir import CHECKPOINT, MANIFEST, METRICS, REPORT, Manifest, RunDir  # noqa: F401 (re-exported)
@@ -141,6 +141,8 @@ def _finetune_locked(cfg: RunConfig, console, resume: bool, owner: ExitStack) ->
         check_unlocked(out)  # a run in progress: name its process
         raise UserInputError(f"{out} already holds a run; use --resume to continue it, "
                              "--overwrite to replace it, or another --out")
+    if out.is_dir():  # --overwrite/--resume of a run in progress: said before any model or data loads
+        check_unlocked(out, "" if resume else OUT_ADVICE)
     built, data = _model_and_data(cfg, resume)
     preprocess = resolve_preprocess(cfg, built)
     if cfg.train is not None and built.weights == "none" and not resume:

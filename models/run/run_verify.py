@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 from torch import Tensor, nn
 
-from wnconvert.convert.errors import UserInputError
+from wnconvert.convert.errors import ParityError, UserInputError
+from wnconvert.convert.reading import load_onnx
 from wnconvert.convert.quant_check import QuantThresholds, check_lossy, detect_precision
 from wnconvert.convert.quantize import PRECISIONS
 from wnconvert.convert.quantize.container import container_record
@@ -22,6 +22,7 @@ from .bitexact_run import judged_bit_exact, verify_bitexact_file
 from .precheck import verify_paths
 from .run_export import data_arrays
 from .rundir import REPORT, RunDir
+from .verify_progress import VerifyProgress, stage
 from .run_options import VerifyRequest  # noqa: F401 (re-exported)
 
 
@@ -42,7 +43,7 @@ def verify_targets(run_dir: Path, onnx_file: Path | None, precision: str | None)
 
 def verify_quantized(run_dir: Path, model: nn.Module, targets: list[tuple[str, Path]], x_parity: Tensor,
                      parity_cfg: VerifyConfig, x: np.ndarray, inputs: str,
-                     thresholds: QuantThresholds) -> dict:
+                     thresholds: QuantThresholds, progress: VerifyProgress | None = None) -> dict:
     """Check each low-precision file under its contract (see ``convert/quant_check.py``): the
     deployed file of an ``--act-bits`` run bit-exact (power-of-two scales, models/run/bitexact_run.py)
     or lossless-activations (models/run/act_files.py); a lossless one (report.json says export found
@@ -55,16 +56,22 @@ def verify_quantized(run_dir: Path, model: nn.Module, targets: list[tuple[str, P
     for precision, path in targets:
         own = path.resolve() == (run.path / artifact_name(precision)).resolve()
         entry = made.get(precision, {}) if own else {}
+        what = f"{path.name} on {inputs}"
         if judged_bit_exact(manifest, entry):
+            stage(progress, f"{what}, bit-exact contract (PyTorch, integer reference, onnxruntime off/on)")
             res = verify_bitexact_file(run.path, path, torch.from_numpy(np.asarray(x, np.float32)), inputs)
         elif entry.get("contract") == CONTRACT:
-            res = verify_act_file(run.path, path, torch.from_numpy(np.asarray(x, np.float32)), inputs)
+            stage(progress, f"{what}, lossless-activations contract, onnxruntime optimizations off")
+            res = verify_act_file(run.path, path, torch.from_numpy(np.asarray(x, np.float32)), inputs,
+                                  progress=lambda k: stage(progress, f"{what}, lossless-activations contract, "
+                                                                     "onnxruntime optimizations on") if k == 1 else None)
         elif "lossless_check" in entry:
             rep = verify(model, x_parity, onnx_path=path, config=parity_cfg,
                          inputs_name=f"{len(x_parity)} samples")
             res = {"contract": "lossless", "parity": rep.to_dict(), "passed": rep.passed,
                    "failures": rep.failures()}
         else:
+            stage(progress, f"{what}, {'lossless' if 'lossless_check' in entry else 'lossy'} contract")
             if not run.onnx_path.exists():
                 raise UserInputError(f"{run_dir} has no model.onnx to compare {path.name} with")
             res = check_lossy(run.onnx_path, path, x, thresholds) | {"inputs": inputs}
@@ -75,7 +82,7 @@ def verify_quantized(run_dir: Path, model: nn.Module, targets: list[tuple[str, P
 def with_container_check(res: dict, path: Path) -> dict:
     """``res`` with the check of the file's int8 containers (every weight in the 4-bit range of a
     file marked as such) recorded and its violations among the failures."""
-    record = container_record(onnx.load(str(path)))
+    record = container_record(load_onnx(path, error=ParityError))  # under a contract: unreadable is 3
     if record["storage"] != "int8":
         return res
     bad = record["violations"]
@@ -95,20 +102,23 @@ class VerifyOutcome:
         return not self.failures
 
 
-def verify_run(run_dir: Path, req: VerifyRequest = VerifyRequest()) -> VerifyOutcome:
+def verify_run(run_dir: Path, req: VerifyRequest = VerifyRequest(),
+               progress: VerifyProgress | None = None) -> VerifyOutcome:
     """Check every artifact recorded in the manifest against its sha256 (ParityError naming the
     file otherwise), then compare the run's ONNX files with its checkpoint (evaluated in float64)
     and each low-precision file under its contract; records the result in report.json (when the
     run has one and the directory is writable, under its write lock; report.json's new sha256 goes
-    into the manifest) and returns it. The caller raises ParityError on failures, after showing them."""
+    into the manifest) and returns it. The caller raises ParityError on failures, after showing them.
+    ``progress`` (models/run/verify_progress.py) is told each stage."""
     run = RunDir(run_dir)
     if run.path.is_dir() and run.writable():
         with run.writing():
-            return _verify_run(run, req, write=True)
-    return _verify_run(run, req, write=False)
+            return _verify_run(run, req, write=True, progress=progress)
+    return _verify_run(run, req, write=False, progress=progress)
 
 
-def _verify_run(run: RunDir, req: VerifyRequest, write: bool) -> VerifyOutcome:
+def _verify_run(run: RunDir, req: VerifyRequest, write: bool, progress: VerifyProgress | None = None) -> VerifyOutcome:
+    stage(progress, "checking the artifacts' sha256")
     run.check_artifacts(run.manifest())
     manifest, model, _ = run.load()
     targets = verify_targets(run.path, req.onnx_file, req.precision)
@@ -120,6 +130,7 @@ def _verify_run(run: RunDir, req: VerifyRequest, write: bool) -> VerifyOutcome:
     failures: list[str] = []
     fp32 = [p for prec, p in targets if prec == "fp32"]
     if fp32:
+        stage(progress, f"{fp32[0].name} against the checkpoint in float64 ({inputs_name})")
         report = verify(model, x, onnx_path=fp32[0], config=cfg, inputs_name=inputs_name)
         d = report.to_dict()
         failures = report.failures()
@@ -131,7 +142,7 @@ def _verify_run(run: RunDir, req: VerifyRequest, write: bool) -> VerifyOutcome:
             q_inputs = f"{len(xq)} images from {spec}"
         else:
             xq, q_inputs = x.numpy(), inputs_name
-        d["quantized"] = verify_quantized(run.path, model, low, x, cfg, xq, q_inputs, req.thresholds)
+        d["quantized"] = verify_quantized(run.path, model, low, x, cfg, xq, q_inputs, req.thresholds, progress)
         for name, res in d["quantized"].items():
             failures += [f"{name}: {f}" for f in res["failures"]]
         d["passed"] = not failures

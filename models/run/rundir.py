@@ -40,14 +40,12 @@ from wnconvert.convert.verify import VerifyConfig
 from ..train.act_run import ActSettings, copy_to_float, prepare_act_model
 from ..data.data import Preprocess
 from ..train.checkpoint import LAST, train_dir
-from .lock import LOCK_NAME, is_locked, locked
+from .lock import LOCK_NAME, OUT_ADVICE, is_locked, locked
+from .manifest_version import MANIFEST_VERSION, check_manifest_version  # noqa: F401 (MANIFEST_VERSION re-exported)
 from ..train.train_config import TrainConfig
 from ..zoo.zoo import build_model, load_into, load_state_file
 from ..files import CHECKPOINT, MANIFEST, METRICS, ONNX, REPORT  # noqa: F401 (re-exported)
 
-# 1: the first versioned layout. Manifests without "version" (written before it existed) have the
-# same keys, some missing (gpu_decode, newer train options); their dataclass defaults fill them.
-MANIFEST_VERSION = 1
 TEMP_DIRS = (".export-", ".quant-")  # tempfile prefixes of convert/export.py and convert/quantize
 
 
@@ -133,10 +131,7 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: dict, where: str = MANIFEST) -> "Manifest":
         _check_types(d, where)
-        version = d.get("version", 0)  # 0: written before manifests had a version
-        if not isinstance(version, int) or version > MANIFEST_VERSION:
-            raise UserInputError(f"{where} has manifest version {version!r}; this wnconvert reads "
-                                 f"up to {MANIFEST_VERSION} (upgrade wnconvert)")
+        check_manifest_version(d, where)  # the one rule for every reader (manifest_version.py)
         try:
             return cls(
                 model=d["model"], num_classes=d["num_classes"],
@@ -187,7 +182,7 @@ class RunDir:
             ensure_writable_dir(self.path)
         elif not self.path.is_dir():
             raise UserInputError(f"{self.path} is not a run directory")
-        with locked(self.path):
+        with locked(self.path, OUT_ADVICE if create else ""):  # export/verify take no --out
             self.remove_leftovers()
             yield self
 
@@ -206,7 +201,7 @@ class RunDir:
         """A run that started and never trained: its manifest says ``running``, no process holds
         it (``held``: this process does) and it has no ``train/last.pt``. A rerun may replace it."""
         try:
-            status = read_json(self.manifest_path).get("status")
+            status = read_json(self.manifest_path, "manifest").get("status")
         except (UserInputError, OSError, AttributeError):
             return False
         return (status == "running" and not (train_dir(self.path) / LAST).exists()
@@ -234,7 +229,7 @@ class RunDir:
             raise UserInputError(f"{self.path} is not a run directory")
         if not self.manifest_path.exists():
             raise UserInputError(f"{self.path} has no {MANIFEST}; is it a wnconvert run directory?")
-        return Manifest.from_dict(read_json(self.manifest_path), f"{self.path}/{MANIFEST}")
+        return Manifest.from_dict(read_json(self.manifest_path, "manifest"), f"{self.path}/{MANIFEST}")
 
     def write_manifest(self, manifest: Manifest) -> None:
         write_json(self.manifest_path, manifest.to_dict())
@@ -270,7 +265,10 @@ class RunDir:
     # -- report.json --------------------------------------------------------------------------
 
     def report(self) -> dict:
-        return read_json(self.report_path) if self.report_path.exists() else {}
+        report = read_json(self.report_path, "report") if self.report_path.exists() else {}
+        if not isinstance(report, dict):
+            raise UserInputError(f"{self.report_path} is not a JSON object")
+        return report
 
     def write_report(self, report: dict) -> None:
         """Replace report.json (a new run); later commands merge with :meth:`update_report`."""

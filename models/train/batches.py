@@ -31,6 +31,13 @@ def logits(out: Any) -> Tensor:
     return out if isinstance(out, Tensor) else out[0]
 
 
+def ranked(out: Tensor, k: int) -> Tensor:
+    """The ``k`` best classes per row, equal logits by class index (lowest first), the rule of
+    ``convert.metrics.topk_correct`` that ``eval`` uses. ``topk`` breaks ties arbitrarily: on the
+    4-bit logit grid of a W4A4 run that moved the recorded top-1 by 0.7 points (issue 22, item 0b)."""
+    return torch.sort(out, dim=1, descending=True, stable=True).indices[:, :k]
+
+
 @torch.no_grad()
 def evaluate_loader(forward: nn.Module, module: nn.Module, loader: DataLoader, device: torch.device,
                      amp: bool, channels_last: bool, gpu_transform: Any = None) -> dict:
@@ -53,7 +60,7 @@ def evaluate_loader(forward: nn.Module, module: nn.Module, loader: DataLoader, d
             with autocast(device, amp):
                 out = logits(forward(x))
             out = out.float()
-            hits = out.topk(min(5, out.shape[1]), dim=1).indices == y[:, None]
+            hits = ranked(out, min(5, out.shape[1])) == y[:, None]
             sums += torch.stack([F.cross_entropy(out, y, reduction="sum").double(),
                                  hits[:, 0].sum().double(), hits.any(dim=1).sum().double()])
     finally:

@@ -11,7 +11,11 @@ Environment:
 * ``WNCONVERT_WEIGHTS_BASE_URL`` downloads from a mirror instead: a folder, served over
   ``http(s)://`` or ``file://``, holding the files under the names they have in the hub cache; the
   file's name is appended to it.
-* ``WNCONVERT_DOWNLOAD_TIMEOUT`` seconds (default 30) to connect and for each read.
+* ``WNCONVERT_DOWNLOAD_TIMEOUT`` seconds (default 600): the whole download, connection included,
+  however slowly the server trickles its bytes; connecting and each wait for data also time out
+  after ``STALL_S`` (30 s, or the whole timeout when that is shorter).
+
+Only ``http://``, ``https://`` and ``file://`` sources are read; any other scheme is refused.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import hashlib
 import http.client
 import os
 import re
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -37,7 +42,9 @@ from wnconvert.convert.errors import UserInputError
 OFFLINE_ENV = "WNCONVERT_OFFLINE"
 BASE_URL_ENV = "WNCONVERT_WEIGHTS_BASE_URL"
 TIMEOUT_ENV = "WNCONVERT_DOWNLOAD_TIMEOUT"
-DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_TIMEOUT_S = 600.0  # the whole transfer
+STALL_S = 30.0             # connecting, and each wait for data
+SCHEMES = ("http", "https", "file")
 CHUNK = 1 << 20
 HASH_IN_NAME = re.compile(r"-([0-9a-f]+)\.")
 FALSE_WORDS = ("", "0", "false", "no", "off")
@@ -70,11 +77,16 @@ def file_name(url: str) -> str:
 
 
 def source_url(url: str) -> str:
-    """``url``, or the same file under ``WNCONVERT_WEIGHTS_BASE_URL`` when that is set."""
+    """``url``, or the same file under ``WNCONVERT_WEIGHTS_BASE_URL`` when that is set; refused
+    unless its scheme is http, https or file."""
     base = os.environ.get(BASE_URL_ENV, "").strip()
-    if not base:
-        return url
-    return base.rstrip("/") + "/" + urllib.parse.quote(file_name(url))
+    src = url if not base else base.rstrip("/") + "/" + urllib.parse.quote(file_name(url))
+    scheme = urllib.parse.urlparse(src).scheme.lower()
+    if scheme not in SCHEMES:
+        where = f"{BASE_URL_ENV}={base!r}" if base else src
+        raise UserInputError(f"{where}: unsupported scheme {scheme or '(none)'!r}; a weights source is "
+                             "an http://, https:// or file:// URL")
+    return src
 
 
 def expected_hash_prefix(name: str) -> str | None:
@@ -106,15 +118,17 @@ def download(src: str, dest: Path, timeout: float, progress: bool | None = None)
     """``src`` to ``dest`` atomically, its sha256 checked against the prefix in ``dest``'s name."""
     prefix = expected_hash_prefix(dest.name)
     manual = f"download it elsewhere and place {dest.name} in {dest.parent}"
+    deadline = time.monotonic() + timeout
+    stall = min(STALL_S, timeout)
     with atomic_path(dest) as tmp:
         try:
-            with urllib.request.urlopen(src, timeout=timeout) as resp, open(tmp, "wb") as out:
+            with urllib.request.urlopen(src, timeout=stall) as resp, open(tmp, "wb") as out:
                 total = _length(resp)
-                digest, size = _copy(resp, out, total, dest.name, progress)
+                digest, size = _copy(resp, out, total, dest.name, progress, deadline, stall)
         except ValueError as e:  # not a URL urllib can open
             raise UserInputError(f"cannot download {src}: {e}") from None
         except (OSError, http.client.HTTPException) as e:
-            raise UserInputError(f"cannot download {src} ({_reason(e, timeout)}): {manual}") from None
+            raise UserInputError(f"cannot download {src} ({_reason(e, stall, timeout)}): {manual}") from None
         if total is not None and size != total:
             raise UserInputError(f"download of {src} ended after {size} of {total} bytes: {manual}")
         if prefix is not None and not digest.startswith(prefix):
@@ -127,15 +141,36 @@ def _length(resp) -> int | None:
     return int(raw) if raw and raw.isdigit() else None
 
 
-def _copy(resp: BinaryIO, out: BinaryIO, total: int | None, label: str,
-          progress: bool | None) -> tuple[str, int]:
+def _socket(resp):
+    """The socket under an http.client response (None for file:// and others)."""
+    raw = getattr(getattr(resp, "fp", None), "raw", None)
+    return getattr(raw, "_sock", None)
+
+
+def _copy(resp: BinaryIO, out: BinaryIO, total: int | None, label: str, progress: bool | None,
+          deadline: float = float("inf"), stall: float = STALL_S) -> tuple[str, int]:
     console = Console(stderr=True)
     show = console.is_terminal if progress is None else progress
     h, size = hashlib.sha256(), 0
     with Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), console=console, disable=not show) as bar:
         task = bar.add_task("download", total=total)
-        while chunk := resp.read(CHUNK):
+        sock = _socket(resp)
+        read = getattr(resp, "read1", resp.read)  # what has arrived, not a full chunk: the deadline is checked often
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("whole")
+            if sock is not None:
+                sock.settimeout(min(stall, left))
+            try:
+                chunk = read(CHUNK)
+            except TimeoutError:
+                if left <= stall:  # the wait was cut to the deadline: the transfer as a whole is late
+                    raise TimeoutError("whole") from None
+                raise
+            if not chunk:
+                break
             out.write(chunk)
             h.update(chunk)
             size += len(chunk)
@@ -143,7 +178,7 @@ def _copy(resp: BinaryIO, out: BinaryIO, total: int | None, label: str,
     return h.hexdigest(), size
 
 
-def _reason(e: BaseException, timeout: float) -> str:
+def _reason(e: BaseException, stall: float, timeout: float) -> str:
     if isinstance(e, urllib.error.HTTPError):
         return f"HTTP {e.code} {e.reason}"
     if isinstance(e, urllib.error.URLError):
@@ -151,6 +186,6 @@ def _reason(e: BaseException, timeout: float) -> str:
             return str(e.reason)
         e = e.reason
     if isinstance(e, TimeoutError):
-        return f"no answer within {timeout:g} s"
+        return f"not complete within {timeout:g} s, {TIMEOUT_ENV}" if str(e) == "whole" else f"no answer within {stall:g} s"
     text = getattr(e, "strerror", None) or str(e) or type(e).__name__
     return (str(text).splitlines() or [type(e).__name__])[0][:200]
