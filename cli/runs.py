@@ -14,14 +14,16 @@ from typing import Optional
 import typer
 
 from wnconvert.convert.configs import QuantThresholds, VerifyConfig
+from wnconvert.convert.names import TFLITE_IO
 from wnconvert.convert.errors import ParityError
 from wnconvert.models.run_options import PrecisionOptions, VerifyRequest
 
 from .errors import handle_errors
-from .options import (ActType, Bn, CalibSplit, Calibrator, Container, Granularity, Precision, Target, default,
-                      value)
+from .options import (ActType, Bn, CalibSplit, Calibrator, Container, Granularity, Precision, Target, choices,
+                      default, value)
 from .render import JsonOpt, certificate_table, console, parity_table, print_json, quantized_table
 
+TfliteIo = choices("TfliteIo", TFLITE_IO)
 
 @handle_errors
 def fold(
@@ -60,13 +62,29 @@ def export(
     act_type: Optional[ActType] = typer.Option(None, help="Type of quantized activations (default: the target's; uint8 is onnxruntime's fast CPU path)."),
     fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse", help="Fold BatchNorm and scales into Conv before quantizing activations (default: yes; a --weight-bits run's grid stays exact, per channel)."),
     container: Optional[Container] = typer.Option(None, help="Storage of the 4-bit values of an int4 file: int4 (opset-21 INT4/UINT4) or int8 (the same integers in int8/uint8, weights in [-7, 7]: onnxruntime's int8 kernels). Default: the target's for files with quantized activations (ort-cpu: int8), int4 for weights-only files."),
+    io: Optional[TfliteIo] = typer.Option(None, help="--target tflite-micro: int8 input and output (default, the MCU convention) or float (QUANTIZE/DEQUANTIZE at the edges)."),
     json_out: bool = JsonOpt,
 ):
     """Fold the run's checkpoint, write RUN_DIR/model.onnx, check weight ranges and parity.
-    With --precision fp16|int8|int4: write RUN_DIR/model.PRECISION.onnx from model.onnx instead."""
+    With --precision fp16|int8|int4: write RUN_DIR/model.PRECISION.onnx from model.onnx instead.
+    With --target tflite-micro: write RUN_DIR/model.int8.tflite (docs/tflite.md)."""
+    from wnconvert.convert.errors import UserInputError
     from wnconvert.convert.pipeline import require_parity
     from wnconvert.models.run_export import export_precision, export_run
 
+    if value(target) == "tflite-micro":
+        from wnconvert.models.run_tflite import export_tflite
+
+        if value(precision) not in ("fp32", "int8") or container is not None or value(act_type) not in (None, "int8"):
+            raise UserInputError("--target tflite-micro writes one int8 file: leave --precision (or give int8), "
+                                 "--container and --act-type out")
+        opts = PrecisionOptions(data=data, calib_samples=calib_samples, calib_split=value(calib_split),
+                                act_bits=act_bits, per_channel=per_channel, calibrate_method=value(calibrate_method),
+                                fuse=fuse, target="tflite-micro")
+        entry = export_tflite(run_dir, opts, value(io) or "int8")
+        return print_json(entry) if json_out else console.print(tflite_line(run_dir, entry))
+    if io is not None:
+        raise UserInputError("--io applies to --target tflite-micro")
     if value(precision) != "fp32":
         opts = PrecisionOptions(data=data, calib_samples=calib_samples, calib_split=value(calib_split),
                                 act_bits=act_bits, per_channel=per_channel, rtol=rtol,
@@ -82,6 +100,13 @@ def export(
         console.print(parity_table(result.to_dict()["parity"]))
         console.print(f"wrote {result.onnx_path} ({result.onnx_weights} weight tensors, max |w| = {result.onnx_max_abs:.6f})")
     require_parity(result)
+
+
+def tflite_line(run_dir: Path, entry: dict) -> str:
+    ops = ", ".join(f"{n} {k}" for k, n in entry["operators"].items())
+    how = "trained scales" if entry["scales"] == "trained" else f"calibrated on {entry['calibration']}"
+    return (f"wrote {run_dir / entry['file']} ({entry['bytes'] / 1e6:.2f} MB, {entry['io']} input and output, "
+            f"{how}; {ops})")
 
 
 def quantized_line(run_dir: Path, entry: dict) -> str:
