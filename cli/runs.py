@@ -109,6 +109,18 @@ def tflite_line(run_dir: Path, entry: dict) -> str:
             f"{how}; {ops})")
 
 
+def tflite_verify_line(name: str, res: dict) -> str:
+    if "one_step" not in res:
+        return f"{name}: [red]{res['failures'][0]}[/]"
+    t, o = res["top1"], res["one_step"]
+    return (f"{name} ({res['inputs']}): TensorFlow Lite Micro = integer reference "
+            f"{'yes' if res['micro_equals_reference'] else '[red]no[/]'}, LiteRT BUILTIN_REF = TFLite Micro "
+            f"{'yes' if res['litert_ref_equals_micro'] else '[red]no[/]'}; trained network: {o['elements']} of "
+            f"{o['of']} elements one step off, top-1 agreement {t['agreement']:.4f} "
+            f"(differences only within the derived margin: {'yes' if not res['failures'] else '[red]no[/]'}); "
+            f"XNNPACK: {res['xnnpack']['differing_elements']} logit elements differ")
+
+
 def quantized_line(run_dir: Path, entry: dict) -> str:
     """What ``export --precision P`` wrote, for which target, calibrated on what."""
     t = entry["target"]
@@ -139,6 +151,7 @@ def verify(
     limit: int = typer.Option(default(VerifyRequest, "limit"), help="Images from --data the low-precision files are compared on."),
     min_agreement: float = typer.Option(default(QuantThresholds, "min_agreement"), help="Lossy low-precision files: smallest top-1 agreement with model.onnx."),
     min_sqnr: float = typer.Option(default(QuantThresholds, "min_sqnr_db"), help="Lossy low-precision files: smallest logit SQNR (dB) against model.onnx."),
+    tflite: Optional[Path] = typer.Option(None, help="Check this .tflite alone (default: the run's model.int8.tflite, with the other files): TensorFlow Lite Micro against the integer reference, LiteRT and the trained network (docs/tflite.md)."),
     json_out: bool = JsonOpt,
 ):
     """Compare the ONNX file (onnxruntime, optimizations off and on) with the run's checkpoint
@@ -150,7 +163,7 @@ def verify(
     req = VerifyRequest(
         onnx_file=onnx_file, precision=value(precision), inputs=inputs, data=data, limit=limit,
         config=VerifyConfig(rtol=rtol, min_cosine=min_cosine, min_top1=min_top1, samples=samples, seed=seed),
-        thresholds=QuantThresholds(min_agreement, min_sqnr))
+        thresholds=QuantThresholds(min_agreement, min_sqnr), tflite=tflite)
     out = verify_run(run_dir, req)
     if not out.recorded:
         typer.echo(f"wnconvert: note: {run_dir} is not writable; report.json was not updated", err=True)
@@ -161,5 +174,7 @@ def verify(
             console.print(parity_table(out.result))
         if out.checked_quantized:
             console.print(quantized_table(out.result["quantized"]))
+        for name, res in out.result.get("tflite", {}).items():
+            console.print(tflite_verify_line(name, res))
     if not out.passed:
         raise ParityError("parity failed: " + "; ".join(out.failures))

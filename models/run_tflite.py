@@ -61,6 +61,14 @@ def tflite_options(manifest: Manifest, opts: PrecisionOptions) -> QuantOptions:
                         act_symmetric=False, quantize_bias=True)
 
 
+def _trained_file(run: RunDir) -> Path | None:
+    """The run's own model.int8.onnx when it is the trained network (an --act-bits run's export):
+    the same QDQ network :func:`source_network` would make, without making it again."""
+    entry = run.report().get("quantized", {}).get("int8", {}) if run.report_path.exists() else {}
+    path = run.path / "model.int8.onnx"
+    return path if path.is_file() and entry.get("scales") == "trained" and entry.get("file") == path.name else None
+
+
 def source_network(run: RunDir, opts: PrecisionOptions) -> tuple[onnx.ModelProto, dict]:
     """The run's int8 QDQ network (in memory) and how it was made (report.json's record)."""
     manifest = run.manifest()
@@ -71,12 +79,15 @@ def source_network(run: RunDir, opts: PrecisionOptions) -> tuple[onnx.ModelProto
             if opts.data:
                 raise UserInputError("an --act-bits run exports its trained activation scales; it takes no "
                                      "calibration --data")
+            info = {"scales": "trained", "calibration": None, "act_bits": 8,
+                    "scale_format": manifest.act.scale_format}
+            own = _trained_file(run)
+            if own is not None:
+                return onnx.load(str(own)), info | {"from": own.name}
             from wnconvert.convert.actquant import export_qdq
 
             _, qat = run.load_qat()
             export_qdq(qat, path, example_shape=(1, *manifest.input_shape))
-            info = {"scales": "trained", "calibration": None, "act_bits": 8,
-                    "scale_format": manifest.act.scale_format}
         else:
             options = tflite_options(manifest, opts)
             if not run.onnx_path.exists():
