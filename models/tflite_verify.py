@@ -27,7 +27,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.intref import run_integer
 from wnconvert.convert.intref.execute import requantize_accum
@@ -133,8 +132,8 @@ def _first_difference(model: TFModel, a: dict[int, np.ndarray], b: dict[int, np.
 
 def _count_steps(model: TFModel, a: dict[int, np.ndarray], b: dict[int, np.ndarray]) -> dict[str, dict]:
     out = {}
-    for i in b:
-        d = np.abs(np.asarray(a[i], np.float64).reshape(-1) - np.asarray(b[i], np.float64).reshape(-1))
+    for i, theirs in b.items():
+        d = np.abs(np.asarray(a[i], np.float64).reshape(-1) - np.asarray(theirs, np.float64).reshape(-1))
         out[model.tensors[i].name] = {"elements": int(d.size), "differ": int(np.count_nonzero(d)),
                                       "max_steps": float(d.max()) if d.size else 0.0}
     return out
