@@ -19,6 +19,7 @@ from wnconvert.convert.artifacts import atomic_path
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.quantize import QuantOptions, quantize
 from wnconvert.convert.tflite.flatbuf import to_bytes
+from wnconvert.convert.tflite.logits import quantize_logits
 from wnconvert.convert.tflite.writer import IO_MODES, qdq_to_tflite
 
 from .run_export import _calibration
@@ -93,6 +94,7 @@ def source_network(run: RunDir, opts: PrecisionOptions) -> tuple[onnx.ModelProto
                 raise UserInputError(f"{run.path} has no model.onnx; run `wnconvert export {run.path}` first")
             calib, _, calibration = _calibration(manifest, "int8", options, opts)
             quantize(run.onnx_path, path, options, calib)
+            quantize_logits(path, calib)
             info = {"scales": "calibrated", "calibration": calibration, "calibrate_method": opts.calibrate_method,
                     "calib_samples": opts.calib_samples, "calib_split": opts.calib_split, "data": opts.data}
         return onnx.load(str(path)), info
