@@ -20,7 +20,7 @@ from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.quantize import QuantOptions, quantize
 from wnconvert.convert.tflite.flatbuf import to_bytes
 from wnconvert.convert.tflite.logits import quantize_logits
-from wnconvert.convert.tflite.writer import IO_MODES, qdq_to_tflite
+from wnconvert.convert.tflite.writer import IO_MODES, Writer
 
 from .run_export import _calibration
 from .run_options import PrecisionOptions
@@ -109,7 +109,8 @@ def export_tflite(run_dir: Path, opts: PrecisionOptions = PrecisionOptions(), io
     run = RunDir(run_dir)
     manifest = run.manifest()
     source, info = source_network(run, opts)
-    model = qdq_to_tflite(source, io)  # refuses an operator before anything is written
+    writer = Writer(source, io)
+    model = writer.translate()  # refuses an operator before anything is written
     data = to_bytes(model)
     dst = run.path / TFLITE_FILE
     with atomic_path(dst) as tmp:
@@ -120,7 +121,7 @@ def export_tflite(run_dir: Path, opts: PrecisionOptions = PrecisionOptions(), io
     entry = {"file": TFLITE_FILE, "target": TARGET, "runtime": RUNTIME, "io": io, "bytes": len(data),
              "operators": ops, "tensors": len(model.tensors),
              "input": _tensor_record(model, model.inputs[0]), "output": _tensor_record(model, model.outputs[0]),
-             } | info
+             "dense_grouped_convs": writer.expanded} | info
     run.update_report(lambda report: report.__setitem__("tflite", entry))
     manifest.targets[TFLITE_FILE] = {"target": TARGET, "overridden": [], "io": io,
                                      "options": _recorded_options(opts, info)}
