@@ -10,7 +10,6 @@ import shutil
 import numpy as np
 import pytest
 from helpers import cli
-
 from wnconvert.convert.artifacts import sha256
 from wnconvert.convert.tflite.flatbuf import parse, to_bytes
 from wnconvert.models.rundir import RunDir
