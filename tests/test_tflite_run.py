@@ -56,7 +56,7 @@ def test_verify_micro_reference_litert_and_trained_network(run):
 def test_tampered_weight_is_named(run, tmp_path):
     path = run / "model.int8.tflite"
     saved = path.read_bytes()
-    manifest_before = (run / "manifest.json").read_text()
+    kept = {name: (run / name).read_text() for name in ("manifest.json", "report.json")}
     model = parse(saved)
     w = next(t for t in model.tensors if t.data is not None and t.dtype == "int8" and t.data.ndim == 4)
     flat = w.data.reshape(-1)
@@ -70,7 +70,8 @@ def test_tampered_weight_is_named(run, tmp_path):
         assert f"tensor '{w.name}' differs from the run's trained integers in 1 of" in r.output
     finally:
         path.write_bytes(saved)
-        (run / "manifest.json").write_text(manifest_before)
+        for name, text in kept.items():
+            (run / name).write_text(text)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "crafted", "empty"])
