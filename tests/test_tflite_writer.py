@@ -149,3 +149,18 @@ def test_float_island_is_refused_naming_the_op():
     b.q(y, 0.01, 0, "int8")
     with pytest.raises(UserInputError, match="Sigmoid"):
         qdq_to_tflite(b.model())
+
+
+def test_damaged_bytes_are_one_user_error():
+    data = to_bytes(qdq_to_tflite(network().model()))
+    rng = np.random.default_rng(3)
+    bad = [data[:len(data) // 2], data[:100], b"", b"not a model at all",
+           data[:8] + rng.integers(0, 256, 2000, dtype=np.uint8).tobytes()]
+    for blob in bad:
+        with pytest.raises(UserInputError) as e:
+            reference.run(parse(blob, label="x.tflite"), np.zeros((1, 16, 16, 3), np.int8))
+        assert "\n" not in str(e.value) and "x.tflite" in str(e.value)
+    tf = qdq_to_tflite(network().model())
+    tf.ops[1].inputs[0] = len(tf.tensors) + 5  # an operator reading a tensor that does not exist
+    with pytest.raises(UserInputError, match="does not exist"):
+        parse(to_bytes(tf), label="x.tflite")
