@@ -28,9 +28,9 @@ os.environ.setdefault("WNCONVERT_OFFLINE", "1")
 
 
 def _ensure_files(run: Path) -> None:
-    from wnconvert.models.run_export import export_precision
-    from wnconvert.models.run_options import PrecisionOptions
-    from wnconvert.models.run_tflite import export_tflite
+    from wnconvert.models.run.run_export import export_precision
+    from wnconvert.models.run.run_options import PrecisionOptions
+    from wnconvert.models.run.run_tflite import export_tflite
 
     if not (run / "model.int8.onnx").exists():
         export_precision(run, "int8", PrecisionOptions())
@@ -46,10 +46,10 @@ def measure(run: Path, count: int, chunk: int = 50) -> dict:
     from wnconvert.convert.tflite import reference
     from wnconvert.convert.tflite.flatbuf import parse, read_file
     from wnconvert.convert.tflite.writer import Writer
-    from wnconvert.models.data import eval_arrays
-    from wnconvert.models.run_tflite import recorded_options, source_network
-    from wnconvert.models.rundir import RunDir
-    from wnconvert.models.tflite_verify import _from_onnx, _micro, _to_onnx, local_model_check, output_name
+    from wnconvert.models.data.data import eval_arrays
+    from wnconvert.models.run.run_tflite import recorded_options, source_network
+    from wnconvert.models.run.rundir import RunDir
+    from wnconvert.models.run.tflite_verify import _from_onnx, _micro, _to_onnx, local_model_check, output_name
 
     _ensure_files(run)
     rd = RunDir(run)

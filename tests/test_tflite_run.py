@@ -12,7 +12,7 @@ import pytest
 from helpers import cli
 from wnconvert.convert.artifacts import sha256
 from wnconvert.convert.tflite.flatbuf import parse, to_bytes
-from wnconvert.models.rundir import RunDir
+from wnconvert.models.run.rundir import RunDir
 
 pytest.importorskip("tflite_micro")
 pytest.importorskip("ai_edge_litert")

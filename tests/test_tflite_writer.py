@@ -13,7 +13,7 @@ from wnconvert.convert.intref import run_integer
 from wnconvert.convert.tflite import reference
 from wnconvert.convert.tflite.flatbuf import parse, to_bytes
 from wnconvert.convert.tflite.writer import Writer, qdq_to_tflite
-from wnconvert.models.tflite_verify import _from_onnx, _micro, local_model_check
+from wnconvert.models.run.tflite_verify import _from_onnx, _micro, local_model_check
 
 pytest.importorskip("tflite_micro")
 

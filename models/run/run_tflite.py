@@ -22,11 +22,12 @@ from wnconvert.convert.tflite.flatbuf import to_bytes
 from wnconvert.convert.tflite.logits import quantize_logits
 from wnconvert.convert.tflite.writer import IO_MODES, Writer
 
+from ..files import TFLITE, artifact_name
 from .run_export import _calibration
 from .run_options import PrecisionOptions
 from .rundir import Manifest, RunDir, writes_run
 
-TFLITE_FILE = "model.int8.tflite"
+TFLITE_FILE = TFLITE
 TARGET = "tflite-micro"
 RUNTIME = "TensorFlow Lite Micro (int8 .tflite)"
 
@@ -65,7 +66,7 @@ def _trained_file(run: RunDir) -> Path | None:
     """The run's own model.int8.onnx when it is the trained network (an --act-bits run's export):
     the same QDQ network :func:`source_network` would make, without making it again."""
     entry = run.report().get("quantized", {}).get("int8", {}) if run.report_path.exists() else {}
-    path = run.path / "model.int8.onnx"
+    path = run.path / artifact_name("int8")
     return path if path.is_file() and entry.get("scales") == "trained" and entry.get("file") == path.name else None
 
 
