@@ -40,7 +40,6 @@ def _ensure_files(run: Path) -> None:
 
 def measure(run: Path, count: int, chunk: int = 50) -> dict:
     import onnx
-
     from wnconvert.convert.intref import run_integer
     from wnconvert.convert.runtime import ort_session, run_batches, session_runner
     from wnconvert.convert.tflite import reference
@@ -49,7 +48,13 @@ def measure(run: Path, count: int, chunk: int = 50) -> dict:
     from wnconvert.models.data.data import eval_arrays
     from wnconvert.models.run.run_tflite import recorded_options, source_network
     from wnconvert.models.run.rundir import RunDir
-    from wnconvert.models.run.tflite_verify import _from_onnx, _micro, _to_onnx, local_model_check, output_name
+    from wnconvert.models.run.tflite_verify import (
+        _from_onnx,
+        _micro,
+        _to_onnx,
+        local_model_check,
+        output_name,
+    )
 
     _ensure_files(run)
     rd = RunDir(run)
