@@ -1,7 +1,7 @@
 """TensorFlow Lite Micro against the integer reference and the run's int8 network, and top-1 of the
 .tflite against the run's ONNX int8 file, on test images (docs/results.md, "TensorFlow Lite Micro").
 
-    python benchmarks/tflite_micro.py RUN [RUN ...] --count 1000 [--json out.json]
+    python benchmarks/tflite_study.py RUN [RUN ...] --count 1000 [--json out.json]
 
 For each run: ``model.int8.tflite`` is exported if missing (``export --target tflite-micro``) and
 ``model.int8.onnx`` likewise (``export --precision int8``); then on ``--count`` test images:
