@@ -17,7 +17,7 @@ import typer
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.names import (ACT_TYPES, BN_MODES, CALIBRATORS, CONTAINERS, GAIN_MODES, GRANULARITIES, PRECISIONS,
                                      PROVIDERS, RANGE_MODES, RUNTIMES, SCALE_FORMATS, SCALE_GRAD_MODES,
-                                     SCHEME_NAMES, TARGETS, TRAIN_TARGETS)
+                                     SCHEME_NAMES, TARGETS, TRAIN_PLACEMENTS)
 from wnconvert.models.train.optim_settings import OPTIMIZERS, SCHEDULES, WD_MODES
 from wnconvert.models.run.run_options import CALIB_SPLITS
 
@@ -32,7 +32,7 @@ _REGISTRIES = {"Scheme": SCHEME_NAMES, "Gain": GAIN_MODES, "ScaleGrad": SCALE_GR
                "Schedule": SCHEDULES, "Precision": PRECISIONS, "Calibrator": CALIBRATORS,
                "ActType": ACT_TYPES, "CalibSplit": CALIB_SPLITS, "Provider": PROVIDERS, "ActRange": RANGE_MODES,
                "ScaleFormat": SCALE_FORMATS, "Runtime": RUNTIMES, "Target": TARGETS,
-               "Container": CONTAINERS, "TrainTarget": TRAIN_TARGETS}
+               "Container": CONTAINERS, "TrainTarget": TRAIN_PLACEMENTS}
 (Scheme, Gain, ScaleGrad, Bn, Granularity, Optimizer, WdMode, Schedule, Precision, Calibrator, ActType,
  CalibSplit, Provider, ActRange, ScaleFormat, Runtime, Target, Container,
  TrainTarget) = (choices(name, values) for name, values in _REGISTRIES.items())

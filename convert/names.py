@@ -34,7 +34,7 @@ TFLITE_IO = ("int8", "float")   # export --target tflite-micro --io: the .tflite
 DEFAULT_TARGET = "ort-cpu"
 RESIDUAL_CONV = ("quantized", "float")  # a conv output read only by a residual add (quantize/placement.py)
 # finetune --target (--act-bits runs): the runtime whose placement the network is trained for -> it
-TRAIN_TARGETS = {"ort-cpu": "quantized", "openvino": "float"}
+TRAIN_PLACEMENTS = {"ort-cpu": "quantized", "openvino": "float"}
 
 # convert/actquant
 SCALE_FORMATS = ("float", "po2")
