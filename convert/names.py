@@ -31,7 +31,8 @@ CALIBRATORS = ("minmax", "percentile", "entropy")
 DEFAULT_CALIBRATOR = "minmax"
 ACT_TYPES = ("uint8", "int8")
 CONTAINERS = ("int4", "int8")    # storage of 4-bit values (quantize/container.py)
-TARGETS = ("ort-cpu", "openvino", "tensorrt", "fixed-point")   # quantize/targets.py PRESETS
+TARGETS = ("ort-cpu", "openvino", "tensorrt", "fixed-point", "tflite-micro")   # quantize/targets.py PRESETS
+TFLITE_IO = ("int8", "float")   # export --target tflite-micro --io: the .tflite's input and output (convert/tflite)
 DEFAULT_TARGET = "ort-cpu"
 RESIDUAL_CONV = ("quantized", "float")  # a conv output read only by a residual add (quantize/placement.py)
 # finetune --target (--act-bits runs): the runtime whose placement the network is trained for -> it

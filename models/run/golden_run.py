@@ -26,5 +26,9 @@ def golden_for_run(run_dir: Path, out: Path, *, data: str | None = None, count: 
     x = data_arrays(spec, manifest.preprocess, count, "val", "--count")
     if len(x) < count:
         raise UserInputError(f"--count {count}: the validation set of {spec} has {len(x)} images")
+    if precision == "tflite":
+        from .tflite_golden import golden_tflite
+
+        return golden_tflite(path, x, Path(out), f"{len(x)} validation images of {spec}") | {"tflite": str(path)}
     summary = golden_for_file(path, x, Path(out), f"{len(x)} validation images of {spec}")
     return summary | {"onnx": str(path)}
