@@ -57,8 +57,8 @@ class ActQuantConfig:
 
     def __post_init__(self) -> None:
         b = self.bits
-        if isinstance(b, bool) or not isinstance(b, int) or not 4 <= b <= 8:
-            raise UserInputError(f"--act-bits must be an integer from 4 to 8, not {b!r}")
+        if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8:
+            raise UserInputError(f"--act-bits must be an integer from 2 to 8, not {b!r}")
         if self.range not in RANGE_MODES:
             raise UserInputError(f"unknown --act-range {self.range!r}; choose one of: {', '.join(RANGE_MODES)}")
         if self.scale_format not in SCALE_FORMATS:
