@@ -26,7 +26,7 @@ CALIBRATORS = ("minmax", "percentile", "entropy")
 DEFAULT_CALIBRATOR = "minmax"
 ACT_TYPES = ("uint8", "int8")
 CONTAINERS = ("int4", "int8")    # storage of 4-bit values (quantize/container.py)
-TARGETS = ("ort-cpu", "openvino", "tensorrt", "fixed-point")   # quantize/targets.py PRESETS
+TARGETS = ("ort-cpu", "openvino", "tensorrt", "fixed-point", "qonnx")   # quantize/targets.py PRESETS
 DEFAULT_TARGET = "ort-cpu"
 RESIDUAL_CONV = ("quantized", "float")  # a conv output read only by a residual add (quantize/placement.py)
 # finetune --target (--act-bits runs): the runtime whose placement the network is trained for -> it

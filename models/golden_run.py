@@ -14,9 +14,10 @@ from wnconvert.convert.golden import golden_for_file
 from wnconvert.convert.quantize import artifact_name
 
 from .run_export import data_arrays
+from .qonnx_run import QONNX_FILE, golden_qonnx, qonnx_file
 from .rundir import RunDir
 
-GOLDEN_PRECISIONS = ("int8", "int4")
+GOLDEN_PRECISIONS = ("int8", "int4", "qonnx")
 
 
 def golden_for_run(run_dir: Path, out: Path, *, data: str | None = None, count: int = 8,
@@ -29,9 +30,11 @@ def golden_for_run(run_dir: Path, out: Path, *, data: str | None = None, count: 
         raise UserInputError(f"--precision must be one of {', '.join(GOLDEN_PRECISIONS)}, not {precision!r}")
     run = RunDir(run_dir)
     manifest = run.manifest()
-    path = Path(onnx_file) if onnx_file is not None else run.path / artifact_name(precision)
+    own = QONNX_FILE if precision == "qonnx" else artifact_name(precision)
+    path = Path(onnx_file) if onnx_file is not None else run.path / own
     if not path.is_file():
-        hint = "" if onnx_file is not None else f"; run `wnconvert export {run_dir} --precision {precision}` first"
+        hint = "" if onnx_file is not None else f"; run `wnconvert export {run_dir} " + (
+            "--target qonnx" if precision == "qonnx" else f"--precision {precision}") + "` first"
         raise UserInputError(f"{path} does not exist{hint}")
     spec = data or manifest.data
     if not spec:
@@ -39,5 +42,7 @@ def golden_for_run(run_dir: Path, out: Path, *, data: str | None = None, count: 
     if Path(out).resolve() == run.path.resolve():
         raise UserInputError("--out must be a folder of its own, not the run directory")
     x = data_arrays(spec, manifest.preprocess, count, "val", "--count")
+    if precision == "qonnx" or qonnx_file(path):
+        return golden_qonnx(run.path, path, x, Path(out), f"{len(x)} validation images of {spec}") | {"onnx": str(path)}
     summary = golden_for_file(path, x, Path(out), f"{len(x)} validation images of {spec}")
     return summary | {"onnx": str(path)}

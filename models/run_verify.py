@@ -18,6 +18,7 @@ from wnconvert.convert.verify import VerifyConfig, load_inputs, make_inputs, ver
 
 from .act_files import CONTRACT, verify_act_file
 from .bitexact_run import judged_bit_exact, verify_bitexact_file
+from .qonnx_run import QONNX_FILE, qonnx_file, verify_qonnx_file
 from .run_export import data_arrays
 from .rundir import REPORT, RunDir
 from .run_options import VerifyRequest  # noqa: F401 (re-exported)
@@ -26,7 +27,8 @@ from .run_options import VerifyRequest  # noqa: F401 (re-exported)
 def quantized_artifacts(run_dir: Path) -> list[tuple[str, Path]]:
     """``(precision, path)`` of every ``model.<precision>.onnx`` present in the run."""
     return [(p, Path(run_dir) / artifact_name(p)) for p in PRECISIONS
-            if p != "fp32" and (Path(run_dir) / artifact_name(p)).exists()]
+            if p != "fp32" and (Path(run_dir) / artifact_name(p)).exists()] + (
+        [("qonnx", Path(run_dir) / QONNX_FILE)] if (Path(run_dir) / QONNX_FILE).exists() else [])
 
 
 def verify_targets(run_dir: Path, onnx_file: Path | None, precision: str | None) -> list[tuple[str, Path]]:
@@ -37,7 +39,7 @@ def verify_targets(run_dir: Path, onnx_file: Path | None, precision: str | None)
     if onnx_file is not None:
         if not onnx_file.exists():
             raise UserInputError(f"{onnx_file} does not exist")
-        return [(detect_precision(onnx_file), onnx_file)]
+        return [("qonnx" if qonnx_file(onnx_file) else detect_precision(onnx_file), onnx_file)]
     path = Path(run_dir) / artifact_name(precision or "fp32")
     if not path.exists():
         how = "" if precision in (None, "fp32") else f" --precision {precision}"
@@ -58,6 +60,11 @@ def verify_quantized(run_dir: Path, model: nn.Module, targets: list[tuple[str, P
     manifest = run.manifest()
     out = {}
     for precision, path in targets:
+        if precision == "qonnx":  # model.qonnx.onnx: qonnx's executor against the QDQ file (models/qonnx_run.py)
+            own = path.resolve() == (run.path / QONNX_FILE).resolve()
+            res = verify_qonnx_file(run.path, path, torch.from_numpy(np.asarray(x, np.float32)), inputs)
+            out["qonnx" if own else str(path)] = res | {"file": str(path)}
+            continue
         own = path.resolve() == (run.path / artifact_name(precision)).resolve()
         entry = made.get(precision, {}) if own else {}
         if judged_bit_exact(manifest, entry):

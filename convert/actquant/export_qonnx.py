@@ -77,7 +77,7 @@ class QonnxInfo:
                 "points": self.points, "quant_nodes": len(self.quants),
                 "activation_bits": {q.name: q.bits for q in acts},
                 "activation_signed": {q.name: q.signed for q in acts},
-                "weight_bits": {q.name: q.bits for q in weights},
+                "layer_weight_bits": {q.name: q.bits for q in weights},
                 "power_of_two": all(q.power_of_two for q in self.quants)}
 
 
