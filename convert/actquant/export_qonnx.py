@@ -11,7 +11,9 @@ a layer and a pass-through write differs:
 * each conv/linear weight is a float initializer holding its grid values ``k_c · s_c`` (the floats
   the QDQ file's ``DequantizeLinear`` produces, bit for bit) behind a ``Quant`` (bit width B, signed,
   ``narrow`` 1: the symmetric grid ``|k| <= 2^(B-1) - 1``) whose per-channel scales have shape
-  ``(C, 1, 1, 1)`` (conv) or ``(C, 1)`` (Gemm): they broadcast on the output-channel axis;
+  ``(C, 1, 1, 1)`` (conv) and broadcast on the output-channel axis; a linear layer is
+  ``MatMul(x, W^T) + b`` with ``W^T`` of shape ``(in, C)`` and scales ``(C,)`` (again the output
+  axis; hls4ml moves such scales below a MatMul, not those of a transposed Gemm weight);
 * the bias is a float initializer, the QDQ file's int32 bias times its scale in float32 (the
   floats its ``DequantizeLinear`` produces); BatchNorm is folded exactly as in the QDQ file
   (:func:`~.layers.deployed_parts`);
@@ -125,6 +127,8 @@ class _QonnxEmitter(_Emitter):
         shape = (-1,) + (1,) * (k.ndim - 1)
         scale = np.asarray(d.weight_scale, np.float32).reshape(shape)
         w_float = (k.astype(np.float32) * scale).astype(np.float32)   # DequantizeLinear's floats
+        if not q.is_conv:  # MatMul(x, W^T) + b: the scales (out,) broadcast on W^T's last, output axis
+            w_float, scale = np.ascontiguousarray(w_float.T), scale.reshape(-1)
         w = self.init(f"{name}_w_float", w_float)
         wq = self.quant(f"{name}_weight", w, f"{name}_w", scale, d.weight_bits, True, True, "weight", q.name)
         self.info.weight_types[q.name] = f"INT{d.weight_bits}"
@@ -138,7 +142,8 @@ class _QonnxEmitter(_Emitter):
             y = self.node("Conv", [x, wq, b], f"{name}_conv", name, kernel_shape=list(c.kernel_size),
                           strides=list(c.stride), pads=pad + pad, dilations=list(c.dilation), group=c.groups)
         else:
-            y = self.node("Gemm", [x, wq, b], f"{name}_gemm", name, transB=1)
+            y = self.node("MatMul", [x, wq], f"{name}_matmul", name)
+            y = self.node("Add", [y, b], f"{name}_gemm", f"{name}_bias")
         if q.act == "relu":
             return self.node("Relu", [y], f"{name}_relu", f"{name}_relu")
         if q.act == "relu6":
