@@ -59,7 +59,12 @@ class TinyNet(nn.Module):
 def tiny_files(work: Path, count: int, size: int, wbits: int, abits: int):
     """The tiny CNN (random init, BatchNorm statistics from the images), calibrated on 256 Fashion-MNIST
     training images, exported as QDQ and QONNX; returns (qonnx, qdq, test images)."""
-    from wnconvert.convert.actquant import ActQuantConfig, calibrate, export_qdq, prepare_qat
+    from wnconvert.convert.actquant import (
+        ActQuantConfig,
+        calibrate,
+        export_qdq,
+        prepare_qat,
+    )
     from wnconvert.convert.actquant.export_qonnx import export_qonnx
     from wnconvert.convert.apply import apply_scheme
     from wnconvert.convert.schemes import SchemeConfig
@@ -123,7 +128,7 @@ def per_tensor_matmul_weights(model: onnx.ModelProto) -> list[str]:
         if spread != round(spread):
             raise SystemExit(f"{n.name}: per-channel scales that are not powers of two; hls4ml needs a scalar here")
         bits = float(numpy_helper.to_array(inits[n.input[3]]))
-        new_bits = bits + int(round(spread))
+        new_bits = bits + round(spread)
         inits[n.input[1]].CopyFrom(numpy_helper.from_array(np.float32(s.min()), n.input[1]))
         inits[n.input[2]].CopyFrom(numpy_helper.from_array(np.float32(0), n.input[2]))
         inits[n.input[3]].CopyFrom(numpy_helper.from_array(np.float32(new_bits), n.input[3]))

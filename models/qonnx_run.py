@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-
 from wnconvert.convert.actquant import export_qdq, qlayers
 from wnconvert.convert.actquant.export_qonnx import export_qonnx, is_qonnx
 from wnconvert.convert.actquant.qonnx_check import check_qonnx
@@ -33,7 +32,7 @@ def check_qonnx_request(manifest: Manifest, given: list[str]) -> None:
         raise UserInputError(f"--target qonnx writes {QONNX_FILE} from the run's trained network; "
                              f"{given[0]} does not apply to it (leave it out)")
     if manifest.act is None:
-        raise UserInputError(f"--target qonnx writes the trained integer network of an --act-bits run; this run "
+        raise UserInputError("--target qonnx writes the trained integer network of an --act-bits run; this run "
                              "was trained without --act-bits (finetune --weight-bits B --act-bits A)")
 
 

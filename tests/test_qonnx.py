@@ -15,13 +15,23 @@ from typer.testing import CliRunner
 
 pytest.importorskip("qonnx")
 
-from wnconvert.cli.main import app  # noqa: E402
-from wnconvert.convert.actquant import ActQuantConfig, act_points, calibrate, export_qdq, prepare_qat  # noqa: E402
-from wnconvert.convert.actquant.export_qonnx import QONNX_DOMAIN, export_qonnx, quant_nodes  # noqa: E402
-from wnconvert.convert.actquant.qonnx_check import check_qonnx  # noqa: E402
-from wnconvert.convert.apply import apply_scheme  # noqa: E402
-from wnconvert.convert.schemes import SchemeConfig  # noqa: E402
-from wnconvert.models.rundir import RunDir  # noqa: E402
+from wnconvert.cli.main import app
+from wnconvert.convert.actquant import (
+    ActQuantConfig,
+    act_points,
+    calibrate,
+    export_qdq,
+    prepare_qat,
+)
+from wnconvert.convert.actquant.export_qonnx import (
+    QONNX_DOMAIN,
+    export_qonnx,
+    quant_nodes,
+)
+from wnconvert.convert.actquant.qonnx_check import check_qonnx
+from wnconvert.convert.apply import apply_scheme
+from wnconvert.convert.schemes import SchemeConfig
+from wnconvert.models.rundir import RunDir
 
 TINY = ["--weights", "none", "--image-size", "32", "--num-classes", "10", "--data", "synthetic:10",
         "--workers", "0", "--device", "cpu", "--samples", "2", "--limit-train", "8", "--limit-val", "8",
@@ -132,7 +142,7 @@ def test_qonnx_file_structure(w4a4):
     assert quants and all(n.domain == QONNX_DOMAIN for n in quants)
     weights = [n for n in quants if n.input[0] in inits]
     acts = [n for n in quants if n.input[0] not in inits]
-    attrs = lambda n: {a.name: helper.get_attribute_value(a) for a in n.attribute}  # noqa: E731
+    attrs = lambda n: {a.name: helper.get_attribute_value(a) for a in n.attribute}
     assert len(weights) == 21 and len(acts) == len(json.loads((w4a4 / "report.json").read_text())
                                                    ["quantized"]["qonnx"]["points"])
     for n in weights:
@@ -193,9 +203,9 @@ def test_target_qonnx_refuses_in_one_line_before_writing(w4a4, tmp_path):
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     r = CliRunner().invoke(app, ["export", str(run), "--target", "qonnx"])
     assert r.exit_code == 2
-    assert r.output.strip().splitlines() == ["wnconvert: error: --target qonnx writes the trained integer network "
-                                             "of an --act-bits run; this run was trained without --act-bits "
-                                             "(finetune --weight-bits B --act-bits A)"]
+    assert r.output.strip().splitlines() == [("wnconvert: error: --target qonnx writes the trained integer network "
+                                              "of an --act-bits run; this run was trained without --act-bits "
+                                              "(finetune --weight-bits B --act-bits A)")]
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
     r = cli("export", w4a4, "--target", "qonnx", "--precision", "int8")
     assert r.exit_code == 2 and "--precision does not apply" in r.output, r.output
