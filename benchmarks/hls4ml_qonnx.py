@@ -15,6 +15,13 @@ What is done to the file before hls4ml sees it, all of it printed:
   1.3 moves only a scalar scale below a MatMul; with per-channel ones its ``ScaleDownMatMul`` fails
   and the conversion stops on an orphaned constant).
 
+What hls4ml 1.3 gets wrong (found with per-layer traces of the tiny CNN): qonnx's channels-last
+conversion leaves a Transpose back to NCHW in front of ``GlobalAveragePool`` (it moves Transposes
+through Conv, MaxPool, BatchNorm and elementwise ops, not through global pooling), and hls4ml's
+``GlobalPooling2D`` parser declares its input channels-last, so it averages the wrong elements: every
+layer up to that point equals qonnx's executor, the average does not. With a 1x1 map before the
+pooling (ResNet-18 at 32 px; ``--tiny --squeeze``) both layouts hold the same data.
+
 Compared: hls4ml's ``predict`` (the compiled C++ emulation, ap_fixed arithmetic) against the integer
 reference of the run's QDQ file (``wnconvert.convert.intref``), on the logits (the last point's
 integers times its scale): elements equal, top-1 agreement. Printed as one JSON line.
@@ -43,20 +50,22 @@ os.environ.setdefault("WNCONVERT_OFFLINE", "1")
 class TinyNet(nn.Module):
     """conv/BN/ReLU, max pooling, conv/BN + residual add, ReLU, global average pooling, linear."""
 
-    def __init__(self, width: int = 8):
+    def __init__(self, width: int = 8, squeeze: int = 0):
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width)
         self.pool = nn.MaxPool2d(2)
         self.conv2, self.bn2 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        # squeeze > 0: max pooling down to 1x1 before the global average (as ResNet-18 at 32 px has)
+        self.squeeze = nn.MaxPool2d(squeeze) if squeeze else nn.Identity()
         self.gap, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(width, 10)
 
     def forward(self, x):
         y = self.pool(torch.relu(self.bn1(self.conv1(x))))
         y = torch.relu(self.bn2(self.conv2(y)) + y)
-        return self.fc(torch.flatten(self.gap(y), 1))
+        return self.fc(torch.flatten(self.gap(self.squeeze(y)), 1))
 
 
-def tiny_files(work: Path, count: int, size: int, wbits: int, abits: int):
+def tiny_files(work: Path, count: int, size: int, wbits: int, abits: int, squeeze: bool = False):
     """The tiny CNN (random init, BatchNorm statistics from the images), calibrated on 256 Fashion-MNIST
     training images, exported as QDQ and QONNX; returns (qonnx, qdq, test images)."""
     from wnconvert.convert.actquant import (
@@ -75,7 +84,7 @@ def tiny_files(work: Path, count: int, size: int, wbits: int, abits: int):
     calib, _ = eval_arrays("fashion-mnist", pre, limit=256, split="train")
     x, _ = eval_arrays("fashion-mnist", pre, limit=count, split="val")
     torch.manual_seed(0)
-    m = TinyNet()
+    m = TinyNet(squeeze=size // 2 if squeeze else 0)
     m.train()
     with torch.no_grad():  # BatchNorm statistics of the data, so that activations have sane ranges
         for _ in range(4):
@@ -151,6 +160,7 @@ def main() -> None:
     ap.add_argument("run", nargs="?", type=Path, help="a run directory with model.qonnx.onnx")
     ap.add_argument("--tiny", action="store_true", help="the tiny custom CNN instead of a run")
     ap.add_argument("--size", type=int, default=32, help="--tiny: image size")
+    ap.add_argument("--squeeze", action="store_true", help="--tiny: max-pool to 1x1 before the global average pooling")
     ap.add_argument("--bits", type=int, nargs=2, default=(4, 4), metavar=("W", "A"), help="--tiny: weight and activation bits")
     ap.add_argument("--count", type=int, default=64, help="test images compared")
     ap.add_argument("--data", default=None, help="images of a run (default: its data)")
@@ -158,6 +168,7 @@ def main() -> None:
     ap.add_argument("--io-type", default="io_parallel", choices=("io_parallel", "io_stream"))
     ap.add_argument("--strategy", default="Latency", choices=("Latency", "Resource"))
     ap.add_argument("--reuse-factor", type=int, default=1)
+    ap.add_argument("--no-compile", action="store_true", help="stop after hls4ml's conversion (no g++)")
     ap.add_argument("--out", type=Path, default=None, help="hls4ml project folder (default: a temporary one)")
     args = ap.parse_args()
     if args.tiny == (args.run is not None):
@@ -175,8 +186,8 @@ def main() -> None:
     result = {"network": "tiny CNN" if args.tiny else str(args.run), "hls4ml": hls4ml.__version__,
               "io_type": args.io_type, "strategy": args.strategy, "default_precision": args.precision}
     if args.tiny:
-        qonnx_path, qdq, x = tiny_files(work, args.count, args.size, *args.bits)
-        result |= {"bits": f"W{args.bits[0]}A{args.bits[1]} po2", "size": args.size}
+        qonnx_path, qdq, x = tiny_files(work, args.count, args.size, *args.bits, squeeze=args.squeeze)
+        result |= {"bits": f"W{args.bits[0]}A{args.bits[1]} po2", "size": args.size, "squeeze": args.squeeze}
     else:
         qonnx_path, qdq, x = run_files(args.run, work, args.count, args.data)
     model = onnx.load(str(qonnx_path))
@@ -200,12 +211,20 @@ def main() -> None:
         print(json.dumps(result))
         return
     result["convert_s"] = round(time.perf_counter() - t0, 1)
+    result["converted"] = True
+    result["layers"] = len(list(hls_model.get_layers()))
+    if args.no_compile:
+        print(json.dumps(result))
+        return
     t1 = time.perf_counter()
     hls_model.compile()
     result["compile_s"] = round(time.perf_counter() - t1, 1)
-    nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    # the cleaned graph keeps the NCHW input (a Transpose inside); feed whichever layout hls4ml's input has
+    shape = list(hls_model.get_input_variables()[0].shape)
+    feed = x if shape == list(x.shape[1:]) else np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    result["input_layout"] = "NCHW" if feed is x else "NHWC"
     t2 = time.perf_counter()
-    y = np.asarray(hls_model.predict(nhwc), np.float32)
+    y = np.asarray(hls_model.predict(np.ascontiguousarray(feed)), np.float32)
     result["predict_ms_per_image"] = round(1000 * (time.perf_counter() - t2) / len(x), 2)
     ref, step = reference_logits(qdq, x)
     y = y.reshape(ref.shape)
