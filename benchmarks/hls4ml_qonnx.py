@@ -10,10 +10,13 @@ What is done to the file before hls4ml sees it, all of it printed:
 
 * qonnx's cleaning as hls4ml's documentation prescribes (``cleanup_model``,
   ``ConvertToChannelsLastAndClean``, ``GemmToMatMul``, ``cleanup_model``);
-* a MatMul weight whose per-output-channel scales differ (every po2 classifier) is re-expressed
-  per tensor: scale ``min s_c`` and bit width ``B + log2(max s_c / min s_c)``, the same values (hls4ml
-  1.3 moves only a scalar scale below a MatMul; with per-channel ones its ``ScaleDownMatMul`` fails
-  and the conversion stops on an orphaned constant).
+* a weight whose per-output-channel scales differ (a po2 classifier, most convs of a trained
+  network) is re-expressed per tensor: scale ``min s_c`` and bit width ``B + log2(max s_c / min s_c)``,
+  the same values. hls4ml 1.3 moves only a scalar scale below a MatMul, and below a Conv only a
+  scalar one when the Conv has a bias (every BatchNorm-folded conv has one); otherwise its
+  ``ScaleDownMatMul``/``ScaleDownConv`` give up ("Failed to propagate quantization scales") and the
+  conversion stops on an orphaned constant (``IndexError``). The wider per-tensor grids are what
+  hls4ml then builds: their bit widths are printed.
 
 What hls4ml 1.3 gets wrong (found with per-layer traces of the tiny CNN): qonnx's channels-last
 conversion leaves a Transpose back to NCHW in front of ``GlobalAveragePool`` (it moves Transposes
@@ -121,11 +124,11 @@ def run_files(run: Path, work: Path, count: int, data: str | None):
     return qonnx_path, qdq, x
 
 
-def per_tensor_matmul_weights(model: onnx.ModelProto) -> list[str]:
-    """Rewrite each MatMul weight Quant with unequal power-of-two scales as a per-tensor one holding
-    the same values (see the module docstring); returns what was changed."""
+def per_tensor_weights(model: onnx.ModelProto) -> list[str]:
+    """Rewrite each weight Quant (MatMul, or Conv with a bias) with unequal power-of-two scales as a
+    per-tensor one holding the same values (see the module docstring); returns what was changed."""
     inits = {t.name: t for t in model.graph.initializer}
-    users = {i for n in model.graph.node if n.op_type == "MatMul" for i in n.input}
+    users = {n.input[1] for n in model.graph.node if n.op_type in ("MatMul", "Conv") and len(n.input) > 1}
     notes = []
     for n in model.graph.node:
         if n.op_type != "Quant" or n.input[0] not in inits or n.output[0] not in users:
@@ -191,7 +194,7 @@ def main() -> None:
     else:
         qonnx_path, qdq, x = run_files(args.run, work, args.count, args.data)
     model = onnx.load(str(qonnx_path))
-    result["rewrites"] = per_tensor_matmul_weights(model)
+    result["rewrites"] = per_tensor_weights(model)
     for note in result["rewrites"]:
         print("rewrite:", note, file=sys.stderr)
     t0 = time.perf_counter()
