@@ -80,8 +80,8 @@ def tiny_files(work: Path, count: int, size: int, wbits: int, abits: int, squeez
     from wnconvert.convert.actquant.export_qonnx import export_qonnx
     from wnconvert.convert.apply import apply_scheme
     from wnconvert.convert.schemes import SchemeConfig
-    from wnconvert.models.data import eval_arrays
-    from wnconvert.models.preprocess import Preprocess
+    from wnconvert.models.data.data import eval_arrays
+    from wnconvert.models.data.preprocess import Preprocess
 
     pre = Preprocess(size, size, (0.286, 0.286, 0.286), (0.353, 0.353, 0.353), grayscale_to_rgb=True)
     calib, _ = eval_arrays("fashion-mnist", pre, limit=256, split="train")
@@ -106,9 +106,9 @@ def run_files(run: Path, work: Path, count: int, data: str | None):
     """RUN/model.qonnx.onnx, the run's QDQ file (or one written from its trained network) and
     ``count`` validation images of its data."""
     from wnconvert.convert.actquant import export_qdq
-    from wnconvert.models.data import eval_arrays
-    from wnconvert.models.qonnx_run import QONNX_FILE, own_qdq_file
-    from wnconvert.models.rundir import RunDir
+    from wnconvert.models.data.data import eval_arrays
+    from wnconvert.models.run.qonnx_run import QONNX_FILE, own_qdq_file
+    from wnconvert.models.run.rundir import RunDir
 
     rd = RunDir(run)
     manifest = rd.manifest()

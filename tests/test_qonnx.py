@@ -31,7 +31,7 @@ from wnconvert.convert.actquant.export_qonnx import (
 from wnconvert.convert.actquant.qonnx_check import check_qonnx
 from wnconvert.convert.apply import apply_scheme
 from wnconvert.convert.schemes import SchemeConfig
-from wnconvert.models.rundir import RunDir
+from wnconvert.models.run.rundir import RunDir
 
 TINY = ["--weights", "none", "--image-size", "32", "--num-classes", "10", "--data", "synthetic:10",
         "--workers", "0", "--device", "cpu", "--samples", "2", "--limit-train", "8", "--limit-val", "8",
@@ -215,7 +215,7 @@ def test_golden_refuses_a_file_qonnx_disagrees_with(w4a4, tmp_path, monkeypatch)
     """golden --precision qonnx writes nothing when the check fails (the check itself stubbed to fail:
     its real failures are tested above)."""
     from wnconvert.convert.errors import ParityError
-    from wnconvert.models import qonnx_run
+    from wnconvert.models.run import qonnx_run
 
     monkeypatch.setattr(qonnx_run, "check_qonnx", lambda *a, **k: {"passed": False, "failures": ["first difference at point X"]})
     with pytest.raises(ParityError, match="first difference at point X"):

@@ -67,7 +67,7 @@ PRESETS = {p.name: p for p in (
                  rules="tensorrt"),
     TargetPreset("fixed-point", "fixed-point / low-bit hardware (power-of-two scales)",
                  precisions=("int8", "int4"), act_runs="po2", rules="fixed-point"),
-    # export --target qonnx writes model.qonnx.onnx (QONNX Quant nodes, models/qonnx_run.py), no QDQ file
+    # export --target qonnx writes model.qonnx.onnx (QONNX Quant nodes, models/run/qonnx_run.py), no QDQ file
     TargetPreset("qonnx", "QONNX (FINN, hls4ml); checked with qonnx's executor", precisions=(),
                  weights_only=False),
 )}
