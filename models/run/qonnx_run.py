@@ -84,7 +84,7 @@ def _with_qdq(run: RunDir, manifest: Manifest, qat, fn):
     if own is not None:
         return fn(own, own.name)
     with tempfile.TemporaryDirectory(prefix="wnconvert-qdq-") as d:
-        path = Path(d) / "model.qdq.onnx"
+        path = Path(d) / "trained.qdq.onnx"
         export_qdq(qat, path, example_shape=(1, *manifest.input_shape))
         return fn(path, "the QDQ export of the trained network (temporary; the run has none)")
 
