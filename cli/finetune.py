@@ -56,7 +56,7 @@ def finetune(
     exclude: Optional[List[str]] = typer.Option(None, help="Leave layers matching this name pattern alone (repeatable)."),
     skip_depthwise: bool = typer.Option(default(SchemeConfig, "skip_depthwise"), help="Leave depthwise convs unreparametrized."),
     weight_bits: Optional[int] = typer.Option(None, help="Fake-quantize N(W) to the symmetric B-bit grid on [-1, 1] during training (2..8; layer-max / channel-max)."),
-    act_bits: Optional[int] = typer.Option(None, help="Fake-quantize activations to A bits during training (4..8; needs --weight-bits); export with --precision int8/int4."),
+    act_bits: Optional[int] = typer.Option(None, help="Fake-quantize activations to A bits during training (2..8; needs --weight-bits); export with --precision int8/int4."),
     act_range: ActRange = typer.Option("learned", help="Activation ranges after calibration: learned (LSQ) or frozen."),
     freeze_bn_epochs: Optional[int] = typer.Option(None, metavar="K", help="--act-bits: BatchNorm statistics frozen for the last K epochs (default 1 when --epochs > 1, else 0)."),
     scale_format: ScaleFormat = typer.Option("float", help="--act-bits: float scales, or po2: every scale a power of two, every requantization a shift (needs --weight-bits, layer-max/channel-max)."),

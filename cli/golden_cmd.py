@@ -17,7 +17,7 @@ def golden(
     out: Path = typer.Option(..., help="Folder for golden.npz and index.json."),
     data: Optional[str] = typer.Option(None, help="Images to run (validation split; default: the run's --data)."),
     count: int = typer.Option(8, help="Number of images."),
-    precision: str = typer.Option("int8", help="int8 | int4: which model.<precision>.onnx; tflite: model.int8.tflite in TFLite's arithmetic (docs/tflite.md)."),
+    precision: str = typer.Option("int8", help="int8 | int4: which model.<precision>.onnx; tflite: model.int8.tflite in TFLite's arithmetic (docs/tflite.md); qonnx: model.qonnx.onnx, checked in qonnx's executor against the integer reference first."),
     onnx_file: Optional[Path] = typer.Option(None, "--onnx", help="Another QDQ file instead of the run's."),
     json_out: bool = JsonOpt,
 ):
@@ -35,6 +35,10 @@ def golden(
         f"{len(s['not_integer_only'])} tensor(s) requantized by a float32 multiplier (scales not powers of two)"
     console.print(f"wrote {s['tensors']} tensors x {s['images']} images to {s['out_dir']}: {mode}; "
                   f"{s['reference_ms_per_image']:.1f} ms/image")
+    if s.get("qonnx"):
+        q = s["qonnx"]
+        console.print(f"{q['file']} in qonnx's executor holds the same integers ({q['mode']}): "
+                      + ", ".join(f"{k} {v}/{q['elements']}" for k, v in q["equal"].items()))
     if s["over_2_24"]:
         console.print(f"[yellow]{len(s['over_2_24'])} layer(s) accumulate beyond 2^24: float32 runtimes "
                       "are not exact there[/]")

@@ -62,6 +62,12 @@ def quantized_table(checks: dict) -> Table:
             row = (f"QAT model, integer reference, onnxruntime off/on, {r['inputs']}", "-", "-",
                    f"{equal}/{len(r['layers'])} tensors equal" if first is None else
                    f"first differs: {first['tensor']} ({first['differ']} elements)")
+        elif r["contract"] == "qonnx":
+            first = r["first_difference"]
+            eq = min(r["equal"].values(), default=0)
+            row = (f"QDQ file: onnxruntime off/on, integer reference ({r['mode']}), {r['inputs']}", "-", "-",
+                   f"{eq}/{r['elements']} equal" if first is None else
+                   f"first differs: {first['point']} ({first['differ']} elements)")
         elif r["contract"] == "lossless-activations":
             levels = r["levels"].values()
             top = [lv["logits"] for lv in levels]

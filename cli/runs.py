@@ -84,6 +84,20 @@ def export(
         return print_json(entry) if json_out else console.print(tflite_line(run_dir, entry))
     if io is not None:
         raise UserInputError("--io applies to --target tflite-micro")
+    if value(target) == "qonnx":  # model.qonnx.onnx: QONNX Quant nodes, not a QDQ file
+        from wnconvert.models.run.qonnx_run import export_qonnx_run
+        given = {"--precision": value(precision) != "fp32", "--bn": bn is not None, "--granularity": granularity is not None,
+                 "--opset": opset is not None, "--rtol": rtol is not None, "--data": data is not None,
+                 "--act-bits": act_bits is not None, "--per-channel/--per-tensor": per_channel is not None,
+                 "--act-type": act_type is not None, "--fuse/--no-fuse": fuse is not None,
+                 "--container": container is not None}
+        entry = export_qonnx_run(run_dir, [k for k, v in given.items() if v])
+        if json_out:
+            return print_json(entry)
+        bits = sorted(set(entry["activation_bits"].values()))
+        return console.print(f"wrote {run_dir / entry['file']} (QONNX, W{entry['weight_bits']}A"
+                             f"{'/'.join(map(str, bits))}, {entry['quant_nodes']} Quant nodes, "
+                             f"{len(entry['points'])} activation points, scales {entry['scale_format']})")
     opts = PrecisionOptions(data=data, calib_samples=calib_samples, calib_split=value(calib_split),
                             act_bits=act_bits, per_channel=per_channel, rtol=rtol,
                             calibrate_method=value(calibrate_method), act_type=value(act_type), fuse=fuse,

@@ -95,8 +95,8 @@ def check_act_settings(bits, range_mode: str, scale_format: str, mixed_precision
                        residual_conv: str) -> None:
     """Refuse activation quantization settings that cannot work together (the checks of
     ``actquant.ActQuantConfig`` and of ``wnconvert.QATConfig``, here without torch)."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 4 <= bits <= 8:
-        raise UserInputError(f"--act-bits must be an integer from 4 to 8, not {bits!r}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise UserInputError(f"--act-bits must be an integer from 2 to 8, not {bits!r}")
     if range_mode not in RANGE_MODES:
         raise UserInputError(f"unknown --act-range {range_mode!r}; choose one of: {', '.join(RANGE_MODES)}")
     if scale_format not in SCALE_FORMATS:

@@ -29,6 +29,7 @@ REPORT = "report.json"
 CHECKPOINT = "checkpoint.safetensors"
 ONNX = "model.onnx"
 TFLITE = "model.int8.tflite"
+QONNX = "model.qonnx.onnx"     # export --target qonnx (models/run/qonnx_run.py)
 METRICS = "metrics.jsonl"
 DYNAMICS = "dynamics.jsonl"
 INITIAL = "initial_weights.json"

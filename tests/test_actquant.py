@@ -101,8 +101,11 @@ def test_quantizer_forward_is_quantize_dequantize_and_gradients_are_lsq():
 
 
 def test_config_rejects_bad_bits_and_range():
+    with pytest.raises(UserInputError, match="--act-bits must be an integer from 2 to 8"):
+        ActQuantConfig(1)
     with pytest.raises(UserInputError, match="--act-bits"):
-        ActQuantConfig(3)
+        ActQuantConfig(9)
+    assert ActQuantConfig(2).bits == 2 and ActQuantConfig(3).bits == 3
     with pytest.raises(UserInputError, match="--act-range"):
         ActQuantConfig(8, "minmax")
 

@@ -70,6 +70,9 @@ PRESETS = {p.name: p for p in (
     # not a QDQ file: export --target tflite-micro writes model.int8.tflite (models/run/run_tflite.py)
     TargetPreset("tflite-micro", "TensorFlow Lite Micro (int8 .tflite)", act_type="int8", per_channel=True,
                  precisions=("int8",), weights_only=False),
+    # export --target qonnx writes model.qonnx.onnx (QONNX Quant nodes, models/run/qonnx_run.py), no QDQ file
+    TargetPreset("qonnx", "QONNX (FINN, hls4ml); checked with qonnx's executor", precisions=(),
+                 weights_only=False),
 )}
 
 

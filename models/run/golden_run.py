@@ -14,6 +14,7 @@ from wnconvert.convert.golden import golden_for_file
 
 from .precheck import GOLDEN_PRECISIONS, check_golden  # noqa: F401 (GOLDEN_PRECISIONS re-exported)
 from .run_export import data_arrays
+from .qonnx_run import QONNX_FILE, golden_qonnx, qonnx_file
 from .rundir import RunDir
 
 
@@ -22,7 +23,8 @@ def golden_for_run(run_dir: Path, out: Path, *, data: str | None = None, count: 
     """Write ``out/golden.npz`` and ``out/index.json`` for ``count`` validation images of ``data``
     (default: the run's) through the run's ``model.<precision>.onnx`` (or ``onnx_file``)."""
     path, spec = check_golden(run_dir, out, data, count, precision, onnx_file)
-    manifest = RunDir(run_dir).manifest()
+    run = RunDir(run_dir)
+    manifest = run.manifest()
     x = data_arrays(spec, manifest.preprocess, count, "val", "--count")
     if len(x) < count:
         raise UserInputError(f"--count {count}: the validation set of {spec} has {len(x)} images")
@@ -30,5 +32,7 @@ def golden_for_run(run_dir: Path, out: Path, *, data: str | None = None, count: 
         from .tflite_golden import golden_tflite
 
         return golden_tflite(path, x, Path(out), f"{len(x)} validation images of {spec}") | {"tflite": str(path)}
+    if precision == "qonnx" or qonnx_file(path):
+        return golden_qonnx(run.path, path, x, Path(out), f"{len(x)} validation images of {spec}") | {"onnx": str(path)}
     summary = golden_for_file(path, x, Path(out), f"{len(x)} validation images of {spec}")
     return summary | {"onnx": str(path)}

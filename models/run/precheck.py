@@ -18,10 +18,10 @@ from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.names import CONTAINERS
 from wnconvert.convert.names import DEPLOYED_WEIGHT_BITS as WEIGHT_BITS
 
-from ..files import MANIFEST, ONNX, TFLITE, artifact_name
+from ..files import MANIFEST, ONNX, QONNX, TFLITE, artifact_name
 from .run_options import CALIB_SPLITS, PrecisionOptions
 
-GOLDEN_PRECISIONS = ("int8", "int4", "tflite")
+GOLDEN_PRECISIONS = ("int8", "int4", "tflite", "qonnx")
 MAX_GOLDEN_COUNT = 1024  # images per golden call (README)
 # target -> (precisions, takes weights-only int8/int4 files, what it does with an --act-bits run's
 # file: trained | po2 | refused); convert/quantize/targets.py PRESETS
@@ -188,10 +188,10 @@ def check_golden(run_dir: Path, out: Path, data: str | None, count: int, precisi
     if precision not in GOLDEN_PRECISIONS:
         raise UserInputError(f"--precision must be one of {', '.join(GOLDEN_PRECISIONS)}, not {precision!r}")
     manifest = manifest_of(run_dir)
-    own = Path(run_dir) / (TFLITE if precision == "tflite" else artifact_name(precision))
+    own = Path(run_dir) / {"tflite": TFLITE, "qonnx": QONNX}.get(precision, artifact_name(precision))
     path = Path(onnx_file) if onnx_file is not None else own
     if not path.is_file():
-        how = "--target tflite-micro" if precision == "tflite" else f"--precision {precision}"
+        how = {"tflite": "--target tflite-micro", "qonnx": "--target qonnx"}.get(precision, f"--precision {precision}")
         hint = "" if onnx_file is not None else f"; run `wnconvert export {run_dir} {how}` first"
         raise UserInputError(f"{path} does not exist{hint}")
     spec = data or manifest.get("data")

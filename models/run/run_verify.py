@@ -20,6 +20,7 @@ from ..files import artifact_name
 from .act_files import CONTRACT, verify_act_file
 from .bitexact_run import judged_bit_exact, verify_bitexact_file
 from .precheck import verify_paths
+from .qonnx_run import QONNX_FILE, qonnx_file, verify_qonnx_file
 from .run_export import data_arrays
 from .rundir import REPORT, RunDir
 from .verify_progress import VerifyProgress, stage
@@ -44,7 +45,8 @@ def verify_tflite(run: RunDir, manifest, paths: list[Path], req: VerifyRequest) 
 def quantized_artifacts(run_dir: Path) -> list[tuple[str, Path]]:
     """``(precision, path)`` of every ``model.<precision>.onnx`` present in the run."""
     return [(p, Path(run_dir) / artifact_name(p)) for p in PRECISIONS
-            if p != "fp32" and (Path(run_dir) / artifact_name(p)).exists()]
+            if p != "fp32" and (Path(run_dir) / artifact_name(p)).exists()] + (
+        [("qonnx", Path(run_dir) / QONNX_FILE)] if (Path(run_dir) / QONNX_FILE).exists() else [])
 
 
 def verify_targets(run_dir: Path, onnx_file: Path | None, precision: str | None) -> list[tuple[str, Path]]:
@@ -52,7 +54,7 @@ def verify_targets(run_dir: Path, onnx_file: Path | None, precision: str | None)
     the file), ``--precision P``'s file alone, or model.onnx and every low-precision file present."""
     path = verify_paths(run_dir, onnx_file, precision)
     if onnx_file is not None:
-        return [(detect_precision(onnx_file), onnx_file)]
+        return [("qonnx" if qonnx_file(onnx_file) else detect_precision(onnx_file), onnx_file)]
     return [(precision or "fp32", path)] + (quantized_artifacts(run_dir) if precision is None else [])
 
 
@@ -69,6 +71,11 @@ def verify_quantized(run_dir: Path, model: nn.Module, targets: list[tuple[str, P
     manifest = run.manifest()
     out = {}
     for precision, path in targets:
+        if precision == "qonnx":  # model.qonnx.onnx: qonnx's executor against the QDQ file (models/run/qonnx_run.py)
+            own = path.resolve() == (run.path / QONNX_FILE).resolve()
+            res = verify_qonnx_file(run.path, path, torch.from_numpy(np.asarray(x, np.float32)), inputs)
+            out["qonnx" if own else str(path)] = res | {"file": str(path)}
+            continue
         own = path.resolve() == (run.path / artifact_name(precision)).resolve()
         entry = made.get(precision, {}) if own else {}
         what = f"{path.name} on {inputs}"
