@@ -1,6 +1,7 @@
 """The package layout states the architecture, and this test holds the code to it.
 
-Layers, lowest first: ``convert/`` (weights and graphs) knows nothing of the others; in ``models/``,
+Layers, lowest first: ``convert/`` (weights and graphs) knows nothing of the others; the package
+root ``wnconvert/`` (the public API) builds on ``convert/`` alone; in ``models/``,
 ``zoo/`` and ``data/`` are independent of each other, ``train/`` builds on them, ``run/`` (run
 directories) on all three; ``cli/`` on everything. ``models/files.py`` (the run directory's file
 names, which the training loop and the run layer both write) sits below all of ``models/``. Every module's imports are read with ``ast``
@@ -28,7 +29,9 @@ ALLOWED = {
     "models.data": {"convert", "models.files", "models.data"},
     "models.train": {"convert", "models.files", "models.zoo", "models.data", "models.train"},
     "models.run": {"convert", "models.files", "models.zoo", "models.data", "models.train", "models.run"},
-    "cli": {"convert", "models.files", "models.zoo", "models.data", "models.train", "models.run", "cli"},
+    "cli": {"convert", "models.files", "models.zoo", "models.data", "models.train", "models.run", "cli", "root"},
+    # the package root (wnconvert/: the public API for a user's own network and loop) sits on convert/ alone
+    "root": {"convert", "root"},
 }
 
 
@@ -45,10 +48,13 @@ def _modules() -> dict[str, Path]:
 
 
 def _part(dotted: str) -> str | None:
-    """The layer of a ``wnconvert.*`` name: ``convert``, ``cli``, ``models.<sub>``; None outside."""
+    """The layer of a ``wnconvert.*`` name: ``convert``, ``cli``, ``models.<sub>``, ``root`` (the
+    package root's own modules, wnconvert/); None outside."""
     parts = dotted.split(".")
-    if parts[0] != "wnconvert" or len(parts) < 2:
+    if parts[0] != "wnconvert":
         return None
+    if len(parts) == 1 or parts[1] not in ("convert", "cli", "models"):
+        return "root"
     if parts[1] == "models":  # models/__init__.py is "models"; models/files.py "models.files"
         return "models" if len(parts) == 2 else f"models.{parts[2]}"
     return parts[1]
