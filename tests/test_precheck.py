@@ -98,7 +98,7 @@ def test_manifest_decided_refusals_load_nothing(tmp_path):
         ("golden", plain, "--out", plain, "--data", "synthetic:4"):
             "--out must be a folder of its own, not the run directory",
         ("golden", plain, "--out", tmp_path / "g", "--precision", "fp16"):
-            "--precision must be one of int8, int4, not 'fp16'",
+            "--precision must be one of int8, int4, tflite, qonnx, not 'fp16'",
         ("golden", w8a8, "--out", tmp_path / "g", "--precision", "int4"):
             f"{w8a8}/model.int4.onnx does not exist; run `wnconvert export {w8a8} --precision int4` first",
         ("golden", plain, "--out", tmp_path / "g", "--count", "0"): "--count must be at least 1",

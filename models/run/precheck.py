@@ -19,6 +19,7 @@ from wnconvert.convert.names import CONTAINERS
 from wnconvert.convert.names import DEPLOYED_WEIGHT_BITS as WEIGHT_BITS
 
 from ..files import MANIFEST, ONNX, QONNX, TFLITE, artifact_name
+from .lock import check_unlocked
 from .run_options import CALIB_SPLITS, PrecisionOptions
 
 GOLDEN_PRECISIONS = ("int8", "int4", "tflite", "qonnx")
@@ -30,7 +31,16 @@ TARGET_TAKES = {
     "openvino": (("fp32", "fp16", "int8", "int4"), True, "trained"),
     "tensorrt": (("fp32", "fp16", "int8"), False, "refused"),
     "fixed-point": (("int8", "int4"), True, "po2"),
+    "tflite-micro": (("int8",), False, "trained"),
+    "qonnx": ((), False, "trained"),
 }
+
+
+def _unlocked(run_dir: Path) -> None:
+    """A run another process is writing is refused first, naming that process (export and verify
+    write into the run; they take no --out, so the message offers none)."""
+    if Path(run_dir).is_dir():
+        check_unlocked(Path(run_dir), "")
 
 
 def manifest_of(run_dir: Path) -> dict:
@@ -122,6 +132,7 @@ def check_target(target: str, precisions, takes_weights_only: bool, act_runs: st
 
 def check_export(run_dir: Path, precision: str, opts: PrecisionOptions) -> None:
     """Every refusal of ``export RUN [--precision P]`` the options and the manifest decide."""
+    _unlocked(run_dir)
     check_container_use(precision, opts.container)
     manifest = manifest_of(run_dir)
     act_trained = _act_bits_trained(manifest)
@@ -160,6 +171,7 @@ def check_calibration(precision: str, data: str | None, opts: PrecisionOptions) 
 def verify_paths(run_dir: Path, onnx_file: Path | None, precision: str | None) -> Path:
     """The file ``verify`` starts from: ``--onnx F``, ``--precision P``'s file or model.onnx;
     refuses both options given or a missing file."""
+    _unlocked(run_dir)
     if onnx_file is not None and precision is not None:
         raise UserInputError("give --onnx or --precision, not both")
     if onnx_file is not None:
@@ -187,8 +199,12 @@ def check_golden(run_dir: Path, out: Path, data: str | None, count: int, precisi
                              "holds every tensor of every image in memory)")
     if precision not in GOLDEN_PRECISIONS:
         raise UserInputError(f"--precision must be one of {', '.join(GOLDEN_PRECISIONS)}, not {precision!r}")
+    if (Path(out) / MANIFEST).exists():
+        raise UserInputError(f"--out {out} is a run directory (it holds {MANIFEST}); golden vectors go "
+                             "into a folder of their own")
     manifest = manifest_of(run_dir)
-    own = Path(run_dir) / {"tflite": TFLITE, "qonnx": QONNX}.get(precision, artifact_name(precision))
+    own = Path(run_dir) / (TFLITE if precision == "tflite" else QONNX if precision == "qonnx"
+                           else artifact_name(precision))
     path = Path(onnx_file) if onnx_file is not None else own
     if not path.is_file():
         how = {"tflite": "--target tflite-micro", "qonnx": "--target qonnx"}.get(precision, f"--precision {precision}")
@@ -199,9 +215,6 @@ def check_golden(run_dir: Path, out: Path, data: str | None, count: int, precisi
         raise UserInputError(f"{run_dir} was made without --data: give the images with --data SPEC")
     if Path(out).resolve() == Path(run_dir).resolve():
         raise UserInputError("--out must be a folder of its own, not the run directory")
-    if (Path(out) / MANIFEST).exists():
-        raise UserInputError(f"--out {out} is a run directory (it holds {MANIFEST}); golden vectors go "
-                             "into a folder of their own")
     return path, spec
 
 
