@@ -201,8 +201,9 @@ def test_contract_sees_the_logits(trained, tamper, words):
                                      "output_point": "fc"}
         for level in res["levels"].values():
             logits = level["logits"]
-            assert len(logits["bound"]["per_image"]) == 16 and min(logits["bound"]["per_image"]) > 0
+            assert len(logits["bound"]["per_image"]) == 16 and min(logits["bound"]["per_image"]) >= 0
             assert logits["after_last_point"]["images_beyond"] == 0 and logits["bound"]["images_beyond"] == 0
+            assert logits["compared"] > 0 and logits["disagree"] == 0
         return
     assert r.exit_code == 3, r.output
     assert words in r.output and "internal error" not in r.output and "Traceback" not in r.output

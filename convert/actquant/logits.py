@@ -13,7 +13,8 @@ Two checks, per onnxruntime optimization level:
   integers that reach the classifier; the classifier (the last linear layer, read through
   flatten/dropout) turns a difference ``|Δk_j|`` at its input point (scale ``s_in``) into at most
   ``s_in · Σ_j |Δk_j| · |W_cj|`` on logit ``c`` (``W`` its deployed float weights), plus one step
-  ``s_out`` of its own output point where it has one. That per-image, per-class bound (its
+  ``s_out`` of its own output point where it has one and the logit either moved or lies at a
+  rounding tie. That per-image, per-class bound (its
   largest value per image is in report.json: ``logits.bound.per_image``) must hold on every
   logit, and top-1 must agree on every image whose top-1 lead over each other class exceeds the
   two classes' bounds (``clear``).
@@ -75,14 +76,20 @@ def find_classifier(gm: fx.GraphModule) -> Classifier | None:
     return Classifier(layer, str(n.target).split(".", 1)[1], in_point, out_point)
 
 
-def tie_bound(cls: Classifier, k_pt: np.ndarray, k_ort: np.ndarray, s_in: float, s_out: float | None) -> np.ndarray:
+def tie_bound(cls: Classifier, k_pt: np.ndarray, k_ort: np.ndarray, s_in: float, s_out: float | None,
+              out_ties: np.ndarray | None = None) -> np.ndarray:
     """``[images, classes]``: how far the integer differences at the classifier's input point
-    (``k_pt`` free-running PyTorch, ``k_ort`` onnxruntime) can move each logit."""
+    (``k_pt`` free-running PyTorch, ``k_ort`` onnxruntime) can move each logit, plus one output
+    step where the classifier has an output point and either its input differed (rounding a
+    moved value) or the logit lies at a rounding tie (``out_ties``, boolean like the logits)."""
     parts = deployed_parts(cls.layer)
     w = np.abs(parts.weight_int.astype(np.float64)) * parts.weight_scale.astype(np.float64)[:, None]
     d = np.abs(k_ort.astype(np.int64) - k_pt.astype(np.int64)).reshape(len(k_pt), -1).astype(np.float64)
     bound = float(s_in) * d @ w.T
-    return bound + (float(s_out) if s_out is not None else 0.0)
+    if s_out is None:
+        return bound
+    step = (bound > 0) | (out_ties if out_ties is not None else True)
+    return bound + float(s_out) * step
 
 
 def compare_logits(ref: np.ndarray, got: np.ndarray, forced: np.ndarray, bound: np.ndarray | None,
@@ -135,13 +142,27 @@ def compare_logits(ref: np.ndarray, got: np.ndarray, forced: np.ndarray, bound: 
 
 
 @torch.no_grad()
-def free_running_integers(qat_model: fx.GraphModule, point: str, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """The eval-mode model's logits and its integers at ``point``, free-running from ``x``."""
-    q = qat_model.get_submodule(f"act_quant.{point}")
-    seen = {}
-    handle = q.register_forward_pre_hook(lambda mod, args: seen.__setitem__("k", mod.integers(args[0])[0]))
+def free_running_integers(qat_model: fx.GraphModule, point: str, x: torch.Tensor, out_point: str | None = None,
+                          tie_window: float = 1.0 / 128) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The eval-mode model's logits, its integers at ``point`` and, with ``out_point``, where that
+    point's values lie within ``tie_window`` steps of a rounding tie, free-running from ``x``."""
+    seen: dict = {}
+
+    def at_input(mod, args):
+        seen["k"] = mod.integers(args[0])[0]
+
+    def at_output(mod, args):
+        k, v = mod.integers(args[0])
+        frac = (v.double() - torch.floor(v.double()) - 0.5).abs()
+        seen["ties"] = (frac <= tie_window) & (v >= mod.qmin - 0.5) & (v <= mod.qmax + 0.5)
+
+    handles = [qat_model.get_submodule(f"act_quant.{point}").register_forward_pre_hook(at_input)]
+    if out_point is not None:
+        handles.append(qat_model.get_submodule(f"act_quant.{out_point}").register_forward_pre_hook(at_output))
     try:
         logits = qat_model(x).float().cpu().numpy()
     finally:
-        handle.remove()
-    return logits, seen["k"].cpu().numpy().astype(np.int64)
+        for h in handles:
+            h.remove()
+    ties = seen["ties"].cpu().numpy().reshape(logits.shape) if "ties" in seen else None
+    return logits, seen["k"].cpu().numpy().astype(np.int64), ties
