@@ -30,6 +30,7 @@ from torch import fx
 
 from ..errors import UserInputError
 from ..intref import run_integer
+from ..reading import load_onnx
 from .export_qonnx import _with_shapes, quant_nodes
 from .lossless import TIE_WINDOW, _Forced
 from .ort_points import OrtPoints
@@ -53,10 +54,7 @@ class QonnxPoints:
     """qonnx's executor on a QONNX file, reading the integers at every activation ``Quant``."""
 
     def __init__(self, path: Path) -> None:
-        try:
-            self.model = onnx.load(str(path))
-        except Exception:
-            raise UserInputError(f"{path} is not a readable ONNX file") from None
+        self.model = load_onnx(path, "qonnx")
         inits = {i.name: i for i in self.model.graph.initializer}
         self.nodes = {}   # point -> (node name, output tensor, scale)
         for n in quant_nodes(self.model):
@@ -131,7 +129,7 @@ def check_qonnx(qat_model: fx.GraphModule, qonnx_path: Path, qdq_path: Path, x: 
     try:
         points = [p.name for p in act_points(qat_model)]
         qp = QonnxPoints(Path(qonnx_path))
-        qdq = onnx.load(str(qdq_path))
+        qdq = load_onnx(qdq_path)
         sessions = {"ort_off": OrtPoints(Path(qdq_path), points, False),
                     "ort_on": OrtPoints(Path(qdq_path), points, True)}
         rows = {p: {"point": p, "quant_node": qp.nodes[p][0] if p in qp.nodes else None, "elements": 0,

@@ -223,26 +223,14 @@ def _operator(b, tfl, op: TFOp, code_index: int):
 
 # -- reading ---------------------------------------------------------------------------------------
 
-MAX_FILE_BYTES = 1 << 30
 
 
 def read_file(path) -> bytes:
-    """The bytes of a .tflite file (the one place a .tflite is read from disk; a guarded reader
-    can replace it): a missing, unreadable or oversized file is one line, exit 2."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise UserInputError(f"{path} is {size} bytes: larger than any model this tool writes")
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise UserInputError(f"{path} does not exist") from None
-    except IsADirectoryError:
-        raise UserInputError(f"{path} is a directory, not a .tflite file") from None
-    except OSError as e:
-        raise UserInputError(f"cannot read {path}: {e.strerror or e}") from None
+    """The bytes of a .tflite file, through the project's guarded reader (regular files only,
+    bounded; a missing, unreadable or oversized file is one line, exit 2)."""
+    from ..reading import read_bytes
 
-
+    return read_bytes(path, "tflite")
 def parse(data: bytes, label: str = "the .tflite file") -> TFModel:
     """Read a TFLite flatbuffer into a :class:`TFModel`; anything malformed (truncated, crafted,
     an operator or type this tool does not know, offsets out of bounds) is one

@@ -16,6 +16,7 @@ from wnconvert.convert.actquant.qonnx_check import check_qonnx
 from wnconvert.convert.artifacts import atomic_path
 from wnconvert.convert.errors import ParityError, UserInputError
 from wnconvert.convert.golden import golden_for_file
+from wnconvert.convert.reading import load_onnx
 
 from ..files import QONNX as QONNX_FILE
 from ..files import artifact_name
@@ -103,7 +104,7 @@ def verify_qonnx_file(run_dir: Path, path: Path, x: torch.Tensor, inputs: str) -
 def qonnx_file(path: Path) -> bool:
     """Whether ``path`` is a QONNX file (it holds ``Quant`` nodes)."""
     try:
-        return is_qonnx(onnx.load(str(path), load_external_data=False))
+        return is_qonnx(load_onnx(path, "qonnx", external_data=False))
     except Exception:
         return False
 
