@@ -11,7 +11,6 @@ from pathlib import Path
 
 from wnconvert.convert.golden import golden_for_file
 
-from ..files import artifact_name
 from .precheck import GOLDEN_PRECISIONS, check_golden  # noqa: F401 (GOLDEN_PRECISIONS re-exported)
 from .run_export import data_arrays
 from .rundir import RunDir
