@@ -73,7 +73,11 @@ def round_shift(acc: np.ndarray, shift: np.ndarray | int) -> np.ndarray:
     up, exactly one half round to the even neighbour.
     """
     acc = np.asarray(acc, dtype=np.int64)
-    shift = np.broadcast_to(np.asarray(shift, dtype=np.int64), acc.shape)
+    shift = np.asarray(shift, dtype=np.int64)
+    if shift.ndim > acc.ndim:
+        shift = np.broadcast_to(shift, acc.shape)
+    # right, left and half stay the shift's shape (a scalar or one per channel): the operations
+    # with acc broadcast them, so no full-size copy of them is made
     right = np.maximum(shift, 0)
     left = np.maximum(-shift, 0)
     floor = acc >> right
