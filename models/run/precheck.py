@@ -199,6 +199,8 @@ def check_golden(run_dir: Path, out: Path, data: str | None, count: int, precisi
                              "holds every tensor of every image in memory)")
     if precision not in GOLDEN_PRECISIONS:
         raise UserInputError(f"--precision must be one of {', '.join(GOLDEN_PRECISIONS)}, not {precision!r}")
+    if Path(out).resolve() == Path(run_dir).resolve():
+        raise UserInputError("--out must be a folder of its own, not the run directory")
     if (Path(out) / MANIFEST).exists():
         raise UserInputError(f"--out {out} is a run directory (it holds {MANIFEST}); golden vectors go "
                              "into a folder of their own")
