@@ -56,12 +56,24 @@ def test_the_summary_fits_80_columns(w8a8_run):
     assert f"next: wnconvert verify {out}" in " ".join(text.split())
 
 
-def test_verbose_prints_the_tables(tmp_path):
-    """--verbose on an --epochs 0 run without --act-bits: the certificate table in full."""
-    r = cli("finetune", "resnet18", "--weights", "none", "--image-size", "32", "--num-classes", "10",
-            "--samples", "2", "--out", tmp_path / "run", "--verbose")
-    assert "Fold certificate" in r.output and "layer4.1.conv2.weight" in r.output
-    assert "next: wnconvert export" in " ".join(r.output.split())
+def test_verbose_prints_the_tables(w8a8_run, monkeypatch):
+    """--verbose: the certificate table in full (no layer name cut at 80 columns) and every file."""
+    from rich.console import Console
+
+    from wnconvert.cli import finetune
+    from wnconvert.models.run.rundir import RunDir
+    from wnconvert.models.run.run import RunSummary
+
+    out, _ = w8a8_run
+    run = RunDir(out)
+    summary = RunSummary(out, run.manifest(), run.report(), None)
+    shown = Console(width=80, record=True)
+    monkeypatch.setattr(finetune, "console", shown)
+    finetune._print_summary(summary, verbose=True)
+    text = shown.export_text()
+    assert "Fold certificate" in text and "layer4.1.conv2.weight" in text and "layer4.0.downsample.0.weight" in text
+    assert text.count("│ artifact ") == len(summary.manifest.artifacts) == 5  # every file, one row each
+    assert max(len(line) for line in text.splitlines()) <= 80
 
 
 def test_no_deploy(tmp_path):
