@@ -13,6 +13,7 @@ from __future__ import annotations
 # convert/schemes.py (REGISTRY's keys, in its order); weight_bits=True entries in WEIGHT_BITS_SCHEMES
 SCHEME_NAMES = ("layer-max", "channel-max", "weight-std", "weight-norm", "none")
 WEIGHT_BITS_SCHEMES = ("layer-max", "channel-max")
+WEIGHT_RANGES = ("max", "learned")   # --weight-range of those schemes' grid (convert/clip.py)
 GAIN_MODES = ("frozen", "learned", "none")
 SCALE_GRAD_MODES = ("full", "detach")
 
