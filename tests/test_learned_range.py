@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torchvision
-from helpers import assert_same_tensors, interrupt_and_resume, one_thread  # noqa: F401
+from helpers import assert_same_tensors, interrupt_and_resume
 from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
@@ -25,8 +25,6 @@ from wnconvert.models.config_file import read_defaults
 from wnconvert.models.optim import build_optimizer
 from wnconvert.models.scale_group import scale_parameters
 from wnconvert.models.train_config import TrainConfig
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = ["--weights", "none", "--image-size", "32", "--num-classes", "10", "--data", "synthetic:10",
         "--workers", "0", "--device", "cpu", "--samples", "2"]
