@@ -233,3 +233,71 @@ def test_library_refusals():
         SchemeConfig("channel-max", weight_bits=4, weight_range="min")
     with pytest.raises(UserInputError, match="scale lr"):
         TrainConfig(scale_lr=float("nan")).validate()
+
+
+class _Small(nn.Module):
+    """conv-BN-ReLU twice, pooled, and a classifier: every layer kind a QLayer holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(self.b2(self.c2(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def test_po2_keeps_power_of_two_scales_and_is_bit_exact(tmp_path):
+    """A learned range under --scale-format po2: moved clips, every scale of the file a power of
+    two, the integer reference equal to onnxruntime, the training form the deployed layer."""
+    import onnx
+    from test_po2 import LEVELS, _ort_all
+
+    from wnconvert.convert.actquant import (ActQuantConfig, calibrate, deployed_parts, export_qdq, freeze_bn,
+                                            prepare_qat, qlayers)
+    from wnconvert.convert.intref import compare_runs, run_integer
+    from wnconvert.convert.quantize.target_rules import fixed_point_violations
+
+    torch.manual_seed(0)
+    m = _Small().eval()
+    apply_scheme(m, SchemeConfig("channel-max", weight_bits=4, weight_range="learned"))
+    with torch.no_grad():
+        for c in clips(m):
+            c.uniform_(-1.0, 0.0)
+    q = prepare_qat(m, ActQuantConfig(8, scale_format="po2"))
+    calibrate(q, [torch.randn(8, 3, 12, 12)])
+    opt = build_optimizer(q, "sgd", lr=1e-2, weight_decay=0.0, scale_lr=0.05)
+    for step in range(2):
+        if step == 1:
+            freeze_bn(q)
+        q.train()
+        loss = nn.functional.cross_entropy(q(torch.randn(8, 3, 12, 12)), torch.randint(0, 4, (8,)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    q.eval()
+    path = tmp_path / "w4a8.onnx"
+    export_qdq(q, path, example_shape=(1, 3, 12, 12))
+    assert fixed_point_violations(onnx.load(str(path))) == []
+    x = torch.randn(4, 3, 12, 12)
+    ref = run_integer(path, x.numpy())
+    assert ref.integer_only
+    for level in LEVELS:
+        assert compare_runs(ref, _ort_all(path, list(ref.tensors), x.numpy(), level)) is None, level
+    seen = {}
+    hooks = [layer.register_forward_pre_hook(lambda mod, a: seen.__setitem__(mod.name, a[0])) for layer in qlayers(q)]
+    with torch.no_grad():
+        q(x)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        for layer in qlayers(q):
+            inp = seen[layer.name]
+            deployed = layer.eval()(inp)
+            trained_form = layer.train()(inp)
+            step = torch.from_numpy(deployed_parts(layer).bias_scale).reshape((1, -1) + (1,) * (inp.dim() - 2))
+            layer.eval()
+            assert bool(((trained_form - deployed).abs() <= 0.5 * step + 1e-5 * deployed.abs().amax()).all()), layer.name
