@@ -82,12 +82,24 @@ def arguments() -> argparse.Namespace:
     ap.add_argument("--learned", action="store_true", help="also wnconvert with --weight-range learned")
     ap.add_argument("--cells", default=",".join(c[0] for c in CONFIGS), help="configurations to make, e.g. W4A8,W4A4")
     ap.add_argument("--no-speed", action="store_true", help="accuracy only: no speed rounds")
+    ap.add_argument("--only", choices=("all", "wn", "learned", "brevitas"), default="all",
+                    help="make only these runs (several invocations side by side; then one --measure-only for the table)")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="use this complete run as the baseline (its command.txt is recorded) instead of making one")
     ap.add_argument("--measure-only", action="store_true",
                     help="train nothing: measure the runs already made, leave the others out of the table")
     a = ap.parse_args()
     for name in ("baseline_limit_train", "baseline_limit_val", "limit_train", "limit_val"):
         setattr(a, name, getattr(a, name) or None)  # 0: every image, as when the option is not given
     return a
+
+
+def baseline_command(a: argparse.Namespace, baseline: Path) -> str:
+    """The command that made the baseline: the recipe's, or a given run's command.txt."""
+    if a.baseline is None:
+        return shown(baseline_args(a))
+    done = baseline / "command.txt"
+    return done.read_text().strip() if done.exists() else f"(given run {baseline})"
 
 
 def limit(option: str, n: int | None) -> list:
@@ -284,7 +296,11 @@ def main() -> None:
     require_bench_extra()
     recipe = Recipe(a.runs, a.data, a.device, a.baseline_epochs, a.epochs, limit("--limit-val", a.limit_val))
     a.docs.mkdir(parents=True, exist_ok=True)
-    baseline = ensure(baseline_args(a))
+    baseline = a.baseline or ensure(baseline_args(a))
+    if a.only != "all":
+        {"wn": lambda: wnconvert_files(recipe, a), "learned": lambda: wnconvert_files(recipe, a, learned=True),
+         "brevitas": lambda: brevitas_files(baseline, a)}[a.only]()
+        return
     with ThreadPoolExecutor(1) as pool:  # wnconvert's fine-tunes (subprocesses) beside Brevitas's
         wn_runs = pool.submit(wnconvert_files, recipe, a)
         brev = brevitas_files(baseline, a)  # in this (main) thread: the training loop sets signal handlers
@@ -320,7 +336,7 @@ def write_results(a: argparse.Namespace, baseline: Path, wn: dict, ptq: dict, br
             row["speed_vs_fp32"] = row["images_per_s"] / fp32["images_per_s"]
     md = table(fp32, groups)
     out = {"budget": vars(a) | {"runs": str(a.runs), "docs": str(a.docs)},
-           "baseline": {"command": shown(baseline_args(a)), "fp32": fp32},
+           "baseline": {"command": baseline_command(a, baseline), "fp32": fp32},
            **{k: v for k, v in zip(("ptq", "brevitas", "wnconvert"), groups.values())},
            "targets": targets(ptq, brev, wn), "table": md}
     (a.docs / "peers.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
@@ -341,7 +357,7 @@ def write_accuracy(a, baseline: Path, fp32: dict, groups: dict, wn: dict, ptq: d
     md = "\n".join(lines)
     checks = targets(ptq, brev, wn) | {f"learned {k}": v for k, v in targets(ptq, brev, learned).items()}
     out = {"budget": vars(a) | {"runs": str(a.runs), "docs": str(a.docs)},
-           "baseline": {"command": shown(baseline_args(a)), "fp32": fp32},
+           "baseline": {"command": baseline_command(a, baseline), "fp32": fp32},
            **{k: v for k, v in zip(("ptq", "brevitas", "wnconvert"), (ptq, brev, wn))}, "wnconvert_learned": learned,
            "targets": {k: v for k, v in checks.items() if "images/s" not in k}, "table": md}
     (a.docs / f"peers-{a.recipe}.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
