@@ -245,7 +245,9 @@ def measure(path: Path, a: argparse.Namespace, limit: int | None = None) -> dict
     if key not in cache:
         print(f"# wnconvert eval {path} --data {a.data}" + (f" --limit {limit}" if limit else ""), flush=True)
         res = artifact_accuracy(path, a.data, limit=limit)
-        cache[key] = {"file": str(path), "top1": res["top1"], "images": res["images"]}
+        entry = {"file": str(path), "top1": res["top1"], "images": res["images"]}
+        cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}  # others may have written
+        cache[key] = entry
         write_text(cache_path, json.dumps(cache, indent=1) + "\n")
     return cache[key]
 
@@ -297,9 +299,13 @@ def main() -> None:
     recipe = Recipe(a.runs, a.data, a.device, a.baseline_epochs, a.epochs, limit("--limit-val", a.limit_val))
     a.docs.mkdir(parents=True, exist_ok=True)
     baseline = a.baseline or ensure(baseline_args(a))
-    if a.only != "all":
-        {"wn": lambda: wnconvert_files(recipe, a), "learned": lambda: wnconvert_files(recipe, a, learned=True),
-         "brevitas": lambda: brevitas_files(baseline, a)}[a.only]()
+    if a.only != "all":  # make and measure these runs; the table comes from a later --measure-only
+        rows = {"wn": lambda: wnconvert_files(recipe, a), "learned": lambda: wnconvert_files(recipe, a, learned=True),
+                "brevitas": lambda: brevitas_files(baseline, a)}[a.only]()
+        for row in rows.values():
+            for key in ("file", "fp32"):
+                if key in row:
+                    measure(Path(row[key]), a)
         return
     with ThreadPoolExecutor(1) as pool:  # wnconvert's fine-tunes (subprocesses) beside Brevitas's
         wn_runs = pool.submit(wnconvert_files, recipe, a)
