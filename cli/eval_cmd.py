@@ -23,7 +23,7 @@ def eval_command(
     json_out: bool = JsonOpt,
 ):
     """Top-1 / top-5 and images/s of a checkpoint (PyTorch) or an ONNX file (onnxruntime or OpenVINO)."""
-    from wnconvert.models.accuracy import artifact_accuracy
+    from wnconvert.models.run.accuracy import artifact_accuracy
 
     res = artifact_accuracy(artifact, data, limit=limit, batch=batch_size, provider=value(provider),
                             runtime=value(runtime))

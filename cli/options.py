@@ -3,7 +3,7 @@
 Every choice option is typed with an enum built from the registry it comes from, so ``--help``
 lists the values and the parser rejects any other; defaults are read from the dataclass fields,
 so the CLI cannot drift from the library. Both come from light modules (convert/names.py,
-convert/configs.py, models/optim_settings.py, models/run_options.py, models/train_config.py) that
+convert/configs.py, models/train/optim_settings.py, models/run/run_options.py, models/train/train_config.py) that
 load no torch, onnx or numpy: ``--help`` and parser errors stay fast."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import typer
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.names import (ACT_TYPES, BN_MODES, CALIBRATORS, CONTAINERS, GAIN_MODES, GRANULARITIES, PRECISIONS,
                                      PROVIDERS, RANGE_MODES, RUNTIMES, SCALE_FORMATS, SCALE_GRAD_MODES,
-                                     SCHEME_NAMES, TARGETS, TRAIN_TARGETS)
+                                     SCHEME_NAMES, TARGETS, TRAIN_PLACEMENTS)
 from wnconvert.convert.names import WEIGHT_RANGES
-from wnconvert.models.optim_settings import OPTIMIZERS, SCHEDULES, WD_MODES
-from wnconvert.models.run_options import CALIB_SPLITS
+from wnconvert.models.train.optim_settings import OPTIMIZERS, SCHEDULES, WD_MODES
+from wnconvert.models.run.run_options import CALIB_SPLITS
 
 
 def choices(name: str, values) -> type[Enum]:
@@ -33,7 +33,7 @@ _REGISTRIES = {"Scheme": SCHEME_NAMES, "Gain": GAIN_MODES, "ScaleGrad": SCALE_GR
                "Schedule": SCHEDULES, "Precision": PRECISIONS, "Calibrator": CALIBRATORS,
                "ActType": ACT_TYPES, "CalibSplit": CALIB_SPLITS, "Provider": PROVIDERS, "ActRange": RANGE_MODES,
                "ScaleFormat": SCALE_FORMATS, "Runtime": RUNTIMES, "Target": TARGETS,
-               "Container": CONTAINERS, "TrainTarget": TRAIN_TARGETS}
+               "Container": CONTAINERS, "TrainTarget": TRAIN_PLACEMENTS}
 (Scheme, Gain, ScaleGrad, Bn, Granularity, Optimizer, WdMode, Schedule, Precision, Calibrator, ActType,
  CalibSplit, Provider, ActRange, ScaleFormat, Runtime, Target, Container,
  TrainTarget) = (choices(name, values) for name, values in _REGISTRIES.items())

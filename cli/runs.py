@@ -15,7 +15,7 @@ import typer
 
 from wnconvert.convert.configs import QuantThresholds, VerifyConfig
 from wnconvert.convert.errors import ParityError
-from wnconvert.models.run_options import PrecisionOptions, VerifyRequest
+from wnconvert.models.run.run_options import PrecisionOptions, VerifyRequest
 
 from .errors import handle_errors
 from .options import (ActType, Bn, CalibSplit, Calibrator, Container, Granularity, Precision, Target, default,
@@ -31,7 +31,7 @@ def fold(
     json_out: bool = JsonOpt,
 ):
     """Fold the run's checkpoint into static weights and print the per-layer certificate."""
-    from wnconvert.models.run_export import fold_run
+    from wnconvert.models.run.run_export import fold_run
 
     cfg, result = fold_run(run_dir, value(bn), value(granularity))
     cert = result.certificate()
@@ -50,7 +50,7 @@ def export(
     opset: Optional[int] = typer.Option(None, help="ONNX opset (default: the run's)."),
     rtol: Optional[float] = typer.Option(None, help="Parity tolerance (default: the run's)."),
     precision: Precision = typer.Option("fp32", help="fp32: model.onnx; otherwise writes model.PRECISION.onnx from model.onnx."),
-    target: Target = typer.Option(default(PrecisionOptions, "target"), help="Deployment target: its preset of activation type and symmetry, weight granularity, bias and opset rules (explicit options override it; see README, Deploying)."),
+    target: Target = typer.Option(default(PrecisionOptions, "target"), help="Deployment target: its preset of activation type and symmetry, weight granularity, bias and opset rules (explicit options override it; see docs/deploying.md)."),
     data: Optional[str] = typer.Option(None, help="Calibration data spec for int8 activations (default: the run's --data)."),
     calib_samples: int = typer.Option(default(PrecisionOptions, "calib_samples"), help="Calibration images taken from --data."),
     calib_split: CalibSplit = typer.Option(default(PrecisionOptions, "calib_split"), help="The split of --data calibration images come from (comparisons with model.onnx use val)."),
@@ -65,7 +65,7 @@ def export(
     """Fold the run's checkpoint, write RUN_DIR/model.onnx, check weight ranges and parity.
     With --precision fp16|int8|int4: write RUN_DIR/model.PRECISION.onnx from model.onnx instead."""
     from wnconvert.convert.pipeline import require_parity
-    from wnconvert.models.run_export import export_precision, export_run
+    from wnconvert.models.run.run_export import export_precision, export_run
 
     if value(precision) != "fp32":
         opts = PrecisionOptions(data=data, calib_samples=calib_samples, calib_split=value(calib_split),
@@ -120,7 +120,7 @@ def verify(
     evaluated in float64, and each low-precision file under its contract: lossless weights
     against the checkpoint at the same tolerance, lossy ones against model.onnx (top-1 agreement,
     SQNR). Exits 3 when a check fails."""
-    from wnconvert.models.run_verify import verify_run
+    from wnconvert.models.run.run_verify import verify_run
 
     req = VerifyRequest(
         onnx_file=onnx_file, precision=value(precision), inputs=inputs, data=data, limit=limit,

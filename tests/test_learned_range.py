@@ -21,10 +21,10 @@ from wnconvert.convert.configs import SchemeConfig
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.fakequant import on_grid
 from wnconvert.convert.fold import FoldConfig, fold_model
-from wnconvert.models.config_file import read_defaults
-from wnconvert.models.optim import build_optimizer
-from wnconvert.models.scale_group import scale_parameters
-from wnconvert.models.train_config import TrainConfig
+from wnconvert.models.run.config_file import read_defaults
+from wnconvert.models.train.optim import build_optimizer
+from wnconvert.models.train.scale_group import scale_parameters
+from wnconvert.models.train.train_config import TrainConfig
 
 TINY = ["--weights", "none", "--image-size", "32", "--num-classes", "10", "--data", "synthetic:10",
         "--workers", "0", "--device", "cpu", "--samples", "2"]

@@ -1,0 +1,149 @@
+"""Checking a run directory's ONNX files against its checkpoint: ``wnconvert verify``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import Tensor, nn
+
+from wnconvert.convert.errors import UserInputError
+from wnconvert.convert.quant_check import QuantThresholds, check_lossy, detect_precision
+from wnconvert.convert.quantize import PRECISIONS
+from wnconvert.convert.quantize.container import container_record
+from wnconvert.convert.verify import VerifyConfig, load_inputs, make_inputs, verify
+
+from ..files import artifact_name
+from .act_files import CONTRACT, verify_act_file
+from .bitexact_run import judged_bit_exact, verify_bitexact_file
+from .run_export import data_arrays
+from .rundir import REPORT, RunDir
+from .run_options import VerifyRequest  # noqa: F401 (re-exported)
+
+
+def quantized_artifacts(run_dir: Path) -> list[tuple[str, Path]]:
+    """``(precision, path)`` of every ``model.<precision>.onnx`` present in the run."""
+    return [(p, Path(run_dir) / artifact_name(p)) for p in PRECISIONS
+            if p != "fp32" and (Path(run_dir) / artifact_name(p)).exists()]
+
+
+def verify_targets(run_dir: Path, onnx_file: Path | None, precision: str | None) -> list[tuple[str, Path]]:
+    """``(precision, path)`` pairs ``verify`` checks: ``--onnx F`` alone (its precision read from
+    the file), ``--precision P``'s file alone, or model.onnx and every low-precision file present."""
+    if onnx_file is not None and precision is not None:
+        raise UserInputError("give --onnx or --precision, not both")
+    if onnx_file is not None:
+        if not onnx_file.exists():
+            raise UserInputError(f"{onnx_file} does not exist")
+        return [(detect_precision(onnx_file), onnx_file)]
+    path = Path(run_dir) / artifact_name(precision or "fp32")
+    if not path.exists():
+        how = "" if precision in (None, "fp32") else f" --precision {precision}"
+        raise UserInputError(f"{path} does not exist; run `wnconvert export {run_dir}{how}` first")
+    return [(precision or "fp32", path)] + (quantized_artifacts(run_dir) if precision is None else [])
+
+
+def verify_quantized(run_dir: Path, model: nn.Module, targets: list[tuple[str, Path]], x_parity: Tensor,
+                     parity_cfg: VerifyConfig, x: np.ndarray, inputs: str,
+                     thresholds: QuantThresholds) -> dict:
+    """Check each low-precision file under its contract (see ``convert/quant_check.py``): the
+    deployed file of an ``--act-bits`` run bit-exact (power-of-two scales, models/run/bitexact_run.py)
+    or lossless-activations (models/run/act_files.py); a lossless one (report.json says export found
+    every weight on the run's trained grid) against the trained model at the fp32 tolerance; any
+    other against ``model.onnx``."""
+    run = RunDir(run_dir)
+    made = run.report().get("quantized", {})
+    manifest = run.manifest()
+    out = {}
+    for precision, path in targets:
+        own = path.resolve() == (run.path / artifact_name(precision)).resolve()
+        entry = made.get(precision, {}) if own else {}
+        if judged_bit_exact(manifest, entry):
+            res = verify_bitexact_file(run.path, path, torch.from_numpy(np.asarray(x, np.float32)), inputs)
+        elif entry.get("contract") == CONTRACT:
+            res = verify_act_file(run.path, path, torch.from_numpy(np.asarray(x, np.float32)), inputs)
+        elif "lossless_check" in entry:
+            rep = verify(model, x_parity, onnx_path=path, config=parity_cfg,
+                         inputs_name=f"{len(x_parity)} samples")
+            res = {"contract": "lossless", "parity": rep.to_dict(), "passed": rep.passed,
+                   "failures": rep.failures()}
+        else:
+            if not run.onnx_path.exists():
+                raise UserInputError(f"{run_dir} has no model.onnx to compare {path.name} with")
+            res = check_lossy(run.onnx_path, path, x, thresholds) | {"inputs": inputs}
+        out[precision if own else str(path)] = with_container_check(res, path) | {"file": str(path)}
+    return out
+
+
+def with_container_check(res: dict, path: Path) -> dict:
+    """``res`` with the check of the file's int8 containers (every weight in the 4-bit range of a
+    file marked as such) recorded and its violations among the failures."""
+    record = container_record(onnx.load(str(path)))
+    if record["storage"] != "int8":
+        return res
+    bad = record["violations"]
+    return res | {"container": record, "failures": list(res["failures"]) + bad, "passed": res["passed"] and not bad}
+
+
+@dataclass
+class VerifyOutcome:
+    result: dict                        # written to report.json["verify"]
+    checked_fp32: bool
+    checked_quantized: bool
+    failures: list[str]
+    recorded: bool = True               # False: the run directory is read-only, report.json not updated
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+def verify_run(run_dir: Path, req: VerifyRequest = VerifyRequest()) -> VerifyOutcome:
+    """Check every artifact recorded in the manifest against its sha256 (ParityError naming the
+    file otherwise), then compare the run's ONNX files with its checkpoint (evaluated in float64)
+    and each low-precision file under its contract; records the result in report.json (when the
+    run has one and the directory is writable, under its write lock; report.json's new sha256 goes
+    into the manifest) and returns it. The caller raises ParityError on failures, after showing them."""
+    run = RunDir(run_dir)
+    if run.path.is_dir() and run.writable():
+        with run.writing():
+            return _verify_run(run, req, write=True)
+    return _verify_run(run, req, write=False)
+
+
+def _verify_run(run: RunDir, req: VerifyRequest, write: bool) -> VerifyOutcome:
+    run.check_artifacts(run.manifest())
+    manifest, model, _ = run.load()
+    targets = verify_targets(run.path, req.onnx_file, req.precision)
+    cfg = req.config
+    shape = manifest.input_shape
+    x = load_inputs(req.inputs, shape) if req.inputs else make_inputs(shape, cfg)
+    inputs_name = str(req.inputs) if req.inputs else f"{len(x)} generated samples, seed {cfg.seed}"
+    d: dict = {}
+    failures: list[str] = []
+    fp32 = [p for prec, p in targets if prec == "fp32"]
+    if fp32:
+        report = verify(model, x, onnx_path=fp32[0], config=cfg, inputs_name=inputs_name)
+        d = report.to_dict()
+        failures = report.failures()
+    low = [(prec, p) for prec, p in targets if prec != "fp32"]
+    if low:
+        spec = req.data or (manifest.data if not req.inputs else None)
+        if spec:
+            xq = data_arrays(spec, manifest.preprocess, req.limit)
+            q_inputs = f"{len(xq)} images from {spec}"
+        else:
+            xq, q_inputs = x.numpy(), inputs_name
+        d["quantized"] = verify_quantized(run.path, model, low, x, cfg, xq, q_inputs, req.thresholds)
+        for name, res in d["quantized"].items():
+            failures += [f"{name}: {f}" for f in res["failures"]]
+        d["passed"] = not failures
+    recorded = write or not run.report_path.exists()
+    if write and run.report_path.exists():
+        run.update_report({"verify": d})
+        if manifest.status == "complete":
+            run.record(manifest, REPORT)
+    return VerifyOutcome(d, bool(fp32), bool(low), failures, recorded)
