@@ -23,6 +23,10 @@ Accuracy: top-1 on the whole test split (``--eval-limit`` for a smoke test) by t
 best of ``--repeats`` interleaved rounds, as a ratio to the baseline's fp32 file. Defaults are the
 2-core CPU budget of docs/results.md; ``--measure-only`` trains nothing and tables what is made.
 Smoke test: ``--runs runs/peers-smoke --baseline-limit-train 512 --limit-train 512 --eval-limit 512``.
+Issue 23: ``--recipe sgd`` (SGD lr 1e-3, momentum 0.9, cosine, label smoothing 0.1 for wnconvert and
+Brevitas alike; default ``adamw``: the CLI's fine-tuning defaults), ``--learned`` (also the wnconvert
+runs with ``--weight-range learned``), ``--cells W4A8,W4A4`` (a subset of the configurations) and
+``--no-speed`` (accuracy only).
 The studies' budget (docs/results.md): ``--runs runs/study --baseline-epochs 8 --baseline-limit-train 0
 --baseline-limit-val 0 --epochs 2 --limit-train 0 --limit-val 0 --batch-size 128`` (0: every image; the
 baseline is then study_runs' own and shared with dynamics_study.py and lowbit_study.py).
@@ -49,6 +53,10 @@ from wnconvert.models.train.train_config import TrainConfig
 CONFIGS = (("W8A8", 8, 8, "int8"), ("W4A8", 4, 8, "int4"), ("W4A4", 4, 4, "int4"))
 PTQ = (("W8A8", "int8"), ("W4A8", "int4"))
 SCHEME = "channel-max"  # per-channel weight scales, like Brevitas's Int8WeightPerChannelFloat
+# The fine-tunes' optimizer recipes (issue 23): finetune options and the TrainConfig they resolve to.
+RECIPES = {"adamw": ([], {}),
+           "sgd": (["--optimizer", "sgd", "--lr", "0.001", "--label-smoothing", "0.1"],
+                   {"optimizer": "sgd", "lr": 0.001, "label_smoothing": 0.1})}
 
 
 def arguments() -> argparse.Namespace:
@@ -70,12 +78,28 @@ def arguments() -> argparse.Namespace:
                     help="test images per eval of the 4-bit files (default: --eval-limit); for a short budget")
     ap.add_argument("--speed-limit", type=int, default=1000, help="test images per speed evaluation")
     ap.add_argument("--repeats", type=int, default=3, help="speed: best of N interleaved rounds")
+    ap.add_argument("--recipe", choices=tuple(RECIPES), default="adamw", help="the fine-tunes' optimizer recipe")
+    ap.add_argument("--learned", action="store_true", help="also wnconvert with --weight-range learned")
+    ap.add_argument("--cells", default=",".join(c[0] for c in CONFIGS), help="configurations to make, e.g. W4A8,W4A4")
+    ap.add_argument("--no-speed", action="store_true", help="accuracy only: no speed rounds")
+    ap.add_argument("--only", choices=("all", "wn", "learned", "brevitas"), default="all",
+                    help="make only these runs (several invocations side by side; then one --measure-only for the table)")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="use this complete run as the baseline (its command.txt is recorded) instead of making one")
     ap.add_argument("--measure-only", action="store_true",
                     help="train nothing: measure the runs already made, leave the others out of the table")
     a = ap.parse_args()
     for name in ("baseline_limit_train", "baseline_limit_val", "limit_train", "limit_val"):
         setattr(a, name, getattr(a, name) or None)  # 0: every image, as when the option is not given
     return a
+
+
+def baseline_command(a: argparse.Namespace, baseline: Path) -> str:
+    """The command that made the baseline: the recipe's, or a given run's command.txt."""
+    if a.baseline is None:
+        return shown(baseline_args(a))
+    done = baseline / "command.txt"
+    return done.read_text().strip() if done.exists() else f"(given run {baseline})"
 
 
 def limit(option: str, n: int | None) -> list:
@@ -117,11 +141,22 @@ def summary_of(res: dict, exit_code: int, stderr: str) -> dict:
             "ties": {level: sum(counts.values()) for level, counts in res.get("ties", {}).items()}}
 
 
-def wnconvert_files(recipe: Recipe, a: argparse.Namespace) -> dict[str, dict]:
+def cells(a: argparse.Namespace) -> list[tuple]:
+    wanted = a.cells.split(",")
+    return [c for c in CONFIGS if c[0] in wanted]
+
+
+def suffix(a: argparse.Namespace) -> str:
+    """Run-name suffix of the recipe: none for adamw (the runs of the earlier study)."""
+    return "" if a.recipe == "adamw" else f"-{a.recipe}"
+
+
+def wnconvert_files(recipe: Recipe, a: argparse.Namespace, learned: bool = False) -> dict[str, dict]:
     out = {}
-    for label, w, act, precision in CONFIGS:
-        name = f"wn-{label.lower()}"
+    for label, w, act, precision in cells(a):
+        name = f"wn-{label.lower()}{suffix(a)}" + ("-learned" if learned else "")
         args = recipe.finetune_args(name, SCHEME, "--weight-bits", w, "--act-bits", act,
+                                    *(["--weight-range", "learned"] if learned else []), *RECIPES[a.recipe][0],
                                     *limit("--limit-train", a.limit_train), "--batch-size", a.batch_size)
         if a.measure_only and not made(args):
             print(f"# --measure-only: {name} is not made, left out", flush=True)
@@ -155,7 +190,7 @@ def previous_check(run: Path, precision: str) -> dict | None:
 
 def ptq_files(baseline: Path, a: argparse.Namespace) -> dict[str, dict]:
     out = {}
-    for label, precision in PTQ:
+    for label, precision in [p for p in PTQ if p[0] in a.cells.split(",")]:
         export = ["export", baseline, "--precision", precision, "--act-bits", 8, "--data", a.data,
                   "--calib-samples", a.calib_samples]
         report = json.loads((baseline / "report.json").read_text()).get("quantized", {}).get(precision, {})
@@ -173,8 +208,8 @@ def brevitas_files(baseline: Path, a: argparse.Namespace) -> dict[str, dict]:
 
     cfg = peer_train_config(a)
     out = {}
-    for label, w, act, _ in CONFIGS:
-        path = peers_brevitas.brevitas_run(baseline, a.runs / f"brevitas-{label.lower()}", w, act, cfg,
+    for label, w, act, _ in cells(a):
+        path = peers_brevitas.brevitas_run(baseline, a.runs / f"brevitas-{label.lower()}{suffix(a)}", w, act, cfg,
                                            a.limit_train, a.limit_val, train_missing=not a.measure_only)
         if path is None:
             print(f"# --measure-only: Brevitas {label} is not made, left out", flush=True)
@@ -184,7 +219,7 @@ def brevitas_files(baseline: Path, a: argparse.Namespace) -> dict[str, dict]:
 
 
 def peer_train_config(a: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(epochs=a.epochs, batch_size=a.batch_size, device=a.device, seed=0)
+    return TrainConfig(epochs=a.epochs, batch_size=a.batch_size, device=a.device, seed=0, **RECIPES[a.recipe][1])
 
 
 def same_training(wn: dict[str, dict], a: argparse.Namespace) -> None:
@@ -210,7 +245,9 @@ def measure(path: Path, a: argparse.Namespace, limit: int | None = None) -> dict
     if key not in cache:
         print(f"# wnconvert eval {path} --data {a.data}" + (f" --limit {limit}" if limit else ""), flush=True)
         res = artifact_accuracy(path, a.data, limit=limit)
-        cache[key] = {"file": str(path), "top1": res["top1"], "images": res["images"]}
+        entry = {"file": str(path), "top1": res["top1"], "images": res["images"]}
+        cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}  # others may have written
+        cache[key] = entry
         write_text(cache_path, json.dumps(cache, indent=1) + "\n")
     return cache[key]
 
@@ -232,8 +269,8 @@ def targets(ptq: dict, brev: dict, wn: dict) -> dict[str, dict]:
     def top1(rows: dict, label: str, key: str = "top1") -> float | None:
         return 100 * rows[label][key] if label in rows else None
 
-    speed = wn["W8A8"]["speed_vs_fp32"] if "W8A8" in wn else None
-    checks = {  # name: (value, reference, margin): met when value >= reference + margin
+    speed = wn["W8A8"].get("speed_vs_fp32") if "W8A8" in wn else None
+    checks: dict = {  # name: (value, reference, margin): met when value >= reference + margin
         "W8A8 within 0.3 of its run's fp32": (top1(wn, "W8A8"), top1(wn, "W8A8", "fp32_top1"), -0.3),
         "W8A8 >= PTQ W8A8": (top1(wn, "W8A8"), top1(ptq, "W8A8"), 0.0),
         "W4A8 >= PTQ W4A8 + 1": (top1(wn, "W4A8"), top1(ptq, "W4A8"), 1.0),
@@ -261,26 +298,41 @@ def main() -> None:
     require_bench_extra()
     recipe = Recipe(a.runs, a.data, a.device, a.baseline_epochs, a.epochs, limit("--limit-val", a.limit_val))
     a.docs.mkdir(parents=True, exist_ok=True)
-    baseline = ensure(baseline_args(a))
+    baseline = a.baseline or ensure(baseline_args(a))
+    if a.only != "all":  # make and measure these runs; the table comes from a later --measure-only
+        rows = {"wn": lambda: wnconvert_files(recipe, a), "learned": lambda: wnconvert_files(recipe, a, learned=True),
+                "brevitas": lambda: brevitas_files(baseline, a)}[a.only]()
+        for row in rows.values():
+            for key in ("file", "fp32"):
+                if key in row:
+                    measure(Path(row[key]), a)
+        return
     with ThreadPoolExecutor(1) as pool:  # wnconvert's fine-tunes (subprocesses) beside Brevitas's
         wn_runs = pool.submit(wnconvert_files, recipe, a)
         brev = brevitas_files(baseline, a)  # in this (main) thread: the training loop sets signal handlers
         wn = wn_runs.result()
     same_training(wn, a)
+    learned = wnconvert_files(recipe, a, learned=True) if a.learned else {}
+    same_training(learned, a)
     ptq = ptq_files(baseline, a)
-    write_results(a, baseline, wn, ptq, brev)
+    write_results(a, baseline, wn, ptq, brev, learned)
 
 
-def write_results(a: argparse.Namespace, baseline: Path, wn: dict, ptq: dict, brev: dict) -> None:
+def write_results(a: argparse.Namespace, baseline: Path, wn: dict, ptq: dict, brev: dict,
+                  learned: dict | None = None) -> None:
     """Measure every file, write ``peers.json`` under ``--docs`` and print the table and targets."""
     fp32 = measure(baseline / "model.onnx", a)
-    for label, row in wn.items():  # the same run's float network: accuracy only
+    for label, row in (wn | {f"{k} learned": v for k, v in (learned or {}).items()}).items():  # the run's float network
         row["fp32_top1"] = measure(row.pop("fp32"), a, a.eval_limit_4bit if label != "W8A8" else None)["top1"]
     groups = {"onnxruntime PTQ": ptq, "Brevitas QAT": brev, "wnconvert QAT": wn}
+    if learned:
+        groups["wnconvert QAT, learned range"] = learned
     for rows in groups.values():
         for label, row in rows.items():
             row |= measure(row.pop("file"), a, a.eval_limit_4bit if label != "W8A8" else None)
             row.pop("run", None)
+    if a.no_speed:
+        return write_accuracy(a, baseline, fp32, groups, wn, ptq, brev, learned or {})
     speed = speeds({"fp32": baseline / "model.onnx"} | {f"{m}/{label}": Path(r["file"])
                                                          for m, rows in groups.items() for label, r in rows.items()}, a)
     fp32 |= speed["fp32"]
@@ -290,10 +342,31 @@ def write_results(a: argparse.Namespace, baseline: Path, wn: dict, ptq: dict, br
             row["speed_vs_fp32"] = row["images_per_s"] / fp32["images_per_s"]
     md = table(fp32, groups)
     out = {"budget": vars(a) | {"runs": str(a.runs), "docs": str(a.docs)},
-           "baseline": {"command": shown(baseline_args(a)), "fp32": fp32},
+           "baseline": {"command": baseline_command(a, baseline), "fp32": fp32},
            **{k: v for k, v in zip(("ptq", "brevitas", "wnconvert"), groups.values())},
            "targets": targets(ptq, brev, wn), "table": md}
     (a.docs / "peers.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
+    print(md)
+    for name, t in out["targets"].items():
+        verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+        print(f"{verdict}: {name} ({t['value']} vs {t['reference']})")
+
+
+def write_accuracy(a, baseline: Path, fp32: dict, groups: dict, wn: dict, ptq: dict, brev: dict,
+                   learned: dict) -> None:
+    """``--no-speed``: the top-1 table and the targets, into ``peers-RECIPE.json`` under ``--docs``."""
+    lines = ["| method | W/A | test top-1 (%) | vs fp32 (points) |", "|---|---|---|---|",
+             f"| fp32 baseline | 32/32 | {100 * fp32['top1']:.2f} | – |"]
+    for method, rows in groups.items():
+        for label, r in rows.items():
+            lines.append(f"| {method} | {label} | {100 * r['top1']:.2f} | {100 * (r['top1'] - fp32['top1']):+.2f} |")
+    md = "\n".join(lines)
+    checks = targets(ptq, brev, wn) | {f"learned {k}": v for k, v in targets(ptq, brev, learned).items()}
+    out = {"budget": vars(a) | {"runs": str(a.runs), "docs": str(a.docs)},
+           "baseline": {"command": baseline_command(a, baseline), "fp32": fp32},
+           **{k: v for k, v in zip(("ptq", "brevitas", "wnconvert"), (ptq, brev, wn))}, "wnconvert_learned": learned,
+           "targets": {k: v for k, v in checks.items() if "images/s" not in k}, "table": md}
+    (a.docs / f"peers-{a.recipe}.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
     print(md)
     for name, t in out["targets"].items():
         verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]

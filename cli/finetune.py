@@ -22,14 +22,16 @@ from .config_option import ConfigOpt
 from .errors import handle_errors
 from .options import (ActRange, Bn, Gain, Granularity, Optimizer, ScaleFormat, ScaleGrad, Schedule, Scheme,
                       TrainTarget, WdMode, default, given, refuse_with_resume, value)
+from .options import WeightRange
 from .render import JsonOpt, certificate_line, certificate_table, console, parity_line, parity_table, print_json
 
 # finetune --help in panels (cli/help_layout.py), in this order; every option is in one
 HELP_PANELS = {
     "Model and weights": ("weights", "num_classes", "image_size", "offline"),
-    "Scheme (weights in [-1, 1])": ("scheme", "weight_bits", "gain", "scale_grad", "exclude", "skip_depthwise"),
-    "Quantization (--act-bits)": ("act_bits", "act_range", "scale_format", "freeze_bn_epochs", "mixed_precision",
-                                  "target", "no_deploy"),
+    "Scheme (weights in [-1, 1])": ("scheme", "weight_bits", "weight_range", "gain", "scale_grad", "exclude",
+                                    "skip_depthwise"),
+    "Quantization (--act-bits)": ("act_bits", "act_range", "scale_format", "scale_lr", "freeze_bn_epochs",
+                                  "mixed_precision", "target", "no_deploy"),
     "Data": ("data", "limit_train", "limit_val", "download", "gpu_decode", "workers"),
     "Training": ("epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "wd_mode",
                  "wd_eps", "warmup_epochs", "schedule", "label_smoothing", "grad_clip", "seed", "log_every",
@@ -56,6 +58,7 @@ def finetune(
     exclude: Optional[List[str]] = typer.Option(None, help="Leave layers matching this name pattern alone (repeatable)."),
     skip_depthwise: bool = typer.Option(default(SchemeConfig, "skip_depthwise"), help="Leave depthwise convs unreparametrized."),
     weight_bits: Optional[int] = typer.Option(None, help="Fake-quantize N(W) to the symmetric B-bit grid on [-1, 1] during training (2..8; layer-max / channel-max)."),
+    weight_range: WeightRange = typer.Option(default(SchemeConfig, "weight_range"), help="--weight-bits: the grid's range: max (±L on the largest |w|) or learned (a clip learned per channel/layer from the max; docs/learned_range.md)."),
     act_bits: Optional[int] = typer.Option(None, help="Fake-quantize activations to A bits during training (2..8; needs --weight-bits); export with --precision int8/int4."),
     act_range: ActRange = typer.Option("learned", help="Activation ranges after calibration: learned (LSQ) or frozen."),
     freeze_bn_epochs: Optional[int] = typer.Option(None, metavar="K", help="--act-bits: BatchNorm statistics frozen for the last K epochs (default 1 when --epochs > 1, else 0)."),
@@ -81,6 +84,7 @@ def finetune(
     schedule: Schedule = typer.Option(default(TrainConfig, "schedule"), help="After warmup: cosine (to 0) or constant."),
     label_smoothing: float = typer.Option(default(TrainConfig, "label_smoothing")),
     grad_clip: Optional[float] = typer.Option(None, help="Clip the global gradient norm."),
+    scale_lr: float = typer.Option(default(TrainConfig, "scale_lr"), help="Peak step, in octaves, of the learned scales (activation scales, --weight-range learned): Adam's update under every optimizer (docs/training.md)."),
     device: str = typer.Option(default(TrainConfig, "device"), help="auto | cpu | cuda | cuda:N"),
     amp: bool = typer.Option(default(TrainConfig, "amp"), help="bf16 autocast on CUDA."),
     channels_last: bool = typer.Option(default(TrainConfig, "channels_last"), help="channels_last memory format on CUDA."),
@@ -125,7 +129,7 @@ def finetune(
             epochs=epochs, batch_size=batch_size, optimizer=value(optimizer), lr=lr, momentum=momentum,
             nesterov=nesterov, weight_decay=weight_decay, wd_mode=value(wd_mode), wd_eps=wd_eps,
             warmup_epochs=warmup_epochs, schedule=value(schedule), label_smoothing=label_smoothing,
-            grad_clip=grad_clip, device=device, amp=amp, channels_last=channels_last, compile=compile,
+            grad_clip=grad_clip, scale_lr=scale_lr, device=device, amp=amp, channels_last=channels_last, compile=compile,
             workers=workers, seed=seed, log_every=log_every, diagnostics=diagnostics)
         if epochs == 0:  # convert only: nothing is trained, but a bad training option is still refused
             replace(train, epochs=1).validate()
@@ -135,7 +139,7 @@ def finetune(
             num_classes=num_classes, data=data, image_size=image_size, limit_train=limit_train,
             limit_val=limit_val, download=download, gpu_decode=gpu_decode,
             scheme=SchemeConfig(value(scheme), value(gain), value(scale_grad), tuple(exclude or ()),
-                                skip_depthwise, weight_bits=weight_bits),
+                                skip_depthwise, weight_bits=weight_bits, weight_range=value(weight_range)),
             fold=FoldConfig(value(bn), value(granularity)), verify=VerifyConfig(rtol=rtol, samples=samples),
             train=train, no_export=no_export, overwrite=overwrite, offline=offline or None, seed=seed,
             act=ActSettings(act_bits, value(act_range), freeze_bn_epochs, value(scale_format), mixed_precision,

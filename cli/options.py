@@ -18,6 +18,7 @@ from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.names import (ACT_TYPES, BN_MODES, CALIBRATORS, CONTAINERS, GAIN_MODES, GRANULARITIES, PRECISIONS,
                                      PROVIDERS, RANGE_MODES, RUNTIMES, SCALE_FORMATS, SCALE_GRAD_MODES,
                                      SCHEME_NAMES, TARGETS, TRAIN_PLACEMENTS)
+from wnconvert.convert.names import WEIGHT_RANGES
 from wnconvert.models.train.optim_settings import OPTIMIZERS, SCHEDULES, WD_MODES
 from wnconvert.models.run.run_options import CALIB_SPLITS
 
@@ -36,6 +37,7 @@ _REGISTRIES = {"Scheme": SCHEME_NAMES, "Gain": GAIN_MODES, "ScaleGrad": SCALE_GR
 (Scheme, Gain, ScaleGrad, Bn, Granularity, Optimizer, WdMode, Schedule, Precision, Calibrator, ActType,
  CalibSplit, Provider, ActRange, ScaleFormat, Runtime, Target, Container,
  TrainTarget) = (choices(name, values) for name, values in _REGISTRIES.items())
+WeightRange = choices("WeightRange", WEIGHT_RANGES)
 
 
 def value(choice):

@@ -40,6 +40,8 @@ def apply_scheme(model: nn.Module, config: SchemeConfig) -> ApplyReport:
             continue
         weight = getattr(module, ref.tensor_name)
         extra = {"weight_bits": config.weight_bits} if getattr(config, "weight_bits", None) else {}
+        if getattr(config, "weight_range", "max") != "max":
+            extra["weight_range"] = config.weight_range
         reparam = cls(weight, ChannelLayout.of(module), gain=config.gain, scale_grad=config.scale_grad,
                       **extra)
         reparam.to(device=weight.device)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .errors import UserInputError
 from .names import (BN_MODES, GAIN_MODES, GRANULARITIES, RANGE_MODES, RESIDUAL_CONV, SCALE_FORMATS,
-                    SCALE_GRAD_MODES, SCHEME_NAMES, WEIGHT_BITS_SCHEMES)
+                    SCALE_GRAD_MODES, SCHEME_NAMES, WEIGHT_BITS_SCHEMES, WEIGHT_RANGES)
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class SchemeConfig:
     exclude: tuple[str, ...] = ()
     skip_depthwise: bool = False
     weight_bits: int | None = None   # fake-quantize N(W) to the symmetric B-bit grid (max schemes)
+    weight_range: str = "max"        # learned: the grid's range is a learned clip (convert/clip.py)
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEME_NAMES:
@@ -45,6 +46,15 @@ class SchemeConfig:
                 raise UserInputError(
                     f"--weight-bits needs a scheme with a fixed [-1, 1] range "
                     f"({', '.join(WEIGHT_BITS_SCHEMES)}), not {self.scheme!r}")
+        if self.weight_range not in WEIGHT_RANGES:
+            raise UserInputError(
+                f"unknown --weight-range {self.weight_range!r}; choose one of: {', '.join(WEIGHT_RANGES)}")
+        if self.weight_range == "learned" and (self.weight_bits is None or self.scheme not in WEIGHT_BITS_SCHEMES):
+            raise UserInputError(
+                f"--weight-range learned clips the grid of --weight-bits B under "
+                f"{' or '.join(WEIGHT_BITS_SCHEMES)}; "
+                + (f"scheme {self.scheme!r} has no grid" if self.scheme not in WEIGHT_BITS_SCHEMES
+                   else "give --weight-bits B"))
 
 
 @dataclass(frozen=True)

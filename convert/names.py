@@ -16,6 +16,7 @@ SCHEME_NAMES = ("layer-max", "channel-max", "weight-std", "weight-norm", "none")
 # (and can carry --act-bits, po2 scales, int4 files): SchemeConfig, actquant's QLayer and the
 # --act-bits run checks all read it.
 WEIGHT_BITS_SCHEMES = ("layer-max", "channel-max")
+WEIGHT_RANGES = ("max", "learned")   # --weight-range of those schemes' grid (convert/clip.py)
 GAIN_MODES = ("frozen", "learned", "none")
 SCALE_GRAD_MODES = ("full", "detach")
 

@@ -15,6 +15,10 @@ Schemes, per output channel ``c`` unless noted (rows as in :mod:`.layout`):
 * ``weight-norm``: N = W / ||W_c||
 * ``weight-std``:  N = (W - mean(W_c)) / sqrt(var(W_c) + eps)
 * ``none``:        no reparametrization (the fold still normalizes the stored weights).
+
+The max schemes with ``weight_bits`` also take ``weight_range='learned'`` (``--weight-range
+learned``): ``N = q(clamp(W / (alpha · max|W|), -1, 1))`` with a learned clip ratio ``alpha``
+(:mod:`.clip`), effective weight ``gain · alpha · N``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .clip import LearnedClip, clipped_unit
 from .configs import SchemeConfig  # noqa: F401 (re-exported)
 from .fakequant import fake_quant
 from .layout import ChannelLayout, safe_divisor
@@ -38,7 +43,8 @@ class Reparam(nn.Module):
     per_channel: bool = True
 
     def __init__(self, weight: Tensor, layout: ChannelLayout, gain: str = "frozen",
-                 scale_grad: str = "full", weight_bits: int | None = None) -> None:
+                 scale_grad: str = "full", weight_bits: int | None = None,
+                 weight_range: str = "max") -> None:
         super().__init__()
         if gain not in GAIN_MODES:
             raise ValueError(f"gain must be one of {GAIN_MODES}, not {gain!r}")
@@ -51,6 +57,10 @@ class Reparam(nn.Module):
         with torch.no_grad():
             init = self.initial_gain(weight.detach())
         self._register_affine("gain", init if gain != "none" else None)
+        self.clip: LearnedClip | None = None
+        if weight_range == "learned":  # max schemes on a grid only (SchemeConfig checks it)
+            shape = (layout.num_channels(weight),) if self.per_channel else ()
+            self.clip = LearnedClip(shape, device=weight.device)
 
     # -- to be provided by each scheme -------------------------------------------------------
     def normalize(self, weight: Tensor) -> Tensor:
@@ -72,20 +82,31 @@ class Reparam(nn.Module):
     def _scale(self, s: Tensor) -> Tensor:
         return s.detach() if self.detach_scale else s
 
+    def scale_tensor(self) -> Tensor | None:
+        """The differentiable factor of ``N(W)``: the gain, times the clip ratio of a learned range
+        (None: no factor)."""
+        clip = getattr(self, "clip", None)
+        if clip is None:
+            return self.gain
+        alpha = clip.ratio()
+        return alpha if self.gain is None else self.gain * alpha.to(self.gain.dtype)
+
     def _apply_gain(self, n: Tensor) -> Tensor:
-        if self.gain is None:
+        g = self.scale_tensor()
+        if g is None:
             return n
         if self.per_channel:
-            return self.layout.mul(n, self.gain)
-        return n * self.gain
+            return self.layout.mul(n, g)
+        return n * g
 
     def forward(self, weight: Tensor) -> Tensor:
         return self._apply_gain(self.normalize(weight))
 
     def scale_vector(self, weight: Tensor) -> Tensor:
         """Gain as a tensor: scalar for per-tensor schemes, ``[out_channels]`` otherwise."""
-        if self.gain is not None:
-            return self.gain.detach()
+        g = self.scale_tensor()
+        if g is not None:
+            return g.detach()
         shape = (self.layout.num_channels(weight),) if self.per_channel else ()
         return torch.ones(shape, dtype=weight.dtype, device=weight.device)
 
@@ -100,11 +121,22 @@ class Reparam(nn.Module):
 
     def extra_repr(self) -> str:
         bits = f", weight_bits={self.weight_bits}" if getattr(self, "weight_bits", None) else ""
+        bits += ", weight_range=learned" if getattr(self, "clip", None) is not None else ""
         return f"gain={self.gain_mode}, scale_grad={'detach' if self.detach_scale else 'full'}{bits}"
 
     def _fake_quant(self, n: Tensor) -> Tensor:
         bits = getattr(self, "weight_bits", None)
         return fake_quant(n, bits) if bits else n
+
+    def _max_unit(self, weight: Tensor, m: Tensor) -> Tensor:
+        """``q(W / m)``, or with a learned range ``q(clamp(W / (alpha · m), -1, 1))``."""
+        clip = getattr(self, "clip", None)
+        if clip is None:
+            if self.per_channel:
+                return self._fake_quant(self.layout.div(weight, safe_divisor(m)))
+            return self._fake_quant(weight / safe_divisor(m))
+        divisor = safe_divisor(m) * clip.ratio().to(weight.dtype)
+        return self._fake_quant(clipped_unit(weight, divisor, self.layout, self.per_channel))
 
 
 class LayerMax(Reparam):
@@ -112,7 +144,7 @@ class LayerMax(Reparam):
     per_channel = False
 
     def normalize(self, weight: Tensor) -> Tensor:
-        return self._fake_quant(weight / safe_divisor(self._scale(weight.abs().amax())))
+        return self._max_unit(weight, self._scale(weight.abs().amax()))
 
     def initial_gain(self, weight: Tensor) -> Tensor:
         return weight.abs().amax()
@@ -122,8 +154,7 @@ class ChannelMax(Reparam):
     name = "channel-max"
 
     def normalize(self, weight: Tensor) -> Tensor:
-        m = self._scale(self.layout.amax(weight))
-        return self._fake_quant(self.layout.div(weight, safe_divisor(m)))
+        return self._max_unit(weight, self._scale(self.layout.amax(weight)))
 
     def initial_gain(self, weight: Tensor) -> Tensor:
         return self.layout.amax(weight)

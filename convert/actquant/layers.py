@@ -96,7 +96,8 @@ class QLayer(nn.Module):
         unit = p.normalize(self.layer.parametrizations.weight.original)      # k / L, STE on the grid
         z = self.layer._conv_forward(x, unit, None) if self.is_conv else F.linear(x, unit)
         out = unit.shape[0]
-        g = p.gain if p.gain is not None else unit.new_ones(())
+        g = p.scale_tensor()  # the gain (times the clip ratio of a learned range)
+        g = g if g is not None else unit.new_ones(())
         g = g.expand(out) if g.dim() == 0 else g
         b = self.layer.bias if self.layer.bias is not None else unit.new_zeros(out)
         shape = (1, -1) + (1,) * (z.dim() - 2)

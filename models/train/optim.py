@@ -55,6 +55,7 @@ from ...convert.apply import scheme_parameters
 from ...convert.errors import UserInputError
 from .optim_settings import (DEFAULT_MOMENTUM, DEFAULT_WD_EPS, DEFAULTS, OPTIMIZERS,  # noqa: F401 (re-exported)
                              SCHEDULES, WD_MODES, check_hyperparameters)
+from .scale_group import adam_direction_pre_hook, scale_group, scale_parameters
 
 # Myrtle's equilibrium relation at the sgd defaults; see the module docstring.
 LARS_TRUST = math.sqrt(2 * DEFAULTS["sgd"].weight_decay * (1 - DEFAULT_MOMENTUM) / DEFAULTS["sgd"].lr)
@@ -161,18 +162,21 @@ class LARS(Optimizer):
 # -- parameter groups --------------------------------------------------------------------------
 
 def param_groups(model: nn.Module, *, weight_decay: float, wd_mode: str, wd_eps: float,
-                 decoupled: bool) -> list[dict[str, Any]]:
+                 decoupled: bool, scale_lr: float | None = None, optimizer: str = "sgd") -> list[dict[str, Any]]:
     """Split trainable parameters into ``reparam`` (raw scheme weights: ``wd_mode`` decay),
     ``decay`` (other weights: plain L2) and ``no_decay`` (norm layers, biases, 1-d tensors,
     scheme gains/offsets). Empty groups are dropped. Extra keys ride along in the optimizer's
     param groups (and its state_dict): ``name``, ``trust`` (LARS), ``shifted_wd``/``shifted_eps``
-    (eps-shifted pre-hook) and ``decoupled``."""
+    (eps-shifted pre-hook) and ``decoupled``. With ``scale_lr`` the learned log2 scales (activation
+    quantizers, learned weight ranges) form a last group, ``scales``, that takes Adam's step
+    whatever ``optimizer`` is (models/train/scale_group.py)."""
     if wd_mode not in WD_MODES:
         raise UserInputError(f"unknown wd mode {wd_mode!r}; choose one of: {', '.join(WD_MODES)}")
     raw, affine = scheme_parameters(model)
     raw_ids, affine_ids = {id(p) for p in raw}, {id(p) for p in affine}
     buckets: dict[str, list[nn.Parameter]] = {"reparam": [], "decay": [], "no_decay": []}
-    seen: set[int] = set()
+    scales = scale_parameters(model) if scale_lr is not None else []
+    seen: set[int] = {id(p) for p in scales}
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if id(p) in seen or not p.requires_grad:
@@ -194,18 +198,21 @@ def param_groups(model: nn.Module, *, weight_decay: float, wd_mode: str, wd_eps:
     shifted = weight_decay if wd_mode == "eps-shifted" else 0.0
     groups = [group("reparam", reparam_wd, shifted), group("decay", weight_decay),
               group("no_decay", 0.0, trust=False)]
+    if scales:
+        groups.append(scale_group(scales, optimizer, float(scale_lr), decoupled))
     return [g for g in groups if g["params"]]
 
 
 def build_optimizer(model: nn.Module, optimizer: str, *, lr: float, momentum: float = DEFAULT_MOMENTUM,
                     nesterov: bool = False, weight_decay: float, wd_mode: str = "l2",
-                    wd_eps: float = DEFAULT_WD_EPS) -> Optimizer:
-    """The optimizer for ``model`` with the groups above; eps-shifted decay is a step pre-hook, so
-    callers just call ``step()``. For adamw, ``momentum`` is beta1 and ``nesterov`` is rejected."""
+                    wd_eps: float = DEFAULT_WD_EPS, scale_lr: float | None = None) -> Optimizer:
+    """The optimizer for ``model`` with the groups above; eps-shifted decay (and, for sgd/lars, the
+    scales' Adam direction) is a step pre-hook, so callers just call ``step()``. For adamw,
+    ``momentum`` is beta1 and ``nesterov`` is rejected."""
     check_hyperparameters(optimizer, lr=lr, momentum=momentum, nesterov=nesterov,
                           weight_decay=weight_decay, wd_eps=wd_eps)
     groups = param_groups(model, weight_decay=weight_decay, wd_mode=wd_mode, wd_eps=wd_eps,
-                          decoupled=optimizer == "adamw")
+                          decoupled=optimizer == "adamw", scale_lr=scale_lr, optimizer=optimizer)
     if not groups:
         raise UserInputError("the model has no trainable parameters")
     opt: Optimizer
@@ -217,6 +224,8 @@ def build_optimizer(model: nn.Module, optimizer: str, *, lr: float, momentum: fl
         opt = LARS(groups, lr=lr, momentum=momentum, nesterov=nesterov)
     if wd_mode == "eps-shifted" and weight_decay > 0:
         opt.register_step_pre_hook(_apply_shifted_decay)
+    if any(g.get("scale_adam") for g in opt.param_groups):
+        opt.register_step_pre_hook(adam_direction_pre_hook)
     return opt
 
 

@@ -33,6 +33,8 @@ SCRATCH_DEFAULTS: dict[str, OptimDefaults] = {
     "lars": OptimDefaults(lr=0.1, weight_decay=5e-4),
 }
 DEFAULT_WD_EPS = 1e-3
+# Peak step, in octaves, of the learned log2 scales (models/train/scale_group.py, docs/training.md).
+DEFAULT_SCALE_LR = 5e-3
 DEFAULT_MOMENTUM = 0.9
 
 

@@ -216,7 +216,7 @@ def _loop_parts(model: nn.Module, data: Any, env: LoopEnv, saved: dict | None, s
     # Optimizer and schedule are built on the plain model: DDP and compile share its parameters.
     optimizer = build_optimizer(model, cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
                                 nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
-                                wd_mode=cfg.wd_mode, wd_eps=cfg.wd_eps)
+                                wd_mode=cfg.wd_mode, wd_eps=cfg.wd_eps, scale_lr=cfg.scale_lr)
     sampler = EpochSampler(data.train, d.rank, d.world_size, cfg.seed, cfg.batch_size)
     per_rank = len(sampler.base)
     drop_last = per_rank >= cfg.batch_size  # avoid a ragged last batch (BN), unless it is all we have

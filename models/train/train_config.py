@@ -4,16 +4,17 @@ No torch at import: the command line reads the defaults for ``--help``."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from ...convert.errors import UserInputError
-from .optim_settings import OPTIMIZERS, SCHEDULES, WD_MODES, check_hyperparameters, resolve_defaults
+from .optim_settings import DEFAULT_SCALE_LR, OPTIMIZERS, SCHEDULES, WD_MODES, check_hyperparameters, resolve_defaults
 
 DEVICES = ("auto", "cpu", "cuda")
 # Fields that shape the optimization trajectory: a resumed run must use the same values.
 TRAJECTORY_FIELDS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov",
                       "weight_decay", "wd_mode", "wd_eps", "warmup_epochs", "schedule", "label_smoothing",
-                      "grad_clip", "seed")
+                      "grad_clip", "seed", "scale_lr")
 
 
 @dataclass
@@ -31,6 +32,7 @@ class TrainConfig:
     schedule: str = "cosine"          # after warmup: cosine to 0 | constant
     label_smoothing: float = 0.0
     grad_clip: float | None = None    # max global grad norm
+    scale_lr: float = DEFAULT_SCALE_LR  # learned log2 scales: Adam's step, any optimizer (models/train/scale_group.py)
     device: str = "auto"              # auto | cpu | cuda
     amp: bool = True                  # bf16 autocast, CUDA only
     channels_last: bool = True        # CUDA only
@@ -77,6 +79,9 @@ class TrainConfig:
             bad(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             bad(f"grad clip must be > 0, got {self.grad_clip}")
+        if isinstance(self.scale_lr, bool) or not isinstance(self.scale_lr, (int, float)) \
+                or not (self.scale_lr > 0 and math.isfinite(self.scale_lr)):
+            bad(f"scale lr must be a positive number, got {self.scale_lr}")
         if self.device.startswith("cuda") and not _cuda_available():
             bad(f"device {self.device!r} requested but no CUDA device is available")
         lr, wd, eps = resolve_defaults(self.optimizer, self.lr, self.weight_decay, self.wd_eps)
