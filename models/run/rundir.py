@@ -77,6 +77,13 @@ def _check_types(d: Any, where: str) -> None:
         raise UserInputError(f"{where}: num_classes must be at least 1")
 
 
+def _before_scale_lr(train: dict) -> dict:
+    """A manifest written before the ``scales`` parameter group (no ``scale_lr``) trained its
+    learned scales with the weights' optimizer: ``scale_lr=None`` keeps that, so the run resumes
+    and repeats exactly as it was trained."""
+    return train if not isinstance(train, dict) or "scale_lr" in train else train | {"scale_lr": None}
+
+
 @dataclass
 class Manifest:
     """What ``manifest.json`` holds; every reader and writer goes through ``to_dict``/``from_dict``."""
@@ -142,7 +149,7 @@ class Manifest:
                 fold=config_from_dict(FoldConfig, d.get("fold")),
                 export=config_from_dict(ExportConfig, d.get("export")),
                 verify=config_from_dict(VerifyConfig, d.get("verify")),
-                train=config_from_dict(TrainConfig, d["train"]) if d.get("train") else None,
+                train=config_from_dict(TrainConfig, _before_scale_lr(d["train"])) if d.get("train") else None,
                 act=ActSettings.from_dict(d.get("act")), targets=dict(d.get("targets") or {}),
                 status=d.get("status", "complete"), created=d.get("created", ""),
                 versions=dict(d.get("versions") or {}), artifacts=dict(d.get("artifacts") or {}),

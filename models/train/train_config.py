@@ -79,8 +79,8 @@ class TrainConfig:
             bad(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             bad(f"grad clip must be > 0, got {self.grad_clip}")
-        if isinstance(self.scale_lr, bool) or not isinstance(self.scale_lr, (int, float)) \
-                or not (self.scale_lr > 0 and math.isfinite(self.scale_lr)):
+        if self.scale_lr is not None and (isinstance(self.scale_lr, bool) or not isinstance(self.scale_lr, (int, float))
+                                          or not (self.scale_lr > 0 and math.isfinite(self.scale_lr))):
             bad(f"scale lr must be a positive number, got {self.scale_lr}")
         if self.device.startswith("cuda") and not _cuda_available():
             bad(f"device {self.device!r} requested but no CUDA device is available")
