@@ -16,7 +16,7 @@ import typer
 
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.names import (ACT_TYPES, BN_MODES, CALIBRATORS, CONTAINERS, GAIN_MODES, GRANULARITIES, PRECISIONS,
-                                     PROVIDERS, RANGE_MODES, RUNTIMES, SCALE_FORMATS, SCALE_GRAD_MODES,
+                                     PROVIDERS, RANGE_MODES, ROUNDINGS, RUNTIMES, SCALE_FORMATS, SCALE_GRAD_MODES,
                                      SCHEME_NAMES, TARGETS, TRAIN_TARGETS)
 from wnconvert.models.optim_settings import OPTIMIZERS, SCHEDULES, WD_MODES
 from wnconvert.models.run_options import CALIB_SPLITS
@@ -32,10 +32,10 @@ _REGISTRIES = {"Scheme": SCHEME_NAMES, "Gain": GAIN_MODES, "ScaleGrad": SCALE_GR
                "Schedule": SCHEDULES, "Precision": PRECISIONS, "Calibrator": CALIBRATORS,
                "ActType": ACT_TYPES, "CalibSplit": CALIB_SPLITS, "Provider": PROVIDERS, "ActRange": RANGE_MODES,
                "ScaleFormat": SCALE_FORMATS, "Runtime": RUNTIMES, "Target": TARGETS,
-               "Container": CONTAINERS, "TrainTarget": TRAIN_TARGETS}
+               "Container": CONTAINERS, "TrainTarget": TRAIN_TARGETS, "Rounding": ROUNDINGS}
 (Scheme, Gain, ScaleGrad, Bn, Granularity, Optimizer, WdMode, Schedule, Precision, Calibrator, ActType,
  CalibSplit, Provider, ActRange, ScaleFormat, Runtime, Target, Container,
- TrainTarget) = (choices(name, values) for name, values in _REGISTRIES.items())
+ TrainTarget, Rounding) = (choices(name, values) for name, values in _REGISTRIES.items())
 
 
 def value(choice):

@@ -35,6 +35,7 @@ TRAIN_TARGETS = {"ort-cpu": "quantized", "openvino": "float"}
 # convert/actquant
 SCALE_FORMATS = ("float", "po2")
 RANGE_MODES = ("learned", "frozen")
+ROUNDINGS = ("onnx", "tflite")   # finetune --rounding: eval-mode requantization (actquant/tflite_points.py)
 
 # convert/runtime.py, convert/openvino_rt.py
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}

@@ -40,6 +40,7 @@ from ..intref import run_integer
 from ..intref.execute import FLOAT32_EXACT
 from .ort_points import OrtPoints
 from .prepare import act_points, quantizers
+from .tflite_points import onnx_rounding
 
 CONTRACT = "bit-exact"
 SOURCES = ("pytorch", "intref", "ort_off", "ort_on")
@@ -192,6 +193,7 @@ def _failures(checks: list[LayerCheck]) -> list[str]:
     return out
 
 
+@onnx_rounding
 @torch.no_grad()
 def check_bit_exact(qat_model: fx.GraphModule, onnx_path: Path, x: torch.Tensor,
                     batch_size: int = BATCH) -> BitExactReport:

@@ -21,6 +21,7 @@ from torch import fx
 
 from .ort_points import ort_point_integers
 from .prepare import act_points, quantizers
+from .tflite_points import onnx_rounding
 
 TIE_WINDOW = 1.0 / 128   # steps: |x/s - (k + 1/2)| below this is a rounding tie
 
@@ -54,6 +55,7 @@ class _Forced(fx.Interpreter):
         return (k_ort * q.scale()).to(args[0].dtype)
 
 
+@onnx_rounding
 @torch.no_grad()
 def check_lossless_activations(qat_model: fx.GraphModule, onnx_path: Path, x: torch.Tensor,
                                tie_window: float = TIE_WINDOW) -> dict:
