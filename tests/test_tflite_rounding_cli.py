@@ -1,0 +1,46 @@
+"""``finetune --rounding tflite`` on the command line: refused without po2 activation quantization
+(one line, exit 2, nothing written), recorded in the manifest, given back to --config, restored with
+the run's QAT model and by --resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from test_config_file import run_cli
+
+from wnconvert.convert.actquant import quantizers
+from wnconvert.models.act_run import ActSettings
+from wnconvert.models.rundir import RunDir
+
+BASE = ["finetune", "resnet18", "--weights", "none", "--num-classes", 10, "--image-size", 32, "--data",
+        "synthetic:10", "--samples", 2, "--weight-bits", 8, "--limit-val", 4, "--limit-train", 4, "--batch-size", 4,
+        "--workers", 0]
+
+
+@pytest.mark.parametrize("extra", [["--act-bits", 8], [], ["--act-bits", 8, "--scale-format", "float"]])
+def test_refused_without_po2_act_bits(tmp_path: Path, capsys, extra) -> None:
+    code, out, err = run_cli(*BASE, *extra, "--rounding", "tflite", "--out", tmp_path / "r", capsys=capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "--rounding tflite" in err and "po2" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_recorded_repeated_and_restored(tmp_path: Path, capsys) -> None:
+    code, out, err = run_cli(*BASE, "--epochs", 1, "--act-bits", 8, "--scale-format", "po2", "--rounding", "tflite",
+                             "--no-export", "--out", tmp_path / "a", "--json", capsys=capsys)
+    assert code == 0, err
+    act = json.loads(out)["manifest"]["act"]
+    assert act["rounding"] == "tflite" and act["scale_format"] == "po2"
+    assert ActSettings.from_dict(act).rounding == "tflite"          # what --resume reads back
+    qat = RunDir(tmp_path / "a").load_qat()[1]
+    assert {q.rounding for q in quantizers(qat).values()} == {"tflite"}
+    # --config RUN gives finetune the recorded option back (the mapping a repeated run goes through)
+    from wnconvert.models.config_file import _from_manifest
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert _from_manifest(manifest, tmp_path / "a")["rounding"] == "tflite"
+    # a manifest written before the option existed reads as ONNX's rounding
+    old = {k: v for k, v in act.items() if k != "rounding"}
+    assert ActSettings.from_dict(old).rounding == "onnx"
