@@ -15,6 +15,7 @@ import typer
 
 from wnconvert.convert.configs import QuantThresholds, VerifyConfig
 from wnconvert.convert.errors import ParityError
+from wnconvert.convert.names import ETHOS_U_TARGETS
 from wnconvert.models.run_options import PrecisionOptions, VerifyRequest
 
 from .errors import handle_errors
@@ -50,7 +51,7 @@ def export(
     opset: Optional[int] = typer.Option(None, help="ONNX opset (default: the run's)."),
     rtol: Optional[float] = typer.Option(None, help="Parity tolerance (default: the run's)."),
     precision: Precision = typer.Option("fp32", help="fp32: model.onnx; otherwise writes model.PRECISION.onnx from model.onnx."),
-    target: Target = typer.Option(default(PrecisionOptions, "target"), help="Deployment target: its preset of activation type and symmetry, weight granularity, bias and opset rules (explicit options override it; see README, Deploying)."),
+    target: Target = typer.Option(default(PrecisionOptions, "target"), help="Deployment target: its preset of activation type and symmetry, weight granularity, bias and opset rules (explicit options override it; see README, Deploying). ethos-u*: compile RUN/model.int8.tflite with Arm's Vela (docs/ethos-u.md)."),
     data: Optional[str] = typer.Option(None, help="Calibration data spec for int8 activations (default: the run's --data)."),
     calib_samples: int = typer.Option(default(PrecisionOptions, "calib_samples"), help="Calibration images taken from --data."),
     calib_split: CalibSplit = typer.Option(default(PrecisionOptions, "calib_split"), help="The split of --data calibration images come from (comparisons with model.onnx use val)."),
@@ -64,6 +65,8 @@ def export(
 ):
     """Fold the run's checkpoint, write RUN_DIR/model.onnx, check weight ranges and parity.
     With --precision fp16|int8|int4: write RUN_DIR/model.PRECISION.onnx from model.onnx instead."""
+    if value(target) in ETHOS_U_TARGETS:
+        return _export_ethos_u(run_dir, value(target), value(precision), json_out)
     from wnconvert.convert.pipeline import require_parity
     from wnconvert.models.run_export import export_precision, export_run
 
@@ -82,6 +85,17 @@ def export(
         console.print(parity_table(result.to_dict()["parity"]))
         console.print(f"wrote {result.onnx_path} ({result.onnx_weights} weight tensors, max |w| = {result.onnx_max_abs:.6f})")
     require_parity(result)
+
+
+def _export_ethos_u(run_dir: Path, target: str, precision: str, json_out: bool) -> None:
+    """``export --target ethos-u*``: RUN/model.int8.tflite compiled by Vela (models/ethosu_run.py)."""
+    from wnconvert.convert.ethosu import describe
+    from wnconvert.models.ethosu_run import export_ethos_u
+
+    entry = export_ethos_u(run_dir, target, precision)
+    if json_out:
+        return print_json(entry)
+    console.print(f"wrote {Path(run_dir) / entry['file']}: {describe(entry)}")
 
 
 def quantized_line(run_dir: Path, entry: dict) -> str:

@@ -28,6 +28,8 @@ ACT_TYPES = ("uint8", "int8")
 CONTAINERS = ("int4", "int8")    # storage of 4-bit values (quantize/container.py)
 TARGETS = ("ort-cpu", "openvino", "tensorrt", "fixed-point")   # quantize/targets.py PRESETS
 DEFAULT_TARGET = "ort-cpu"
+# export --target: the int8 .tflite compiled by Arm's Vela for these Ethos-U configurations (convert/ethosu.py)
+ETHOS_U_TARGETS = ("ethos-u55-128", "ethos-u55-256", "ethos-u65-256", "ethos-u85-256")
 RESIDUAL_CONV = ("quantized", "float")  # a conv output read only by a residual add (quantize/placement.py)
 # finetune --target (--act-bits runs): the runtime whose placement the network is trained for -> it
 TRAIN_TARGETS = {"ort-cpu": "quantized", "openvino": "float"}

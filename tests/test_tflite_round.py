@@ -9,9 +9,8 @@ import torch
 
 pytest.importorskip("tflite_micro")
 
-from tflite_tiny import Builder, run_micro  # noqa: E402
-
-from wnconvert.convert.actquant import tflite_round as tr  # noqa: E402
+from tflite_tiny import Builder, run_micro
+from wnconvert.convert.actquant import tflite_round as tr
 
 
 def test_known_values():

@@ -8,9 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-
 from test_config_file import run_cli
-
 from wnconvert.convert.actquant import quantizers
 from wnconvert.models.act_run import ActSettings
 from wnconvert.models.rundir import RunDir

@@ -12,15 +12,19 @@ from torch import nn
 
 pytest.importorskip("tflite_micro")
 
-from tflite_tiny import Builder  # noqa: E402
-
-from wnconvert.convert.actquant import (ActQuantConfig, calibrate, deployed_parts, prepare_qat,  # noqa: E402
-                                        quantizers)
-from wnconvert.convert.actquant.prepare import act_points  # noqa: E402
-from wnconvert.convert.actquant.tflite_points import rounding_mode  # noqa: E402
-from wnconvert.convert.apply import apply_scheme  # noqa: E402
-from wnconvert.convert.errors import UserInputError  # noqa: E402
-from wnconvert.convert.schemes import SchemeConfig  # noqa: E402
+from tflite_tiny import Builder
+from wnconvert.convert.actquant import (
+    ActQuantConfig,
+    calibrate,
+    deployed_parts,
+    prepare_qat,
+    quantizers,
+)
+from wnconvert.convert.actquant.prepare import act_points
+from wnconvert.convert.actquant.tflite_points import rounding_mode
+from wnconvert.convert.apply import apply_scheme
+from wnconvert.convert.errors import UserInputError
+from wnconvert.convert.schemes import SchemeConfig
 
 
 class Tiny(nn.Module):
