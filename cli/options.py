@@ -17,7 +17,7 @@ import typer
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.names import (ACT_TYPES, BN_MODES, CALIBRATORS, CONTAINERS, ETHOS_U_TARGETS, GAIN_MODES,
                                      GRANULARITIES, PRECISIONS,
-                                     PROVIDERS, RANGE_MODES, ROUNDINGS, RUNTIMES, SCALE_FORMATS, SCALE_GRAD_MODES,
+                                     PROVIDERS, RANGE_MODES, ROUNDINGS, RUNTIMES, SCALE_FORMATS, TFLITE_RUNTIMES, SCALE_GRAD_MODES,
                                      SCHEME_NAMES, TARGETS, TRAIN_TARGETS)
 from wnconvert.models.optim_settings import OPTIMIZERS, SCHEDULES, WD_MODES
 from wnconvert.models.run_options import CALIB_SPLITS
@@ -32,7 +32,7 @@ _REGISTRIES = {"Scheme": SCHEME_NAMES, "Gain": GAIN_MODES, "ScaleGrad": SCALE_GR
                "Granularity": GRANULARITIES, "Optimizer": OPTIMIZERS, "WdMode": WD_MODES,
                "Schedule": SCHEDULES, "Precision": PRECISIONS, "Calibrator": CALIBRATORS,
                "ActType": ACT_TYPES, "CalibSplit": CALIB_SPLITS, "Provider": PROVIDERS, "ActRange": RANGE_MODES,
-               "ScaleFormat": SCALE_FORMATS, "Runtime": RUNTIMES, "Target": TARGETS + ETHOS_U_TARGETS,
+               "ScaleFormat": SCALE_FORMATS, "Runtime": RUNTIMES + TFLITE_RUNTIMES, "Target": TARGETS + ETHOS_U_TARGETS,
                "Container": CONTAINERS, "TrainTarget": TRAIN_TARGETS, "Rounding": ROUNDINGS}
 (Scheme, Gain, ScaleGrad, Bn, Granularity, Optimizer, WdMode, Schedule, Precision, Calibrator, ActType,
  CalibSplit, Provider, ActRange, ScaleFormat, Runtime, Target, Container,

@@ -42,3 +42,4 @@ ROUNDINGS = ("onnx", "tflite")   # finetune --rounding: eval-mode requantization
 # convert/runtime.py, convert/openvino_rt.py
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 RUNTIMES = ("onnxruntime", "openvino")
+TFLITE_RUNTIMES = ("tflite-micro", "litert")   # eval of a .tflite file (convert/tflite_eval.py)

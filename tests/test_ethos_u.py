@@ -6,7 +6,6 @@ refusals: int4, INT4 tensors, no .tflite, a truncated one, Vela not installed; a
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -21,25 +20,13 @@ from tflite_tiny import Builder, small_classifier
 from wnconvert.convert.ethosu import NPU_OP, read_ops
 
 
-@pytest.fixture(scope="module")
-def bare_run(tmp_path_factory) -> Path:
-    """A run directory (resnet18, nothing trained or exported): its manifest is all the target needs."""
-    out = tmp_path_factory.mktemp("ethos") / "run"
-    code = _cli_plain("finetune", "resnet18", "--weights", "none", "--num-classes", 10, "--image-size", 32,
-                      "--epochs", 0, "--no-export", "--out", out)
-    assert code == 0
-    return out
-
-
-def _cli_plain(*args) -> int:
-    from typer.testing import CliRunner
-    from wnconvert.cli.main import app
-    return CliRunner().invoke(app, [str(a) for a in args]).exit_code
-
-
 def _run_with(tmp_path: Path, bare: Path, data: bytes | None) -> Path:
+    """A copy of the bare run (its manifest; the checkpoint is not needed) with ``data`` as its .tflite."""
     run = tmp_path / "run"
-    shutil.copytree(bare, run, ignore=shutil.ignore_patterns(".lock"))
+    run.mkdir()
+    manifest = json.loads((bare / "manifest.json").read_text())
+    manifest["artifacts"] = {}
+    (run / "manifest.json").write_text(json.dumps(manifest))
     if data is not None:
         (run / "model.int8.tflite").write_bytes(data)
     return run
