@@ -15,14 +15,15 @@ import typer
 
 from wnconvert.convert.configs import QuantThresholds, VerifyConfig
 from wnconvert.convert.errors import ParityError
-from wnconvert.convert.names import ETHOS_U_TARGETS
+from wnconvert.convert.names import ETHOS_U_TARGETS, TFLITE_IO
 from wnconvert.models.run_options import PrecisionOptions, VerifyRequest
 
 from .errors import handle_errors
-from .options import (ActType, Bn, CalibSplit, Calibrator, Container, Granularity, Precision, Target, default,
-                      value)
+from .options import (ActType, Bn, CalibSplit, Calibrator, Container, Granularity, Precision, Target, choices,
+                      default, value)
 from .render import JsonOpt, certificate_table, console, parity_table, print_json, quantized_table
 
+TfliteIo = choices("TfliteIo", TFLITE_IO)
 
 @handle_errors
 def fold(
@@ -61,15 +62,32 @@ def export(
     act_type: Optional[ActType] = typer.Option(None, help="Type of quantized activations (default: the target's; uint8 is onnxruntime's fast CPU path)."),
     fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse", help="Fold BatchNorm and scales into Conv before quantizing activations (default: yes; a --weight-bits run's grid stays exact, per channel)."),
     container: Optional[Container] = typer.Option(None, help="Storage of the 4-bit values of an int4 file: int4 (opset-21 INT4/UINT4) or int8 (the same integers in int8/uint8, weights in [-7, 7]: onnxruntime's int8 kernels). Default: the target's for files with quantized activations (ort-cpu: int8), int4 for weights-only files."),
+    io: Optional[TfliteIo] = typer.Option(None, help="--target tflite-micro: int8 input and output (default, the MCU convention) or float (QUANTIZE/DEQUANTIZE at the edges)."),
     json_out: bool = JsonOpt,
 ):
     """Fold the run's checkpoint, write RUN_DIR/model.onnx, check weight ranges and parity.
-    With --precision fp16|int8|int4: write RUN_DIR/model.PRECISION.onnx from model.onnx instead."""
+    With --precision fp16|int8|int4: write RUN_DIR/model.PRECISION.onnx from model.onnx instead.
+    With --target tflite-micro: write RUN_DIR/model.int8.tflite (docs/tflite.md); with --target ethos-u*:
+    compile it with Vela into RUN_DIR/model.int8.TARGET.tflite (docs/ethos-u.md)."""
     if value(target) in ETHOS_U_TARGETS:
         return _export_ethos_u(run_dir, value(target), value(precision), json_out)
+    from wnconvert.convert.errors import UserInputError
     from wnconvert.convert.pipeline import require_parity
     from wnconvert.models.run_export import export_precision, export_run
 
+    if value(target) == "tflite-micro":
+        from wnconvert.models.run_tflite import export_tflite
+
+        if value(precision) not in ("fp32", "int8") or container is not None or value(act_type) not in (None, "int8"):
+            raise UserInputError("--target tflite-micro writes one int8 file: leave --precision (or give int8), "
+                                 "--container and --act-type out")
+        opts = PrecisionOptions(data=data, calib_samples=calib_samples, calib_split=value(calib_split),
+                                act_bits=act_bits, per_channel=per_channel, calibrate_method=value(calibrate_method),
+                                fuse=fuse, target="tflite-micro")
+        entry = export_tflite(run_dir, opts, value(io) or "int8")
+        return print_json(entry) if json_out else console.print(tflite_line(run_dir, entry))
+    if io is not None:
+        raise UserInputError("--io applies to --target tflite-micro")
     if value(precision) != "fp32":
         opts = PrecisionOptions(data=data, calib_samples=calib_samples, calib_split=value(calib_split),
                                 act_bits=act_bits, per_channel=per_channel, rtol=rtol,
@@ -96,6 +114,25 @@ def _export_ethos_u(run_dir: Path, target: str, precision: str, json_out: bool) 
     if json_out:
         return print_json(entry)
     console.print(f"wrote {Path(run_dir) / entry['file']}: {describe(entry)}")
+
+
+def tflite_line(run_dir: Path, entry: dict) -> str:
+    ops = ", ".join(f"{n} {k}" for k, n in entry["operators"].items())
+    how = "trained scales" if entry["scales"] == "trained" else f"calibrated on {entry['calibration']}"
+    return (f"wrote {run_dir / entry['file']} ({entry['bytes'] / 1e6:.2f} MB, {entry['io']} input and output, "
+            f"{how}; {ops})")
+
+
+def tflite_verify_line(name: str, res: dict) -> str:
+    if "one_step" not in res:
+        return f"{name}: [red]{res['failures'][0]}[/]"
+    t, o = res["top1"], res["one_step"]
+    return (f"{name} ({res['inputs']}): TensorFlow Lite Micro = integer reference "
+            f"{'yes' if res['micro_equals_reference'] else '[red]no[/]'}, LiteRT BUILTIN_REF = TFLite Micro "
+            f"{'yes' if res['litert_ref_equals_micro'] else '[red]no[/]'}; trained network: {o['elements']} of "
+            f"{o['of']} elements one step off, top-1 agreement {t['agreement']:.4f} "
+            f"(differences only within the derived margin: {'yes' if not res['failures'] else '[red]no[/]'}); "
+            f"XNNPACK: {res['xnnpack']['differing_elements']} logit elements differ")
 
 
 def quantized_line(run_dir: Path, entry: dict) -> str:
@@ -128,6 +165,7 @@ def verify(
     limit: int = typer.Option(default(VerifyRequest, "limit"), help="Images from --data the low-precision files are compared on."),
     min_agreement: float = typer.Option(default(QuantThresholds, "min_agreement"), help="Lossy low-precision files: smallest top-1 agreement with model.onnx."),
     min_sqnr: float = typer.Option(default(QuantThresholds, "min_sqnr_db"), help="Lossy low-precision files: smallest logit SQNR (dB) against model.onnx."),
+    tflite: Optional[Path] = typer.Option(None, help="Check this .tflite alone (default: the run's model.int8.tflite, with the other files): TensorFlow Lite Micro against the integer reference, LiteRT and the trained network (docs/tflite.md)."),
     json_out: bool = JsonOpt,
 ):
     """Compare the ONNX file (onnxruntime, optimizations off and on) with the run's checkpoint
@@ -139,7 +177,7 @@ def verify(
     req = VerifyRequest(
         onnx_file=onnx_file, precision=value(precision), inputs=inputs, data=data, limit=limit,
         config=VerifyConfig(rtol=rtol, min_cosine=min_cosine, min_top1=min_top1, samples=samples, seed=seed),
-        thresholds=QuantThresholds(min_agreement, min_sqnr))
+        thresholds=QuantThresholds(min_agreement, min_sqnr), tflite=tflite)
     out = verify_run(run_dir, req)
     if not out.recorded:
         typer.echo(f"wnconvert: note: {run_dir} is not writable; report.json was not updated", err=True)
@@ -150,5 +188,7 @@ def verify(
             console.print(parity_table(out.result))
         if out.checked_quantized:
             console.print(quantized_table(out.result["quantized"]))
+        for name, res in out.result.get("tflite", {}).items():
+            console.print(tflite_verify_line(name, res))
     if not out.passed:
         raise ParityError("parity failed: " + "; ".join(out.failures))

@@ -26,7 +26,8 @@ CALIBRATORS = ("minmax", "percentile", "entropy")
 DEFAULT_CALIBRATOR = "minmax"
 ACT_TYPES = ("uint8", "int8")
 CONTAINERS = ("int4", "int8")    # storage of 4-bit values (quantize/container.py)
-TARGETS = ("ort-cpu", "openvino", "tensorrt", "fixed-point")   # quantize/targets.py PRESETS
+TARGETS = ("ort-cpu", "openvino", "tensorrt", "fixed-point", "tflite-micro")   # quantize/targets.py PRESETS
+TFLITE_IO = ("int8", "float")   # export --target tflite-micro --io: the .tflite's input and output (convert/tflite)
 DEFAULT_TARGET = "ort-cpu"
 # export --target: the int8 .tflite compiled by Arm's Vela for these Ethos-U configurations (convert/ethosu.py)
 ETHOS_U_TARGETS = ("ethos-u55-128", "ethos-u55-256", "ethos-u65-256", "ethos-u85-256")

@@ -16,7 +16,7 @@ from wnconvert.convert.quantize import artifact_name
 from .run_export import data_arrays
 from .rundir import RunDir
 
-GOLDEN_PRECISIONS = ("int8", "int4")
+GOLDEN_PRECISIONS = ("int8", "int4", "tflite")
 
 
 def golden_for_run(run_dir: Path, out: Path, *, data: str | None = None, count: int = 8,
@@ -29,9 +29,11 @@ def golden_for_run(run_dir: Path, out: Path, *, data: str | None = None, count: 
         raise UserInputError(f"--precision must be one of {', '.join(GOLDEN_PRECISIONS)}, not {precision!r}")
     run = RunDir(run_dir)
     manifest = run.manifest()
-    path = Path(onnx_file) if onnx_file is not None else run.path / artifact_name(precision)
+    own = run.path / ("model.int8.tflite" if precision == "tflite" else artifact_name(precision))
+    path = Path(onnx_file) if onnx_file is not None else own
     if not path.is_file():
-        hint = "" if onnx_file is not None else f"; run `wnconvert export {run_dir} --precision {precision}` first"
+        how = "--target tflite-micro" if precision == "tflite" else f"--precision {precision}"
+        hint = "" if onnx_file is not None else f"; run `wnconvert export {run_dir} {how}` first"
         raise UserInputError(f"{path} does not exist{hint}")
     spec = data or manifest.data
     if not spec:
@@ -39,5 +41,9 @@ def golden_for_run(run_dir: Path, out: Path, *, data: str | None = None, count: 
     if Path(out).resolve() == run.path.resolve():
         raise UserInputError("--out must be a folder of its own, not the run directory")
     x = data_arrays(spec, manifest.preprocess, count, "val", "--count")
+    if precision == "tflite":
+        from .tflite_golden import golden_tflite
+
+        return golden_tflite(path, x, Path(out), f"{len(x)} validation images of {spec}") | {"tflite": str(path)}
     summary = golden_for_file(path, x, Path(out), f"{len(x)} validation images of {spec}")
     return summary | {"onnx": str(path)}

@@ -42,3 +42,4 @@ class VerifyRequest:
     data: str | None = None             # images for lossy files (default: the run's data)
     limit: int = 256
     thresholds: QuantThresholds = field(default_factory=QuantThresholds)
+    tflite: Path | None = None          # one .tflite alone (default: the run's model.int8.tflite with the rest)

@@ -21,6 +21,21 @@ from .bitexact_run import judged_bit_exact, verify_bitexact_file
 from .run_export import data_arrays
 from .rundir import REPORT, RunDir
 from .run_options import VerifyRequest  # noqa: F401 (re-exported)
+from .tflite_verify import tflite_targets, verify_tflite_file
+
+
+def verify_tflite(run: RunDir, manifest, paths: list[Path], req: VerifyRequest) -> dict:
+    """Each .tflite under the tflite-one-step contract (models/tflite_verify.py), on ``--limit``
+    images of the run's data (or ``--data``), generated inputs without any."""
+    spec = req.data or (manifest.data if not req.inputs else None)
+    if spec:
+        x = data_arrays(spec, manifest.preprocess, req.limit)
+        inputs = f"{len(x)} images from {spec}"
+    else:
+        x = (load_inputs(req.inputs, manifest.input_shape) if req.inputs else
+             make_inputs(manifest.input_shape, req.config)).numpy()
+        inputs = f"{len(x)} {'given' if req.inputs else 'generated'} inputs"
+    return {p.name: verify_tflite_file(run.path, p, np.asarray(x, np.float32), inputs) for p in paths}
 
 
 def quantized_artifacts(run_dir: Path) -> list[tuple[str, Path]]:
@@ -116,7 +131,10 @@ def verify_run(run_dir: Path, req: VerifyRequest = VerifyRequest()) -> VerifyOut
 def _verify_run(run: RunDir, req: VerifyRequest, write: bool) -> VerifyOutcome:
     run.check_artifacts(run.manifest())
     manifest, model, _ = run.load()
-    targets = verify_targets(run.path, req.onnx_file, req.precision)
+    if req.tflite is not None and (req.onnx_file is not None or req.precision is not None):
+        raise UserInputError("give --tflite alone, without --onnx or --precision")
+    tflite = tflite_targets(run.path, req.tflite) if req.onnx_file is None and req.precision is None else []
+    targets = [] if req.tflite is not None else verify_targets(run.path, req.onnx_file, req.precision)
     cfg = req.config
     shape = manifest.input_shape
     x = load_inputs(req.inputs, shape) if req.inputs else make_inputs(shape, cfg)
@@ -138,6 +156,11 @@ def _verify_run(run: RunDir, req: VerifyRequest, write: bool) -> VerifyOutcome:
             xq, q_inputs = x.numpy(), inputs_name
         d["quantized"] = verify_quantized(run.path, model, low, x, cfg, xq, q_inputs, req.thresholds)
         for name, res in d["quantized"].items():
+            failures += [f"{name}: {f}" for f in res["failures"]]
+        d["passed"] = not failures
+    if tflite:
+        d["tflite"] = verify_tflite(run, manifest, tflite, req)
+        for name, res in d["tflite"].items():
             failures += [f"{name}: {f}" for f in res["failures"]]
         d["passed"] = not failures
     recorded = write or not run.report_path.exists()
