@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from test_config_file import run_cli
 from wnconvert.convert.actquant import quantizers
 from wnconvert.models.act_run import ActSettings
@@ -42,3 +44,27 @@ def test_recorded_repeated_and_restored(tmp_path: Path, capsys) -> None:
     # a manifest written before the option existed reads as ONNX's rounding
     old = {k: v for k, v in act.items() if k != "rounding"}
     assert ActSettings.from_dict(old).rounding == "onnx"
+
+    # the end state: its .tflite in TensorFlow Lite Micro holds the trained model's integers at every point
+    run = tmp_path / "a"
+    code, out, err = run_cli("export", run, "--target", "tflite-micro", capsys=capsys)
+    assert code == 0, err
+    code, out, err = run_cli("verify", run, "--tflite", run / "model.int8.tflite", "--limit", 2, "--json",
+                             capsys=capsys)
+    assert code == 0, err
+    res = json.loads(out)["tflite"]["model.int8.tflite"]
+    exact = res["bit_exact"]
+    assert exact["passed"] and exact["missing"] == [] and exact["compared"] == len(quantizers(qat))
+    assert exact["elements"] > 0 and {t["differ"] for t in exact["tensors"]} == {0}
+    # with the model's TFLite arithmetic taken out (ONNX's rounding at every point), the contract fails
+    from wnconvert.convert.actquant import tflite_points
+    from wnconvert.models.tflite_verify import verify_tflite_file
+    onnx_like = lambda q, x, inputs: torch.round(x.double() / q.scale_value()).to(torch.int64)
+    real = tflite_points.tflite_integers
+    tflite_points.tflite_integers = onnx_like
+    try:
+        x = np.asarray(torch.randn(2, 3, 32, 32), np.float32)
+        broken = verify_tflite_file(run, run / "model.int8.tflite", x, "2 generated inputs")
+    finally:
+        tflite_points.tflite_integers = real
+    assert not broken["bit_exact"]["passed"] and "differ" in broken["bit_exact"]["failures"][0]
