@@ -1,6 +1,6 @@
 """Vela's estimates for ResNet-18 and MobileNetV2 .tflite files on the Ethos-U targets.
 
-For each model and input size: an untrained run (``--epochs 0 --no-export``: Vela's figures depend on
+For each model and input size: an untrained run (``--epochs 0 --no-export``, then ``export`` for its model.onnx: Vela's figures depend on
 the architecture and shapes, not on the weights' values), its int8 .tflite (``export --target
 tflite-micro``, calibrated on 64 Fashion-MNIST images), then ``export --target T`` for every Ethos-U
 target; prints one row per (model, size, target) and writes the rows as JSON lines.
@@ -44,6 +44,7 @@ def main() -> None:
             if not (run / "model.int8.tflite").is_file():
                 cli("finetune", model, "--weights", "none", "--num-classes", 10, "--image-size", size,
                     "--data", "fashion-mnist", "--epochs", 0, "--no-export", "--overwrite", "--out", run)
+                cli("export", run)   # model.onnx, which the int8 network is calibrated from
                 cli("export", run, "--target", "tflite-micro", "--calib-samples", 64)
             for target in a.targets:
                 f = json.loads(cli("export", run, "--target", target, "--json"))

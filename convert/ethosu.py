@@ -118,7 +118,7 @@ def compile_tflite(src: Path, target: str, dst: Path) -> dict:
     data = Path(src).read_bytes()
     ops_in = check_compilable(data, str(src))
     system, memory = VELA_SYSTEMS[target]
-    with tempfile.TemporaryDirectory(prefix=".vela-", dir=Path(dst).parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".export-vela-", dir=Path(dst).parent) as tmp:
         work = Path(tmp) / "model.tflite"
         shutil.copyfile(src, work)
         cmd = [sys.executable, "-c", "import sys; from ethosu.vela.vela import main; sys.exit(main())",
