@@ -22,7 +22,7 @@ from wnconvert.convert.apply import apply_scheme
 from wnconvert.convert.export import export_onnx
 from wnconvert.convert.fold import FoldConfig, fold_model
 from wnconvert.convert.schemes import SchemeConfig
-from wnconvert.models.zoo import build_model
+from wnconvert.models.zoo.zoo import build_model
 
 
 def images_per_second(path: Path, x: np.ndarray, repeats: int, threads: int) -> float:

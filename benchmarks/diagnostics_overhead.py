@@ -1,6 +1,6 @@
 """Cost of ``--diagnostics K``: time of a training step with and without the collector.
 
-ResNet-18 (layer-max, SGD momentum + decay, as ``models.train`` builds it) on random 32x32 images.
+ResNet-18 (layer-max, SGD momentum + decay, as ``models.train.train`` builds it) on random 32x32 images.
 Every step is timed in parts, in the same process: forward+backward+``optimizer.step()`` (the
 step) and ``Diagnostics.before_step`` + ``after_step`` (the collector, run on every step here, i.e.
 K = 1). Both are measured as process CPU time and as wall time: on a shared, loaded machine the
@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 from wnconvert.convert.apply import apply_scheme
 from wnconvert.convert.schemes import SchemeConfig
-from wnconvert.models.diagnostics import Diagnostics
-from wnconvert.models.optim import build_optimizer
-from wnconvert.models.zoo import build_model
+from wnconvert.models.train.diagnostics import Diagnostics
+from wnconvert.models.train.optim import build_optimizer
+from wnconvert.models.zoo.zoo import build_model
 
 
 def main() -> None:

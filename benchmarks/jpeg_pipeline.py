@@ -6,7 +6,7 @@ then measures ready batches on the device:
 
   cpu-pil      build_data("imagefolder:...") with PIL transforms, DataLoader(--workers, pinned memory)
   gpu-decode   build_data(..., gpu_decode=True): file-bytes loader + GpuBatchTransform on the device,
-               a batch ahead in a background thread (models.gpu_decode.device_batches, as train() runs it)
+               a batch ahead in a background thread (models.data.gpu_decode.device_batches, as train() runs it)
 
 With --train, a training step (ResNet-50, bf16 autocast, channels_last, SGD with momentum, loss read
 every step like the engine) consumes each feed, and the same step on synthetic on-device data is the
@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from wnconvert.models.data import Preprocess, build_data, default_preprocess
-from wnconvert.models.gpu_decode import collate_encoded, decode_batch, device_batches
+from wnconvert.models.data.data import Preprocess, build_data, default_preprocess
+from wnconvert.models.data.gpu_decode import collate_encoded, decode_batch, device_batches
 
 TARGET = 0.9
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -173,7 +173,7 @@ def train_step(args: argparse.Namespace,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return float(loss.detach())  # a host sync per step, as models/train.py does
+        return float(loss.detach())  # a host sync per step, as models/train/train.py does
 
     return step
 

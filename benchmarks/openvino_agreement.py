@@ -24,8 +24,8 @@ import onnxruntime as ort
 
 from wnconvert.convert.metrics import compare_logits
 from wnconvert.convert.openvino_rt import ov_compile, run_runtime
-from wnconvert.models.data import eval_arrays
-from wnconvert.models.rundir import RunDir
+from wnconvert.models.data.data import eval_arrays
+from wnconvert.models.run.rundir import RunDir
 
 
 def cut(path: Path, x: np.ndarray) -> None:

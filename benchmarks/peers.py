@@ -41,9 +41,9 @@ from pathlib import Path
 from study_runs import CLI, ENV, Recipe, ensure, made, shown, wnconvert
 
 from wnconvert.convert.artifacts import sha256, write_text
-from wnconvert.models.accuracy import artifact_accuracy
-from wnconvert.models.rundir import RunDir
-from wnconvert.models.train_config import TrainConfig
+from wnconvert.models.run.accuracy import artifact_accuracy
+from wnconvert.models.run.rundir import RunDir
+from wnconvert.models.train.train_config import TrainConfig
 
 # label, weight bits, activation bits, wnconvert export precision
 CONFIGS = (("W8A8", 8, 8, "int8"), ("W4A8", 4, 8, "int4"), ("W4A4", 4, 4, "int4"))

@@ -6,7 +6,7 @@ asked bit widths: per-channel float-scale weights (``Int8WeightPerChannelFloat``
 activations (``Uint8ActPerTensorFloat`` after ReLU, ``Int8ActPerTensorFloat`` elsewhere, the input
 and residual adds included), int32 biases. The activation ranges are calibrated on the same 4
 training batches wnconvert calibrates on (``calibration_mode``), then the model is trained by
-wnconvert's own training loop (``wnconvert.models.train.train``: same data subset, augmentation,
+wnconvert's own training loop (``wnconvert.models.train.train.train``: same data subset, augmentation,
 optimizer, schedule, epochs and seed as the wnconvert fine-tune it is compared with) and exported
 with Brevitas's ONNX QCDQ export (QuantizeLinear -> Clip -> DequantizeLinear; the Clip narrows 8-bit
 storage to 4 bits).
@@ -28,11 +28,11 @@ from brevitas.graph.quantize import (COMPUTE_LAYER_MAP, QUANT_ACT_MAP, QUANT_IDE
 from brevitas.quant import (Int8ActPerTensorFloat, Int8WeightPerChannelFloat, Uint8ActPerTensorFloat)
 from torch import nn
 
-from wnconvert.models.act_run import calibration_batches
-from wnconvert.models.data import build_data
-from wnconvert.models.rundir import RunDir
-from wnconvert.models.train import TrainConfig, train
-from wnconvert.models.zoo import build_model
+from wnconvert.models.train.act_run import calibration_batches
+from wnconvert.models.data.data import build_data
+from wnconvert.models.run.rundir import RunDir
+from wnconvert.models.train.train import TrainConfig, train
+from wnconvert.models.zoo.zoo import build_model
 
 ONNX_NAME = "model.qcdq.onnx"
 

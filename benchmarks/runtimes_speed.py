@@ -29,8 +29,8 @@ import numpy as np
 from study_runs import ensure, wnconvert
 
 from wnconvert.convert.openvino_rt import run_runtime
-from wnconvert.models.data import eval_arrays
-from wnconvert.models.rundir import RunDir
+from wnconvert.models.data.data import eval_arrays
+from wnconvert.models.run.rundir import RunDir
 
 RUNTIMES = ("onnxruntime", "openvino")
 FILES = (("fp32", "model.onnx", None), ("int8 ort-cpu", "model.int8-ort-cpu.onnx", "ort-cpu"),

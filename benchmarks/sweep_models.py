@@ -54,8 +54,8 @@ def one(task: tuple[str, list[str], str, int, int, str]) -> list[dict]:
     from wnconvert.convert.fold import FoldConfig
     from wnconvert.convert.schemes import SchemeConfig
     from wnconvert.convert.verify import VerifyConfig
-    from wnconvert.models.run import RunConfig, run_finetune
-    from wnconvert.models.zoo import build_model, min_image_size
+    from wnconvert.models.run.run import RunConfig, run_finetune
+    from wnconvert.models.zoo.zoo import build_model, min_image_size
 
     rows = []
     with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:

@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from wnconvert.convert.errors import UserInputError
-from wnconvert.models.config_file import read_defaults
+from wnconvert.models.run.config_file import read_defaults
 
 # Where the run goes and whether it continues or replaces one: always said on the command line.
 NEVER_FROM_CONFIG = {"out", "resume", "overwrite", "config", "json_out"}

@@ -24,7 +24,7 @@ def eval_command(
 ):
     """Top-1 / top-5 and images/s of a checkpoint (PyTorch), an ONNX file (onnxruntime or OpenVINO) or a
     .tflite file (TensorFlow Lite Micro or LiteRT)."""
-    from wnconvert.models.accuracy import artifact_accuracy
+    from wnconvert.models.run.accuracy import artifact_accuracy
 
     res = artifact_accuracy(artifact, data, limit=limit, batch=batch_size, provider=value(provider),
                             runtime=value(runtime))

@@ -1,6 +1,6 @@
 """``wnconvert finetune MODEL``: build, reparametrize, train, fold, export and verify a run.
 
-The run's module (``wnconvert.models.run``, which loads torch and torchvision) is imported in the
+The run's module (``wnconvert.models.run.run``, which loads torch and torchvision) is imported in the
 command's body, the one place it is needed, so ``--help`` and parser errors do not wait for it;
 the options' defaults come from the light config modules."""
 
@@ -16,7 +16,7 @@ from rich.table import Table
 from wnconvert.convert.configs import FoldConfig, SchemeConfig, VerifyConfig
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.names import DEFAULT_TARGET, TRAIN_TARGETS
-from wnconvert.models.train_config import TrainConfig
+from wnconvert.models.train.train_config import TrainConfig
 
 from .config_option import ConfigOpt
 from .errors import handle_errors
@@ -85,8 +85,8 @@ def finetune(
     json_out: bool = JsonOpt,
 ):
     """Fine-tune MODEL under a weight-range scheme, then fold, export and verify it."""
-    from wnconvert.models.act_run import ActSettings
-    from wnconvert.models.run import RunConfig, finetune_run, resume_config, training_epochs
+    from wnconvert.models.train.act_run import ActSettings
+    from wnconvert.models.run.run import RunConfig, finetune_run, resume_config, training_epochs
 
     if act_bits is None and value(scale_format) == "po2":
         raise UserInputError("--scale-format po2 needs --act-bits A and --weight-bits B: it makes every "

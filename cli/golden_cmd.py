@@ -23,7 +23,7 @@ def golden(
 ):
     """Run the pure-integer reference on real images and write every quantized tensor (golden.npz)
     with its scales, shifts and zero points (index.json)."""
-    from wnconvert.models.golden_run import golden_for_run
+    from wnconvert.models.run.golden_run import golden_for_run
 
     s = golden_for_run(run_dir, out, data=data, count=count, precision=precision, onnx_file=onnx_file)
     if json_out:

@@ -44,8 +44,8 @@ def inspect(
 ):
     """Per-layer weight ranges. For a run directory, its model.onnx."""
     from wnconvert.convert.inspect_weights import inspect_file
-    from wnconvert.models.rundir import RunDir
-    from wnconvert.models.zoo import load_state_file
+    from wnconvert.models.run.rundir import RunDir
+    from wnconvert.models.zoo.zoo import load_state_file
 
     if path.is_dir():
         path = RunDir(path).onnx_path
@@ -82,7 +82,7 @@ def schemes(json_out: bool = JsonOpt):
 @handle_errors
 def models(json_out: bool = JsonOpt):
     """List the torchvision classification models."""
-    from wnconvert.models.zoo import list_models
+    from wnconvert.models.zoo.zoo import list_models
     names = list_models()
     if json_out:
         print_json(names)

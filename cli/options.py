@@ -3,7 +3,7 @@
 Every choice option is typed with an enum built from the registry it comes from, so ``--help``
 lists the values and the parser rejects any other; defaults are read from the dataclass fields,
 so the CLI cannot drift from the library. Both come from light modules (convert/names.py,
-convert/configs.py, models/optim_settings.py, models/run_options.py, models/train_config.py) that
+convert/configs.py, models/train/optim_settings.py, models/run/run_options.py, models/train/train_config.py) that
 load no torch, onnx or numpy: ``--help`` and parser errors stay fast."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from wnconvert.convert.names import (ACT_TYPES, BN_MODES, CALIBRATORS, CONTAINER
                                      GRANULARITIES, PRECISIONS,
                                      PROVIDERS, RANGE_MODES, ROUNDINGS, RUNTIMES, SCALE_FORMATS, TFLITE_RUNTIMES, SCALE_GRAD_MODES,
                                      SCHEME_NAMES, TARGETS, TRAIN_TARGETS)
-from wnconvert.models.optim_settings import OPTIMIZERS, SCHEDULES, WD_MODES
-from wnconvert.models.run_options import CALIB_SPLITS
+from wnconvert.models.train.optim_settings import OPTIMIZERS, SCHEDULES, WD_MODES
+from wnconvert.models.run.run_options import CALIB_SPLITS
 
 
 def choices(name: str, values) -> type[Enum]:

@@ -19,7 +19,7 @@ def report(
     per-layer ||W||, effective LR, ||W||/||g|| against its equilibrium, weight histograms, SQNR."""
     from rich.table import Table
 
-    from wnconvert.models.report import build_report, check_matplotlib
+    from wnconvert.models.run.report import build_report, check_matplotlib
 
     from .render import console
 

@@ -16,7 +16,7 @@ import typer
 from wnconvert.convert.configs import QuantThresholds, VerifyConfig
 from wnconvert.convert.errors import ParityError
 from wnconvert.convert.names import ETHOS_U_TARGETS, TFLITE_IO
-from wnconvert.models.run_options import PrecisionOptions, VerifyRequest
+from wnconvert.models.run.run_options import PrecisionOptions, VerifyRequest
 
 from .errors import handle_errors
 from .options import (ActType, Bn, CalibSplit, Calibrator, Container, Granularity, Precision, Target, choices,
@@ -33,7 +33,7 @@ def fold(
     json_out: bool = JsonOpt,
 ):
     """Fold the run's checkpoint into static weights and print the per-layer certificate."""
-    from wnconvert.models.run_export import fold_run
+    from wnconvert.models.run.run_export import fold_run
 
     cfg, result = fold_run(run_dir, value(bn), value(granularity))
     cert = result.certificate()
@@ -73,7 +73,7 @@ def export(
         return _export_ethos_u(run_dir, value(target), value(precision), json_out)
     from wnconvert.convert.errors import UserInputError
     from wnconvert.convert.pipeline import require_parity
-    from wnconvert.models.run_export import export_precision, export_run
+    from wnconvert.models.run.run_export import export_precision, export_run
 
     if value(target) == "tflite-micro":
         from wnconvert.models.run_tflite import export_tflite
@@ -172,7 +172,7 @@ def verify(
     evaluated in float64, and each low-precision file under its contract: lossless weights
     against the checkpoint at the same tolerance, lossy ones against model.onnx (top-1 agreement,
     SQNR). Exits 3 when a check fails."""
-    from wnconvert.models.run_verify import verify_run
+    from wnconvert.models.run.run_verify import verify_run
 
     req = VerifyRequest(
         onnx_file=onnx_file, precision=value(precision), inputs=inputs, data=data, limit=limit,

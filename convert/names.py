@@ -10,8 +10,11 @@ checks that they are equal, in order.
 
 from __future__ import annotations
 
-# convert/schemes.py (REGISTRY's keys, in its order); weight_bits=True entries in WEIGHT_BITS_SCHEMES
+# convert/schemes.py (REGISTRY's keys, in its order)
 SCHEME_NAMES = ("layer-max", "channel-max", "weight-std", "weight-norm", "none")
+# The one statement of which schemes have a fixed [-1, 1] range and so train on a --weight-bits grid
+# (and can carry --act-bits, po2 scales, int4 files): SchemeConfig, actquant's QLayer and the
+# --act-bits run checks all read it.
 WEIGHT_BITS_SCHEMES = ("layer-max", "channel-max")
 GAIN_MODES = ("frozen", "learned", "none")
 SCALE_GRAD_MODES = ("full", "detach")

@@ -19,9 +19,6 @@ from .fold import FoldConfig, FoldResult, fold_model
 from .onnx_ranges import check_unit_range, weight_ranges
 from .verify import ParityReport, VerifyConfig, make_inputs, verify
 
-ONNX_NAME = "model.onnx"
-
-
 @dataclass
 class ConversionResult:
     onnx_path: Path
@@ -43,16 +40,16 @@ class ConversionResult:
         }
 
 
-def convert(model: nn.Module, input_shape: tuple[int, int, int], out_dir: Path, *,
+def convert(model: nn.Module, input_shape: tuple[int, int, int], onnx_path: Path, *,
             fold_config: FoldConfig = FoldConfig(), export_config: ExportConfig = ExportConfig(),
             verify_config: VerifyConfig = VerifyConfig(), original: nn.Module | None = None,
             inputs: Tensor | None = None, check: Callable[[Path], None] | None = None) -> ConversionResult:
-    """Fold ``model``, write ``out_dir/model.onnx``, check its weight ranges and its parity.
+    """Fold ``model``, write the float ONNX file ``onnx_path``, check its weight ranges and its parity.
 
     ``original`` (the model before any scheme) gets its own parity entry: the step-0 deviation,
     which is reported, not enforced, since ``gain='none'`` changes the function on purpose.
     Raises :class:`ParityError` when the export does not match the reparametrized model.
-    ``check`` (raising to refuse the file) sees model.onnx before it replaces the previous one.
+    ``check`` (raising to refuse the file) sees the new file before it replaces the previous one.
     """
     model = model.eval().cpu().float()
     example = example_inputs(input_shape)
@@ -60,7 +57,7 @@ def convert(model: nn.Module, input_shape: tuple[int, int, int], out_dir: Path, 
     export_cfg = export_config
     if folded.weight_side_scales:
         export_cfg = replace(export_config, constant_folding=False)
-    path = export_onnx(folded.model, example, Path(out_dir) / ONNX_NAME, export_cfg, check)
+    path = export_onnx(folded.model, example, Path(onnx_path), export_cfg, check)
     ranges = weight_ranges(onnx.load(str(path), load_external_data=True))
     check_unit_range(ranges, str(path))
 

@@ -203,7 +203,6 @@ class SchemeInfo:
 
     reparam: type[Reparam] | None   # None: no reparametrization
     help: str                       # what ``wnconvert schemes`` and ``--help`` say
-    weight_bits: bool               # a fixed [-1, 1] range, so ``--weight-bits`` trains on its grid
 
     @property
     def per_channel(self) -> bool:
@@ -212,17 +211,15 @@ class SchemeInfo:
         return self.reparam is None or self.reparam.per_channel
 
 
-# A new scheme: a Reparam subclass above, one entry here and its name in names.SCHEME_NAMES.
+# A new scheme: a Reparam subclass above, one entry here and its name in names.SCHEME_NAMES (and in
+# names.WEIGHT_BITS_SCHEMES, the one statement of which schemes train on a --weight-bits grid, if its
+# range is the fixed [-1, 1]).
 REGISTRY: dict[str, SchemeInfo] = {
-    "layer-max": SchemeInfo(LayerMax, "W / max|W| over the whole tensor; one scale per layer",
-                            weight_bits=True),
-    "channel-max": SchemeInfo(ChannelMax, "W / max|W_c| per output channel", weight_bits=True),
-    "weight-std": SchemeInfo(WeightStd, "(W - mean_c) / std_c per output channel (Weight Standardization)",
-                             weight_bits=False),
-    "weight-norm": SchemeInfo(WeightNorm, "W / ||W_c|| per output channel (Weight Normalization)",
-                              weight_bits=False),
-    "none": SchemeInfo(None, "no reparametrization (baseline); the fold still stores weights in [-1, 1]",
-                       weight_bits=False),
+    "layer-max": SchemeInfo(LayerMax, "W / max|W| over the whole tensor; one scale per layer"),
+    "channel-max": SchemeInfo(ChannelMax, "W / max|W_c| per output channel"),
+    "weight-std": SchemeInfo(WeightStd, "(W - mean_c) / std_c per output channel (Weight Standardization)"),
+    "weight-norm": SchemeInfo(WeightNorm, "W / ||W_c|| per output channel (Weight Normalization)"),
+    "none": SchemeInfo(None, "no reparametrization (baseline); the fold still stores weights in [-1, 1]"),
 }
 
 SCHEMES: dict[str, type[Reparam] | None] = {k: v.reparam for k, v in REGISTRY.items()}

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from wnconvert.cli.main import app
 
-import wnconvert.models.run as run_mod
+import wnconvert.models.run.run as run_mod
 
 
 @torch.no_grad()

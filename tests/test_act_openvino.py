@@ -23,7 +23,7 @@ from wnconvert.convert.actquant import (ActQuantConfig, act_points, calibrate, c
                                         export_qdq, freeze_bn, prepare_qat)
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.openvino_rt import run_runtime
-from wnconvert.models.act_run import ActSettings
+from wnconvert.models.train.act_run import ActSettings
 
 from helpers import cli
 from test_actquant import SHAPE, _images, _model, _train

@@ -1,5 +1,5 @@
 """``finetune --act-bits``: a run trained with activation quantization, exported with its trained
-scales and verified under the lossless-activations contract (models/act_run.py, act_files.py)."""
+scales and verified under the lossless-activations contract (models/train/act_run.py, act_files.py)."""
 
 import json
 from pathlib import Path
@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from wnconvert.cli.main import app
 from wnconvert.convert.actquant import act_points, quantizers
-from wnconvert.models.optim import build_optimizer
-from wnconvert.models.rundir import RunDir
+from wnconvert.models.train.optim import build_optimizer
+from wnconvert.models.run.rundir import RunDir
 
 TINY = ["--weights", "none", "--image-size", "32", "--num-classes", "10", "--data", "synthetic:10",
         "--workers", "0", "--device", "cpu", "--batch-size", "32", "--samples", "2"]

@@ -16,7 +16,7 @@ from wnconvert.convert.actquant import (ActQuantConfig, ActQuantizer, act_points
 from wnconvert.convert.apply import apply_scheme, reparam_of
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.schemes import SchemeConfig
-from wnconvert.models.zoo import build_model
+from wnconvert.models.zoo.zoo import build_model
 
 SHAPE = (1, 3, 32, 32)
 

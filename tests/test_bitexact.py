@@ -20,7 +20,7 @@ from wnconvert.convert.actquant import (ActQuantConfig, act_points, calibrate, c
 from wnconvert.convert.apply import apply_scheme, reparam_of
 from wnconvert.convert.intref import is_power_of_two
 from wnconvert.convert.schemes import SchemeConfig
-from wnconvert.models.rundir import RunDir
+from wnconvert.models.run.rundir import RunDir
 
 SHAPE = (1, 3, 16, 16)
 

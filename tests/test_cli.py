@@ -43,7 +43,7 @@ def sd_files(tmp_path_factory):
 
 def _original(name, path, num_classes):
     """What the tool should reproduce: the model with the file loaded and the head replaced."""
-    from wnconvert.models.zoo import build_model
+    from wnconvert.models.zoo.zoo import build_model
     torch.manual_seed(0)
     return build_model(name, str(path), num_classes).model.eval()
 
@@ -68,7 +68,7 @@ def test_finetune_epochs0_reproduces_original(sd_files, tmp_path, name, scheme, 
     report = json.loads((out / "report.json").read_text())
     assert report["parity"]["passed"] and report["parity_vs_original"]["passed"]
     # The new head is random: compare with the run's own checkpoint, evaluated in PyTorch.
-    from wnconvert.models.run import load_run
+    from wnconvert.models.run.run import load_run
     _, reparam, _ = load_run(out)
     x = torch.randn(4, 3, 64, 64)
     with torch.no_grad():

@@ -18,7 +18,7 @@ from test_act_run import TINY, cli
 
 from wnconvert.convert.quantize.container import (GRID_RANGE, META_KEY, container_record, container_violations,
                                                   mark_int8_container, to_int8_container)
-from wnconvert.models.rundir import RunDir
+from wnconvert.models.run.rundir import RunDir
 
 export_qdq_mod = importlib.import_module("wnconvert.convert.actquant.export_qdq")  # the package exports the function
 LEVELS = {"off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "on": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}

@@ -1,4 +1,4 @@
-"""Data specs, preprocessing and dataset readers (wnconvert.models.data)."""
+"""Data specs, preprocessing and dataset readers (wnconvert.models.data.data)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
 from wnconvert.convert.errors import UserInputError
-from wnconvert.models.data import (
+from wnconvert.models.data.data import (
     DataError,
     DataSpec,
     Preprocess,
@@ -24,7 +24,7 @@ from wnconvert.models.data import (
     eval_arrays,
     parse_data_spec,
 )
-from wnconvert.models.datasets import FASHION_MNIST_CLASSES, read_fashion_mnist
+from wnconvert.models.data.datasets import FASHION_MNIST_CLASSES, read_fashion_mnist
 
 REAL_FASHION = Path("/usr/share/datasets/fashion-mnist")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

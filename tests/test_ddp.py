@@ -1,4 +1,4 @@
-"""Two-process DDP training on CPU (gloo) through torchrun: models/distributed.py + models/train.py."""
+"""Two-process DDP training on CPU (gloo) through torchrun: models/train/distributed.py + models/train/train.py."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from torch.utils.data import TensorDataset
 
 from wnconvert.convert.apply import apply_scheme
 from wnconvert.convert.schemes import SchemeConfig
-from wnconvert.models import distributed
-from wnconvert.models.train import evaluate
+from wnconvert.models.train import distributed
+from wnconvert.models.train.train import evaluate
 
 N_TRAIN, N_VAL = 40, 13  # 13: odd, so a padded sampler would be caught counting 14
 
@@ -33,8 +33,8 @@ WORKER = textwrap.dedent(f"""
 
     from wnconvert.convert.apply import apply_scheme
     from wnconvert.convert.schemes import SchemeConfig
-    from wnconvert.models.distributed import cleanup, init_distributed
-    from wnconvert.models.train import TrainConfig, evaluate, train
+    from wnconvert.models.train.distributed import cleanup, init_distributed
+    from wnconvert.models.train.train import TrainConfig, evaluate, train
 
 
     @dataclass

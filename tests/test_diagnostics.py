@@ -1,4 +1,4 @@
-"""--diagnostics (models/diagnostics.py) in the training loop, and `wnconvert report`."""
+"""--diagnostics (models/train/diagnostics.py) in the training loop, and `wnconvert report`."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from wnconvert.convert.apply import apply_scheme
 from wnconvert.convert.schemes import SchemeConfig
-from wnconvert.models.diagnostics import DYNAMICS, INITIAL, read_dynamics
-from wnconvert.models.train import TrainConfig, train
+from wnconvert.models.train.diagnostics import DYNAMICS, INITIAL, read_dynamics
+from wnconvert.models.train.train import TrainConfig, train
 
 from test_train import tiny_data, tiny_net
 
@@ -144,8 +144,8 @@ def test_report_on_a_non_run_is_one_line_error(tmp_path):
 
 
 def test_collector_fields_match_direct_computation(tmp_path):
-    from wnconvert.models.diagnostics import Diagnostics
-    from wnconvert.models.optim import build_optimizer
+    from wnconvert.models.train.diagnostics import Diagnostics
+    from wnconvert.models.train.optim import build_optimizer
     model = tiny_net()
     apply_scheme(model, SchemeConfig("layer-max"))
     opt = build_optimizer(model, "sgd", lr=0.1, momentum=0.9, weight_decay=1e-3)

@@ -21,8 +21,8 @@ import torch
 import torchvision
 
 from wnconvert.convert.errors import UserInputError
-from wnconvert.models import download
-from wnconvert.models.zoo import build_model
+from wnconvert.models.zoo import download
+from wnconvert.models.zoo.zoo import build_model
 
 SQUEEZE = torchvision.models.SqueezeNet1_1_Weights.IMAGENET1K_V1
 REAL_NAME = Path(SQUEEZE.url).name          # squeezenet1_1-b8a52dc0.pth

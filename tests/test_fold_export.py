@@ -37,7 +37,7 @@ def _model(name, scheme, seed=0):
 def test_convert_matches_original_in_onnxruntime(name, bn, tmp_path):
     scheme = SCHEMES[sorted(SPREAD).index(name) % len(SCHEMES)]  # spread the schemes over the models
     original, model, size = _model(name, scheme)
-    result = convert(model, (3, size, size), tmp_path, fold_config=FoldConfig(bn=bn),
+    result = convert(model, (3, size, size), tmp_path / "model.onnx", fold_config=FoldConfig(bn=bn),
                      original=original, verify_config=VerifyConfig(samples=6))
     assert result.parity.passed, result.parity.failures()
     assert result.parity_vs_original.passed, result.parity_vs_original.failures()
@@ -62,8 +62,8 @@ def test_convert_matches_original_in_onnxruntime(name, bn, tmp_path):
 def test_every_scheme_on_resnet(scheme, tmp_path):
     original, model, size = _model("resnet18", scheme, seed=3)
     for bn in ("keep", "fold"):
-        result = convert(model, (3, size, size), tmp_path / bn, fold_config=FoldConfig(bn, "channel"),
-                         original=original)
+        result = convert(model, (3, size, size), tmp_path / bn / "model.onnx",
+                         fold_config=FoldConfig(bn, "channel"), original=original)
         assert result.parity.passed and result.parity_vs_original.passed
 
 
@@ -105,7 +105,7 @@ def test_certificate_records_each_layer():
 
 def test_dynamic_batch_and_optimization_levels(tmp_path):
     _, model, size = _model("mobilenet_v3_small", "channel-max")
-    result = convert(model, (3, size, size), tmp_path)
+    result = convert(model, (3, size, size), tmp_path / "model.onnx")
     x = torch.randn(5, 3, size, size)
     with torch.no_grad():
         ref = model(x).numpy()
@@ -171,7 +171,7 @@ def test_small_images_through_a_vgg_style_pool_export(tmp_path):
                                     nn.AdaptiveAvgPool2d((7, 7)), nn.Flatten(), nn.Linear(8 * 49, 10)))
     original = copy.deepcopy(model)
     apply_scheme(model, SchemeConfig("layer-max"))
-    result = convert(model, (3, 16, 16), tmp_path, original=original)
+    result = convert(model, (3, 16, 16), tmp_path / "model.onnx", original=original)
     assert result.parity.passed and result.parity_vs_original.passed
 
 

@@ -1,4 +1,4 @@
-"""GPU JPEG decode input pipeline (wnconvert.models.gpu_decode), exercised on CPU.
+"""GPU JPEG decode input pipeline (wnconvert.models.data.gpu_decode), exercised on CPU.
 
 On CPU, decode_jpeg/decode_image use libjpeg-turbo and decode bit-identically to PIL, so the eval
 path can be held to PIL's eval transform within the rounding of the resize. The CUDA tests at the
@@ -20,8 +20,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from wnconvert.convert.errors import UserInputError
-from wnconvert.models.data import DataError, Preprocess, build_data, default_preprocess
-from wnconvert.models.gpu_decode import (
+from wnconvert.models.data.data import DataError, Preprocess, build_data, default_preprocess
+from wnconvert.models.data.gpu_decode import (
     EncodedBatch,
     EncodedImageDataset,
     GpuBatchTransform,
@@ -30,7 +30,7 @@ from wnconvert.models.gpu_decode import (
     nvjpeg_decodable,
     random_resized_crops,
 )
-from wnconvert.models.train import TrainConfig, evaluate, train
+from wnconvert.models.train.train import TrainConfig, evaluate, train
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # (height, width, PIL mode, progressive) per image; every class folder gets the same mix.

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from wnconvert.convert.errors import UserInputError
-from wnconvert.models.lock import is_locked, locked
+from wnconvert.models.run.lock import is_locked, locked
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from wnconvert.models.lock import locked
+from wnconvert.models.run.lock import locked
 with locked(Path(sys.argv[1])):
     print("locked", flush=True)
     time.sleep(60)

@@ -262,7 +262,7 @@ def test_fp32_and_quantized_exports_pass_with_their_dequantized_values(tmp_path)
                                     nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                                     nn.Flatten(), nn.Linear(8, 5)))
     apply_scheme(model, SchemeConfig("channel-max"))
-    fp32 = convert(model, (3, 12, 12), tmp_path).onnx_path
+    fp32 = convert(model, (3, 12, 12), tmp_path / "model.onnx").onnx_path
     ref = {r.initializer: r for r in weight_ranges(load_model(fp32))}
     assert len(ref) == 3 and {r.via for r in ref.values()} == {"direct"}
     calib = np.random.default_rng(0).standard_normal((8, 3, 12, 12)).astype(np.float32)

@@ -35,9 +35,9 @@ import pytest
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.metrics import compare_logits
 from wnconvert.convert.openvino_rt import ov_compile, run_runtime
-from wnconvert.models.accuracy import artifact_accuracy
-from wnconvert.models.data import eval_arrays
-from wnconvert.models.rundir import RunDir
+from wnconvert.models.run.accuracy import artifact_accuracy
+from wnconvert.models.data.data import eval_arrays
+from wnconvert.models.run.rundir import RunDir
 
 from helpers import cli
 

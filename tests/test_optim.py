@@ -1,4 +1,4 @@
-"""Optimizer groups, eps-shifted decay, LARS and the schedule (models/optim.py)."""
+"""Optimizer groups, eps-shifted decay, LARS and the schedule (models/train/optim.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from torch import nn
 from wnconvert.convert.apply import apply_scheme, scheme_parameters
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.schemes import SchemeConfig
-from wnconvert.models import optim
-from wnconvert.models.optim import (LARS, WarmupCosine, build_optimizer, param_groups,
+from wnconvert.models.train import optim
+from wnconvert.models.train.optim import (LARS, WarmupCosine, build_optimizer, param_groups,
                                     shifted_l2_grad)
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "training.md"

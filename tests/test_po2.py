@@ -23,10 +23,10 @@ from wnconvert.convert.quantize.target_rules import fixed_point_violations
 from wnconvert.convert.apply import apply_scheme
 from wnconvert.convert.intref import compare_runs, run_integer
 from wnconvert.convert.schemes import SchemeConfig
-from wnconvert.models.act_run import ActSettings
-from wnconvert.models.data import eval_arrays
-from wnconvert.models.rundir import RunDir
-from wnconvert.models.zoo import build_model
+from wnconvert.models.train.act_run import ActSettings
+from wnconvert.models.data.data import eval_arrays
+from wnconvert.models.run.rundir import RunDir
+from wnconvert.models.zoo.zoo import build_model
 
 TINY = ["--weights", "none", "--image-size", "32", "--num-classes", "10", "--data", "synthetic:10",
         "--workers", "0", "--device", "cpu", "--samples", "2", "--limit-train", "8", "--limit-val", "8",

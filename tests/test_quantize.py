@@ -11,12 +11,12 @@ from typer.testing import CliRunner
 from helpers import scale_first_dequantized_weight
 from test_data import write_fashion
 from wnconvert.cli.main import app
-from wnconvert.models.rundir import RunDir
+from wnconvert.models.run.rundir import RunDir
 from wnconvert.convert.metrics import compare_logits
 from wnconvert.convert.quant_check import QuantThresholds
 from wnconvert.convert.runtime import run_onnx
-from wnconvert.models.run_export import export_precision
-from wnconvert.models.run_verify import VerifyRequest, verify_run
+from wnconvert.models.run.run_export import export_precision
+from wnconvert.models.run.run_verify import VerifyRequest, verify_run
 
 runner = CliRunner()
 
@@ -384,8 +384,8 @@ def test_golden_command(exported, fashion, tmp_path):
     for is refused by name."""
     from qdq_graphs import ort_run, tiny_cnn
     from wnconvert.convert.golden import read_golden
-    from wnconvert.models.data import eval_arrays
-    from wnconvert.models.rundir import RunDir
+    from wnconvert.models.data.data import eval_arrays
+    from wnconvert.models.run.rundir import RunDir
 
     assert "--count" in _one_line_error(invoke("golden", exported, "--data", fashion, "--count", 0,
                                                "--out", tmp_path / "g0"))

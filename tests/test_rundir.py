@@ -14,12 +14,12 @@ from wnconvert.convert.export import ExportConfig
 from wnconvert.convert.fold import FoldConfig
 from wnconvert.convert.schemes import SchemeConfig
 from wnconvert.convert.verify import VerifyConfig
-from wnconvert.models.data import Preprocess
-from wnconvert.models.run import RunConfig, resume_config, run_finetune
-from wnconvert.models.run_export import PrecisionOptions, export_precision, export_run
-from wnconvert.models.run_verify import VerifyRequest, verify_run
-from wnconvert.models.rundir import MANIFEST_VERSION, Manifest, RunDir
-from wnconvert.models.train import TrainConfig
+from wnconvert.models.data.data import Preprocess
+from wnconvert.models.run.run import RunConfig, resume_config, run_finetune
+from wnconvert.models.run.run_export import PrecisionOptions, export_precision, export_run
+from wnconvert.models.run.run_verify import VerifyRequest, verify_run
+from wnconvert.models.run.rundir import MANIFEST_VERSION, Manifest, RunDir
+from wnconvert.models.train.train import TrainConfig
 
 OLD_MANIFEST = Path(__file__).parent / "fixtures" / "manifest_v0.json"
 

@@ -18,8 +18,8 @@ from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.quantize import ArrayReader, QuantOptions, quantize
 from wnconvert.convert.quantize.target_rules import fixed_point_violations, tensorrt_violations
 from wnconvert.convert.quantize.targets import get_target
-from wnconvert.models.run_target import check_run_target
-from wnconvert.models.rundir import RunDir
+from wnconvert.models.run.run_target import check_run_target
+from wnconvert.models.run.rundir import RunDir
 
 from helpers import cli
 

@@ -1,4 +1,4 @@
-"""The training loop (models/train.py) and its checkpoints (models/checkpoint.py), on CPU."""
+"""The training loop (models/train/train.py) and its checkpoints (models/train/checkpoint.py), on CPU."""
 
 from __future__ import annotations
 
@@ -19,15 +19,15 @@ from torch.utils.data import Dataset, TensorDataset
 from wnconvert.convert.apply import apply_scheme, reparametrized
 from wnconvert.convert.errors import Interrupted, TrainingError, UserInputError
 from wnconvert.convert.schemes import SchemeConfig
-from wnconvert.models import checkpoint as ckpt
-from wnconvert.models.train import TrainConfig, evaluate, train
+from wnconvert.models.train import checkpoint as ckpt
+from wnconvert.models.train.train import TrainConfig, evaluate, train
 
 STEP_KEYS = {"step", "epoch", "loss", "lr", "images_per_s"}
 EPOCH_KEYS = {"epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "images_per_s"}
 
 
 @dataclass
-class Bundle:  # stand-in for models.data.DataBundle
+class Bundle:  # stand-in for models.data.data.DataBundle
     train: Dataset
     val: Dataset
     num_classes: int = 4

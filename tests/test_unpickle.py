@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from wnconvert.convert.errors import UserInputError
-from wnconvert.models.unpickle import pickle_globals
-from wnconvert.models.zoo import load_state_file
+from wnconvert.models.zoo.unpickle import pickle_globals
+from wnconvert.models.zoo.zoo import load_state_file
 
 
 class Payload:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..apply import reparam_of
 from ..errors import UserInputError
+from ..names import WEIGHT_BITS_SCHEMES
 from .po2 import MIN_LOG2, po2_exponents, po2_ratio
 from .quantizer import ActQuantizer
 
@@ -47,10 +48,10 @@ class QLayer(nn.Module):
                  po2: bool = False) -> None:
         super().__init__()
         p = reparam_of(layer, "weight")
-        if p is None or not getattr(p, "weight_bits", None) or p.name not in ("layer-max", "channel-max"):
+        if p is None or not getattr(p, "weight_bits", None) or p.name not in WEIGHT_BITS_SCHEMES:
             raise UserInputError(
                 f"activation quantization needs every conv/linear weight on a fixed grid "
-                f"(--weight-bits with layer-max or channel-max); layer {name!r} has none")
+                f"(--weight-bits with {' or '.join(WEIGHT_BITS_SCHEMES)}); layer {name!r} has none")
         if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
             raise UserInputError(f"layer {name!r}: padding mode {layer.padding_mode!r} has no ONNX QDQ form here")
         if act not in ACTIVATIONS:

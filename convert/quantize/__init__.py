@@ -30,7 +30,7 @@ from . import fp16, static, weights_only
 from .container import CONTAINERS  # noqa: F401 (public)
 from .graph import WEIGHT_INPUTS, opset_of, weight_storage  # noqa: F401 (public)
 from .options import (ACT_BITS, ACT_TYPES, CALIBRATORS, INT_OPSET, PRECISIONS,  # noqa: F401 (public)
-                      QuantOptions, QuantResult, artifact_name, check_precision)
+                      QuantOptions, QuantResult, check_precision)
 from .static import ArrayReader  # noqa: F401 (public)
 
 FORMATS = (fp16, weights_only, static)
@@ -44,7 +44,7 @@ def quantize(src: Path, dst: Path, options: QuantOptions, calib: np.ndarray | No
     if not src.exists():
         raise UserInputError(f"{src} does not exist")
     if options.precision == "fp32":
-        raise UserInputError("fp32 is the exported model.onnx itself; nothing to quantize")
+        raise UserInputError("fp32 is the exported float file itself; nothing to quantize")
     if options.needs_calibration and (calib is None or len(calib) == 0):
         raise UserInputError(f"--precision {options.precision} with int8 activations needs calibration "
                              "data: pass --data SPEC (or weights only: --act-bits float)")

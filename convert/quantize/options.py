@@ -14,11 +14,6 @@ ACT_BITS = (None, 8)
 INT_OPSET = 21  # DequantizeLinear with int4 inputs
 
 
-def artifact_name(precision: str) -> str:
-    check_precision(precision)
-    return "model.onnx" if precision == "fp32" else f"model.{precision}.onnx"
-
-
 def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise UserInputError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")

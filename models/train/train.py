@@ -15,7 +15,7 @@ processes (data order, schedule, optimizer and RNG state are all restored). SIGI
 SIGTERM mid-epoch stops the loop between two steps and saves that step's state (weights, BatchNorm
 statistics, optimizer, schedule, RNG); resuming from it reproduces the uninterrupted run, with any
 number of DataLoader workers: each batch's augmentation is seeded by (seed, epoch, batch), not by a
-worker's stream (models/batches.py, SeededSamples). Under torchrun a signal interrupts at once
+worker's stream (models/train/batches.py, SeededSamples). Under torchrun a signal interrupts at once
 (ranks cannot agree on a step without a collective), as before.
 """
 
@@ -38,14 +38,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from ..convert.errors import Interrupted, TrainingError, UserInputError
+from ...convert.errors import Interrupted, TrainingError, UserInputError
+from ..files import METRICS
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from .batches import EpochSampler, SeededSamples, collate, evaluate, make_val_loader  # noqa: F401 (evaluate re-exported)
 from .diagnostics import Diagnostics
 from .optim import build_optimizer, warmup_cosine
 from .progress import MetricsLog, Progress, truncate_log
-from .rundir import METRICS
 from .train_config import DEVICES, TRAJECTORY_FIELDS, TrainConfig  # noqa: F401 (re-exported)
 from .train_loop import (EpochMetrics, Loop, LoopEnv, LoopOutputs, LoopParts, LoopState,  # noqa: F401
                          NonFinite, Stop)
@@ -98,7 +98,7 @@ def train(model: nn.Module, data: Any, config: TrainConfig, run_dir: Path, *, re
     came in. Raises TrainingError on a non-finite loss (nothing is saved), Interrupted (exit 130)
     on SIGINT/SIGTERM (the last completed step is saved to ``train/last.pt`` first when finite).
     ``on_epoch(epoch)`` is called at the start of every epoch trained (e.g. to freeze BatchNorm,
-    models/act_run.py).
+    models/train/act_run.py).
     """
     cfg = config.resolved()
     run_dir = Path(run_dir)

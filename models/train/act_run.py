@@ -26,9 +26,9 @@ from torch.utils.data import DataLoader
 
 from wnconvert.convert.actquant import ActQuantConfig, calibrate, freeze_bn, prepare_qat, qlayers
 from wnconvert.convert.errors import UserInputError
+from wnconvert.convert.names import WEIGHT_BITS_SCHEMES
 from wnconvert.convert.schemes import SchemeConfig
 
-GRID_SCHEMES = ("layer-max", "channel-max")
 CALIB_BATCHES = 4          # training batches the activation ranges are calibrated on
 CALIB_SEED = 1234          # their fixed draw (the training seed stream is not touched)
 
@@ -83,15 +83,15 @@ def check_act_request(scheme: SchemeConfig, act: ActSettings | None, *, data: st
     if act is None:
         return
     act.frozen_epochs(epochs)
-    if act.scale_format == "po2" and (not scheme.weight_bits or scheme.scheme not in GRID_SCHEMES):
+    if act.scale_format == "po2" and (not scheme.weight_bits or scheme.scheme not in WEIGHT_BITS_SCHEMES):
         raise UserInputError(f"--scale-format po2 needs --weight-bits B and a fixed-grid scheme "
-                             f"({' or '.join(GRID_SCHEMES)}); got --scheme {scheme.scheme}"
+                             f"({' or '.join(WEIGHT_BITS_SCHEMES)}); got --scheme {scheme.scheme}"
                              + ("" if scheme.weight_bits else " without --weight-bits"))
     if not scheme.weight_bits:
         raise UserInputError("--act-bits needs --weight-bits B: activations are quantized only on "
                              "top of weights trained on their grid")
-    if scheme.scheme not in GRID_SCHEMES:
-        raise UserInputError(f"--act-bits needs a scheme with a fixed grid ({' or '.join(GRID_SCHEMES)}), "
+    if scheme.scheme not in WEIGHT_BITS_SCHEMES:
+        raise UserInputError(f"--act-bits needs a scheme with a fixed grid ({' or '.join(WEIGHT_BITS_SCHEMES)}), "
                              f"not {scheme.scheme}")
     if not data:
         raise UserInputError("--act-bits needs --data: activation ranges are calibrated on training images")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.golden import golden_for_file
-from wnconvert.convert.quantize import artifact_name
 
+from ..files import artifact_name
 from .run_export import data_arrays
 from .rundir import RunDir
 

@@ -17,7 +17,7 @@ from typing import Iterator
 
 from wnconvert.convert.errors import UserInputError
 
-LOCK_NAME = ".lock"
+from ..files import LOCK as LOCK_NAME
 
 
 def _holder(fd: int) -> str:

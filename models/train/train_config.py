@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..convert.errors import UserInputError
+from ...convert.errors import UserInputError
 from .optim_settings import OPTIMIZERS, SCHEDULES, WD_MODES, check_hyperparameters, resolve_defaults
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -21,12 +21,12 @@ class TrainConfig:
     epochs: int = 1
     batch_size: int = 128             # per process; the global batch is batch_size * world size
     optimizer: str = "adamw"          # sgd | adamw | lars (docs/training.md: why adamw)
-    lr: float | None = None           # None -> models.optim.DEFAULTS[optimizer].lr
+    lr: float | None = None           # None -> models.train.optim.DEFAULTS[optimizer].lr
     momentum: float = 0.9             # SGD/LARS momentum; AdamW beta1
     nesterov: bool = False
-    weight_decay: float | None = None  # None -> models.optim.DEFAULTS[optimizer].weight_decay
+    weight_decay: float | None = None  # None -> models.train.optim.DEFAULTS[optimizer].weight_decay
     wd_mode: str = "l2"               # decay of raw reparametrized weights: l2 | eps-shifted | none
-    wd_eps: float | None = None       # None -> models.optim.DEFAULT_WD_EPS
+    wd_eps: float | None = None       # None -> models.train.optim.DEFAULT_WD_EPS
     warmup_epochs: float = 0.0        # linear warmup, then the schedule, stepped per iteration
     schedule: str = "cosine"          # after warmup: cosine to 0 | constant
     label_smoothing: float = 0.0
@@ -38,7 +38,7 @@ class TrainConfig:
     workers: int = 2
     seed: int = 0
     log_every: int = 50               # steps between step records in metrics.jsonl; 0 = none
-    diagnostics: int = 0              # steps between dynamics.jsonl records (models/diagnostics.py); 0 = off
+    diagnostics: int = 0              # steps between dynamics.jsonl records (models/train/diagnostics.py); 0 = off
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,4 +1,4 @@
-"""The epoch/step loop of :func:`wnconvert.models.train.train` and its checkpoints."""
+"""The epoch/step loop of :func:`wnconvert.models.train.train.train` and its checkpoints."""
 
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ class Loop:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.train_seconds, self.train_images = 0.0, 0
-        self.diagnostics: Any = None  # models.diagnostics.Diagnostics on rank 0 when enabled
+        self.diagnostics: Any = None  # models.train.diagnostics.Diagnostics on rank 0 when enabled
         self.on_epoch: Any = None     # called with the epoch number before each epoch trains
 
     def validate(self) -> dict:

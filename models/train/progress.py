@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..convert.artifacts import write_text
+from ...convert.artifacts import write_text
 
 
 def truncate_log(path: Path, step: int, epochs: list[dict]) -> None:

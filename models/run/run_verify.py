@@ -12,10 +12,11 @@ from torch import Tensor, nn
 
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.quant_check import QuantThresholds, check_lossy, detect_precision
-from wnconvert.convert.quantize import PRECISIONS, artifact_name
+from wnconvert.convert.quantize import PRECISIONS
 from wnconvert.convert.quantize.container import container_record
 from wnconvert.convert.verify import VerifyConfig, load_inputs, make_inputs, verify
 
+from ..files import artifact_name
 from .act_files import CONTRACT, verify_act_file
 from .bitexact_run import judged_bit_exact, verify_bitexact_file
 from .run_export import data_arrays
@@ -64,8 +65,8 @@ def verify_quantized(run_dir: Path, model: nn.Module, targets: list[tuple[str, P
                      parity_cfg: VerifyConfig, x: np.ndarray, inputs: str,
                      thresholds: QuantThresholds) -> dict:
     """Check each low-precision file under its contract (see ``convert/quant_check.py``): the
-    deployed file of an ``--act-bits`` run bit-exact (power-of-two scales, models/bitexact_run.py)
-    or lossless-activations (models/act_files.py); a lossless one (report.json says export found
+    deployed file of an ``--act-bits`` run bit-exact (power-of-two scales, models/run/bitexact_run.py)
+    or lossless-activations (models/run/act_files.py); a lossless one (report.json says export found
     every weight on the run's trained grid) against the trained model at the fp32 tolerance; any
     other against ``model.onnx``."""
     run = RunDir(run_dir)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..convert.errors import UserInputError
+from ...convert.errors import UserInputError
 
 SCHEDULES = ("cosine", "constant")
 OPTIMIZERS = ("sgd", "adamw", "lars")

@@ -1,5 +1,5 @@
 """A run: the job behind ``wnconvert finetune`` (and its resumption). The files it writes are
-described in :mod:`wnconvert.models.rundir`."""
+described in :mod:`wnconvert.models.run.rundir`."""
 
 from __future__ import annotations
 
@@ -19,19 +19,20 @@ from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.export import ExportConfig
 from wnconvert.convert.fold import FoldConfig
 from wnconvert.convert.metrics import topk_correct
-from wnconvert.convert.pipeline import ONNX_NAME, ConversionResult, convert, require_parity
+from wnconvert.convert.pipeline import ConversionResult, convert, require_parity
 from wnconvert.convert.runtime import run_onnx
 from wnconvert.convert.schemes import SchemeConfig
 from wnconvert.convert.verify import VerifyConfig, make_inputs
 
-from . import distributed
-from .act_run import ActSettings, act_model, check_act_request, copy_to_float, freeze_bn_hook
-from .data import DataBundle, Preprocess, build_data, default_preprocess, eval_arrays, parse_data_spec
+from ..train import distributed
+from ..train.act_run import ActSettings, act_model, check_act_request, copy_to_float, freeze_bn_hook
+from ..data.data import DataBundle, Preprocess, build_data, default_preprocess, eval_arrays, parse_data_spec
+from ..files import ONNX
 from .lock import check_unlocked
-from .optim_settings import SCRATCH_DEFAULTS
+from ..train.optim_settings import SCRATCH_DEFAULTS
 from .rundir import CHECKPOINT, MANIFEST, METRICS, REPORT, Manifest, RunDir  # noqa: F401 (re-exported)
-from .train import TrainConfig, train
-from .zoo import BuiltModel, build_model, fixed_image_size, min_image_size
+from ..train.train import TrainConfig, train
+from ..zoo.zoo import BuiltModel, build_model, fixed_image_size, min_image_size
 
 
 # Beyond these a value is a typo, not a model: the largest torchvision weights take 518 px (ViT-H),
@@ -57,7 +58,7 @@ class RunConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     train: TrainConfig | None = None  # None for --epochs 0
-    act: ActSettings | None = None    # --act-bits: activation QAT (models/act_run.py)
+    act: ActSettings | None = None    # --act-bits: activation QAT (models/train/act_run.py)
     no_export: bool = False
     overwrite: bool = False
     offline: bool | None = None      # None: WNCONVERT_OFFLINE decides whether weights may be downloaded
@@ -181,12 +182,12 @@ def _run_finetune(cfg: RunConfig, console, resume: bool, owner: ExitStack) -> Ru
 
     conversion = None
     if not cfg.no_export:
-        conversion = convert(model, shape, out, fold_config=cfg.fold, export_config=cfg.export,
+        conversion = convert(model, shape, out / ONNX, fold_config=cfg.fold, export_config=cfg.export,
                              verify_config=cfg.verify,
                              original=original if cfg.train is None else None)
         report.update(conversion.to_dict())
         if data is not None:
-            report["onnx_accuracy"] = onnx_accuracy(out / ONNX_NAME, cfg.data, preprocess, cfg.limit_val)
+            report["onnx_accuracy"] = onnx_accuracy(out / ONNX, cfg.data, preprocess, cfg.limit_val)
     run.write_report(report)  # a new (or resumed) run starts its report afresh
     run.finish(manifest)
     if conversion is not None:

@@ -15,7 +15,7 @@ from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.metrics import topk_correct
 from wnconvert.convert.openvino_rt import check_runtime, file_runner
 
-from .data import Preprocess, default_preprocess, eval_arrays
+from ..data.data import Preprocess, default_preprocess, eval_arrays
 from .rundir import CHECKPOINT, MANIFEST, RunDir
 
 

@@ -30,7 +30,7 @@ the optimizer sees it, i.e. after clipping and before any decay term is added):
                             fraction of elements of ``N(W)`` whose ``weight_bits`` grid level
                             changed in this step
 
-For an ``--act-bits`` run (an activation-QAT model, models/act_run.py) each record also holds
+For an ``--act-bits`` run (an activation-QAT model, models/train/act_run.py) each record also holds
 ``"activations": {point: {"scale", "clipped", "sqnr_db"}}``: per activation quantizer its scale,
 the fraction of elements clipped and the SQNR (dB) of the quantized tensor, measured on the
 step's training batch run in eval mode (``actquant.activation_diagnostics``).
@@ -50,12 +50,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..convert.actquant import activation_diagnostics
-from ..convert.apply import reparametrized
-from ..convert.artifacts import read_jsonl
+from ...convert.actquant import activation_diagnostics
+from ...convert.apply import reparametrized
+from ...convert.artifacts import read_jsonl
+from ..files import DYNAMICS, INITIAL  # noqa: F401 (re-exported)
 
-DYNAMICS = "dynamics.jsonl"
-INITIAL = "initial_weights.json"
 UNIT_TOL = 1e-6
 HIST_BINS = 64
 

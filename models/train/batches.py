@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from . import distributed as dist_utils
-from .gpu_decode import device_batches
+from ..data.gpu_decode import device_batches
 
 
 # -- evaluation --------------------------------------------------------------------------------
@@ -78,7 +78,7 @@ def make_val_loader(dataset: Dataset, batch_size: int, device: torch.device, wor
 
 
 def collate(gpu_transform: Any) -> Any:
-    # GPU decode (models/gpu_decode.py): batches are lists of encoded bytes, not stacked tensors.
+    # GPU decode (models/data/gpu_decode.py): batches are lists of encoded bytes, not stacked tensors.
     return None if gpu_transform is None else gpu_transform.collate
 
 

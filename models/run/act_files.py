@@ -15,11 +15,11 @@ from wnconvert.convert.actquant import act_points, check_lossless_activations, e
 from wnconvert.convert.actquant.shifts import layer_shifts
 from wnconvert.convert.errors import ParityError, UserInputError
 from wnconvert.convert.artifacts import atomic_path
-from wnconvert.convert.quantize import artifact_name
 from wnconvert.convert.quantize.target_rules import fixed_point_violations
 from wnconvert.convert.verify import VerifyConfig, make_inputs
 
-from .data import eval_arrays
+from ..data.data import eval_arrays
+from ..files import artifact_name
 from .rundir import Manifest, RunDir
 
 CONTRACT = "lossless-activations"

@@ -1,5 +1,5 @@
 """Data specs: where the images come from (``fashion-mnist``, ``imagefolder:/data/imagenet``, ...),
-the error every data problem raises, and the bundle :func:`wnconvert.models.data.build_data` returns."""
+the error every data problem raises, and the bundle :func:`wnconvert.models.data.data.build_data` returns."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..convert.errors import UserInputError
+from ...convert.errors import UserInputError
 
 
 class DataError(UserInputError):
@@ -92,5 +92,5 @@ class DataBundle:
     classes: list[str]
     small_images: bool
     # Set by build_data(..., gpu_decode=True): train/val then yield encoded file bytes and train()
-    # decodes and augments each batch on the device with this transform (models/gpu_decode.py).
-    gpu_transform: Any = None  # models.gpu_decode.GpuBatchTransform
+    # decodes and augments each batch on the device with this transform (models/data/gpu_decode.py).
+    gpu_transform: Any = None  # models.data.gpu_decode.GpuBatchTransform

@@ -1,7 +1,7 @@
 """``wnconvert report RUN_DIR``: figures and one self-contained HTML page for a run directory.
 
 Reads ``metrics.jsonl``, ``dynamics.jsonl`` and ``initial_weights.json`` (both written with
-``--diagnostics K``) and the run's checkpoint (via :func:`wnconvert.models.run.load_run`), folds it
+``--diagnostics K``) and the run's checkpoint (via :func:`wnconvert.models.run.run.load_run`), folds it
 with the run's fold settings and writes into ``RUN_DIR/report/``:
 
 * ``loss.png``, ``accuracy.png``                  training/validation curves
@@ -29,18 +29,18 @@ from typing import Any
 
 import torch
 
-from ..convert import metrics
-from ..convert.apply import raw_weight
-from ..convert.artifacts import read_jsonl
-from ..convert.errors import UserInputError
-from ..convert.fold import FoldConfig, fold_model
-from ..convert.scaled import stored_tensor
-from ..convert.targets import iter_targets
-from ..convert.verify import VerifyConfig, make_inputs
-from .diagnostics import DYNAMICS, INITIAL, read_dynamics, unit_histogram
-from .rundir import METRICS, RunDir
+from ...convert import metrics
+from ...convert.apply import raw_weight
+from ...convert.artifacts import read_jsonl
+from ...convert.errors import UserInputError
+from ...convert.fold import FoldConfig, fold_model
+from ...convert.scaled import stored_tensor
+from ...convert.targets import iter_targets
+from ...convert.verify import VerifyConfig, make_inputs
+from ..train.diagnostics import DYNAMICS, INITIAL, read_dynamics, unit_histogram  # noqa: F401
+from ..files import METRICS, REPORT_DIR
+from .rundir import RunDir
 
-REPORT_DIR = "report"
 SQNR_BITS = (8, 4)
 
 
@@ -212,7 +212,7 @@ def _dynamics(res: ReportResult, captions: dict, dyn: list[dict]) -> None:
         res.figures.append(_per_layer_plot(_layer_series(dyn, "eff_lr"), "Effective learning rate",
                                            "eff. lr", out / "eff_lr.png"))
         captions["eff_lr.png"] = ("sgd: lr/||W||^2; lars: lr·trust/||W||^2; adamw: "
-                                  "lr·sqrt(n)/||W|| (see models/diagnostics.py).")
+                                  "lr·sqrt(n)/||W|| (see models/train/diagnostics.py).")
         eq = [(r["step"], v["equilibrium"]) for r in dyn for v in list(r["layers"].values())[:1]
               if v.get("equilibrium") is not None]
 

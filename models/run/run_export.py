@@ -10,7 +10,7 @@ import numpy as np
 from wnconvert.convert.errors import ParityError, UserInputError
 from wnconvert.convert.fold import FoldConfig, FoldResult, fold_model
 from wnconvert.convert.pipeline import ConversionResult, convert, example_inputs
-from wnconvert.convert.quantize import (QuantOptions, artifact_name, check_precision, compare_files,
+from wnconvert.convert.quantize import (QuantOptions, check_precision, compare_files,
                                         quantize, weight_storage)
 from wnconvert.convert.schemes import REGISTRY
 from wnconvert.convert.verify import make_inputs
@@ -18,8 +18,9 @@ from wnconvert.convert.verify import make_inputs
 from wnconvert.convert.quantize.container import check_container
 from wnconvert.convert.quantize.targets import DEFAULT_TARGET
 
+from ..files import artifact_name
 from .act_files import export_act_precision
-from .data import Preprocess, eval_arrays
+from ..data.data import Preprocess, eval_arrays
 from .run_target import TRAINED, check_run_target, record_target, resolve_target, rules_guard
 from .rundir import Manifest, RunDir, writes_run
 from .run_options import CALIB_SPLITS, PrecisionOptions  # noqa: F401 (PrecisionOptions re-exported)
@@ -87,7 +88,7 @@ def export_run(run_dir: Path, *, bn: str | None = None, granularity: str | None 
         manifest.export = replace(manifest.export, opset=opset)
     if rtol is not None:
         manifest.verify = replace(manifest.verify, rtol=rtol)
-    result = convert(model, manifest.input_shape, run.path, fold_config=manifest.fold,
+    result = convert(model, manifest.input_shape, run.onnx_path, fold_config=manifest.fold,
                      export_config=manifest.export, verify_config=manifest.verify,
                      check=rules_guard(preset, run.onnx_path.name))
     run.update_report(result.to_dict())

@@ -34,22 +34,16 @@ from wnconvert.convert.artifacts import atomic_path, ensure_writable_dir, read_j
 from wnconvert.convert.errors import ParityError, UserInputError
 from wnconvert.convert.export import ExportConfig
 from wnconvert.convert.fold import FoldConfig
-from wnconvert.convert.pipeline import ONNX_NAME
 from wnconvert.convert.schemes import SchemeConfig
 from wnconvert.convert.verify import VerifyConfig
 
-from .act_run import ActSettings, copy_to_float, prepare_act_model
-from .data import Preprocess
-from .checkpoint import LAST, train_dir
+from ..train.act_run import ActSettings, copy_to_float, prepare_act_model
+from ..data.data import Preprocess
+from ..train.checkpoint import LAST, train_dir
 from .lock import LOCK_NAME, is_locked, locked
-from .train_config import TrainConfig
-from .zoo import build_model, load_into, load_state_file
-
-MANIFEST = "manifest.json"
-REPORT = "report.json"
-CHECKPOINT = "checkpoint.safetensors"
-METRICS = "metrics.jsonl"
-ONNX = ONNX_NAME
+from ..train.train_config import TrainConfig
+from ..zoo.zoo import build_model, load_into, load_state_file
+from ..files import CHECKPOINT, MANIFEST, METRICS, ONNX, REPORT  # noqa: F401 (re-exported)
 
 # 1: the first versioned layout. Manifests without "version" (written before it existed) have the
 # same keys, some missing (gpu_decode, newer train options); their dataclass defaults fill them.
@@ -103,7 +97,7 @@ class Manifest:
     export: ExportConfig = field(default_factory=ExportConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     train: TrainConfig | None = None
-    act: ActSettings | None = None   # --act-bits runs (models/act_run.py); None in older manifests
+    act: ActSettings | None = None   # --act-bits runs (models/train/act_run.py); None in older manifests
     targets: dict = field(default_factory=dict)  # file -> {"target", "overridden"} (export --target)
     status: str = "running"
     created: str = ""
@@ -307,7 +301,7 @@ class RunDir:
 
     def load(self) -> tuple[Manifest, nn.Module, Preprocess]:
         """The manifest, the reparametrized model with its checkpoint loaded, its preprocessing.
-        For an ``--act-bits`` run: the float network (see models/act_run.py); :meth:`load_qat`
+        For an ``--act-bits`` run: the float network (see models/train/act_run.py); :meth:`load_qat`
         gives the fake-quant one."""
         manifest, model, _ = self._load_both()
         return manifest, model, manifest.preprocess

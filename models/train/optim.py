@@ -51,8 +51,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from ..convert.apply import scheme_parameters
-from ..convert.errors import UserInputError
+from ...convert.apply import scheme_parameters
+from ...convert.errors import UserInputError
 from .optim_settings import (DEFAULT_MOMENTUM, DEFAULT_WD_EPS, DEFAULTS, OPTIMIZERS,  # noqa: F401 (re-exported)
                              SCHEDULES, WD_MODES, check_hyperparameters)
 

@@ -1,4 +1,4 @@
-"""Dataset readers behind :func:`wnconvert.models.data.build_data`.
+"""Dataset readers behind :func:`wnconvert.models.data.data.build_data`.
 
 Fashion-MNIST and CIFAR are held in memory as one uint8 array per split and served as PIL images
 through the transform; ImageFolder trees go through torchvision; synthetic data is generated on the fly.

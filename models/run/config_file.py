@@ -31,6 +31,8 @@ from typing import Any
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.names import TRAIN_TARGETS
 
+from ..files import MANIFEST
+
 SECTIONS = ("scheme", "fold", "verify", "train")
 # Manifest entries that record a run rather than configure one.
 _MANIFEST_RECORDS = {"status", "created", "versions", "artifacts", "input", "output", "export",
@@ -42,7 +44,7 @@ def _key(name: str) -> str:
 
 
 def _act_options(act: dict) -> dict[str, Any]:
-    """A manifest's ``act`` record (models/act_run.ActSettings) as finetune's options."""
+    """A manifest's ``act`` record (models/train/act_run.ActSettings) as finetune's options."""
     out = {"act_bits": act.get("bits"), "act_range": act.get("range"), "freeze_bn_epochs": act.get("freeze_bn_epochs"),
            "scale_format": act.get("scale_format"), "mixed_precision": act.get("mixed_precision"),
            "target": {placement: t for t, placement in TRAIN_TARGETS.items()}.get(act.get("residual_conv")),
@@ -92,7 +94,7 @@ def read_defaults(path: Path, known: set[str], never: set[str]) -> dict[str, Any
     manifest's settings that are not options of the command (it records every field) are left out."""
     path = Path(path)
     if path.is_dir():
-        path = path / "manifest.json"
+        path = path / MANIFEST
     try:
         raw = path.read_bytes()
     except OSError as err:

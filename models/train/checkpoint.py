@@ -18,15 +18,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..convert.artifacts import atomic_path
-from ..convert.errors import UserInputError
-
-LAST = "last.pt"
-BEST = "best.pt"
+from ...convert.artifacts import atomic_path
+from ...convert.errors import UserInputError
+from ..files import BEST, LAST, TRAIN_DIR  # noqa: F401 (re-exported)
 
 
 def train_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "train"
+    return Path(run_dir) / TRAIN_DIR
 
 
 def save_atomic(payload: Mapping[str, Any], path: Path) -> None:

@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 
 from wnconvert.convert.errors import UserInputError
-from wnconvert.models.unpickle import load_restricted
+from wnconvert.models.zoo.unpickle import load_restricted
 
 from .download import fetch_weights
 

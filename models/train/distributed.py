@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..convert.errors import UserInputError
+from ...convert.errors import UserInputError
 
 
 @dataclass(frozen=True)
