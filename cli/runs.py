@@ -76,7 +76,7 @@ def export(
     from wnconvert.models.run.run_export import export_precision, export_run
 
     if value(target) == "tflite-micro":
-        from wnconvert.models.run_tflite import export_tflite
+        from wnconvert.models.run.run_tflite import export_tflite
 
         if value(precision) not in ("fp32", "int8") or container is not None or value(act_type) not in (None, "int8"):
             raise UserInputError("--target tflite-micro writes one int8 file: leave --precision (or give int8), "

@@ -7,6 +7,7 @@ A run directory (``wnconvert finetune --out RUN``) holds::
     checkpoint.safetensors   the trained weights (raw W, or the QAT state of an --act-bits run)
     model.onnx               the folded float network (fp32 contract)
     model.<precision>.onnx   the low-precision files ``export --precision`` writes (fp16, int8, int4, ...)
+    model.int8.tflite        ``export --target tflite-micro``: the int8 TFLite file (models/run/run_tflite.py)
     metrics.jsonl            the training log, one line per logged step and per epoch
     dynamics.jsonl           --diagnostics records; initial_weights.json their step-0 histograms
     train/last.pt, best.pt   the resumable training checkpoints
@@ -27,6 +28,7 @@ MANIFEST = "manifest.json"
 REPORT = "report.json"
 CHECKPOINT = "checkpoint.safetensors"
 ONNX = "model.onnx"
+TFLITE = "model.int8.tflite"
 METRICS = "metrics.jsonl"
 DYNAMICS = "dynamics.jsonl"
 INITIAL = "initial_weights.json"

@@ -8,13 +8,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from qdq_graphs import QdqBuilder
-
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.intref import run_integer
 from wnconvert.convert.tflite import reference
 from wnconvert.convert.tflite.flatbuf import parse, to_bytes
 from wnconvert.convert.tflite.writer import Writer, qdq_to_tflite
-from wnconvert.models.tflite_verify import _from_onnx, _micro, local_model_check
+from wnconvert.models.run.tflite_verify import _from_onnx, _micro, local_model_check
 
 pytest.importorskip("tflite_micro")
 
@@ -121,13 +120,26 @@ def test_float_io_edges_run_in_micro():
     np.testing.assert_array_equal(micro[tf.outputs[0]], env[tf.outputs[0]].reshape(micro[tf.outputs[0]].shape))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"relu_alone": True}, "Relu node"),
-    ({"groups": 2}, r"grouped convolution \(2 groups"),
-])
-def test_operators_micro_lacks_are_refused_by_name(kwargs, message):
-    with pytest.raises(UserInputError, match=message):
-        qdq_to_tflite(network(**kwargs).model())
+def test_grouped_convolution_becomes_a_dense_one_micro_runs():
+    onnx_model = network(groups=2).model()
+    writer = Writer(onnx_model)
+    tf = writer.translate()
+    assert len(writer.expanded) == 1 and "DEPTHWISE_CONV_2D" not in [o.op for o in tf.ops]
+    data = to_bytes(tf)
+    model = parse(data)
+    x = _images(3)
+    onnx_run = run_integer(onnx_model, x)
+    x_in = _from_onnx(onnx_run.tensors[onnx_run.input_name].values, writer.held[onnx_run.input_name]).astype(np.int8)
+    env = reference.run(model, x_in)
+    for i, got in _micro(data, x_in, model).items():
+        np.testing.assert_array_equal(got.astype(np.int64), env[i].reshape(got.shape))
+    counts, failures = local_model_check(onnx_model, writer, env)
+    assert failures == [] and all(c["max_steps"] <= 1 for c in counts.values())
+
+
+def test_standalone_relu_is_refused_by_name():
+    with pytest.raises(UserInputError, match="Relu node 'relu"):
+        qdq_to_tflite(network(relu_alone=True).model())
 
 
 def test_float_island_is_refused_naming_the_op():
@@ -137,3 +149,18 @@ def test_float_island_is_refused_naming_the_op():
     b.q(y, 0.01, 0, "int8")
     with pytest.raises(UserInputError, match="Sigmoid"):
         qdq_to_tflite(b.model())
+
+
+def test_damaged_bytes_are_one_user_error():
+    data = to_bytes(qdq_to_tflite(network().model()))
+    rng = np.random.default_rng(3)
+    bad = [data[:len(data) // 2], data[:100], b"", b"not a model at all",
+           data[:8] + rng.integers(0, 256, 2000, dtype=np.uint8).tobytes()]
+    for blob in bad:
+        with pytest.raises(UserInputError) as e:
+            reference.run(parse(blob, label="x.tflite"), np.zeros((1, 16, 16, 3), np.int8))
+        assert "\n" not in str(e.value) and "x.tflite" in str(e.value)
+    tf = qdq_to_tflite(network().model())
+    tf.ops[1].inputs[0] = len(tf.tensors) + 5  # an operator reading a tensor that does not exist
+    with pytest.raises(UserInputError, match="does not exist"):
+        parse(to_bytes(tf), label="x.tflite")

@@ -67,7 +67,7 @@ PRESETS = {p.name: p for p in (
                  rules="tensorrt"),
     TargetPreset("fixed-point", "fixed-point / low-bit hardware (power-of-two scales)",
                  precisions=("int8", "int4"), act_runs="po2", rules="fixed-point"),
-    # not a QDQ file: export --target tflite-micro writes model.int8.tflite (models/run_tflite.py)
+    # not a QDQ file: export --target tflite-micro writes model.int8.tflite (models/run/run_tflite.py)
     TargetPreset("tflite-micro", "TensorFlow Lite Micro (int8 .tflite)", act_type="int8", per_channel=True,
                  precisions=("int8",), weights_only=False),
 )}

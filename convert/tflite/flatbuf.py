@@ -92,9 +92,11 @@ class TFModel:
 
 def _tflite():
     try:
+        import flatbuffers  # noqa: F401 (the tflite bindings need it)
         import tflite
-    except ImportError:  # pragma: no cover - a core dependency
-        raise UserInputError("the 'tflite' package is missing: pip install 'wnconvert[tflite]'") from None
+    except ImportError:
+        raise UserInputError("TFLite files need the 'tflite' and 'flatbuffers' packages: "
+                             "pip install 'wnconvert[tflite]'") from None
     return tflite
 
 
@@ -115,9 +117,9 @@ def _offsets(builder, start, offsets):
 
 def to_bytes(model: TFModel) -> bytes:
     """The model as a TFLite flatbuffer (schema version 3, one subgraph, buffer 0 empty)."""
+    tfl = _tflite()
     import flatbuffers
 
-    tfl = _tflite()
     b = flatbuffers.Builder(1024)
     # buffers: 0 empty, then one per constant tensor (data aligned to 16 bytes)
     buffer_of, blobs = {}, []

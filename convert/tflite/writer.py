@@ -10,6 +10,9 @@ tensor) becomes TFLite operators, tensor by tensor, keeping every integer and sc
   RELU_N1_TO_1 when their integer bounds are exactly those; any other clamp is refused;
 * ONNX's explicit paddings: SAME or VALID where they are TFLite's, else a PAD operator before
   (a max pool's PAD pads with the zero point: exact only above a ReLU, refused otherwise);
+* a grouped (not depthwise) convolution, which TensorFlow Lite Micro lacks, becomes a CONV_2D whose
+  weight holds zeros outside each output channel's group: the same integers, ``groups`` times
+  the weight's size;
 * GlobalAveragePool / spatial ReduceMean -> MEAN; Flatten -> RESHAPE (a fully connected layer
   reading an NHWC flatten gets its weight columns permuted to H, W, C order);
 * the logits: the int8 tensor dequantized into the graph output (``--io float``: the graph
@@ -69,6 +72,7 @@ class Writer:
         self.io = io
         self.tf = TFModel(description="wnconvert: int8 TFLite from a QDQ ONNX file")
         self.held: dict[str, Held] = {}
+        self.expanded: list[str] = []  # grouped convolutions written as dense ones
 
     # -- tensors --------------------------------------------------------------------------------
     def _act_tensor(self, name: str, shape, params: QParams, what: str) -> tuple[int, int]:
@@ -277,8 +281,16 @@ class Writer:
         src, padding, (oh, ow) = self._spatial(step, x, (kh, kw))
         depthwise = group > 1 and group == c_in and cg == 1
         if group > 1 and not depthwise:
-            raise _refuse(step, f"a grouped convolution ({group} groups of {cg} channels) has no TensorFlow Lite "
-                          "Micro operator (only depthwise ones do)")
+            if c_in != cg * group or o % group:
+                raise _refuse(step, f"input of {c_in} channels does not fit {group} groups of {cg}")
+            # TensorFlow Lite Micro has no grouped CONV_2D: the same integers as a dense weight with
+            # zeros outside each output channel's group (exact; `groups` times the weight's size)
+            dense = np.zeros((o, c_in, kh, kw), w.dtype)
+            per = o // group
+            for g in range(group):
+                dense[g * per:(g + 1) * per, g * cg:(g + 1) * cg] = w[g * per:(g + 1) * per]
+            w, cg, group = dense, c_in, 1
+            self.expanded.append(step.node)
         s_w = np.broadcast_to(np.asarray(w_op.params.scale, np.float32).reshape(-1), (o,))
         if depthwise:
             weight = self._const(w_op.tensor, w.transpose(1, 2, 3, 0).astype(np.int8), "int8", s_w, axis=3)

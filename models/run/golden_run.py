@@ -12,7 +12,7 @@ from pathlib import Path
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.golden import golden_for_file
 
-from ..files import artifact_name
+from ..files import TFLITE, artifact_name
 from .run_export import data_arrays
 from .rundir import RunDir
 
@@ -29,7 +29,7 @@ def golden_for_run(run_dir: Path, out: Path, *, data: str | None = None, count: 
         raise UserInputError(f"--precision must be one of {', '.join(GOLDEN_PRECISIONS)}, not {precision!r}")
     run = RunDir(run_dir)
     manifest = run.manifest()
-    own = run.path / ("model.int8.tflite" if precision == "tflite" else artifact_name(precision))
+    own = run.path / (TFLITE if precision == "tflite" else artifact_name(precision))
     path = Path(onnx_file) if onnx_file is not None else own
     if not path.is_file():
         how = "--target tflite-micro" if precision == "tflite" else f"--precision {precision}"

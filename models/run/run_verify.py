@@ -26,7 +26,7 @@ from .tflite_verify import tflite_targets, verify_tflite_file
 
 
 def verify_tflite(run: RunDir, manifest, paths: list[Path], req: VerifyRequest) -> dict:
-    """Each .tflite under the tflite-one-step contract (models/tflite_verify.py), on ``--limit``
+    """Each .tflite under the tflite-one-step contract (models/run/tflite_verify.py), on ``--limit``
     images of the run's data (or ``--data``), generated inputs without any."""
     spec = req.data or (manifest.data if not req.inputs else None)
     if spec:

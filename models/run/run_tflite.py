@@ -19,13 +19,15 @@ from wnconvert.convert.artifacts import atomic_path
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.quantize import QuantOptions, quantize
 from wnconvert.convert.tflite.flatbuf import to_bytes
-from wnconvert.convert.tflite.writer import IO_MODES, qdq_to_tflite
+from wnconvert.convert.tflite.logits import quantize_logits
+from wnconvert.convert.tflite.writer import IO_MODES, Writer
 
+from ..files import TFLITE, artifact_name
 from .run_export import _calibration
 from .run_options import PrecisionOptions
 from .rundir import Manifest, RunDir, writes_run
 
-TFLITE_FILE = "model.int8.tflite"
+TFLITE_FILE = TFLITE
 TARGET = "tflite-micro"
 RUNTIME = "TensorFlow Lite Micro (int8 .tflite)"
 
@@ -64,7 +66,7 @@ def _trained_file(run: RunDir) -> Path | None:
     """The run's own model.int8.onnx when it is the trained network (an --act-bits run's export):
     the same QDQ network :func:`source_network` would make, without making it again."""
     entry = run.report().get("quantized", {}).get("int8", {}) if run.report_path.exists() else {}
-    path = run.path / "model.int8.onnx"
+    path = run.path / artifact_name("int8")
     return path if path.is_file() and entry.get("scales") == "trained" and entry.get("file") == path.name else None
 
 
@@ -93,6 +95,7 @@ def source_network(run: RunDir, opts: PrecisionOptions) -> tuple[onnx.ModelProto
                 raise UserInputError(f"{run.path} has no model.onnx; run `wnconvert export {run.path}` first")
             calib, _, calibration = _calibration(manifest, "int8", options, opts)
             quantize(run.onnx_path, path, options, calib)
+            quantize_logits(path, calib)
             info = {"scales": "calibrated", "calibration": calibration, "calibrate_method": opts.calibrate_method,
                     "calib_samples": opts.calib_samples, "calib_split": opts.calib_split, "data": opts.data}
         return onnx.load(str(path)), info
@@ -107,7 +110,8 @@ def export_tflite(run_dir: Path, opts: PrecisionOptions = PrecisionOptions(), io
     run = RunDir(run_dir)
     manifest = run.manifest()
     source, info = source_network(run, opts)
-    model = qdq_to_tflite(source, io)  # refuses an operator before anything is written
+    writer = Writer(source, io)
+    model = writer.translate()  # refuses an operator before anything is written
     data = to_bytes(model)
     dst = run.path / TFLITE_FILE
     with atomic_path(dst) as tmp:
@@ -118,7 +122,7 @@ def export_tflite(run_dir: Path, opts: PrecisionOptions = PrecisionOptions(), io
     entry = {"file": TFLITE_FILE, "target": TARGET, "runtime": RUNTIME, "io": io, "bytes": len(data),
              "operators": ops, "tensors": len(model.tensors),
              "input": _tensor_record(model, model.inputs[0]), "output": _tensor_record(model, model.outputs[0]),
-             } | info
+             "dense_grouped_convs": writer.expanded} | info
     run.update_report(lambda report: report.__setitem__("tflite", entry))
     manifest.targets[TFLITE_FILE] = {"target": TARGET, "overridden": [], "io": io,
                                      "options": _recorded_options(opts, info)}

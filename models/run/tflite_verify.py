@@ -86,8 +86,19 @@ def check_constants(got: TFModel, expected: TFModel) -> list[str]:
     return []
 
 
+def _runtimes():
+    """TensorFlow Lite Micro's and LiteRT's Python interpreters, or one line naming them."""
+    try:
+        from ai_edge_litert import interpreter
+        from tflite_micro import runtime
+    except ImportError:
+        raise UserInputError("verify of a .tflite runs TensorFlow Lite Micro and LiteRT: pip install "
+                             "tflite-micro ai-edge-litert (both in wnconvert's test extra)") from None
+    return runtime, interpreter
+
+
 def _micro(data: bytes, x: np.ndarray, model: TFModel) -> dict[int, np.ndarray]:
-    from tflite_micro import runtime
+    runtime, _ = _runtimes()
 
     it = runtime.Interpreter.from_bytes(data, intrepreter_config=runtime.InterpreterConfig.kPreserveAllTensors)
     wanted = [i for i, t in enumerate(model.tensors) if t.data is None]
@@ -102,8 +113,8 @@ def _micro(data: bytes, x: np.ndarray, model: TFModel) -> dict[int, np.ndarray]:
 
 
 def _litert(data: bytes, x: np.ndarray, model: TFModel, ref: bool) -> dict[int, np.ndarray]:
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
+    _, interpreter = _runtimes()
+    Interpreter, OpResolverType = interpreter.Interpreter, interpreter.OpResolverType
     kind = OpResolverType.BUILTIN_REF if ref else OpResolverType.AUTO
     it = Interpreter(model_content=data, experimental_op_resolver_type=kind,
                      experimental_preserve_all_tensors=ref, num_threads=1)
@@ -205,6 +216,7 @@ def verify_tflite_file(run_dir: Path, path: Path, x: np.ndarray, inputs: str) ->
     source, _ = source_network(run, opts)
     writer = Writer(source, io)
     expected = writer.translate()
+    _runtimes()
     failures = check_constants(model, expected)
     res: dict = {"contract": CONTRACT, "file": str(path), "inputs": inputs, "io": io}
     if failures:
