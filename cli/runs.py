@@ -106,9 +106,9 @@ def export(
 
 
 def _export_ethos_u(run_dir: Path, target: str, precision: str, json_out: bool) -> None:
-    """``export --target ethos-u*``: RUN/model.int8.tflite compiled by Vela (models/ethosu_run.py)."""
+    """``export --target ethos-u*``: RUN/model.int8.tflite compiled by Vela (models/run/ethosu_run.py)."""
     from wnconvert.convert.ethosu import describe
-    from wnconvert.models.ethosu_run import export_ethos_u
+    from wnconvert.models.run.ethosu_run import export_ethos_u
 
     entry = export_ethos_u(run_dir, target, precision)
     if json_out:

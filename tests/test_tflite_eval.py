@@ -14,8 +14,8 @@ pytest.importorskip("tflite_micro")
 
 from test_config_file import run_cli
 from tflite_tiny import run_micro, small_classifier
-from wnconvert.models.data import eval_arrays
-from wnconvert.models.rundir import RunDir
+from wnconvert.models.data.data import eval_arrays
+from wnconvert.models.run.rundir import RunDir
 
 DATA = "synthetic:10"
 IN_SCALE = 2.0 ** -5

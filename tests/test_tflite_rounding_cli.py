@@ -12,8 +12,8 @@ import pytest
 import torch
 from test_config_file import run_cli
 from wnconvert.convert.actquant import quantizers
-from wnconvert.models.act_run import ActSettings
-from wnconvert.models.rundir import RunDir
+from wnconvert.models.train.act_run import ActSettings
+from wnconvert.models.run.rundir import RunDir
 
 BASE = ["finetune", "resnet18", "--weights", "none", "--num-classes", 10, "--image-size", 32, "--data",
         "synthetic:10", "--samples", 2, "--weight-bits", 8, "--limit-val", 4, "--limit-train", 4, "--batch-size", 4,
@@ -38,7 +38,7 @@ def test_recorded_repeated_and_restored(tmp_path: Path, capsys) -> None:
     qat = RunDir(tmp_path / "a").load_qat()[1]
     assert {q.rounding for q in quantizers(qat).values()} == {"tflite"}
     # --config RUN gives finetune the recorded option back (the mapping a repeated run goes through)
-    from wnconvert.models.config_file import _from_manifest
+    from wnconvert.models.run.config_file import _from_manifest
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert _from_manifest(manifest, tmp_path / "a")["rounding"] == "tflite"
     # a manifest written before the option existed reads as ONNX's rounding
@@ -58,7 +58,7 @@ def test_recorded_repeated_and_restored(tmp_path: Path, capsys) -> None:
     assert exact["elements"] > 0 and {t["differ"] for t in exact["tensors"]} == {0}
     # with the model's TFLite arithmetic taken out (ONNX's rounding at every point), the contract fails
     from wnconvert.convert.actquant import tflite_points
-    from wnconvert.models.tflite_verify import verify_tflite_file
+    from wnconvert.models.run.tflite_verify import verify_tflite_file
     onnx_like = lambda q, x, inputs: torch.round(x.double() / q.scale_value()).to(torch.int64)
     real = tflite_points.tflite_integers
     tflite_points.tflite_integers = onnx_like
