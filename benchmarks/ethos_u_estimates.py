@@ -1,8 +1,8 @@
 """Vela's estimates for ResNet-18 and MobileNetV2 .tflite files on the Ethos-U targets.
 
-For each model and input size: an untrained run (``--epochs 0 --no-export``, then ``export`` for its model.onnx: Vela's figures depend on
-the architecture and shapes, not on the weights' values), its int8 .tflite (``export --target
-tflite-micro``, calibrated on 64 Fashion-MNIST images), then ``export --target T`` for every Ethos-U
+For each model and input size: a W8A8 run trained one step on 8 Fashion-MNIST images (Vela's figures
+depend on the architecture and shapes, not on the weights' values), its int8 .tflite (``export
+--target tflite-micro``, the run's trained scales), then ``export --target T`` for every Ethos-U
 target; prints one row per (model, size, target) and writes the rows as JSON lines.
 
     python benchmarks/ethos_u_estimates.py --out runs/ethos [--models resnet18 mobilenet_v2] [--sizes 32 96]
@@ -42,10 +42,12 @@ def main() -> None:
         for size in a.sizes:
             run = a.out / f"{model}-{size}"
             if not (run / "model.int8.tflite").is_file():
+                # a W8A8 run of one step on 8 images: its trained scales make the int8 network
                 cli("finetune", model, "--weights", "none", "--num-classes", 10, "--image-size", size,
-                    "--data", "fashion-mnist", "--epochs", 0, "--no-export", "--overwrite", "--out", run)
-                cli("export", run)   # model.onnx, which the int8 network is calibrated from
-                cli("export", run, "--target", "tflite-micro", "--calib-samples", 64)
+                    "--data", "fashion-mnist", "--weight-bits", 8, "--act-bits", 8, "--epochs", 1, "--limit-train", 8,
+                    "--limit-val", 8, "--batch-size", 8, "--workers", 0, "--device", "cpu", "--no-export",
+                    "--overwrite", "--out", run)
+                cli("export", run, "--target", "tflite-micro")
             for target in a.targets:
                 f = json.loads(cli("export", run, "--target", target, "--json"))
                 rows.append({"model": model, "size": size} | f)
