@@ -1,7 +1,7 @@
 """Every torchvision classification model x every scheme through `finetune --epochs 0`.
 
 For each model a state_dict with 1000 classes and non-trivial BatchNorm statistics is written to
-disk, then the run path of the CLI (`run_finetune`) converts it with `--num-classes 10`: the ONNX
+disk, then the run path of the CLI (`finetune_process`) converts it with `--num-classes 10`: the ONNX
 must match the original model (parity_vs_original) and the reparametrized one, with every weight
 initializer in [-1, 1]. Results are appended to a JSON-lines file (finished pairs are skipped on a
 re-run) and summarized as a table.
@@ -54,7 +54,7 @@ def one(task: tuple[str, list[str], str, int, int, str]) -> list[dict]:
     from wnconvert.convert.fold import FoldConfig
     from wnconvert.convert.schemes import SchemeConfig
     from wnconvert.convert.verify import VerifyConfig
-    from wnconvert.models.run.run import RunConfig, run_finetune
+    from wnconvert.models.run.run import RunConfig, finetune_process
     from wnconvert.models.zoo.zoo import build_model, min_image_size
 
     rows = []
@@ -73,7 +73,7 @@ def one(task: tuple[str, list[str], str, int, int, str]) -> list[dict]:
                 cfg = RunConfig(model=name, out=Path(tmp) / scheme, weights=str(sd), num_classes=10,
                                 image_size=size, scheme=SchemeConfig(scheme), fold=FoldConfig(bn),
                                 verify=VerifyConfig(samples=samples))
-                s = run_finetune(cfg)
+                s = finetune_process(cfg)
                 rep = s.report
                 row.update(
                     ok=bool(rep["parity"]["passed"] and rep["parity_vs_original"]["passed"]

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from wnconvert.convert.configs import FoldConfig, SchemeConfig, VerifyConfig
 from wnconvert.convert.errors import UserInputError
-from wnconvert.convert.names import DEFAULT_TARGET, TRAIN_TARGETS
+from wnconvert.convert.names import DEFAULT_TARGET, TRAIN_PLACEMENTS
 from wnconvert.models.train.train_config import TrainConfig
 
 from .config_option import ConfigOpt
@@ -86,7 +86,7 @@ def finetune(
 ):
     """Fine-tune MODEL under a weight-range scheme, then fold, export and verify it."""
     from wnconvert.models.train.act_run import ActSettings
-    from wnconvert.models.run.run import RunConfig, finetune_run, resume_config, training_epochs
+    from wnconvert.models.run.run import RunConfig, finetune_torchrun, resume_config, training_epochs
 
     if act_bits is None and value(scale_format) == "po2":
         raise UserInputError("--scale-format po2 needs --act-bits A and --weight-bits B: it makes every "
@@ -123,9 +123,9 @@ def finetune(
             fold=FoldConfig(value(bn), value(granularity)), verify=VerifyConfig(rtol=rtol, samples=samples),
             train=train, no_export=no_export, overwrite=overwrite, offline=offline or None, seed=seed,
             act=ActSettings(act_bits, value(act_range), freeze_bn_epochs, value(scale_format), mixed_precision,
-                            TRAIN_TARGETS[value(target) or DEFAULT_TARGET], value(rounding))
+                            TRAIN_PLACEMENTS[value(target) or DEFAULT_TARGET], value(rounding))
             if act_bits is not None else None)
-    summary = finetune_run(cfg, console=None if json_out else console, resume=resume is not None)
+    summary = finetune_torchrun(cfg, console=None if json_out else console, resume=resume is not None)
     if summary is None:  # another rank under torchrun: rank 0 reports
         return
     if json_out:

@@ -18,7 +18,7 @@ from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.names import (ACT_TYPES, BN_MODES, CALIBRATORS, CONTAINERS, ETHOS_U_TARGETS, GAIN_MODES,
                                      GRANULARITIES, PRECISIONS,
                                      PROVIDERS, RANGE_MODES, ROUNDINGS, RUNTIMES, SCALE_FORMATS, TFLITE_RUNTIMES, SCALE_GRAD_MODES,
-                                     SCHEME_NAMES, TARGETS, TRAIN_TARGETS)
+                                     SCHEME_NAMES, TARGETS, TRAIN_PLACEMENTS)
 from wnconvert.models.train.optim_settings import OPTIMIZERS, SCHEDULES, WD_MODES
 from wnconvert.models.run.run_options import CALIB_SPLITS
 
@@ -33,7 +33,7 @@ _REGISTRIES = {"Scheme": SCHEME_NAMES, "Gain": GAIN_MODES, "ScaleGrad": SCALE_GR
                "Schedule": SCHEDULES, "Precision": PRECISIONS, "Calibrator": CALIBRATORS,
                "ActType": ACT_TYPES, "CalibSplit": CALIB_SPLITS, "Provider": PROVIDERS, "ActRange": RANGE_MODES,
                "ScaleFormat": SCALE_FORMATS, "Runtime": RUNTIMES + TFLITE_RUNTIMES, "Target": TARGETS + ETHOS_U_TARGETS,
-               "Container": CONTAINERS, "TrainTarget": TRAIN_TARGETS, "Rounding": ROUNDINGS}
+               "Container": CONTAINERS, "TrainTarget": TRAIN_PLACEMENTS, "Rounding": ROUNDINGS}
 (Scheme, Gain, ScaleGrad, Bn, Granularity, Optimizer, WdMode, Schedule, Precision, Calibrator, ActType,
  CalibSplit, Provider, ActRange, ScaleFormat, Runtime, Target, Container,
  TrainTarget, Rounding) = (choices(name, values) for name, values in _REGISTRIES.items())

@@ -52,7 +52,7 @@ def export(
     opset: Optional[int] = typer.Option(None, help="ONNX opset (default: the run's)."),
     rtol: Optional[float] = typer.Option(None, help="Parity tolerance (default: the run's)."),
     precision: Precision = typer.Option("fp32", help="fp32: model.onnx; otherwise writes model.PRECISION.onnx from model.onnx."),
-    target: Target = typer.Option(default(PrecisionOptions, "target"), help="Deployment target: its preset of activation type and symmetry, weight granularity, bias and opset rules (explicit options override it; see README, Deploying). ethos-u*: compile RUN/model.int8.tflite with Arm's Vela (docs/ethos-u.md)."),
+    target: Target = typer.Option(default(PrecisionOptions, "target"), help="Deployment target: its preset of activation type and symmetry, weight granularity, bias and opset rules (explicit options override it; see docs/deploying.md). ethos-u*: compile RUN/model.int8.tflite with Arm's Vela (docs/ethos-u.md)."),
     data: Optional[str] = typer.Option(None, help="Calibration data spec for int8 activations (default: the run's --data)."),
     calib_samples: int = typer.Option(default(PrecisionOptions, "calib_samples"), help="Calibration images taken from --data."),
     calib_split: CalibSplit = typer.Option(default(PrecisionOptions, "calib_split"), help="The split of --data calibration images come from (comparisons with model.onnx use val)."),

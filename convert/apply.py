@@ -1,4 +1,4 @@
-"""Register a scheme's parametrization on every target weight of a model."""
+"""Register a scheme's parametrization on every conv/linear weight of a model."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch.nn.utils import parametrize
 
 from .layout import ChannelLayout
 from .schemes import SCHEMES, Reparam, SchemeConfig
-from .targets import Target, excluded, iter_targets
+from .weights import WeightRef, excluded, iter_weights
 
 
 @dataclass
@@ -28,23 +28,23 @@ def apply_scheme(model: nn.Module, config: SchemeConfig) -> ApplyReport:
     (up to rounding) unless ``config.gain == 'none'`` or the scheme is weight-std without gain."""
     report = ApplyReport(config.scheme)
     cls = SCHEMES[config.scheme]
-    for target, module in list(iter_targets(model)):
-        if parametrize.is_parametrized(module, target.tensor_name):
-            raise ValueError(f"{target.qualname} is already reparametrized")
+    for ref, module in list(iter_weights(model)):
+        if parametrize.is_parametrized(module, ref.tensor_name):
+            raise ValueError(f"{ref.qualname} is already reparametrized")
         if cls is None:
-            report.skipped[target.qualname] = "scheme none"
+            report.skipped[ref.qualname] = "scheme none"
             continue
-        why = excluded(target, module, config.exclude, config.skip_depthwise)
+        why = excluded(ref, module, config.exclude, config.skip_depthwise)
         if why:
-            report.skipped[target.qualname] = why
+            report.skipped[ref.qualname] = why
             continue
-        weight = getattr(module, target.tensor_name)
+        weight = getattr(module, ref.tensor_name)
         extra = {"weight_bits": config.weight_bits} if getattr(config, "weight_bits", None) else {}
         reparam = cls(weight, ChannelLayout.of(module), gain=config.gain, scale_grad=config.scale_grad,
                       **extra)
         reparam.to(device=weight.device)
-        parametrize.register_parametrization(module, target.tensor_name, reparam)
-        report.applied.append(target.qualname)
+        parametrize.register_parametrization(module, ref.tensor_name, reparam)
+        report.applied.append(ref.qualname)
     return report
 
 
@@ -65,21 +65,21 @@ def raw_weight(module: nn.Module, tensor_name: str) -> Tensor:
     return getattr(module, tensor_name)
 
 
-def reparametrized(model: nn.Module) -> list[tuple[Target, nn.Module, Reparam]]:
-    """All ``(target, module, parametrization)`` triples of a reparametrized model."""
+def reparametrized(model: nn.Module) -> list[tuple[WeightRef, nn.Module, Reparam]]:
+    """All ``(ref, module, parametrization)`` triples of a reparametrized model."""
     out = []
-    for target, module in iter_targets(model):
-        p = reparam_of(module, target.tensor_name)
+    for ref, module in iter_weights(model):
+        p = reparam_of(module, ref.tensor_name)
         if p is not None:
-            out.append((target, module, p))
+            out.append((ref, module, p))
     return out
 
 
 def scheme_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """``(raw reparametrized weights, gains/offsets)`` for optimizer grouping."""
     weights, affine = [], []
-    for target, module, p in reparametrized(model):
-        weights.append(raw_weight(module, target.tensor_name))
+    for ref, module, p in reparametrized(model):
+        weights.append(raw_weight(module, ref.tensor_name))
         affine.extend(p.parameters())
     return weights, affine
 

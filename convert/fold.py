@@ -1,6 +1,6 @@
 """Fold a reparametrized model into a plain one whose stored conv/linear weights lie in [-1, 1].
 
-For every target weight the fold takes ``stored, scale`` with ``stored * scale`` equal to the
+For every conv/linear weight the fold takes ``stored, scale`` with ``stored * scale`` equal to the
 effective weight (the scheme's own split, or ``W / max|W|`` for layers without a scheme), writes
 ``stored`` into the layer and puts the scale where it is exact:
 
@@ -27,7 +27,7 @@ from .configs import FoldConfig  # noqa: F401 (re-exported)
 from .layout import ChannelLayout, safe_divisor
 from .scaled import (add_output_scale, add_weight_scale, has_weight_scales, stored_tensor,
                      strip_parametrizations)
-from .targets import WEIGHTED_TYPES, Target, iter_targets
+from .weights import WEIGHTED_TYPES, WeightRef, iter_weights
 from .topology import Topology, first_tensor, probe
 
 @dataclass
@@ -80,14 +80,14 @@ def fold_model(model: nn.Module, example_input: Tensor, config: FoldConfig = Fol
 
 def _fold(model: nn.Module, example_input: Tensor, config: FoldConfig) -> FoldResult:
     work = copy.deepcopy(model)
-    plan: dict[Target, tuple[str, Tensor, Tensor]] = {}
-    for target, module in list(iter_targets(work)):
-        p = reparam_of(module, target.tensor_name)
+    plan: dict[WeightRef, tuple[str, Tensor, Tensor]] = {}
+    for ref, module in list(iter_weights(work)):
+        p = reparam_of(module, ref.tensor_name)
         if p is not None:
-            stored, scale = p.unit_parts(module.parametrizations[target.tensor_name].original)
-            plan[target] = (p.name, stored, scale)
+            stored, scale = p.unit_parts(module.parametrizations[ref.tensor_name].original)
+            plan[ref] = (p.name, stored, scale)
         else:
-            plan[target] = ("none", *unit_split(getattr(module, target.tensor_name).detach(),
+            plan[ref] = ("none", *unit_split(getattr(module, ref.tensor_name).detach(),
                                                 ChannelLayout.of(module), config.granularity))
     for module in work.modules():
         strip_parametrizations(module)
@@ -95,28 +95,28 @@ def _fold(model: nn.Module, example_input: Tensor, config: FoldConfig) -> FoldRe
         p.requires_grad_(False)
 
     topo = probe(work, example_input)
-    placements: dict[Target, tuple[str, str]] = {}
-    for target, (_, stored, scale) in plan.items():
-        module = work.get_submodule(target.module_name)
-        placements[target] = _place(work, target, module, stored, scale, topo, config)
+    placements: dict[WeightRef, tuple[str, str]] = {}
+    for ref, (_, stored, scale) in plan.items():
+        module = work.get_submodule(ref.module_name)
+        placements[ref] = _place(work, ref, module, stored, scale, topo, config)
 
     layers = _certify(model, work, example_input, plan, placements)
     return FoldResult(work, layers, has_weight_scales(work))
 
 
-def _place(work: nn.Module, target: Target, module: nn.Module, stored: Tensor, scale: Tensor,
+def _place(work: nn.Module, ref: WeightRef, module: nn.Module, stored: Tensor, scale: Tensor,
            topo: Topology, config: FoldConfig) -> tuple[str, str]:
     """Write ``stored`` into ``module`` and put ``scale`` somewhere exact.
 
     Returns ``(where the scale went, module to compare outputs at)``.
     """
     layout = ChannelLayout.of(module)
-    name = target.module_name
+    name = ref.module_name
     is_layer = isinstance(module, WEIGHTED_TYPES)
     bn_name = topo.bn_after.get(name) if is_layer else None
     if not is_layer or not topo.called(name):
-        _set(module, target.tensor_name, stored)
-        add_weight_scale(module, target.tensor_name, scale, layout)
+        _set(module, ref.tensor_name, stored)
+        add_weight_scale(module, ref.tensor_name, scale, layout)
         return "weight-side Mul", topo.nearest_called(name)
 
     channels = layout.num_channels(stored)
@@ -130,12 +130,12 @@ def _place(work: nn.Module, target: Target, module: nn.Module, stored: Tensor, s
         new_w = layout.mul(effective.double(), factor).to(stored.dtype)
         new_b = ((b - bn.running_mean.double()) * factor + bn.bias.double()).to(stored.dtype)
         stored, scale = unit_split(new_w, layout, config.granularity)
-        _set(module, target.tensor_name, stored)
+        _set(module, ref.tensor_name, stored)
         module.bias = None
         add_output_scale(module, scale, new_b)
         _replace(work, bn_name, nn.Identity())
         return f"folded {bn_name}, output Mul", bn_name
-    _set(module, target.tensor_name, stored)
+    _set(module, ref.tensor_name, stored)
     module.bias = None
     if bn_name is not None:
         _absorb_into_bn(work.get_submodule(bn_name), scale.expand(channels), bias)
@@ -179,17 +179,17 @@ def _certify(reference: nn.Module, folded: nn.Module, x: Tensor, plan, placement
     ref_out = _capture(reference, x, points)
     new_out = _capture(folded, x, points)
     certs = []
-    for target, (scheme, _, _) in plan.items():
-        where, at = placements[target]
-        module = folded.get_submodule(target.module_name)
-        stored = stored_tensor(module, target.tensor_name)
+    for ref, (scheme, _, _) in plan.items():
+        where, at = placements[ref]
+        module = folded.get_submodule(ref.module_name)
+        stored = stored_tensor(module, ref.tensor_name)
         r, n = ref_out.get(at), new_out.get(at)
         if r is None or n is None or r.shape != n.shape:
             diff, rel = float("nan"), float("nan")
         else:
             diff = float((n.double() - r.double()).abs().max())
             rel = diff / max(float(r.double().abs().max()), 1e-30)
-        certs.append(LayerCertificate(target.qualname, scheme, float(stored.abs().max()),
+        certs.append(LayerCertificate(ref.qualname, scheme, float(stored.abs().max()),
                                       where, at or "<model>", diff, rel))
     return certs
 

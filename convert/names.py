@@ -36,7 +36,7 @@ DEFAULT_TARGET = "ort-cpu"
 ETHOS_U_TARGETS = ("ethos-u55-128", "ethos-u55-256", "ethos-u65-256", "ethos-u85-256")
 RESIDUAL_CONV = ("quantized", "float")  # a conv output read only by a residual add (quantize/placement.py)
 # finetune --target (--act-bits runs): the runtime whose placement the network is trained for -> it
-TRAIN_TARGETS = {"ort-cpu": "quantized", "openvino": "float"}
+TRAIN_PLACEMENTS = {"ort-cpu": "quantized", "openvino": "float"}
 
 # convert/actquant
 SCALE_FORMATS = ("float", "po2")

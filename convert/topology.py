@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .targets import WEIGHTED_TYPES
+from .weights import WEIGHTED_TYPES
 
 
 @dataclass

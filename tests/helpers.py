@@ -172,7 +172,7 @@ def interrupt_and_resume(monkeypatch, start, out) -> dict:
     r = start(out, "--no-export")
     assert r.exit_code != 0 and "--resume" in r.output, r.output
     monkeypatch.setattr(run_mod, "freeze_bn_hook", real)
-    run_mod.run_finetune(run_mod.resume_config(out), resume=True)
+    run_mod.finetune_process(run_mod.resume_config(out), resume=True)
     return load_file(str(out / "checkpoint.safetensors"))
 
 

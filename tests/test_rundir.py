@@ -15,7 +15,7 @@ from wnconvert.convert.fold import FoldConfig
 from wnconvert.convert.schemes import SchemeConfig
 from wnconvert.convert.verify import VerifyConfig
 from wnconvert.models.data.data import Preprocess
-from wnconvert.models.run.run import RunConfig, resume_config, run_finetune
+from wnconvert.models.run.run import RunConfig, resume_config, finetune_process
 from wnconvert.models.run.run_export import PrecisionOptions, export_precision, export_run
 from wnconvert.models.run.run_verify import VerifyRequest, verify_run
 from wnconvert.models.run.rundir import MANIFEST_VERSION, Manifest, RunDir
@@ -89,7 +89,7 @@ def test_update_report_merges_and_writes_atomically(tmp_path):
 def _convert_only(out: Path, **scheme) -> Path:
     cfg = RunConfig(model="resnet18", out=out, weights="none", num_classes=10, image_size=32,
                     scheme=SchemeConfig(**scheme), verify=VerifyConfig(samples=4))
-    run_finetune(cfg)
+    finetune_process(cfg)
     return out
 
 
@@ -186,11 +186,11 @@ def test_old_training_run_resumes(tmp_path):
     first = RunConfig(model="resnet18", out=out, weights="none", num_classes=10, data=old["data"],
                       image_size=32, limit_train=old["limit_train"], limit_val=old["limit_val"],
                       train=TrainConfig(**old["train"]), no_export=True)
-    run_finetune(first)
+    finetune_process(first)
     (out / "manifest.json").write_text(OLD_MANIFEST.read_text())
     last = (out / "train" / "last.pt").read_bytes()
 
-    summary = run_finetune(resume_config(out), resume=True)
+    summary = finetune_process(resume_config(out), resume=True)
     assert summary.conversion is not None and summary.conversion.parity.passed
     assert (out / "train" / "last.pt").read_bytes() == last  # both epochs were done: nothing retrained
     assert summary.report["training"]["best_epoch"] >= 1

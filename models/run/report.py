@@ -35,7 +35,7 @@ from ...convert.artifacts import read_jsonl
 from ...convert.errors import UserInputError
 from ...convert.fold import FoldConfig, fold_model
 from ...convert.scaled import stored_tensor
-from ...convert.targets import iter_targets
+from ...convert.weights import iter_weights
 from ...convert.verify import VerifyConfig, make_inputs
 from ..train.diagnostics import DYNAMICS, INITIAL, read_dynamics, unit_histogram  # noqa: F401
 from ..files import METRICS, REPORT_DIR
@@ -112,11 +112,11 @@ def _folded_weights(model, manifest: dict, image_size: int) -> dict[str, torch.T
     x = make_inputs((3, image_size, image_size), VerifyConfig(samples=2, seed=1234))
     result = fold_model(model, x, cfg)
     return {t.qualname: stored_tensor(m, t.tensor_name).detach()
-            for t, m in iter_targets(result.model)}
+            for t, m in iter_weights(result.model)}
 
 
 def _raw_weights(model) -> dict[str, torch.Tensor]:
-    return {t.qualname: raw_weight(m, t.tensor_name).detach() for t, m in iter_targets(model)}
+    return {t.qualname: raw_weight(m, t.tensor_name).detach() for t, m in iter_weights(model)}
 
 
 def _sum_hists(hists: list[list[int]]) -> list[int]:

@@ -109,11 +109,12 @@ def resolve_preprocess(cfg: RunConfig, built: BuiltModel) -> Preprocess:
     return Preprocess(size, max(resize, size), built.mean, built.std)
 
 
-def run_finetune(cfg: RunConfig, console=None, resume: bool = False) -> RunSummary:
-    """Build, train, fold, export and verify; rank 0 holds the run directory's write lock from
-    its first write to the end."""
+def finetune_process(cfg: RunConfig, console=None, resume: bool = False) -> RunSummary:
+    """One process's run: build, train, fold, export and verify (:func:`_finetune_locked`); rank 0
+    holds the run directory's write lock from its first write to the end. Under torchrun, call
+    :func:`finetune_torchrun` instead."""
     with ExitStack() as owner:
-        return _run_finetune(cfg, console, resume, owner)
+        return _finetune_locked(cfg, console, resume, owner)
 
 
 def _take_over(run: RunDir, cfg: RunConfig, resume: bool) -> None:
@@ -127,7 +128,8 @@ def _take_over(run: RunDir, cfg: RunConfig, resume: bool) -> None:
     run.clear()
 
 
-def _run_finetune(cfg: RunConfig, console, resume: bool, owner: ExitStack) -> RunSummary:
+def _finetune_locked(cfg: RunConfig, console, resume: bool, owner: ExitStack) -> RunSummary:
+    """The steps of :func:`finetune_process`; the write lock, once taken, lives in ``owner``."""
     out = check_output_dir(cfg.out)
     if cfg.train is not None:  # bad settings fail before anything is built or written
         cfg.train.validate()
@@ -214,12 +216,12 @@ def _model_and_data(cfg: RunConfig, resume: bool) -> tuple[BuiltModel, DataBundl
     return built, data
 
 
-def finetune_run(cfg: RunConfig, console=None, resume: bool = False) -> RunSummary | None:
-    """:func:`run_finetune`, under torchrun on every rank (a plain call outside it); the summary
+def finetune_torchrun(cfg: RunConfig, console=None, resume: bool = False) -> RunSummary | None:
+    """:func:`finetune_process`, under torchrun on every rank (a plain call outside it); the summary
     on rank 0, None on the others."""
     rank = distributed.init_distributed()  # a no-op outside torchrun
     try:
-        summary = run_finetune(cfg, console=console, resume=resume)
+        summary = finetune_process(cfg, console=console, resume=resume)
     finally:
         distributed.cleanup()
     return summary if rank.is_main else None

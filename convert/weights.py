@@ -13,7 +13,7 @@ WEIGHTED_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
 
 @dataclass(frozen=True)
-class Target:
+class WeightRef:
     """One weight tensor: ``getattr(model.get_submodule(module_name), tensor_name)``."""
 
     module_name: str
@@ -40,19 +40,19 @@ def weight_tensor_names(module: nn.Module) -> list[str]:
     return []
 
 
-def iter_targets(model: nn.Module) -> Iterator[tuple[Target, nn.Module]]:
+def iter_weights(model: nn.Module) -> Iterator[tuple[WeightRef, nn.Module]]:
     """Every conv / linear / attention-projection weight, in module order."""
     for name, module in model.named_modules():
         for tensor in weight_tensor_names(module):
             if _has_tensor(module, tensor):
-                yield Target(name, tensor), module
+                yield WeightRef(name, tensor), module
 
 
-def excluded(target: Target, module: nn.Module, patterns: tuple[str, ...],
+def excluded(ref: WeightRef, module: nn.Module, patterns: tuple[str, ...],
              skip_depthwise: bool) -> str | None:
-    """Why ``target`` is left alone, or None when it is reparametrized."""
+    """Why ``ref`` is left alone, or None when it is reparametrized."""
     for pattern in patterns:
-        if fnmatch.fnmatchcase(target.module_name, pattern) or fnmatch.fnmatchcase(target.qualname, pattern):
+        if fnmatch.fnmatchcase(ref.module_name, pattern) or fnmatch.fnmatchcase(ref.qualname, pattern):
             return f"excluded by pattern {pattern!r}"
     if skip_depthwise and is_depthwise(module):
         return "depthwise conv skipped"
