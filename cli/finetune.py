@@ -20,8 +20,8 @@ from wnconvert.models.train.train_config import TrainConfig
 
 from .config_option import ConfigOpt
 from .errors import handle_errors
-from .options import (ActRange, Bn, Gain, Granularity, Optimizer, ScaleFormat, ScaleGrad, Schedule, Scheme,
-                      TrainTarget, WdMode, default, given, refuse_with_resume, value)
+from .options import (ActRange, Bn, Gain, Granularity, Optimizer, Rounding, ScaleFormat, ScaleGrad, Schedule,
+                      Scheme, TrainTarget, WdMode, default, given, refuse_with_resume, value)
 from .options import WeightRange
 from .render import JsonOpt, certificate_line, certificate_table, console, parity_line, parity_table, print_json
 
@@ -30,7 +30,7 @@ HELP_PANELS = {
     "Model and weights": ("weights", "num_classes", "image_size", "offline"),
     "Scheme (weights in [-1, 1])": ("scheme", "weight_bits", "weight_range", "gain", "scale_grad", "exclude",
                                     "skip_depthwise"),
-    "Quantization (--act-bits)": ("act_bits", "act_range", "scale_format", "scale_lr", "freeze_bn_epochs",
+    "Quantization (--act-bits)": ("act_bits", "act_range", "scale_format", "rounding", "scale_lr", "freeze_bn_epochs",
                                   "mixed_precision", "target", "no_deploy"),
     "Data": ("data", "limit_train", "limit_val", "download", "gpu_decode", "workers"),
     "Training": ("epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "wd_mode",
@@ -65,6 +65,7 @@ def finetune(
     scale_format: ScaleFormat = typer.Option("float", help="--act-bits: float scales, or po2: every scale a power of two, every requantization a shift (needs --weight-bits, layer-max/channel-max)."),
     mixed_precision: bool = typer.Option(False, "--mixed-precision", help="--act-bits: keep hardswish, hardsigmoid, SiLU, sigmoid, GELU, tanh and the squeeze-excite multiply in float between DequantizeLinear and QuantizeLinear (recorded in report.json) instead of refusing the model."),
     target: Optional[TrainTarget] = typer.Option(None, help="--act-bits: the runtime the integer network is trained for: ort-cpu (default: every conv output requantized, as onnxruntime's integer kernels need) or openvino (a conv read only by a residual add stays float: OpenVINO fuses the add into it and skips that requantization). Then export --target openvino."),
+    rounding: Rounding = typer.Option("onnx", help="--act-bits --scale-format po2: the requantization the eval-mode model computes: onnx (round half to even, as onnxruntime) or tflite (TFLite's double rounding, ADD and MEAN exactly, as TensorFlow Lite Micro; see docs/tflite-training.md)."),
     bn: Bn = typer.Option(default(FoldConfig, "bn"), help="keep: absorb scales into BatchNorm | fold: fold BatchNorm into the weights"),
     granularity: Granularity = typer.Option(default(FoldConfig, "granularity"), help="Scale granularity where the fold re-normalizes."),
     image_size: Optional[int] = typer.Option(None, help="Input resolution (default: the data's or the weights')."),
@@ -111,6 +112,9 @@ def finetune(
     if act_bits is None and value(scale_format) == "po2":
         raise UserInputError("--scale-format po2 needs --act-bits A and --weight-bits B: it makes every "
                              "activation and weight scale a power of two")
+    if value(rounding) != "onnx" and (act_bits is None or value(scale_format) != "po2"):
+        raise UserInputError("--rounding tflite computes TFLite's integer arithmetic exactly on power-of-two "
+                             "scales: it needs --act-bits A, --weight-bits B and --scale-format po2")
     if act_bits is None and (freeze_bn_epochs is not None or value(act_range) != "learned" or mixed_precision
                              or target is not None):
         raise UserInputError("--act-range, --freeze-bn-epochs, --mixed-precision and --target apply to --act-bits "
@@ -143,7 +147,7 @@ def finetune(
             fold=FoldConfig(value(bn), value(granularity)), verify=VerifyConfig(rtol=rtol, samples=samples),
             train=train, no_export=no_export, overwrite=overwrite, offline=offline or None, seed=seed,
             act=ActSettings(act_bits, value(act_range), freeze_bn_epochs, value(scale_format), mixed_precision,
-                            TRAIN_PLACEMENTS[value(target) or DEFAULT_TARGET])
+                            TRAIN_PLACEMENTS[value(target) or DEFAULT_TARGET], value(rounding))
             if act_bits is not None else None)
     if no_deploy and cfg.act is None:
         raise UserInputError("--no-deploy applies to --act-bits runs only (they end with their deployed file)")

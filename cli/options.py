@@ -15,8 +15,9 @@ from enum import Enum
 import typer
 
 from wnconvert.convert.errors import UserInputError
-from wnconvert.convert.names import (ACT_TYPES, BN_MODES, CALIBRATORS, CONTAINERS, GAIN_MODES, GRANULARITIES, PRECISIONS,
-                                     PROVIDERS, RANGE_MODES, RUNTIMES, SCALE_FORMATS, SCALE_GRAD_MODES,
+from wnconvert.convert.names import (ACT_TYPES, BN_MODES, CALIBRATORS, CONTAINERS, ETHOS_U_TARGETS, GAIN_MODES,
+                                     GRANULARITIES, PRECISIONS,
+                                     PROVIDERS, RANGE_MODES, ROUNDINGS, RUNTIMES, SCALE_FORMATS, TFLITE_RUNTIMES, SCALE_GRAD_MODES,
                                      SCHEME_NAMES, TARGETS, TRAIN_PLACEMENTS)
 from wnconvert.convert.names import WEIGHT_RANGES
 from wnconvert.models.train.optim_settings import OPTIMIZERS, SCHEDULES, WD_MODES
@@ -32,11 +33,11 @@ _REGISTRIES = {"Scheme": SCHEME_NAMES, "Gain": GAIN_MODES, "ScaleGrad": SCALE_GR
                "Granularity": GRANULARITIES, "Optimizer": OPTIMIZERS, "WdMode": WD_MODES,
                "Schedule": SCHEDULES, "Precision": PRECISIONS, "Calibrator": CALIBRATORS,
                "ActType": ACT_TYPES, "CalibSplit": CALIB_SPLITS, "Provider": PROVIDERS, "ActRange": RANGE_MODES,
-               "ScaleFormat": SCALE_FORMATS, "Runtime": RUNTIMES, "Target": TARGETS,
-               "Container": CONTAINERS, "TrainTarget": TRAIN_PLACEMENTS}
+               "ScaleFormat": SCALE_FORMATS, "Runtime": RUNTIMES + TFLITE_RUNTIMES, "Target": TARGETS + ETHOS_U_TARGETS,
+               "Container": CONTAINERS, "TrainTarget": TRAIN_PLACEMENTS, "Rounding": ROUNDINGS}
 (Scheme, Gain, ScaleGrad, Bn, Granularity, Optimizer, WdMode, Schedule, Precision, Calibrator, ActType,
  CalibSplit, Provider, ActRange, ScaleFormat, Runtime, Target, Container,
- TrainTarget) = (choices(name, values) for name, values in _REGISTRIES.items())
+ TrainTarget, Rounding) = (choices(name, values) for name, values in _REGISTRIES.items())
 WeightRange = choices("WeightRange", WEIGHT_RANGES)
 
 

@@ -14,8 +14,8 @@ from typing import Optional
 import typer
 
 from wnconvert.convert.configs import QuantThresholds, VerifyConfig
-from wnconvert.convert.names import TFLITE_IO
 from wnconvert.convert.errors import ParityError
+from wnconvert.convert.names import ETHOS_U_TARGETS, TFLITE_IO
 from wnconvert.models.run.run_options import PrecisionOptions, VerifyRequest
 
 from .errors import handle_errors
@@ -52,7 +52,7 @@ def export(
     opset: Optional[int] = typer.Option(None, help="ONNX opset (default: the run's)."),
     rtol: Optional[float] = typer.Option(None, help="Parity tolerance (default: the run's)."),
     precision: Precision = typer.Option("fp32", help="fp32: model.onnx; otherwise writes model.PRECISION.onnx from model.onnx."),
-    target: Target = typer.Option(default(PrecisionOptions, "target"), help="Deployment target: its preset of activation type and symmetry, weight granularity, bias and opset rules (explicit options override it; see docs/deploying.md)."),
+    target: Target = typer.Option(default(PrecisionOptions, "target"), help="Deployment target: its preset of activation type and symmetry, weight granularity, bias and opset rules (explicit options override it; see docs/deploying.md). ethos-u*: compile RUN/model.int8.tflite with Arm's Vela (docs/ethos-u.md)."),
     data: Optional[str] = typer.Option(None, help="Calibration data spec for int8 activations (default: the run's --data)."),
     calib_samples: int = typer.Option(default(PrecisionOptions, "calib_samples"), help="Calibration images taken from --data."),
     calib_split: CalibSplit = typer.Option(default(PrecisionOptions, "calib_split"), help="The split of --data calibration images come from (comparisons with model.onnx use val)."),
@@ -67,7 +67,10 @@ def export(
 ):
     """Fold the run's checkpoint, write RUN_DIR/model.onnx, check weight ranges and parity.
     With --precision fp16|int8|int4: write RUN_DIR/model.PRECISION.onnx from model.onnx instead.
-    With --target tflite-micro: write RUN_DIR/model.int8.tflite (docs/tflite.md)."""
+    With --target tflite-micro: write RUN_DIR/model.int8.tflite (docs/tflite.md); with --target ethos-u*:
+    compile it with Vela into RUN_DIR/model.int8.TARGET.tflite (docs/ethos-u.md)."""
+    if value(target) in ETHOS_U_TARGETS:
+        return _export_ethos_u(run_dir, value(target), value(precision), json_out)
     from wnconvert.convert.errors import UserInputError
     from wnconvert.models.run.precheck import check_export
 
@@ -117,6 +120,17 @@ def export(
         console.print(parity_table(result.to_dict()["parity"]))
         console.print(f"wrote {result.onnx_path} ({result.onnx_weights} weight tensors, max |w| = {result.onnx_max_abs:.6f})")
     require_parity(result)
+
+
+def _export_ethos_u(run_dir: Path, target: str, precision: str, json_out: bool) -> None:
+    """``export --target ethos-u*``: RUN/model.int8.tflite compiled by Vela (models/run/ethosu_run.py)."""
+    from wnconvert.convert.ethosu import describe
+    from wnconvert.models.run.ethosu_run import export_ethos_u
+
+    entry = export_ethos_u(run_dir, target, precision)
+    if json_out:
+        return print_json(entry)
+    console.print(f"wrote {Path(run_dir) / entry['file']}: {describe(entry)}")
 
 
 def tflite_line(run_dir: Path, entry: dict) -> str:

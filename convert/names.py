@@ -35,6 +35,8 @@ CONTAINERS = ("int4", "int8")    # storage of 4-bit values (quantize/container.p
 TARGETS = ("ort-cpu", "openvino", "tensorrt", "fixed-point", "tflite-micro", "qonnx")   # quantize/targets.py PRESETS
 TFLITE_IO = ("int8", "float")   # export --target tflite-micro --io: the .tflite's input and output (convert/tflite)
 DEFAULT_TARGET = "ort-cpu"
+# export --target: the int8 .tflite compiled by Arm's Vela for these Ethos-U configurations (convert/ethosu.py)
+ETHOS_U_TARGETS = ("ethos-u55-128", "ethos-u55-256", "ethos-u65-256", "ethos-u85-256")
 RESIDUAL_CONV = ("quantized", "float")  # a conv output read only by a residual add (quantize/placement.py)
 # finetune --target (--act-bits runs): the runtime whose placement the network is trained for -> it
 TRAIN_PLACEMENTS = {"ort-cpu": "quantized", "openvino": "float"}
@@ -43,7 +45,9 @@ PLACEMENT_TARGETS = {placement: target for target, placement in TRAIN_PLACEMENTS
 # convert/actquant
 SCALE_FORMATS = ("float", "po2")
 RANGE_MODES = ("learned", "frozen")
+ROUNDINGS = ("onnx", "tflite")   # finetune --rounding: eval-mode requantization (actquant/tflite_points.py)
 
 # convert/runtime.py, convert/openvino_rt.py
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 RUNTIMES = ("onnxruntime", "openvino")
+TFLITE_RUNTIMES = ("tflite-micro", "litert")   # eval of a .tflite file (convert/tflite_eval.py)

@@ -34,6 +34,23 @@ def fashion_run(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def bare_run(tmp_path_factory):
+    """A run directory and nothing more (ResNet-18 at 32 px, 10 classes, untrained, not exported):
+    what the .tflite tests put a hand-built model.int8.tflite beside (copy it first)."""
+    from typer.testing import CliRunner
+
+    from wnconvert.cli.main import app
+
+    out = tmp_path_factory.mktemp("bare_run") / "run"
+    _SESSION_DIRS.add(out.parent)
+    args = ["finetune", "resnet18", "--weights", "none", "--num-classes", "10", "--image-size", "32",
+            "--epochs", "0", "--no-export", "--out", str(out)]
+    r = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return out
+
+
 # -- disk: a ResNet-18 run directory is ~250 MB; the suite makes dozens of them -------------------
 # pyproject's retention policy deletes each passing test's tmp_path; the directories module-scoped
 # fixtures make with tmp_path_factory go here when the module ends with no failure. Directories

@@ -43,6 +43,7 @@ from .logits import find_classifier
 from .ort_points import OrtPoints
 from .prepare import act_points, quantizers
 from .structure import unexpected_nodes
+from .tflite_points import onnx_rounding
 
 CONTRACT = "bit-exact"
 SOURCES = ("pytorch", "intref", "ort_off", "ort_on")
@@ -195,6 +196,7 @@ def _failures(checks: list[LayerCheck]) -> list[str]:
     return out
 
 
+@onnx_rounding
 @torch.no_grad()
 def check_bit_exact(qat_model: fx.GraphModule, onnx_path: Path, x: torch.Tensor,
                     batch_size: int = BATCH) -> BitExactReport:

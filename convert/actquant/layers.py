@@ -161,8 +161,13 @@ class QLayer(nn.Module):
         w = torch.from_numpy(d.weight_int.astype(np.float32)) * torch.from_numpy(d.weight_scale).reshape(shape)
         b = torch.from_numpy(d.bias_int.astype(np.float32)) * torch.from_numpy(d.bias_scale)
         out = (w.to(dev), b.to(dev))
-        self.__dict__["_deployed_cache"] = (key, out)
+        self.__dict__["_deployed_cache"] = (key, out, (d.weight_scale, d.bias_scale))
         return out
+
+    def accumulator_scales(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(s_w,c, s_x·s_w,c)`` per output channel (float32) of the deployed layer, cached with it."""
+        self.deployed_tensors()
+        return self.__dict__["_deployed_cache"][2]
 
 
 def _weight_grid(q: QLayer) -> tuple[np.ndarray, np.ndarray, int]:

@@ -28,6 +28,7 @@ from .logits import compare_logits, find_classifier, free_running_integers, tie_
 from .ort_points import OrtPoints
 from .prepare import act_points, quantizers
 from .structure import unexpected_nodes
+from .tflite_points import onnx_rounding
 
 TIE_WINDOW = 1.0 / 128   # steps: |x/s - (k + 1/2)| below this is a rounding tie
 
@@ -61,6 +62,7 @@ class _Forced(fx.Interpreter):
         return (k_ort * q.scale()).to(args[0].dtype)
 
 
+@onnx_rounding
 @torch.no_grad()
 def check_lossless_activations(qat_model: fx.GraphModule, onnx_path: Path, x: torch.Tensor,
                                tie_window: float = TIE_WINDOW, progress: Callable[[int], None] | None = None) -> dict:

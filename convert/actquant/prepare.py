@@ -95,13 +95,20 @@ class _Builder:
         return self.graph.call_module(target, args)
 
     def quantize(self, new: fx.Node, old: fx.Node, kind: str, max_scale: float | None = None,
-                 op: str | None = None) -> fx.Node:
+                 op: str | None = None, tflite: tuple = (), reads: tuple = ()) -> fx.Node:
+        """``tflite``: under ``--rounding tflite``, the source of the point's TFLite arithmetic
+        (:meth:`ActQuantizer.set_tflite_source`), ``reads`` the graph nodes it is computed from."""
         name = "input" if kind == "input" else old.name
         signed = not self.nonneg.get(new, False)
         bits = self.config.bits
         q = ActQuantizer(bits, signed, self.config.range == "learned",
                          max_scale=None if max_scale is None else max_scale / (2 ** bits - 1), po2=self.config.po2)
-        out = self._call(f"act_quant.{name}", q, (new,))
+        tfl = self.config.rounding == "tflite"
+        if tfl:
+            q.rounding = "tflite"
+            if tflite:
+                q.set_tflite_source(*tflite)
+        out = self._call(f"act_quant.{name}", q, (new, *reads) if tfl else (new,))
         self.points.append(QuantPoint(name, old.name, kind, signed, bits, op))
         self.nonneg[out] = not signed
         self.quant_of[out] = q
@@ -145,7 +152,7 @@ class _Builder:
             self.env[last] = new
             self.float_outputs.add(new)
             return
-        self.env[last] = self.quantize(new, n, "layer", 6.0 if act == "relu6" else None)
+        self.env[last] = self.quantize(new, n, "layer", 6.0 if act == "relu6" else None, tflite=("layer", q))
 
     def _other(self, n: fx.Node) -> None:
         args = fx.node.map_arg(n.args, lambda a: self.env[a])
@@ -164,11 +171,18 @@ class _Builder:
         elif _is_add(n):
             self._add(n, new, ins)
         elif n.op == "call_function" and n.target in CAT:
+            if self.config.rounding == "tflite":
+                raise UserInputError(f"--rounding tflite: concatenation node {n.name!r} has no TFLite arithmetic "
+                                     "here (TFLite's CONCATENATION needs one scale on every input)")
             self.nonneg[new] = all(self.nonneg.get(a, False) for a in args[0])
             self.env[n] = self.quantize(new, n, "cat")
         elif module_of(self.gm, n, AVGPOOL) is not None or (n.op == "call_function" and n.target in AVGPOOL_FN):
             self.nonneg[new] = self.nonneg.get(ins[0], False)
-            self.env[n] = self.quantize(new, n, "pool")
+            tfl = ()
+            if self.config.rounding == "tflite":
+                _require_global_pool(self.gm, n)
+                tfl = ("pool", self.input_quant(ins[0], f"pooling node {n.name!r}"))
+            self.env[n] = self.quantize(new, n, "pool", tflite=tfl, reads=(ins[0],))
         elif float_op(self.gm, n) is not None:
             self._float(n, new, ins, float_op(self.gm, n))
         else:
@@ -208,14 +222,31 @@ class _Builder:
         kind = relu_kind(self.gm, user) if user is not None else None
         if kind == "relu6":
             raise UserInputError(f"ReLU6 after add node {n.name!r} is not supported")
+        tfl = ()
+        if self.config.rounding == "tflite":
+            tfl = ("add", *(self.input_quant(a, f"add node {n.name!r}") for a in ins))
         if kind == "relu":
             self.absorbed.add(user)
             new = self.graph.call_function(F.relu, (new,))
             self.nonneg[new] = True
-            self.env[user] = self.quantize(new, n, "add")
+            self.env[user] = self.quantize(new, n, "add", tflite=tfl, reads=tuple(ins))
         else:
             self.nonneg[new] = all(self.nonneg.get(a, False) for a in ins)
-            self.env[n] = self.quantize(new, n, "add")
+            self.env[n] = self.quantize(new, n, "add", tflite=tfl, reads=tuple(ins))
+
+
+def _require_global_pool(gm: fx.GraphModule, n: fx.Node) -> None:
+    """``--rounding tflite`` computes a pool as TFLite's MEAN over H and W: a global pool only."""
+    mod = gm.get_submodule(n.target) if n.op == "call_module" else None
+    if isinstance(mod, nn.AdaptiveAvgPool2d):
+        size = mod.output_size
+    elif n.op == "call_function" and n.target is F.adaptive_avg_pool2d:
+        size = n.args[1] if len(n.args) > 1 else n.kwargs.get("output_size")
+    else:
+        size = None
+    if size not in (1, (1, 1), [1, 1]):
+        raise UserInputError(f"--rounding tflite: pooling node {n.name!r} is not a global average pool; only "
+                             "that one (TFLite's MEAN) has TFLite arithmetic here")
 
 
 def _is_add(n: fx.Node) -> bool:

@@ -31,6 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from ..configs import check_act_settings
+from ..errors import UserInputError
+from ..names import ROUNDINGS
 from .po2 import round_ste
 
 CALIB_PERCENTILE = 99.99
@@ -53,9 +55,15 @@ class ActQuantConfig:
     scale_format: str = "float"
     mixed_precision: bool = False
     residual_conv: str = "quantized"
+    rounding: str = "onnx"
 
     def __post_init__(self) -> None:
         check_act_settings(self.bits, self.range, self.scale_format, self.mixed_precision, self.residual_conv)
+        if self.rounding not in ROUNDINGS:
+            raise UserInputError(f"unknown --rounding {self.rounding!r}; choose one of: {', '.join(ROUNDINGS)}")
+        if self.rounding == "tflite" and not self.po2:
+            raise UserInputError("--rounding tflite computes TFLite's integer arithmetic exactly on power-of-two "
+                                 "scales: it needs --scale-format po2")
 
     @property
     def po2(self) -> bool:
@@ -63,7 +71,8 @@ class ActQuantConfig:
 
     def to_dict(self) -> dict:
         return {"bits": self.bits, "range": self.range, "scale_format": self.scale_format,
-                "mixed_precision": self.mixed_precision, "residual_conv": self.residual_conv}
+                "mixed_precision": self.mixed_precision, "residual_conv": self.residual_conv,
+                "rounding": self.rounding}
 
 
 def int_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -109,6 +118,14 @@ class ActQuantizer(nn.Module):
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
         self.calibrating = False
         self._calib: list[float] = []
+        self.rounding = "onnx"   # eval-mode requantization: onnx (round half to even) | tflite
+        self._tflite_src: tuple | None = None
+
+    def set_tflite_source(self, kind: str, *producers) -> None:
+        """What produces this point's integers in TFLite (``layer``: the QLayer; ``add``: the two
+        input quantizers; ``pool``: the input quantizer of a global average pool): references,
+        not submodules."""
+        object.__setattr__(self, "_tflite_src", (kind, *producers))
 
     def scale(self) -> Tensor:
         """The scale as float32, clamped to ``[MIN_SCALE, max_scale]``; what the export writes."""
@@ -124,10 +141,17 @@ class ActQuantizer(nn.Module):
     def scale_value(self) -> float:
         return float(self.scale().detach())
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *inputs: Tensor) -> Tensor:
+        """``inputs``: under ``--rounding tflite``, the tensors an add or a pool read (the graph
+        passes them), from which eval mode computes TFLite's integers."""
         if self.calibrating:
             self._record(x.detach())
             return x
+        if not self.training and self.rounding == "tflite" and self._tflite_src is not None:
+            from .tflite_points import tflite_integers
+            with torch.no_grad():
+                k = tflite_integers(self, x, inputs).clamp_(self.qmin, self.qmax)
+            return (k.to(torch.float32) * self.scale()).to(x.dtype)
         grad_factor = 1.0 / math.sqrt(max(x.numel() // max(x.shape[0], 1), 1) * self.qmax)
         return _LsqRound.apply(x, self.scale(), self.qmin, self.qmax, grad_factor)
 

@@ -35,6 +35,8 @@ def artifact_accuracy(artifact: Path, data: str, *, limit: int | None = None, ba
     ``runtime`` (onnxruntime | openvino) runs an ``.onnx`` file; a checkpoint runs in PyTorch."""
     artifact = Path(artifact)
     check_eval(artifact, provider, batch)
+    if artifact.is_file() and artifact.suffix == ".tflite":
+        return _tflite_accuracy(artifact, data, limit, batch, provider, runtime)
     check_runtime(runtime, provider)
     is_onnx = artifact.is_file() and artifact.suffix == ".onnx"
     if runtime != "onnxruntime" and not is_onnx:
@@ -72,6 +74,26 @@ def artifact_accuracy(artifact: Path, data: str, *, limit: int | None = None, ba
             with torch.no_grad():
                 return model(torch.from_numpy(x).to(device)).float().cpu().numpy()
         backend = f"pytorch/{device}"
+    return _score(artifact, data, run, images, labels, batch, runtime if is_onnx else "pytorch", backend)
+
+
+def _tflite_accuracy(artifact: Path, data: str, limit: int | None, batch: int, provider: str, runtime: str) -> dict:
+    """A .tflite file in TensorFlow Lite Micro (``--runtime`` left at its default) or LiteRT."""
+    from wnconvert.convert.tflite_eval import tflite_runner
+
+    if provider != "cpu":
+        raise UserInputError(f"a .tflite file runs on the CPU here, not --provider {provider}")
+    runtime = "tflite-micro" if runtime == "onnxruntime" else runtime
+    run, backend, size = tflite_runner(artifact, runtime)
+    pre, _ = _preprocess_for(artifact, data, size)
+    images, labels = eval_arrays(data, pre, limit=limit)
+    if images.shape[-1] != size or images.shape[1] not in (1, 3):
+        raise UserInputError(f"{artifact} takes {size} px images; the preprocessing gives {images.shape[-1]} px")
+    return _score(artifact, data, run, images, labels, batch, runtime, backend)
+
+
+def _score(artifact: Path, data: str, run, images: np.ndarray, labels: np.ndarray, batch: int, runtime: str,
+           backend: str) -> dict:
     out = run(images[:1])  # warm-up, not timed
     if np.ndim(out) != 2:
         raise UserInputError(f"{artifact} outputs shape {tuple(np.shape(out))}, not (batch, classes) logits")
@@ -83,7 +105,7 @@ def artifact_accuracy(artifact: Path, data: str, *, limit: int | None = None, ba
         top1, top5 = top1 + a, top5 + b
     seconds = time.perf_counter() - t0
     n = max(len(images), 1)
-    return {"artifact": str(artifact), "data": data, "runtime": runtime if is_onnx else "pytorch",
+    return {"artifact": str(artifact), "data": data, "runtime": runtime,
             "backend": backend, "images": int(len(images)),
             "top1": top1 / n, "top5": top5 / n,
             "images_per_s": len(images) / seconds if seconds > 0 else float("inf")}

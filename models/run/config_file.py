@@ -47,7 +47,8 @@ def _act_options(act: dict) -> dict[str, Any]:
     """A manifest's ``act`` record (models/train/act_run.ActSettings) as finetune's options."""
     out = {"act_bits": act.get("bits"), "act_range": act.get("range"), "freeze_bn_epochs": act.get("freeze_bn_epochs"),
            "scale_format": act.get("scale_format"), "mixed_precision": act.get("mixed_precision"),
-           "target": {placement: t for t, placement in TRAIN_PLACEMENTS.items()}.get(act.get("residual_conv"))}
+           "target": {placement: t for t, placement in TRAIN_PLACEMENTS.items()}.get(act.get("residual_conv")),
+           "rounding": act.get("rounding")}
     return {k: v for k, v in out.items() if v is not None}
 
 

@@ -243,6 +243,12 @@ def verify_tflite_file(run_dir: Path, path: Path, x: np.ndarray, inputs: str) ->
     xnnpack = _count_steps(model, micro, _litert(data, x_in, model, ref=False))
     counts, local_failures = local_model_check(source, writer, env)
     failures += local_failures
+    bit_exact = None
+    act = run.manifest().act
+    if act is not None and act.rounding == "tflite":  # trained = TFLite Micro at every point (tflite_bitexact.py)
+        from .tflite_bitexact import trained_equals_micro
+        bit_exact = trained_equals_micro(run.load_qat()[1], x, micro, writer, model_run, _to_onnx)
+        failures += bit_exact["failures"]
     name = output_name(expected)
     bound, derived = _last_layer_bound(source, writer, model_run, env, name)
     out_held = writer.held[name]
@@ -270,7 +276,7 @@ def verify_tflite_file(run_dir: Path, path: Path, x: np.ndarray, inputs: str) ->
         "top1": {"agreement": float(np.mean(top_t == top_m)), "images": len(x),
                  "margin_steps": {"median": float(np.median(2 * bound)), "max": float(np.max(2 * bound))},
                  "derived_from": derived, "disagreements_within_margin": int(np.sum(top_t != top_m)) - int(bad.size)},
-    }
+    } | ({"bit_exact": bit_exact} if bit_exact is not None else {})
 
 
 def tflite_targets(run_dir: Path, given: Path | None) -> list[Path]:

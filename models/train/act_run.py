@@ -37,7 +37,8 @@ CALIB_SEED = 1234          # their fixed draw (the training seed stream is not t
 class ActSettings:
     """``--act-bits``, ``--act-range``, ``--freeze-bn-epochs`` (None: 1 when the run trains
     more than one epoch, else 0), ``--scale-format`` (float | po2), ``--mixed-precision`` and the
-    placement ``--target`` trains (``residual_conv``: float for openvino)."""
+    placement ``--target`` trains (``residual_conv``: float for openvino), ``--rounding`` (onnx | tflite:
+    the eval-mode requantization, convert/actquant/tflite_points.py)."""
 
     bits: int
     range: str = "learned"
@@ -45,16 +46,17 @@ class ActSettings:
     scale_format: str = "float"
     mixed_precision: bool = False
     residual_conv: str = "quantized"
+    rounding: str = "onnx"
 
     def __post_init__(self) -> None:
-        ActQuantConfig(self.bits, self.range, self.scale_format, self.mixed_precision,
-                       self.residual_conv)  # validates them
+        _ = self.quant  # validates them
         if self.freeze_bn_epochs is not None and self.freeze_bn_epochs < 0:
             raise UserInputError("--freeze-bn-epochs must be >= 0")
 
     @property
     def quant(self) -> ActQuantConfig:
-        return ActQuantConfig(self.bits, self.range, self.scale_format, self.mixed_precision, self.residual_conv)
+        return ActQuantConfig(self.bits, self.range, self.scale_format, self.mixed_precision, self.residual_conv,
+                              self.rounding)
 
     def frozen_epochs(self, epochs: int) -> int:
         if self.freeze_bn_epochs is None:
@@ -72,7 +74,7 @@ class ActSettings:
             return None
         return cls(int(d["bits"]), d.get("range", "learned"), d.get("freeze_bn_epochs"),
                    d.get("scale_format", "float"), bool(d.get("mixed_precision", False)),
-                   d.get("residual_conv", "quantized"))
+                   d.get("residual_conv", "quantized"), d.get("rounding", "onnx"))
 
 
 def check_act_request(scheme: SchemeConfig, act: ActSettings | None, *, data: str | None,
