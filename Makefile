@@ -30,6 +30,7 @@ demo: venv data
 
 test: venv
 	-@$(MAKE) --no-print-directory data
+	$(PY) -m ruff check -q .
 	$(PY) -m pytest -q
 
 clean:

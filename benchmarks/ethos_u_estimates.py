@@ -53,7 +53,8 @@ def main() -> None:
                 rows.append({"model": model, "size": size} | f)
                 mem = f["flash_kib"] if f["flash_kib"] else f["dram_kib"]
                 print(f"| {model} | {size} | {target} | {f['operators']} | {f['on_npu']} | "
-                      f"{', '.join(f['cpu_fallback']) or '-'} | {f['sram_kib']:.1f} | {mem:.1f} | {f['macs'] / 1e6:.1f} | "
+                      f"{', '.join(f['cpu_fallback']) or '-'} | {f['sram_kib']:.1f} | {mem:.1f} | "
+                      f"{f['macs'] / 1e6:.1f} | "
                       f"{f['cycles_npu']:,} | {f['cycles_total']:,} | {f['inference_s'] * 1e3:.3f} | "
                       f"{f['inferences_per_s']:,.0f} |", flush=True)
     (a.out / "ethos_u_estimates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -164,7 +164,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="the tiny custom CNN instead of a run")
     ap.add_argument("--size", type=int, default=32, help="--tiny: image size")
     ap.add_argument("--squeeze", action="store_true", help="--tiny: max-pool to 1x1 before the global average pooling")
-    ap.add_argument("--bits", type=int, nargs=2, default=(4, 4), metavar=("W", "A"), help="--tiny: weight and activation bits")
+    ap.add_argument("--bits", type=int, nargs=2, default=(4, 4), metavar=("W", "A"), help="--tiny: weight and "
+                                                                                          "activation bits")
     ap.add_argument("--count", type=int, default=64, help="test images compared")
     ap.add_argument("--data", default=None, help="images of a run (default: its data)")
     ap.add_argument("--precision", default="fixed<48,24>", help="hls4ml's default precision (accumulators, biases)")

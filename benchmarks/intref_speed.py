@@ -90,10 +90,12 @@ def main() -> None:
     print(f"{a.model} {a.size}px W{a.weight_bits}A{a.act_bits} po2, {a.images} images, "
           f"{torch.get_num_threads()} torch / ort threads {a.threads or 'default'}: "
           f"onnxruntime fp32 {t_ort * per:.2f} ms/image; integer reference on the file (one call, as golden): "
-          f"int64 {t_slow * per:.1f} ms/image, exact BLAS {t_fast * per:.2f} ms/image, speed-up {t_slow / t_fast:.1f}x, "
+          f"int64 {t_slow * per:.1f} ms/image, exact BLAS {t_fast * per:.2f} ms/image, speed-up "
+          f"{t_slow / t_fast:.1f}x, "
           f"{t_fast / t_ort:.1f}x onnxruntime fp32; on a graph read once (as bit-exact verify): "
           f"{t_batch * per:.2f} ms/image, speed-up {t_slow / t_batch:.1f}x, {t_batch / t_ort:.1f}x onnxruntime fp32; "
-          f"{len(runs['auto'].tensors)} tensors, {'bit for bit the same' if mismatch is None else f'DIFFER: {mismatch}'}")
+          f"{len(runs['auto'].tensors)} tensors, "
+          f"{'bit for bit the same' if mismatch is None else f'DIFFER: {mismatch}'}")
     if mismatch is not None:
         raise SystemExit(1)
 

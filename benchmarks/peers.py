@@ -70,7 +70,8 @@ def arguments() -> argparse.Namespace:
     ap.add_argument("--epochs", type=int, default=1, help="epochs of every QAT fine-tune")
     ap.add_argument("--limit-train", type=int, default=1024, help="training images of every QAT fine-tune (0: all)")
     ap.add_argument("--batch-size", type=int, default=32, help="batch size of every QAT fine-tune")
-    ap.add_argument("--baseline-limit-val", type=int, default=2000, help="validation images of the baseline's epochs (0: all)")
+    ap.add_argument("--baseline-limit-val", type=int, default=2000, help="validation images of the baseline's epochs "
+                                                                         "(0: all)")
     ap.add_argument("--limit-val", type=int, default=500, help="validation images of the fine-tunes' epochs (0: all)")
     ap.add_argument("--calib-samples", type=int, default=256, help="PTQ calibration images")
     ap.add_argument("--eval-limit", type=int, default=None, help="test images per eval (default: all)")
@@ -83,7 +84,8 @@ def arguments() -> argparse.Namespace:
     ap.add_argument("--cells", default=",".join(c[0] for c in CONFIGS), help="configurations to make, e.g. W4A8,W4A4")
     ap.add_argument("--no-speed", action="store_true", help="accuracy only: no speed rounds")
     ap.add_argument("--only", choices=("all", "wn", "learned", "brevitas"), default="all",
-                    help="make only these runs (several invocations side by side; then one --measure-only for the table)")
+                    help="make only these runs (several invocations side by side; then one --measure-only for the "
+                         "table)")
     ap.add_argument("--baseline", type=Path, default=None,
                     help="use this complete run as the baseline (its command.txt is recorded) instead of making one")
     ap.add_argument("--measure-only", action="store_true",

@@ -17,20 +17,24 @@ This module imports brevitas: only peers.py imports it, after checking the ``ben
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from brevitas.export import export_onnx_qcdq
 from brevitas.graph.calibrate import calibration_mode
-from brevitas.graph.quantize import (COMPUTE_LAYER_MAP, QUANT_ACT_MAP, QUANT_IDENTITY_MAP, preprocess_for_quantize,
-                                     quantize)
-from brevitas.quant import (Int8ActPerTensorFloat, Int8WeightPerChannelFloat, Uint8ActPerTensorFloat)
+from brevitas.graph.quantize import (
+    COMPUTE_LAYER_MAP,
+    QUANT_ACT_MAP,
+    QUANT_IDENTITY_MAP,
+    preprocess_for_quantize,
+    quantize,
+)
+from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat, Uint8ActPerTensorFloat
 from torch import nn
 
-from wnconvert.models.train.act_run import calibration_batches
 from wnconvert.models.data.data import build_data
 from wnconvert.models.run.rundir import RunDir
+from wnconvert.models.train.act_run import calibration_batches
 from wnconvert.models.train.train import TrainConfig, train
 from wnconvert.models.zoo.zoo import build_model
 

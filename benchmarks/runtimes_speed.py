@@ -70,7 +70,8 @@ def agreement(run: Path, data: str, limit: int) -> dict:
 
 
 def table(title: str, res: dict, agree: dict | None) -> list[str]:
-    head = f"| {title} | " + " | ".join(f"{rt} images/s (× its fp32)" for rt in RUNTIMES) + " | openvino / onnxruntime |"
+    head = (f"| {title} | " + " | ".join(f"{rt} images/s (× its fp32)" for rt in RUNTIMES)
+            + " | openvino / onnxruntime |")
     lines = [head + (" top-1 agreement, max logit diff |" if agree else ""),
              "| --- " * (4 + bool(agree)) + "|"]
     for label, _, _ in FILES:

@@ -23,9 +23,9 @@ from wnconvert.convert.actquant.quantizer import ActQuantizer
 from wnconvert.convert.apply import apply_scheme, reparametrized
 from wnconvert.convert.clip import LearnedClip
 from wnconvert.convert.configs import SchemeConfig
-from wnconvert.models.train.act_run import ActSettings, calibration_batches, prepare_act_model
 from wnconvert.models.data.data import build_data
 from wnconvert.models.run.rundir import RunDir
+from wnconvert.models.train.act_run import ActSettings, calibration_batches, prepare_act_model
 from wnconvert.models.zoo.zoo import build_model
 
 

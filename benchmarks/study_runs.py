@@ -4,7 +4,8 @@ A run whose directory is complete and whose command.txt matches is reused, so th
 their baseline and fine-tunes and an interrupted study continues where it stopped.
 
 Budget: the recipes below are sized for the 2-core CPU machine this project runs on (Fashion-MNIST
-at its default 32 px, a few epochs); pass --baseline-epochs/--epochs/--device for a bigger machine. Every figure and table says
+at its default 32 px, a few epochs); pass --baseline-epochs/--epochs/--device for a bigger machine. Every figure and
+table says
 which budget made it.
 """
 

@@ -40,6 +40,7 @@ def _ensure_files(run: Path) -> None:
 
 def measure(run: Path, count: int, chunk: int = 50) -> dict:
     import onnx
+
     from wnconvert.convert.intref import run_integer
     from wnconvert.convert.runtime import ort_session, run_batches, session_runner
     from wnconvert.convert.tflite import reference
@@ -118,13 +119,14 @@ def main() -> None:
     a = ap.parse_args()
     rows = [measure(r, a.count) for r in a.runs]
     print("| run | scales | images | TFLM = reference | one step from the network | top-1 .tflite | "
-          "top-1 network | top-1 model.int8.onnx | agreement with network / onnx int8 | TFLM / reference ms per image |")
+          "top-1 network | top-1 model.int8.onnx | agreement with network / onnx int8 | TFLM / reference ms per image |")  # noqa: E501
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         m, o, t, ms = r["micro_equals_reference"], r["one_step"], r["top1"], r["ms_per_image"]
         fmt = f"{r['scales']}" + (f", {r['scale_format']}" if r["scale_format"] else "")
         print(f"| {Path(r['run']).name} | {fmt} | {r['images']} | {m['equal']}/{m['of']} "
-              f"({100 * m['equal'] / m['of']:.2f} %) | {o['elements']}/{o['of']} ({100 * o['elements'] / o['of']:.3f} %), "
+              f"({100 * m['equal'] / m['of']:.2f} %) | {o['elements']}/{o['of']} ({100 * o['elements'] / o['of']:.3f} "
+              "%), "
               f"{o['tensors_beyond_one_step']} beyond | {100 * t['tflite']:.2f} | {100 * t['network']:.2f} | "
               f"{100 * t['onnx_int8']:.2f} | {t['agreement_network']:.4f} / {t['agreement_onnx_int8']:.4f} | "
               f"{ms['micro']:.1f} / {ms['reference']:.1f} |")

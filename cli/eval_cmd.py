@@ -14,12 +14,14 @@ from .render import JsonOpt, console, print_json
 
 @handle_errors
 def eval_command(
-    artifact: Path = typer.Argument(..., help="An .onnx or .tflite file, a run directory or its checkpoint.safetensors."),
+    artifact: Path = typer.Argument(..., help="An .onnx or .tflite file, a run directory or its checkpoint.safetensors."),  # noqa: E501
     data: str = typer.Option(..., help="Data spec, e.g. fashion-mnist:PATH (validation split)."),
     limit: Optional[int] = typer.Option(None, help="Evaluate a fixed random subset of N images."),
     batch_size: int = typer.Option(64, help="Batch size."),
     provider: Provider = typer.Option("cpu", help="onnxruntime provider, or PyTorch device."),
-    runtime: Runtime = typer.Option("onnxruntime", help="Runtime of an .onnx file (openvino: its CPU plugin at f32); of a .tflite file: tflite-micro (the default for it) or litert."),
+    runtime: Runtime = typer.Option("onnxruntime", help="Runtime of an .onnx file (openvino: its CPU plugin at f32); "
+                                                        "of a .tflite file: tflite-micro (the default for it) or "
+                                                        "litert."),
     json_out: bool = JsonOpt,
 ):
     """Top-1 / top-5 and images/s of a checkpoint (PyTorch), an ONNX file (onnxruntime or OpenVINO) or a

@@ -18,10 +18,11 @@ from .finetune import HELP_PANELS as FINETUNE_PANELS
 from .finetune import finetune
 from .golden_cmd import golden
 from .help_layout import tidy_help
-from .render import JsonOpt, console, print_json, ranges_table
 from .options import usage_message
+from .render import JsonOpt, console, print_json, ranges_table
 from .report_cmd import report
 from .runs import export, fold, verify
+
 
 class _Group(OneLineErrors):
     message = staticmethod(usage_message)
@@ -46,7 +47,8 @@ for _name, _command in (("finetune", finetune), ("fold", fold), ("export", expor
 @handle_errors
 def inspect(
     path: Path = typer.Argument(..., help="An .onnx file, a state_dict (.pth/.pt/.safetensors) or a run directory."),
-    require_unit_range: bool = typer.Option(False, "--require-unit-range", help="Exit 4 when any weight lies outside [-1, 1]."),
+    require_unit_range: bool = typer.Option(False, "--require-unit-range", help="Exit 4 when any weight lies outside "
+                                                                                "[-1, 1]."),
     json_out: bool = JsonOpt,
 ):
     """Per-layer weight ranges. For a run directory, its model.onnx."""

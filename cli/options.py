@@ -15,13 +15,29 @@ from enum import Enum
 import typer
 
 from wnconvert.convert.errors import UserInputError
-from wnconvert.convert.names import (ACT_TYPES, BN_MODES, CALIBRATORS, CONTAINERS, ETHOS_U_TARGETS, GAIN_MODES,
-                                     GRANULARITIES, PRECISIONS,
-                                     PROVIDERS, RANGE_MODES, ROUNDINGS, RUNTIMES, SCALE_FORMATS, TFLITE_RUNTIMES, SCALE_GRAD_MODES,
-                                     SCHEME_NAMES, TARGETS, TRAIN_PLACEMENTS)
-from wnconvert.convert.names import WEIGHT_RANGES
-from wnconvert.models.train.optim_settings import OPTIMIZERS, SCHEDULES, WD_MODES
+from wnconvert.convert.names import (
+    ACT_TYPES,
+    BN_MODES,
+    CALIBRATORS,
+    CONTAINERS,
+    ETHOS_U_TARGETS,
+    GAIN_MODES,
+    GRANULARITIES,
+    PRECISIONS,
+    PROVIDERS,
+    RANGE_MODES,
+    ROUNDINGS,
+    RUNTIMES,
+    SCALE_FORMATS,
+    SCALE_GRAD_MODES,
+    SCHEME_NAMES,
+    TARGETS,
+    TFLITE_RUNTIMES,
+    TRAIN_PLACEMENTS,
+    WEIGHT_RANGES,
+)
 from wnconvert.models.run.run_options import CALIB_SPLITS
+from wnconvert.models.train.optim_settings import OPTIMIZERS, SCHEDULES, WD_MODES
 
 
 def choices(name: str, values) -> type[Enum]:

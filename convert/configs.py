@@ -12,8 +12,18 @@ import math
 from dataclasses import dataclass
 
 from .errors import UserInputError
-from .names import (BN_MODES, GAIN_MODES, GRANULARITIES, RANGE_MODES, RESIDUAL_CONV, SCALE_FORMATS,
-                    SCALE_GRAD_MODES, SCHEME_NAMES, WEIGHT_BITS_SCHEMES, WEIGHT_RANGES)
+from .names import (
+    BN_MODES,
+    GAIN_MODES,
+    GRANULARITIES,
+    RANGE_MODES,
+    RESIDUAL_CONV,
+    SCALE_FORMATS,
+    SCALE_GRAD_MODES,
+    SCHEME_NAMES,
+    WEIGHT_BITS_SCHEMES,
+    WEIGHT_RANGES,
+)
 
 
 @dataclass(frozen=True)

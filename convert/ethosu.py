@@ -171,6 +171,7 @@ def describe(fig: dict) -> str:
     mem = f"SRAM {fig['sram_kib']:.1f} KiB, " + (f"flash {fig['flash_kib']:.1f} KiB" if fig["flash_kib"] else
                                                   f"DRAM {fig['dram_kib']:.1f} KiB")
     return (f"{fig['accelerator']} at {fig['clock_hz'] / 1e6:.0f} MHz (Vela {fig['vela_version']}, "
-            f"{fig['system_config']}, {fig['memory_mode']}): {fig['on_npu']} of {fig['operators']} operators on the NPU, "
+            f"{fig['system_config']}, {fig['memory_mode']}): {fig['on_npu']} of {fig['operators']} operators on the "
+            "NPU, "
             f"{fallback}; {mem}; {fig['cycles_npu']:,} NPU cycles, {fig['cycles_total']:,} total, "
             f"{fig['inference_s'] * 1e3:.3f} ms, {fig['inferences_per_s']:,.0f} inferences/s")

@@ -25,10 +25,10 @@ from torch import Tensor, nn
 from .apply import reparam_of
 from .configs import FoldConfig  # noqa: F401 (re-exported)
 from .layout import ChannelLayout, safe_divisor
-from .scaled import (add_output_scale, add_weight_scale, has_weight_scales, stored_tensor,
-                     strip_parametrizations)
-from .weights import WEIGHTED_TYPES, WeightRef, iter_weights
+from .scaled import add_output_scale, add_weight_scale, has_weight_scales, stored_tensor, strip_parametrizations
 from .topology import Topology, first_tensor, probe
+from .weights import WEIGHTED_TYPES, WeightRef, iter_weights
+
 
 @dataclass
 class LayerCertificate:

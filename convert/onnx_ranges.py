@@ -28,8 +28,8 @@ import onnx
 from onnx import helper
 
 from .errors import RangeError, UserInputError
-from .reading import load_onnx
 from .onnx_graph import ACT, CONST, GraphIndex, Request, evaluate, is_default, label, read_initializer
+from .reading import load_onnx
 
 WEIGHT_OPS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (0, 1), "MatMul": (0, 1),
               "QLinearConv": (3,), "QLinearMatMul": (0, 3)}

@@ -19,6 +19,7 @@ from .fold import FoldConfig, FoldResult, fold_model
 from .onnx_ranges import check_unit_range, weight_ranges
 from .verify import ParityReport, VerifyConfig, make_inputs, verify
 
+
 @dataclass
 class ConversionResult:
     onnx_path: Path

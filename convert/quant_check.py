@@ -6,7 +6,8 @@ Two contracts, depending on how the file was made:
   stored integer times its scale is the trained weight): the file must agree with the *trained
   model* within the fp32 tolerance, exactly like ``model.onnx`` (see :func:`verify.verify`).
 * **lossy** (fp16, W8A8, post-training int4, ...): it is compared with the fp32 ``model.onnx`` on
-  the same inputs, run with onnxruntime's graph optimizations off and on: top-1 agreement and the SQNR of the logits must reach the thresholds below.
+  the same inputs, run with onnxruntime's graph optimizations off and on: top-1 agreement and the SQNR of the logits
+  must reach the thresholds below.
   They are floors that catch a broken artifact (wrong scales, saturated activations), not accuracy
   targets; accuracy is what ``wnconvert eval`` measures on real data.
 
@@ -22,10 +23,9 @@ import numpy as np
 from onnx import TensorProto
 
 from .configs import QuantThresholds  # noqa: F401 (re-exported)
-from .reading import load_onnx
 from .metrics import compare_logits
+from .reading import load_onnx
 from .runtime import run_onnx
-
 
 _INT_TYPES = {TensorProto.INT4: "int4", TensorProto.UINT4: "int4",
               TensorProto.INT8: "int8", TensorProto.UINT8: "int8"}

@@ -149,7 +149,7 @@ def load_onnx(path: Path | str, kind: str = "onnx", external_data: bool = True,
     except (DecodeError, ValueError, RuntimeError, RecursionError) as e:
         raise error(f"{path} is not a readable {WHAT[kind]} ({type(e).__name__}: {_one_line(e)})") from None
     if external_data:
-        from .onnx_files import external_locations, check_external_data
+        from .onnx_files import check_external_data, external_locations
 
         if external_locations(model):
             try:

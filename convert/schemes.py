@@ -33,6 +33,7 @@ from .configs import SchemeConfig  # noqa: F401 (re-exported)
 from .fakequant import fake_quant
 from .layout import ChannelLayout, safe_divisor
 from .names import GAIN_MODES, SCALE_GRAD_MODES
+
 WS_EPS = 1e-10  # small: pretrained rows can have variances near 1e-6, a larger eps would distort N
 
 

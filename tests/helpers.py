@@ -13,9 +13,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from typer.testing import CliRunner
 
-from wnconvert.cli.main import app
-
 import wnconvert.models.run.run as run_mod
+from wnconvert.cli.main import app
 
 
 @torch.no_grad()

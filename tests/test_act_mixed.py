@@ -8,16 +8,21 @@ import json
 import onnx
 import pytest
 import torch
+from test_act_run import TINY, cli
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from wnconvert.convert.actquant import (ActQuantConfig, act_points, calibrate, check_lossless_activations,
-                                        export_qdq, prepare_qat)
+from wnconvert.convert.actquant import (
+    ActQuantConfig,
+    act_points,
+    calibrate,
+    check_lossless_activations,
+    export_qdq,
+    prepare_qat,
+)
 from wnconvert.convert.apply import apply_scheme
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.schemes import SchemeConfig
-
-from test_act_run import TINY, cli
 
 SHAPE = (1, 3, 16, 16)
 MIXED = ActQuantConfig(8, mixed_precision=True)

@@ -18,15 +18,21 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import cli
+from test_actquant import SHAPE, _images, _model, _train
 
-from wnconvert.convert.actquant import (ActQuantConfig, act_points, calibrate, check_lossless_activations,
-                                        export_qdq, freeze_bn, prepare_qat)
+from wnconvert.convert.actquant import (
+    ActQuantConfig,
+    act_points,
+    calibrate,
+    check_lossless_activations,
+    export_qdq,
+    freeze_bn,
+    prepare_qat,
+)
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.openvino_rt import run_runtime
 from wnconvert.models.train.act_run import ActSettings
-
-from helpers import cli
-from test_actquant import SHAPE, _images, _model, _train
 
 # ResNet-18: each block's second conv, except in the three downsample blocks, where the add is
 # fused into the downsample conv (the later of the two in the graph).

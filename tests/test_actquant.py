@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -10,9 +11,20 @@ import pytest
 import torch
 from onnx import TensorProto, numpy_helper
 
-from wnconvert.convert.actquant import (ActQuantConfig, ActQuantizer, act_points, activation_diagnostics,
-                                        calibrate, check_lossless_activations, deployed_parts, export_qdq,
-                                        freeze_bn, prepare_qat, qlayers, quantizers)
+from wnconvert.convert.actquant import (
+    ActQuantConfig,
+    ActQuantizer,
+    act_points,
+    activation_diagnostics,
+    calibrate,
+    check_lossless_activations,
+    deployed_parts,
+    export_qdq,
+    freeze_bn,
+    prepare_qat,
+    qlayers,
+    quantizers,
+)
 from wnconvert.convert.apply import apply_scheme, reparam_of
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.schemes import SchemeConfig

@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 
 from wnconvert.cli.main import app
 from wnconvert.convert.errors import UserInputError
-from wnconvert.models.train import checkpoint as ckpt
 from wnconvert.models.run.rundir import RunDir
+from wnconvert.models.train import checkpoint as ckpt
 
 runner = CliRunner()
 

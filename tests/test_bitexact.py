@@ -15,8 +15,17 @@ from onnx import numpy_helper
 from test_act_run import TINY, cli
 from torch import nn
 
-from wnconvert.convert.actquant import (ActQuantConfig, act_points, calibrate, check_bit_exact, deployed_parts,
-                                        export_qdq, prepare_qat, qlayers, quantizers)
+from wnconvert.convert.actquant import (
+    ActQuantConfig,
+    act_points,
+    calibrate,
+    check_bit_exact,
+    deployed_parts,
+    export_qdq,
+    prepare_qat,
+    qlayers,
+    quantizers,
+)
 from wnconvert.convert.apply import apply_scheme, reparam_of
 from wnconvert.convert.intref import is_power_of_two
 from wnconvert.convert.schemes import SchemeConfig
@@ -255,5 +264,5 @@ def test_verify_judges_a_po2_run_bit_exact(tmp_path):
     first = res["first_difference"]
     assert first["tensor"] == "layer2_0_conv1_q" and first["differ"] > 0
     line = r.stderr.strip()
-    assert len(line.splitlines()) == 1 and f"int8: first difference at Conv 'layer2_0_conv1'" in line
+    assert len(line.splitlines()) == 1 and "int8: first difference at Conv 'layer2_0_conv1'" in line
     assert f": {first['differ']} of {first['elements']} elements differ" in line

@@ -12,8 +12,8 @@ from wnconvert.convert.fold import FoldConfig
 from wnconvert.convert.quant_check import QuantThresholds
 from wnconvert.convert.schemes import REGISTRY, SchemeConfig
 from wnconvert.convert.verify import VerifyConfig
-from wnconvert.models.train.optim import OPTIMIZERS
 from wnconvert.models.run.run_export import PrecisionOptions
+from wnconvert.models.train.optim import OPTIMIZERS
 from wnconvert.models.train.train import TrainConfig
 
 runner = CliRunner()

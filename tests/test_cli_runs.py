@@ -55,7 +55,7 @@ def test_torchrun_two_processes(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     for f in ("model.onnx", "manifest.json", "report.json", "checkpoint.safetensors", "metrics.jsonl"):
         assert (out / f).is_file(), f
-    epochs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     epochs = [e for e in epochs if "val_top1" in e]
     assert len(epochs) == 1
     report = json.loads((out / "report.json").read_text())

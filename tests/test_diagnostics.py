@@ -8,14 +8,13 @@ import re
 
 import pytest
 import torch
+from test_train import tiny_data, tiny_net
 from typer.testing import CliRunner
 
 from wnconvert.convert.apply import apply_scheme
 from wnconvert.convert.schemes import SchemeConfig
 from wnconvert.models.train.diagnostics import DYNAMICS, INITIAL, read_dynamics
 from wnconvert.models.train.train import TrainConfig, train
-
-from test_train import tiny_data, tiny_net
 
 FIELDS = {"w_norm", "w_max", "g_norm", "w_over_g", "eff_lr", "angle", "grad_at_max",
           "grad_max_ratio", "frac_at_unit"}

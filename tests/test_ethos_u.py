@@ -17,6 +17,7 @@ pytest.importorskip("tflite_micro")
 
 from test_config_file import run_cli
 from tflite_tiny import Builder, small_classifier
+
 from wnconvert.convert.ethosu import NPU_OP, read_ops
 
 

@@ -6,18 +6,18 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import SPREAD, SharedOutput, randomize
 from torch import nn
 from torch.nn.utils import parametrize
 
-from helpers import SPREAD, SharedOutput, randomize
 from wnconvert.convert.apply import apply_scheme
 from wnconvert.convert.errors import RangeError
 from wnconvert.convert.export import ExportConfig, export_onnx
 from wnconvert.convert.fold import FoldConfig, fold_model
 from wnconvert.convert.onnx_ranges import check_unit_range, weight_ranges
 from wnconvert.convert.pipeline import convert
-from wnconvert.convert.schemes import SchemeConfig
 from wnconvert.convert.runtime import run_onnx
+from wnconvert.convert.schemes import SchemeConfig
 from wnconvert.convert.verify import VerifyConfig
 
 SCHEMES = ["layer-max", "channel-max", "weight-std", "weight-norm", "none"]

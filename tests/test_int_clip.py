@@ -18,14 +18,21 @@ from helpers import randomize
 from onnx import TensorProto, numpy_helper
 from test_intref_fast import _Net
 
-from wnconvert.convert.actquant import (ActQuantConfig, calibrate, check_bit_exact, check_lossless_activations,
-                                        export_qdq, freeze_bn, prepare_qat)
+from wnconvert.convert.actquant import (
+    ActQuantConfig,
+    calibrate,
+    check_bit_exact,
+    check_lossless_activations,
+    export_qdq,
+    freeze_bn,
+    prepare_qat,
+)
 from wnconvert.convert.apply import apply_scheme
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.intref import run_integer
 from wnconvert.convert.schemes import SchemeConfig
 
-_spec = importlib.util.spec_from_file_location("lowbit_kernels", Path(__file__).parents[1] / "benchmarks" / "lowbit_kernels.py")
+_spec = importlib.util.spec_from_file_location("lowbit_kernels", Path(__file__).parents[1] / "benchmarks" / "lowbit_kernels.py")  # noqa: E501
 lowbit = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(lowbit)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fractions import Fraction
 
 import numpy as np
-import pytest
 import onnx
+import pytest
 from qdq_graphs import QdqBuilder, ort_run, tiny_cnn
 
 from wnconvert.convert.errors import UserInputError

@@ -4,7 +4,8 @@ Layers, lowest first: ``convert/`` (weights and graphs) knows nothing of the oth
 root ``wnconvert/`` (the public API) builds on ``convert/`` alone; in ``models/``,
 ``zoo/`` and ``data/`` are independent of each other, ``train/`` builds on them, ``run/`` (run
 directories) on all three; ``cli/`` on everything. ``models/files.py`` (the run directory's file
-names, which the training loop and the run layer both write) sits below all of ``models/``. Every module's imports are read with ``ast``
+names, which the training loop and the run layer both write) sits below all of ``models/``. Every module's imports
+are read with ``ast``
 (nothing is imported, so no torch), the function-level ones included.
 """
 
@@ -12,10 +13,10 @@ from __future__ import annotations
 
 import ast
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())

@@ -256,8 +256,15 @@ def test_po2_keeps_power_of_two_scales_and_is_bit_exact(tmp_path):
     import onnx
     from test_po2 import LEVELS, _ort_all
 
-    from wnconvert.convert.actquant import (ActQuantConfig, calibrate, deployed_parts, export_qdq, freeze_bn,
-                                            prepare_qat, qlayers)
+    from wnconvert.convert.actquant import (
+        ActQuantConfig,
+        calibrate,
+        deployed_parts,
+        export_qdq,
+        freeze_bn,
+        prepare_qat,
+        qlayers,
+    )
     from wnconvert.convert.intref import compare_runs, run_integer
     from wnconvert.convert.quantize.target_rules import fixed_point_violations
 
@@ -300,4 +307,4 @@ def test_po2_keeps_power_of_two_scales_and_is_bit_exact(tmp_path):
             trained_form = layer.train()(inp)
             step = torch.from_numpy(deployed_parts(layer).bias_scale).reshape((1, -1) + (1,) * (inp.dim() - 2))
             layer.eval()
-            assert bool(((trained_form - deployed).abs() <= 0.5 * step + 1e-5 * deployed.abs().amax()).all()), layer.name
+            assert bool(((trained_form - deployed).abs() <= 0.5 * step + 1e-5 * deployed.abs().amax()).all()), layer.name  # noqa: E501

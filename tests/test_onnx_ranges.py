@@ -249,9 +249,9 @@ def test_fp32_and_quantized_exports_pass_with_their_dequantized_values(tmp_path)
     """A real conversion: fp32 weights are read directly; the weights-only int4/int8 files and a
     W8A8 int8 file are checked at their dequantized values, every Conv/Gemm of each file."""
     import torch
+    from helpers import randomize
     from torch import nn
 
-    from helpers import randomize
     from wnconvert.convert.apply import apply_scheme
     from wnconvert.convert.pipeline import convert
     from wnconvert.convert.quantize import QuantOptions, quantize

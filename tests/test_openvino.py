@@ -31,15 +31,14 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from helpers import cli
 
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.metrics import compare_logits
 from wnconvert.convert.openvino_rt import ov_compile, run_runtime
-from wnconvert.models.run.accuracy import artifact_accuracy
 from wnconvert.models.data.data import eval_arrays
+from wnconvert.models.run.accuracy import artifact_accuracy
 from wnconvert.models.run.rundir import RunDir
-
-from helpers import cli
 
 DATA = "fashion-mnist"
 N_IMAGES = 300

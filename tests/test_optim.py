@@ -14,8 +14,7 @@ from wnconvert.convert.apply import apply_scheme, scheme_parameters
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.schemes import SchemeConfig
 from wnconvert.models.train import optim
-from wnconvert.models.train.optim import (LARS, WarmupCosine, build_optimizer, param_groups,
-                                    shifted_l2_grad)
+from wnconvert.models.train.optim import LARS, WarmupCosine, build_optimizer, param_groups, shifted_l2_grad
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "training.md"
 

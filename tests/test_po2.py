@@ -3,29 +3,38 @@ every requantization of the exported file is a shift; the integer reference (con
 it integer-only and equals onnxruntime and the eval-mode fake-quant model bit for bit."""
 
 import json
-import shutil
 import math
+import shutil
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import assert_same_tensors, interrupt_and_resume
 from onnx import numpy_helper
 from safetensors.torch import load_file
-from helpers import assert_same_tensors, interrupt_and_resume
 from typer.testing import CliRunner
 
 from wnconvert.cli.main import app
-from wnconvert.convert.actquant import (ActQuantConfig, ActQuantizer, calibrate, deployed_parts, export_qdq,
-                                        freeze_bn, prepare_qat, qlayers, quantizers)
-from wnconvert.convert.quantize.target_rules import fixed_point_violations
+from wnconvert.convert.actquant import (
+    ActQuantConfig,
+    ActQuantizer,
+    calibrate,
+    deployed_parts,
+    export_qdq,
+    freeze_bn,
+    prepare_qat,
+    qlayers,
+    quantizers,
+)
 from wnconvert.convert.apply import apply_scheme
 from wnconvert.convert.intref import compare_runs, run_integer
+from wnconvert.convert.quantize.target_rules import fixed_point_violations
 from wnconvert.convert.schemes import SchemeConfig
-from wnconvert.models.train.act_run import ActSettings
 from wnconvert.models.data.data import eval_arrays
 from wnconvert.models.run.rundir import RunDir
+from wnconvert.models.train.act_run import ActSettings
 from wnconvert.models.zoo.zoo import build_model
 
 TINY = ["--weights", "none", "--image-size", "32", "--num-classes", "10", "--data", "synthetic:10",
@@ -187,7 +196,7 @@ def test_w4a8_layer_max_export_is_integer_only(tiny_w4, tmp_path):
     q = tiny_w4
     path = tmp_path / "w4a8.onnx"
     export_qdq(q, path, example_shape=(1, 3, 32, 32))
-    assert fixed_point_violations(onnx.load(str(path))) == [] and all(_mantissa_zero(v) for v in _qdq_scales(onnx.load(str(path))).values())
+    assert fixed_point_violations(onnx.load(str(path))) == [] and all(_mantissa_zero(v) for v in _qdq_scales(onnx.load(str(path))).values())  # noqa: E501
     x = torch.randn(4, 3, 32, 32).numpy()
     ref = run_integer(path, x)
     assert ref.integer_only
@@ -235,7 +244,7 @@ def test_verify_of_a_trained_po2_run_is_bit_exact(trained, tmp_path):
     assert result["contract"] == "bit-exact" and result["passed"]
     assert result["sources"] == ["pytorch", "intref", "ort_off", "ort_on"]
     layers = result["layers"]
-    assert len(layers) > 30 and all(l["differ"] == 0 and l["integer_only"] for l in layers)
+    assert len(layers) > 30 and all(x["differ"] == 0 and x["integer_only"] for x in layers)
 
 
 def test_fixed_point_target_takes_a_po2_run(trained, tmp_path):

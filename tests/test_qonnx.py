@@ -217,7 +217,8 @@ def test_golden_refuses_a_file_qonnx_disagrees_with(w4a4, tmp_path, monkeypatch)
     from wnconvert.convert.errors import ParityError
     from wnconvert.models.run import qonnx_run
 
-    monkeypatch.setattr(qonnx_run, "check_qonnx", lambda *a, **k: {"passed": False, "failures": ["first difference at point X"]})
+    monkeypatch.setattr(qonnx_run, "check_qonnx", lambda *a, **k: {"passed": False, "failures": ["first difference at "
+                                                                                                 "point X"]})
     with pytest.raises(ParityError, match="first difference at point X"):
         qonnx_run.golden_qonnx(w4a4, w4a4 / "model.qonnx.onnx", np.zeros((1, 3, 32, 32), np.float32),
                                tmp_path / "g", "zeros")

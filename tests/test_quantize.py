@@ -5,18 +5,18 @@ import json
 import numpy as np
 import onnx
 import pytest
+from helpers import scale_first_dequantized_weight
 from onnx import TensorProto, numpy_helper
+from test_data import write_fashion
 from typer.testing import CliRunner
 
-from helpers import scale_first_dequantized_weight
-from test_data import write_fashion
 from wnconvert.cli.main import app
-from wnconvert.models.run.rundir import RunDir
 from wnconvert.convert.metrics import compare_logits
 from wnconvert.convert.quant_check import QuantThresholds
 from wnconvert.convert.runtime import run_onnx
 from wnconvert.models.run.run_export import export_precision
 from wnconvert.models.run.run_verify import VerifyRequest, verify_run
+from wnconvert.models.run.rundir import RunDir
 
 runner = CliRunner()
 
@@ -383,6 +383,7 @@ def test_golden_command(exported, fashion, tmp_path):
     and equals onnxruntime tensor for tensor; a file with an op the reference has no integer form
     for is refused by name."""
     from qdq_graphs import ort_run, tiny_cnn
+
     from wnconvert.convert.golden import read_golden
     from wnconvert.models.data.data import eval_arrays
     from wnconvert.models.run.rundir import RunDir

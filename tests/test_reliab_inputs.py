@@ -141,7 +141,8 @@ def _stub_run(path: Path) -> None:
 
 @pytest.mark.parametrize("flag", ["--overwrite", "--resume"])
 def test_locked_run_refused_before_loading(tmp_path, monkeypatch, flag):
-    from wnconvert.models.run import lock, run as run_mod
+    from wnconvert.models.run import lock
+    from wnconvert.models.run import run as run_mod
 
     out = tmp_path / "run"
     _stub_run(out)

@@ -8,9 +8,9 @@ import json
 
 import pytest
 import torch
+from helpers import cli
 
 import wnconvert
-from helpers import cli
 
 TINY = ["--weights", "none", "--image-size", "32", "--num-classes", "10", "--data", "synthetic:10",
         "--workers", "0", "--device", "cpu", "--batch-size", "16", "--samples", "2", "--limit-train", "16",
@@ -61,8 +61,8 @@ def test_verbose_prints_the_tables(w8a8_run, monkeypatch):
     from rich.console import Console
 
     from wnconvert.cli import finetune
-    from wnconvert.models.run.rundir import RunDir
     from wnconvert.models.run.run import RunSummary
+    from wnconvert.models.run.rundir import RunDir
 
     out, _ = w8a8_run
     run = RunDir(out)

@@ -13,9 +13,9 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
+from test_lock import hold_lock
 from typer.testing import CliRunner
 
-from test_lock import hold_lock
 from wnconvert.cli.main import app
 from wnconvert.convert.artifacts import sha256
 

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import scale_first_dequantized_weight
+
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.export import ExportConfig
 from wnconvert.convert.fold import FoldConfig
 from wnconvert.convert.schemes import SchemeConfig
 from wnconvert.convert.verify import VerifyConfig
 from wnconvert.models.data.data import Preprocess
-from wnconvert.models.run.run import RunConfig, resume_config, finetune_process
+from wnconvert.models.run.run import RunConfig, finetune_process, resume_config
 from wnconvert.models.run.run_export import PrecisionOptions, export_precision, export_run
 from wnconvert.models.run.run_verify import VerifyRequest, verify_run
 from wnconvert.models.run.rundir import MANIFEST_VERSION, Manifest, RunDir

@@ -1,9 +1,9 @@
 import pytest
 import torch
+from helpers import SPREAD, DeadChannel, MHANet, randomize
 from torch import nn
 from torch.nn.utils import parametrize
 
-from helpers import SPREAD, DeadChannel, MHANet, randomize
 from wnconvert.convert.apply import apply_scheme, reparametrized, scheme_parameters
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.layout import ChannelLayout

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import onnx
 import pytest
+from helpers import cli
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
@@ -20,8 +21,6 @@ from wnconvert.convert.quantize.target_rules import fixed_point_violations, tens
 from wnconvert.convert.quantize.targets import get_target
 from wnconvert.models.run.run_target import check_run_target
 from wnconvert.models.run.rundir import RunDir
-
-from helpers import cli
 
 
 def _init(name, array):
@@ -209,7 +208,7 @@ def test_override_recorded(run, tmp_path):
     (["--precision", "int8", "--target", "fixed-point"], "--target fixed-point needs a run trained with "
      "power-of-two activation scales (finetune --act-bits A --weight-bits B --scale-format po2); this run was "
      "trained without --act-bits"),
-    (["--precision", "int4", "--target", "tensorrt"], "--target tensorrt takes --precision fp32 | fp16 | int8, not int4"),
+    (["--precision", "int4", "--target", "tensorrt"], "--target tensorrt takes --precision fp32 | fp16 | int8, not int4"),  # noqa: E501
     (["--precision", "int8", "--target", "tensorrt", "--act-bits", "float"], "quantizes activations too"),
     (["--precision", "int8", "--target", "npu"], "unknown target 'npu'; choose one of: ort-cpu, openvino, "
      "tensorrt, fixed-point"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from wnconvert.convert.tflite import arith, reference
 from wnconvert.convert.tflite.flatbuf import TFModel, TFOp, TFTensor, parse, to_bytes
 

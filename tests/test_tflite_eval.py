@@ -14,6 +14,7 @@ pytest.importorskip("tflite_micro")
 
 from test_config_file import run_cli
 from tflite_tiny import run_micro, small_classifier
+
 from wnconvert.models.data.data import eval_arrays
 from wnconvert.models.run.rundir import RunDir
 

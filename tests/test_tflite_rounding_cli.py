@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 from test_config_file import run_cli
+
 from wnconvert.convert.actquant import quantizers
-from wnconvert.models.train.act_run import ActSettings
 from wnconvert.models.run.rundir import RunDir
+from wnconvert.models.train.act_run import ActSettings
 
 BASE = ["finetune", "resnet18", "--weights", "none", "--num-classes", 10, "--image-size", 32, "--data",
         "synthetic:10", "--samples", 2, "--weight-bits", 8, "--limit-val", 4, "--limit-train", 4, "--batch-size", 4,

@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 from helpers import cli
+
 from wnconvert.convert.artifacts import sha256
 from wnconvert.convert.tflite.flatbuf import parse, to_bytes
 from wnconvert.models.run.rundir import RunDir

@@ -13,6 +13,7 @@ from torch import nn
 pytest.importorskip("tflite_micro")
 
 from tflite_tiny import Builder
+
 from wnconvert.convert.actquant import (
     ActQuantConfig,
     calibrate,
@@ -152,7 +153,7 @@ def test_training_mode_is_unchanged():
     assert torch.equal(a(x), b(x))
 
 
-@pytest.mark.parametrize("kwargs, words", [({"scale_format": "float", "rounding": "tflite"}, "needs --scale-format po2"),
+@pytest.mark.parametrize("kwargs, words", [({"scale_format": "float", "rounding": "tflite"}, "needs --scale-format po2"),  # noqa: E501
                                            ({"scale_format": "po2", "rounding": "x"}, "unknown --rounding")])
 def test_refusals(kwargs, words):
     with pytest.raises(UserInputError, match=words):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from qdq_graphs import QdqBuilder
+
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.intref import run_integer
 from wnconvert.convert.tflite import reference

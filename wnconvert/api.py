@@ -19,8 +19,13 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from wnconvert.convert.actquant import (ActQuantConfig, act_config, check_bit_exact, check_lossless_activations,
-                                        prepare_qat)
+from wnconvert.convert.actquant import (
+    ActQuantConfig,
+    act_config,
+    check_bit_exact,
+    check_lossless_activations,
+    prepare_qat,
+)
 from wnconvert.convert.actquant import calibrate as _calibrate
 from wnconvert.convert.actquant import freeze_bn as _freeze_bn
 from wnconvert.convert.actquant.bitexact import CONTRACT as BIT_EXACT

@@ -31,14 +31,13 @@ from itertools import combinations
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 from torch import fx
 
 from ..errors import ParityError, UserInputError
 from ..intref import read_graph, run_integer
-from ..reading import load_onnx
 from ..intref.execute import FLOAT32_EXACT
+from ..reading import load_onnx
 from .logits import find_classifier
 from .ort_points import OrtPoints
 from .prepare import act_points, quantizers

@@ -16,12 +16,11 @@ from torch import fx
 
 from ..artifacts import atomic_path
 from ..errors import ParityError, UserInputError
-from ..quantize.target_rules import fixed_point_violations
 from ..names import DEPLOYED_WEIGHT_BITS as WEIGHT_BITS
+from ..quantize.target_rules import fixed_point_violations
 from .export_qdq import ExportInfo, export_qdq
 from .prepare import act_config, qlayers
 from .shifts import layer_shifts
-
 
 
 def deployed_precision(qat_model: fx.GraphModule) -> str:

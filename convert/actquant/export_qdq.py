@@ -11,7 +11,8 @@ those of 5 to 7 bits). Activations of 5 to 7 bits (and 4-bit ones stored in 8 bi
 ``<point>_q8``) -> ``Clip_<point>``, an integer Clip to ``[qmin, qmax]`` plus the zero point (output
 ``<point>_q``, the point's integers) -> DequantizeLinear. Quantization is monotone, so this holds
 the integers a float Clip before the QuantizeLinear gives, and onnxruntime and OpenVINO fuse the
-convolutions and adds around it into their integer kernels (a float Clip blocks that). Max pooling and flatten act on the integers where the storage is
+convolutions and adds around it into their integer kernels (a float Clip blocks that). Max pooling and flatten act on
+the integers where the storage is
 8-bit (onnxruntime has no 4-bit kernels for them; there they act on the dequantized values, which
 is the same function). A mixed-precision operation (prepare.FLOAT_OPS) is written in float between
 the DequantizeLinear of its inputs and the QuantizeLinear of the point after it.
@@ -32,8 +33,8 @@ from torchvision.ops import StochasticDepth
 from ..artifacts import atomic_path
 from ..errors import UserInputError
 from ..quantize.container import check_container, mark_int8_container
-from .layers import QLayer
 from .graph_ops import ADD, AVGPOOL_FN, CAT, float_op, is_passthrough
+from .layers import QLayer
 from .prepare import act_points, qlayers
 from .quantizer import ActQuantizer
 
@@ -51,7 +52,7 @@ class ExportInfo:
     points: list[str]
     activation_types: dict[str, str] = field(default_factory=dict)   # point -> onnx element type
     weight_types: dict[str, str] = field(default_factory=dict)       # layer -> onnx element type
-    clipped_points: list[str] = field(default_factory=list)          # 8-bit-stored points below 8 bits: Q -> integer Clip
+    clipped_points: list[str] = field(default_factory=list)          # 8-bit-stored points below 8 bits: Q -> integer Clip  # noqa: E501
     container: str | None = None     # storage of 4-bit values: int4 | int8 (None: no 4-bit value)
 
     def to_dict(self) -> dict:
@@ -237,8 +238,8 @@ class _Emitter:
         if op == "gelu":  # x/2 * (1 + erf(x / sqrt 2)), the exact GELU, in opsets before Gelu
             root2, one, half = (self.init(f"{name}_{k}", np.float32(v)) for k, v in
                                 (("sqrt2", np.sqrt(2.0)), ("one", 1.0), ("half", 0.5)))
-            e = self.node("Erf", [self.node("Div", [xs[0], root2], f"{name}_div", f"{name}_div")], f"{name}_erf", f"{name}_erf")
-            y = self.node("Mul", [xs[0], self.node("Add", [e, one], f"{name}_add", f"{name}_add")], f"{name}_mul", f"{name}_mul")
+            e = self.node("Erf", [self.node("Div", [xs[0], root2], f"{name}_div", f"{name}_div")], f"{name}_erf", f"{name}_erf")  # noqa: E501
+            y = self.node("Mul", [xs[0], self.node("Add", [e, one], f"{name}_add", f"{name}_add")], f"{name}_mul", f"{name}_mul")  # noqa: E501
             return self.node("Mul", [y, half], name, name)
         raise UserInputError(f"node {name!r} ({op}) has no QDQ export")
 

@@ -5,7 +5,8 @@ both by the fake-quant model and by the exporter. A point sits on every tensor t
 graph holds in integers: the network input; the output of every conv(+BN)(+ReLU/ReLU6) and linear
 (one :class:`~.layers.QLayer`) except, with ``residual_conv='float'`` (OpenVINO's placement), a
 conv read only by a residual add that is fused into it; residual adds (after a following ReLU
-when there is one); average pooling; concatenation. Max pooling, flatten, dropout and identity pass their input's integers on
+when there is one); average pooling; concatenation. Max pooling, flatten, dropout and identity pass their input's
+integers on
 (no new point); so does stochastic depth (EfficientNet), the identity in eval.
 
 Operations without an integer form (:data:`FLOAT_OPS`: hardswish, hardsigmoid, SiLU, sigmoid, GELU,
@@ -26,8 +27,21 @@ from torch import fx, nn
 from torchvision.ops import StochasticDepth
 
 from ..errors import UserInputError
-from .graph_ops import (ADD, AVGPOOL, AVGPOOL_FN, BN_TYPES, CAT, FLOAT_OPS, LAYER_TYPES, float_op, is_passthrough,
-                        module_of, op_name, relu_kind, sole_user)
+from .graph_ops import (
+    ADD,
+    AVGPOOL,
+    AVGPOOL_FN,
+    BN_TYPES,
+    CAT,
+    FLOAT_OPS,
+    LAYER_TYPES,
+    float_op,
+    is_passthrough,
+    module_of,
+    op_name,
+    relu_kind,
+    sole_user,
+)
 from .layers import QLayer
 from .quantizer import ActQuantConfig, ActQuantizer
 

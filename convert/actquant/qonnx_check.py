@@ -187,7 +187,8 @@ def check_qonnx(qat_model: fx.GraphModule, qonnx_path: Path, qdq_path: Path, x: 
             else:
                 st = r["forced"] or {}
                 what = (f"{st.get('off_ties', 0)} of {st.get('elements', 0)} integers differ from the trained "
-                        f"model beyond a rounding tie" if not st.get("missing") else "shape differs from the trained model")
+                        f"model beyond a rounding tie" if not st.get("missing") else "shape differs from the trained "
+                                                                                     "model")
             failures.insert(0, f"first difference at point {r['point']} (Quant node {r['quant_node']!r}): {what}")
         first = next((r for r in rows.values() if r["differ"]), None)
         total = sum(r["elements"] for r in rows.values())

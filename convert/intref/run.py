@@ -36,8 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import UserInputError
-from .execute import (FLOAT32_EXACT, INT32_RANGE, Requant, accumulator, quantize_input, requantize_accum,
-                      weight_scale)
+from .execute import FLOAT32_EXACT, INT32_RANGE, Requant, accumulator, quantize_input, requantize_accum, weight_scale
 from .graph import QParams, Step, load_model, read_steps
 from .ops import evaluate, move
 from .requant import saturate

@@ -29,8 +29,7 @@ from ..runtime import run_onnx
 from . import fp16, static, weights_only
 from .container import CONTAINERS  # noqa: F401 (public)
 from .graph import WEIGHT_INPUTS, opset_of, weight_storage  # noqa: F401 (public)
-from .options import (ACT_BITS, ACT_TYPES, CALIBRATORS, INT_OPSET, PRECISIONS,  # noqa: F401 (public)
-                      QuantOptions, QuantResult, check_precision)
+from .options import ACT_BITS, ACT_TYPES, CALIBRATORS, INT_OPSET, PRECISIONS, QuantOptions, QuantResult, check_precision  # noqa: F401 (public)
 from .static import ArrayReader  # noqa: F401 (public)
 
 FORMATS = (fp16, weights_only, static)

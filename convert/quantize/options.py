@@ -40,7 +40,7 @@ class QuantOptions:
             raise UserInputError(f"activation type must be one of: {', '.join(ACT_TYPES)}, not {self.act_type!r}")
         check_container(self.container)
         if self.residual_conv not in RESIDUAL_CONV:
-            raise UserInputError(f"residual_conv must be one of: {', '.join(RESIDUAL_CONV)}, not {self.residual_conv!r}")
+            raise UserInputError(f"residual_conv must be one of: {', '.join(RESIDUAL_CONV)}, not {self.residual_conv!r}")  # noqa: E501
         if self.act_bits not in ACT_BITS:
             raise UserInputError(f"activation bits must be 8 or float, not {self.act_bits!r}")
         if self.calibrate_method not in CALIBRATORS:

@@ -10,7 +10,6 @@ into the same description, refusing anything malformed with :class:`UserInputErr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 

@@ -219,20 +219,20 @@ class Writer:
         kh, kw = kernel
         sh, sw = a.get("strides", (1, 1))
         dh, dw = a.get("dilations", (1, 1))
-        t, l, b, r = a.get("pads", (0, 0, 0, 0))
+        t, left, b, r = a.get("pads", (0, 0, 0, 0))
         oh = (h + t + b - ((kh - 1) * dh + 1)) // sh + 1
-        ow = (w + l + r - ((kw - 1) * dw + 1)) // sw + 1
-        if (t, l, b, r) == (0, 0, 0, 0):
+        ow = (w + left + r - ((kw - 1) * dw + 1)) // sw + 1
+        if (t, left, b, r) == (0, 0, 0, 0):
             return held, VALID, (oh, ow)
         same_h, same_w = same_padding(h, kh, sh, dh, SAME), same_padding(w, kw, sw, dw, SAME)
-        if same_h == (oh, t, b) and same_w == (ow, l, r):
+        if same_h == (oh, t, b) and same_w == (ow, left, r):
             return held, SAME, (oh, ow)
         if step.op == "MaxPool" and not (held.floor is not None and held.floor >= self._zp(held)):
-            raise _refuse(step, f"its pads {[t, l, b, r]} are not TFLite's SAME, and a PAD before a max pool is "
+            raise _refuse(step, f"its pads {[t, left, b, r]} are not TFLite's SAME, and a PAD before a max pool is "
                           "exact only after a ReLU")
         src = self.tf.tensors[held.index]
-        pads = self._const(f"{step.out}/paddings", np.array([[0, 0], [t, b], [l, r], [0, 0]], np.int32), "int32")
-        padded = self.tf.add(TFTensor(f"{step.out}/padded", (1, h + t + b, w + l + r, c), "int8", None,
+        pads = self._const(f"{step.out}/paddings", np.array([[0, 0], [t, b], [left, r], [0, 0]], np.int32), "int32")
+        padded = self.tf.add(TFTensor(f"{step.out}/padded", (1, h + t + b, w + left + r, c), "int8", None,
                                       src.scale.copy(), src.zero_point.copy()))
         self._emit("PAD", [held.index, pads], [padded])
         return Held(padded, held.offset, "nhwc", floor=held.floor), VALID, (oh, ow)

@@ -8,13 +8,20 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
 from torch.utils.data import Dataset, Subset
 
-import numpy as np
-
 from . import datasets as ds
-from .dataspec import (FASHION_MNIST_DEFAULT_PATH, KINDS, SYNTHETIC_DEFAULT_CLASSES,  # noqa: F401 (re-exported)
-                       DataBundle, DataError, DataSpec, as_spec, parse_data_spec)
+from .dataspec import (  # noqa: F401 (re-exported)
+    FASHION_MNIST_DEFAULT_PATH,
+    KINDS,
+    SYNTHETIC_DEFAULT_CLASSES,
+    DataBundle,
+    DataError,
+    DataSpec,
+    as_spec,
+    parse_data_spec,
+)
 from .encoded import EncodedImageDataset
 from .gpu_decode import GpuBatchTransform
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, is_int  # noqa: F401 (re-exported)

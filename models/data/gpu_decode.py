@@ -27,8 +27,7 @@ from torch import Tensor
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from .dataspec import DataError
-from .encoded import (EncodedBatch, EncodedImageDataset, collate_encoded,  # noqa: F401 (re-exported)
-                      nvjpeg_decodable, reason)
+from .encoded import EncodedBatch, EncodedImageDataset, collate_encoded, nvjpeg_decodable, reason  # noqa: F401 (re-exported)
 from .preprocess import Preprocess, resized_size
 
 RRC_SCALE = (0.08, 1.0)        # RandomResizedCrop defaults, as in Preprocess.train_transform

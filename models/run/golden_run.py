@@ -13,8 +13,8 @@ from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.golden import golden_for_file
 
 from .precheck import GOLDEN_PRECISIONS, check_golden  # noqa: F401 (GOLDEN_PRECISIONS re-exported)
+from .qonnx_run import golden_qonnx, qonnx_file
 from .run_export import data_arrays
-from .qonnx_run import QONNX_FILE, golden_qonnx, qonnx_file
 from .rundir import RunDir
 
 

@@ -118,7 +118,8 @@ def check_target(target: str, precisions, takes_weights_only: bool, act_runs: st
     if act_runs == "po2" and not po2:
         how = "without --act-bits" if not act_run else "with float activation scales"
         raise UserInputError(f"--target {target} needs a run trained with power-of-two activation "
-                             f"scales (finetune --act-bits A --weight-bits B --scale-format po2); this run was trained {how}")
+                             "scales (finetune --act-bits A --weight-bits B --scale-format po2); this run was "
+                             f"trained {how}")
     if precision not in precisions:
         raise UserInputError(f"--target {target} takes --precision {' | '.join(precisions)}, not {precision}")
     if weights_only and not act_file and not takes_weights_only and precision in ("int8", "int4"):

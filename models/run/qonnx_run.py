@@ -8,8 +8,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
+
 from wnconvert.convert.actquant import export_qdq, qlayers
 from wnconvert.convert.actquant.export_qonnx import export_qonnx, is_qonnx
 from wnconvert.convert.actquant.qonnx_check import check_qonnx

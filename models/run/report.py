@@ -35,10 +35,10 @@ from ...convert.artifacts import read_jsonl
 from ...convert.errors import UserInputError
 from ...convert.fold import FoldConfig, fold_model
 from ...convert.scaled import stored_tensor
-from ...convert.weights import iter_weights
 from ...convert.verify import VerifyConfig, make_inputs
-from ..train.diagnostics import DYNAMICS, INITIAL, read_dynamics, unit_histogram  # noqa: F401
+from ...convert.weights import iter_weights
 from ..files import METRICS, REPORT_DIR
+from ..train.diagnostics import DYNAMICS, INITIAL, read_dynamics, unit_histogram  # noqa: F401
 from .rundir import RunDir
 
 SQNR_BITS = (8, 4)

@@ -24,17 +24,16 @@ from wnconvert.convert.runtime import run_onnx
 from wnconvert.convert.schemes import SchemeConfig
 from wnconvert.convert.verify import VerifyConfig, make_inputs
 
-from ..train import distributed
-from ..train.act_run import ActSettings, act_model, check_act_request, copy_to_float, freeze_bn_hook
 from ..data.data import DataBundle, Preprocess, build_data, default_preprocess, eval_arrays, parse_data_spec
 from ..files import ONNX
-from .lock import OUT_ADVICE, check_unlocked
+from ..train import distributed
+from ..train.act_run import ActSettings, act_model, check_act_request, copy_to_float, freeze_bn_hook
 from ..train.optim_settings import SCRATCH_DEFAULTS
-from .run_deploy import deploy_run, deployed_failure
-from .rundir import CHECKPOINT, MANIFEST, METRICS, REPORT, Manifest, RunDir  # noqa: F401 (re-exported)
 from ..train.train import TrainConfig, train
 from ..zoo.zoo import BuiltModel, build_model, fixed_image_size, min_image_size
-
+from .lock import OUT_ADVICE, check_unlocked
+from .run_deploy import deploy_run, deployed_failure
+from .rundir import CHECKPOINT, MANIFEST, METRICS, REPORT, Manifest, RunDir  # noqa: F401 (re-exported)
 
 # Beyond these a value is a typo, not a model: the largest torchvision weights take 518 px (ViT-H),
 # and one 4096 px image already needs gigabytes of activations in a ResNet-50.
@@ -82,10 +81,11 @@ class RunSummary:
 
 
 def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
     import onnx
     import onnxruntime
     import torchvision
-    from importlib.metadata import PackageNotFoundError, version
 
     try:
         own = version("wnconvert")

@@ -14,12 +14,12 @@ from wnconvert.convert.actquant.deploy import WEIGHT_BITS
 from wnconvert.convert.names import PLACEMENT_TARGETS
 from wnconvert.convert.verify import VerifyConfig
 
+from ..data.data import Preprocess
 from .act_files import act_inputs, verify_act_file
 from .bitexact_run import judged_bit_exact, verify_bitexact_file
-from ..data.data import Preprocess
-from .rundir import RunDir
 from .run_export import export_precision
 from .run_options import PrecisionOptions
+from .rundir import RunDir
 
 
 def deployed_precision(weight_bits: int) -> str:

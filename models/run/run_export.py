@@ -10,20 +10,18 @@ import numpy as np
 from wnconvert.convert.errors import ParityError, UserInputError
 from wnconvert.convert.fold import FoldConfig, FoldResult, fold_model
 from wnconvert.convert.pipeline import ConversionResult, convert, example_inputs
-from wnconvert.convert.quantize import (QuantOptions, check_precision, compare_files,
-                                        quantize, weight_storage)
+from wnconvert.convert.quantize import QuantOptions, check_precision, compare_files, quantize, weight_storage
+from wnconvert.convert.quantize.targets import DEFAULT_TARGET
 from wnconvert.convert.schemes import REGISTRY
 from wnconvert.convert.verify import make_inputs
 
-from wnconvert.convert.quantize.targets import DEFAULT_TARGET
-
+from ..data.data import Preprocess, eval_arrays
 from ..files import artifact_name
 from .act_files import export_act_precision
-from ..data.data import Preprocess, eval_arrays
 from .precheck import check_calibration, check_container_use, parse_act_bits  # noqa: F401 (re-exported)
+from .run_options import CALIB_SPLITS, PrecisionOptions  # noqa: F401 (PrecisionOptions re-exported)
 from .run_target import TRAINED, check_run_target, record_target, resolve_target, rules_guard
 from .rundir import Manifest, RunDir, writes_run
-from .run_options import CALIB_SPLITS, PrecisionOptions  # noqa: F401 (PrecisionOptions re-exported)
 
 
 def data_arrays(data: str, preprocess: Preprocess, samples: int, split: str = "val",

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import onnx
+
 from wnconvert.convert.artifacts import atomic_path
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.quantize import QuantOptions, quantize

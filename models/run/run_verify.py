@@ -10,10 +10,10 @@ import torch
 from torch import Tensor, nn
 
 from wnconvert.convert.errors import ParityError, UserInputError
-from wnconvert.convert.reading import load_onnx
 from wnconvert.convert.quant_check import QuantThresholds, check_lossy, detect_precision
 from wnconvert.convert.quantize import PRECISIONS
 from wnconvert.convert.quantize.container import container_record
+from wnconvert.convert.reading import load_onnx
 from wnconvert.convert.verify import VerifyConfig, load_inputs, make_inputs, verify
 
 from ..files import artifact_name
@@ -22,10 +22,10 @@ from .bitexact_run import judged_bit_exact, verify_bitexact_file
 from .precheck import verify_paths
 from .qonnx_run import QONNX_FILE, qonnx_file, verify_qonnx_file
 from .run_export import data_arrays
-from .rundir import REPORT, RunDir
-from .verify_progress import VerifyProgress, stage
 from .run_options import VerifyRequest  # noqa: F401 (re-exported)
+from .rundir import REPORT, RunDir
 from .tflite_verify import tflite_targets, verify_tflite_file
+from .verify_progress import VerifyProgress, stage
 
 
 def verify_tflite(run: RunDir, manifest, paths: list[Path], req: VerifyRequest) -> dict:
@@ -86,7 +86,7 @@ def verify_quantized(run_dir: Path, model: nn.Module, targets: list[tuple[str, P
             stage(progress, f"{what}, lossless-activations contract, onnxruntime optimizations off")
             res = verify_act_file(run.path, path, torch.from_numpy(np.asarray(x, np.float32)), inputs,
                                   progress=lambda k: stage(progress, f"{what}, lossless-activations contract, "
-                                                                     "onnxruntime optimizations on") if k == 1 else None)
+                                                                     "onnxruntime optimizations on") if k == 1 else None)  # noqa: E501
         elif "lossless_check" in entry:
             rep = verify(model, x_parity, onnx_path=path, config=parity_cfg,
                          inputs_name=f"{len(x_parity)} samples")

@@ -37,14 +37,14 @@ from wnconvert.convert.fold import FoldConfig
 from wnconvert.convert.schemes import SchemeConfig
 from wnconvert.convert.verify import VerifyConfig
 
-from ..train.act_run import ActSettings, copy_to_float, prepare_act_model
 from ..data.data import Preprocess
+from ..files import CHECKPOINT, MANIFEST, METRICS, ONNX, REPORT  # noqa: F401 (re-exported)
+from ..train.act_run import ActSettings, copy_to_float, prepare_act_model
 from ..train.checkpoint import LAST, train_dir
-from .lock import LOCK_NAME, OUT_ADVICE, is_locked, locked
-from .manifest_version import MANIFEST_VERSION, check_manifest_version  # noqa: F401 (MANIFEST_VERSION re-exported)
 from ..train.train_config import TrainConfig
 from ..zoo.zoo import build_model, load_into, load_state_file
-from ..files import CHECKPOINT, MANIFEST, METRICS, ONNX, REPORT  # noqa: F401 (re-exported)
+from .lock import LOCK_NAME, OUT_ADVICE, is_locked, locked
+from .manifest_version import MANIFEST_VERSION, check_manifest_version  # noqa: F401 (MANIFEST_VERSION re-exported)
 
 TEMP_DIRS = (".export-", ".quant-")  # tempfile prefixes of convert/export.py and convert/quantize
 

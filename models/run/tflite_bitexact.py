@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from wnconvert.convert.actquant import quantizers
 from wnconvert.convert.actquant.prepare import act_points
 

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from wnconvert.convert.artifacts import ensure_writable_dir, write_json
 from wnconvert.convert.golden import _write_npz
 from wnconvert.convert.tflite import arith, reference

@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
-from . import distributed as dist_utils
 from ..data.gpu_decode import device_batches
-
+from . import distributed as dist_utils
 
 # -- evaluation --------------------------------------------------------------------------------
 

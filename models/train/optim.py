@@ -53,8 +53,15 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ...convert.apply import scheme_parameters
 from ...convert.errors import UserInputError
-from .optim_settings import (DEFAULT_MOMENTUM, DEFAULT_WD_EPS, DEFAULTS, OPTIMIZERS,  # noqa: F401 (re-exported)
-                             SCHEDULES, WD_MODES, check_hyperparameters)
+from .optim_settings import (  # noqa: F401 (re-exported)
+    DEFAULT_MOMENTUM,
+    DEFAULT_WD_EPS,
+    DEFAULTS,
+    OPTIMIZERS,
+    SCHEDULES,
+    WD_MODES,
+    check_hyperparameters,
+)
 from .scale_group import adam_direction_pre_hook, scale_group, scale_parameters
 
 # Myrtle's equilibrium relation at the sgd defaults; see the module docstring.

@@ -53,8 +53,7 @@ class Progress:
         self.bar = None
         self.task = None
         if self.console is not None and getattr(self.console, "is_terminal", False):
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
             self.bar = Progress(
                 TextColumn("epoch {task.fields[epoch]}/" + str(epochs)), BarColumn(),
                 MofNCompleteColumn(), TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),

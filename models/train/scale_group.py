@@ -13,7 +13,8 @@ step pre-hook replaces each gradient by Adam's direction (moments kept in the op
 so they are checkpointed and a resumed run continues them exactly).
 
 Why (docs/training.md has the measured figures): the LSQ gradients of these parameters are
-2e-6..4e-4 in log2 units (measured, docs/training.md), orders of magnitude below the weights', and differ from layer to layer
+2e-6..4e-4 in log2 units (measured, docs/training.md), orders of magnitude below the weights', and differ from layer
+to layer
 and between activations and weights. An SGD step ``lr · g`` then moves a scale by ~1e-8 octave
 per step at ``lr = 1e-3``: nothing, which is why the scales did not learn under ``--optimizer
 sgd``. Adam's normalized step does not depend on the gradient's size, so one number,

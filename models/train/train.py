@@ -47,8 +47,7 @@ from .diagnostics import Diagnostics
 from .optim import build_optimizer, warmup_cosine
 from .progress import MetricsLog, Progress, truncate_log
 from .train_config import DEVICES, TRAJECTORY_FIELDS, TrainConfig  # noqa: F401 (re-exported)
-from .train_loop import (EpochMetrics, Loop, LoopEnv, LoopOutputs, LoopParts, LoopState,  # noqa: F401
-                         NonFinite, Stop)
+from .train_loop import EpochMetrics, Loop, LoopEnv, LoopOutputs, LoopParts, LoopState, NonFinite, Stop  # noqa: F401
 
 __all__ = ["TrainConfig", "EpochMetrics", "TrainResult", "train", "evaluate"]
 

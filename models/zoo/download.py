@@ -33,8 +33,7 @@ from typing import BinaryIO
 
 import torch
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                           TransferSpeedColumn)
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from wnconvert.convert.artifacts import atomic_path
 from wnconvert.convert.errors import UserInputError
@@ -186,6 +185,8 @@ def _reason(e: BaseException, stall: float, timeout: float) -> str:
             return str(e.reason)
         e = e.reason
     if isinstance(e, TimeoutError):
-        return f"not complete within {timeout:g} s, {TIMEOUT_ENV}" if str(e) == "whole" else f"no answer within {stall:g} s"
+        if str(e) == "whole":
+            return f"not complete within {timeout:g} s, {TIMEOUT_ENV}"
+        return f"no answer within {stall:g} s"
     text = getattr(e, "strerror", None) or str(e) or type(e).__name__
     return (str(text).splitlines() or [type(e).__name__])[0][:200]
