@@ -110,7 +110,9 @@ def export(
     if value(target) in ETHOS_U_TARGETS:
         return _export_ethos_u(run_dir, value(target), value(precision), json_out)
     from wnconvert.convert.errors import UserInputError
-    from wnconvert.models.run.precheck import check_export
+    from wnconvert.models.run.precheck import check_export, check_not_busy
+
+    check_not_busy(run_dir)
 
     if value(target) == "tflite-micro":
         if value(precision) not in ("fp32", "int8") or container is not None or value(act_type) not in (None, "int8"):
@@ -238,8 +240,9 @@ def verify(
     evaluated in float64, and each low-precision file under its contract: lossless weights
     against the checkpoint at the same tolerance, lossy ones against model.onnx (top-1 agreement,
     SQNR). Exits 3 when a check fails."""
-    from wnconvert.models.run.precheck import check_verify
+    from wnconvert.models.run.precheck import check_not_busy, check_verify
 
+    check_not_busy(run_dir)
     check_verify(run_dir, onnx_file, value(precision))  # before torch, onnx and the model load
     from wnconvert.models.run.run_verify import verify_run
 

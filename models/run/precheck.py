@@ -36,9 +36,10 @@ TARGET_TAKES = {
 }
 
 
-def _unlocked(run_dir: Path) -> None:
-    """A run another process is writing is refused first, naming that process (export and verify
-    write into the run; they take no --out, so the message offers none)."""
+def check_not_busy(run_dir: Path) -> None:
+    """``export`` and ``verify`` (commands) refuse first a run another process is writing, naming
+    that process (they take no --out, so the message offers none). Library calls made while this
+    process holds the lock (finetune's own deployed file) do not come here."""
     if Path(run_dir).is_dir():
         check_unlocked(Path(run_dir), "")
 
@@ -133,7 +134,6 @@ def check_target(target: str, precisions, takes_weights_only: bool, act_runs: st
 
 def check_export(run_dir: Path, precision: str, opts: PrecisionOptions) -> None:
     """Every refusal of ``export RUN [--precision P]`` the options and the manifest decide."""
-    _unlocked(run_dir)
     check_container_use(precision, opts.container)
     manifest = manifest_of(run_dir)
     act_trained = _act_bits_trained(manifest)
@@ -172,7 +172,6 @@ def check_calibration(precision: str, data: str | None, opts: PrecisionOptions) 
 def verify_paths(run_dir: Path, onnx_file: Path | None, precision: str | None) -> Path:
     """The file ``verify`` starts from: ``--onnx F``, ``--precision P``'s file or model.onnx;
     refuses both options given or a missing file."""
-    _unlocked(run_dir)
     if onnx_file is not None and precision is not None:
         raise UserInputError("give --onnx or --precision, not both")
     if onnx_file is not None:
