@@ -19,9 +19,9 @@ def eval_command(
     limit: Optional[int] = typer.Option(None, help="Evaluate a fixed random subset of N images."),
     batch_size: int = typer.Option(64, help="Batch size."),
     provider: Provider = typer.Option("cpu", help="onnxruntime provider, or PyTorch device."),
-    runtime: Runtime = typer.Option("onnxruntime", help="Runtime of an .onnx file (openvino: its CPU plugin at f32); "
-                                                        "of a .tflite file: tflite-micro (the default for it) or "
-                                                        "litert."),
+    runtime: Runtime = typer.Option("onnxruntime", help=(
+        "Runtime of an .onnx file (openvino: its CPU plugin at f32); of a .tflite file: tflite-micro (the default for"
+        " it) or litert.")),
     json_out: bool = JsonOpt,
 ):
     """Top-1 / top-5 and images/s of a checkpoint (PyTorch), an ONNX file (onnxruntime or OpenVINO) or a

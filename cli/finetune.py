@@ -64,68 +64,59 @@ def finetune(
     ctx: typer.Context,
     model: str = typer.Argument(..., help="torchvision model name, e.g. resnet50 (see `wnconvert models`)."),
     scheme: Scheme = typer.Option(default(SchemeConfig, "scheme"), help="Weight-range scheme (see `wnconvert schemes`)."),  # noqa: E501
-    weights: str = typer.Option("DEFAULT", help="DEFAULT, a torchvision weights name, a .pth/.pt/.safetensors "
-                                                "state_dict, or none."),
-    num_classes: Optional[int] = typer.Option(None, help="Replace the classifier head when it differs from the "
-                                                         "weights'."),
-    data: Optional[str] = typer.Option(None, help="imagefolder:PATH | cifar10:PATH | cifar100:PATH | "
-                                                  "fashion-mnist[:PATH] | synthetic[:K]"),
-    epochs: Optional[int] = typer.Option(None, help="Training epochs (default 5 with --data, 0 without: apply, fold, "
-                                                    "export, verify only)."),
+    weights: str = typer.Option("DEFAULT", help=(
+        "DEFAULT, a torchvision weights name, a .pth/.pt/.safetensors state_dict, or none.")),
+    num_classes: Optional[int] = typer.Option(None, help=(
+        "Replace the classifier head when it differs from the weights'.")),
+    data: Optional[str] = typer.Option(None, help=(
+        "imagefolder:PATH | cifar10:PATH | cifar100:PATH | fashion-mnist[:PATH] | synthetic[:K]")),
+    epochs: Optional[int] = typer.Option(None, help=(
+        "Training epochs (default 5 with --data, 0 without: apply, fold, export, verify only).")),
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/MODEL-SCHEME)."),
     gain: Gain = typer.Option(default(SchemeConfig, "gain"), help="none: the raw divide, changes the function."),
-    scale_grad: ScaleGrad = typer.Option(default(SchemeConfig, "scale_grad"), help="Gradient through max/norm (full), "
-                                                                                   "or the scale as a constant "
-                                                                                   "(detach)."),
+    scale_grad: ScaleGrad = typer.Option(default(SchemeConfig, "scale_grad"), help=(
+        "Gradient through max/norm (full), or the scale as a constant (detach).")),
     exclude: Optional[List[str]] = typer.Option(None, help="Leave layers matching this name pattern alone (repeatable)."),  # noqa: E501
-    skip_depthwise: bool = typer.Option(default(SchemeConfig, "skip_depthwise"), help="Leave depthwise convs "
-                                                                                      "unreparametrized."),
-    weight_bits: Optional[int] = typer.Option(None, help="Fake-quantize N(W) to the symmetric B-bit grid on [-1, 1] "
-                                                         "during training (2..8; layer-max / channel-max)."),
-    weight_range: WeightRange = typer.Option(default(SchemeConfig, "weight_range"), help="--weight-bits: the grid's "
-                                                                                         "range: max (±L on the "
-                                                                                         "largest |w|) or learned (a "
-                                                                                         "clip learned per "
-                                                                                         "channel/layer from the max; "
-                                                                                         "docs/learned_range.md)."),
-    act_bits: Optional[int] = typer.Option(None, help="Fake-quantize activations to A bits during training (2..8; "
-                                                      "needs --weight-bits); export with --precision int8/int4."),
+    skip_depthwise: bool = typer.Option(default(SchemeConfig, "skip_depthwise"), help=(
+        "Leave depthwise convs unreparametrized.")),
+    weight_bits: Optional[int] = typer.Option(None, help=(
+        "Fake-quantize N(W) to the symmetric B-bit grid on [-1, 1] during training (2..8; layer-max / channel-max).")),
+    weight_range: WeightRange = typer.Option(default(SchemeConfig, "weight_range"), help=(
+        "--weight-bits: the grid's range: max (±L on the largest |w|) or learned (a clip learned per channel/layer "
+        "from the max).")),
+    act_bits: Optional[int] = typer.Option(None, help=(
+        "Fake-quantize activations to A bits during training (2..8; needs --weight-bits); export with --precision "
+        "int8/int4.")),
     act_range: ActRange = typer.Option("learned", help="Activation ranges after calibration: learned (LSQ) or frozen."),
-    freeze_bn_epochs: Optional[int] = typer.Option(None, metavar="K", help="--act-bits: BatchNorm statistics frozen "
-                                                                           "for the last K epochs (default 1 when "
-                                                                           "--epochs > 1, else 0)."),
-    scale_format: ScaleFormat = typer.Option("float", help="--act-bits: float scales, or po2: every scale a power of "
-                                                           "two, every requantization a shift (needs --weight-bits, "
-                                                           "layer-max/channel-max)."),
-    mixed_precision: bool = typer.Option(False, "--mixed-precision", help="--act-bits: keep hardswish, hardsigmoid, "
-                                                                          "SiLU, sigmoid, GELU, tanh and the "
-                                                                          "squeeze-excite multiply in float between "
-                                                                          "DequantizeLinear and QuantizeLinear "
-                                                                          "(recorded in report.json) instead of "
-                                                                          "refusing the model."),
-    target: Optional[TrainTarget] = typer.Option(None, help="--act-bits: the runtime the integer network is trained "
-                                                            "for: ort-cpu (default: every conv output requantized, as "
-                                                            "onnxruntime's integer kernels need) or openvino (a conv "
-                                                            "read only by a residual add stays float: OpenVINO fuses "
-                                                            "the add into it and skips that requantization). Then "
-                                                            "export --target openvino."),
-    rounding: Rounding = typer.Option("onnx", help="--act-bits --scale-format po2: the requantization the eval-mode "
-                                                   "model computes: onnx (round half to even, as onnxruntime) or "
-                                                   "tflite (TFLite's double rounding, ADD and MEAN exactly, as "
-                                                   "TensorFlow Lite Micro; see docs/tflite-training.md)."),
-    bn: Bn = typer.Option(default(FoldConfig, "bn"), help="keep: absorb scales into BatchNorm | fold: fold BatchNorm "
-                                                          "into the weights"),
-    granularity: Granularity = typer.Option(default(FoldConfig, "granularity"), help="Scale granularity where the "
-                                                                                     "fold re-normalizes."),
+    freeze_bn_epochs: Optional[int] = typer.Option(None, metavar="K", help=(
+        "--act-bits: BatchNorm statistics frozen for the last K epochs (default 1 when --epochs > 1, else 0).")),
+    scale_format: ScaleFormat = typer.Option("float", help=(
+        "--act-bits: float scales, or po2: every scale a power of two, every requantization a shift (needs --weight-"
+        "bits, layer-max/channel-max).")),
+    mixed_precision: bool = typer.Option(False, "--mixed-precision", help=(
+        "--act-bits: keep hardswish, hardsigmoid, SiLU, sigmoid, GELU, tanh and the squeeze-excite multiply in float "
+        "between DequantizeLinear and QuantizeLinear (recorded in report.json) instead of refusing the model.")),
+    target: Optional[TrainTarget] = typer.Option(None, help=(
+        "--act-bits: the runtime the integer network is trained for: ort-cpu (default: every conv output requantized,"
+        " as onnxruntime's integer kernels need) or openvino (a conv read only by a residual add stays float: "
+        "OpenVINO fuses the add into it and skips that requantization). Then export --target openvino.")),
+    rounding: Rounding = typer.Option("onnx", help=(
+        "--act-bits --scale-format po2: the requantization the eval-mode model computes: onnx (round half to even, as"
+        " onnxruntime) or tflite (TFLite's double rounding, ADD and MEAN exactly, as TensorFlow Lite Micro; see "
+        "docs/tflite-training.md).")),
+    bn: Bn = typer.Option(default(FoldConfig, "bn"), help=(
+        "keep: absorb scales into BatchNorm | fold: fold BatchNorm into the weights")),
+    granularity: Granularity = typer.Option(default(FoldConfig, "granularity"), help=(
+        "Scale granularity where the fold re-normalizes.")),
     image_size: Optional[int] = typer.Option(None, help="Input resolution (default: the data's or the weights')."),
     limit_train: Optional[int] = typer.Option(None, help="Use a fixed random subset of N training images."),
     limit_val: Optional[int] = typer.Option(None, help="Use a fixed random subset of N validation images."),
     download: bool = typer.Option(False, help="Let torchvision download CIFAR into the given path."),
-    gpu_decode: bool = typer.Option(False, "--gpu-decode", help="Decode JPEGs and augment on the GPU (nvjpeg); "
-                                                                "imagefolder data only."),
+    gpu_decode: bool = typer.Option(False, "--gpu-decode", help=(
+        "Decode JPEGs and augment on the GPU (nvjpeg); imagefolder data only.")),
     batch_size: int = typer.Option(default(TrainConfig, "batch_size"), help="Per-process batch size."),
-    optimizer: Optimizer = typer.Option(default(TrainConfig, "optimizer"), help="See docs/training.md for why adamw "
-                                                                                "is the default."),
+    optimizer: Optimizer = typer.Option(default(TrainConfig, "optimizer"), help=(
+        "See docs/training.md for why adamw is the default.")),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default per optimizer, see docs/training.md)."),
     momentum: float = typer.Option(default(TrainConfig, "momentum")),
     nesterov: bool = typer.Option(default(TrainConfig, "nesterov")),
@@ -136,14 +127,13 @@ def finetune(
     schedule: Schedule = typer.Option(default(TrainConfig, "schedule"), help="After warmup: cosine (to 0) or constant."),  # noqa: E501
     label_smoothing: float = typer.Option(default(TrainConfig, "label_smoothing")),
     grad_clip: Optional[float] = typer.Option(None, help="Clip the global gradient norm."),
-    scale_lr: float = typer.Option(default(TrainConfig, "scale_lr"), help="Peak step, in octaves, of the learned "
-                                                                          "scales (activation scales, --weight-range "
-                                                                          "learned): Adam's update under every "
-                                                                          "optimizer (docs/training.md)."),
+    scale_lr: float = typer.Option(default(TrainConfig, "scale_lr"), help=(
+        "Peak step, in octaves, of the learned scales (activation scales, --weight-range learned): Adam's update "
+        "under every optimizer (docs/training.md).")),
     device: str = typer.Option(default(TrainConfig, "device"), help="auto | cpu | cuda | cuda:N"),
     amp: bool = typer.Option(default(TrainConfig, "amp"), help="bf16 autocast on CUDA."),
-    channels_last: bool = typer.Option(default(TrainConfig, "channels_last"), help="channels_last memory format on "
-                                                                                   "CUDA."),
+    channels_last: bool = typer.Option(default(TrainConfig, "channels_last"), help=(
+        "channels_last memory format on CUDA.")),
     compile: bool = typer.Option(default(TrainConfig, "compile"), "--compile", help="torch.compile the training model."),  # noqa: E501
     workers: int = typer.Option(default(TrainConfig, "workers"), help="DataLoader worker processes."),
     seed: int = typer.Option(default(TrainConfig, "seed")),
@@ -151,16 +141,16 @@ def finetune(
     diagnostics: int = typer.Option(default(TrainConfig, "diagnostics"), "--diagnostics", metavar="K", help="Log per-layer training dynamics to dynamics.jsonl every K steps (0: off); see `wnconvert report`."),  # noqa: E501
     resume: Optional[Path] = typer.Option(None, help="Continue the run in this directory from its last checkpoint."),
     no_export: bool = typer.Option(False, "--no-export", help="Stop after training: no fold, export or verify."),
-    no_deploy: bool = typer.Option(False, "--no-deploy", help="--act-bits: do not write and check the deployed "
-                                                              "model.int8.onnx / model.int4.onnx at the end (export "
-                                                              "--precision writes it later)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print the per-layer fold certificate, the parity "
-                                                                "tables and every file at the end."),
+    no_deploy: bool = typer.Option(False, "--no-deploy", help=(
+        "--act-bits: do not write and check the deployed model.int8.onnx / model.int4.onnx at the end (export "
+        "--precision writes it later).")),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=(
+        "Print the per-layer fold certificate, the parity tables and every file at the end.")),
     rtol: float = typer.Option(default(VerifyConfig, "rtol"), help="Parity: max |err| / max |ref| allowed."),
     samples: int = typer.Option(default(VerifyConfig, "samples"), help="Parity: number of generated inputs."),
     overwrite: bool = typer.Option(False, help="Replace an existing run in --out."),
-    offline: bool = typer.Option(False, "--offline", help="Never download pretrained weights (also "
-                                                          "WNCONVERT_OFFLINE=1)."),
+    offline: bool = typer.Option(False, "--offline", help=(
+        "Never download pretrained weights (also WNCONVERT_OFFLINE=1).")),
     config: Optional[Path] = ConfigOpt,
     json_out: bool = JsonOpt,
 ):

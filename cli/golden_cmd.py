@@ -17,9 +17,9 @@ def golden(
     out: Path = typer.Option(..., help="Folder for golden.npz and index.json."),
     data: Optional[str] = typer.Option(None, help="Images to run (validation split; default: the run's --data)."),
     count: int = typer.Option(8, help="Number of images."),
-    precision: str = typer.Option("int8", help="int8 | int4: which model.<precision>.onnx; tflite: model.int8.tflite "
-                                               "in TFLite's arithmetic (docs/tflite.md); qonnx: model.qonnx.onnx, "
-                                               "checked in qonnx's executor against the integer reference first."),
+    precision: str = typer.Option("int8", help=(
+        "int8 | int4: which model.<precision>.onnx; tflite: model.int8.tflite in TFLite's arithmetic "
+        "(docs/tflite.md); qonnx: model.qonnx.onnx, checked in qonnx's executor against the integer reference first.")),
     onnx_file: Optional[Path] = typer.Option(None, "--onnx", help="Another QDQ file instead of the run's."),
     json_out: bool = JsonOpt,
 ):

@@ -35,8 +35,9 @@ HELP_PANELS = {"finetune": FINETUNE_PANELS}
 
 app = typer.Typer(
     cls=_Group, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-    help="Fine-tune torchvision models with every conv/linear weight in [-1, 1], fold the "
-         "reparametrization, export ONNX and prove it computes what the trained model does.")
+    help=(
+        "Fine-tune torchvision models with every conv/linear weight in [-1, 1], fold the reparametrization, export "
+        "ONNX and prove it computes what the trained model does."))
 
 for _name, _command in (("finetune", finetune), ("fold", fold), ("export", export),
                         ("verify", verify)):
@@ -47,8 +48,8 @@ for _name, _command in (("finetune", finetune), ("fold", fold), ("export", expor
 @handle_errors
 def inspect(
     path: Path = typer.Argument(..., help="An .onnx file, a state_dict (.pth/.pt/.safetensors) or a run directory."),
-    require_unit_range: bool = typer.Option(False, "--require-unit-range", help="Exit 4 when any weight lies outside "
-                                                                                "[-1, 1]."),
+    require_unit_range: bool = typer.Option(False, "--require-unit-range", help=(
+        "Exit 4 when any weight lies outside [-1, 1].")),
     json_out: bool = JsonOpt,
 ):
     """Per-layer weight ranges. For a run directory, its model.onnx."""

@@ -62,45 +62,36 @@ def export(
     granularity: Optional[Granularity] = typer.Option(None, help="Default: the run's."),
     opset: Optional[int] = typer.Option(None, help="ONNX opset (default: the run's)."),
     rtol: Optional[float] = typer.Option(None, help="Parity tolerance (default: the run's)."),
-    precision: Precision = typer.Option("fp32", help="fp32: model.onnx; otherwise writes model.PRECISION.onnx from "
-                                                     "model.onnx."),
-    target: Target = typer.Option(default(PrecisionOptions, "target"), help="Deployment target: its preset of "
-                                                                            "activation type and symmetry, weight "
-                                                                            "granularity, bias and opset rules "
-                                                                            "(explicit options override it; see "
-                                                                            "docs/deploying.md). ethos-u*: compile "
-                                                                            "RUN/model.int8.tflite with Arm's Vela "
-                                                                            "(docs/ethos-u.md)."),
-    data: Optional[str] = typer.Option(None, help="Calibration data spec for int8 activations (default: the run's "
-                                                  "--data)."),
-    calib_samples: int = typer.Option(default(PrecisionOptions, "calib_samples"), help="Calibration images taken from "
-                                                                                       "--data."),
-    calib_split: CalibSplit = typer.Option(default(PrecisionOptions, "calib_split"), help="The split of --data "
-                                                                                          "calibration images come "
-                                                                                          "from (comparisons with "
-                                                                                          "model.onnx use val)."),
-    act_bits: Optional[str] = typer.Option(None, help="8 | float: activations of int8/int4 files (default: 8 for "
-                                                      "int8, float for int4)."),
-    per_channel: Optional[bool] = typer.Option(None, "--per-channel/--per-tensor", help="Weight scales (default: per "
-                                                                                        "channel, except per tensor "
-                                                                                        "for layer-max weights-only "
-                                                                                        "files)."),
-    calibrate_method: Calibrator = typer.Option(default(PrecisionOptions, "calibrate_method"), help="Activation range "
-                                                                                                    "calibration."),
-    act_type: Optional[ActType] = typer.Option(None, help="Type of quantized activations (default: the target's; "
-                                                          "uint8 is onnxruntime's fast CPU path)."),
-    fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse", help="Fold BatchNorm and scales into Conv before "
-                                                                       "quantizing activations (default: yes; a "
-                                                                       "--weight-bits run's grid stays exact, per "
-                                                                       "channel)."),
-    container: Optional[Container] = typer.Option(None, help="Storage of the 4-bit values of an int4 file: int4 "
-                                                             "(opset-21 INT4/UINT4) or int8 (the same integers in "
-                                                             "int8/uint8, weights in [-7, 7]: onnxruntime's int8 "
-                                                             "kernels). Default: the target's for files with "
-                                                             "quantized activations (ort-cpu: int8), int4 for "
-                                                             "weights-only files."),
-    io: Optional[TfliteIo] = typer.Option(None, help="--target tflite-micro: int8 input and output (default, the MCU "
-                                                     "convention) or float (QUANTIZE/DEQUANTIZE at the edges)."),
+    precision: Precision = typer.Option("fp32", help=(
+        "fp32: model.onnx; otherwise writes model.PRECISION.onnx from model.onnx.")),
+    target: Target = typer.Option(default(PrecisionOptions, "target"), help=(
+        "Deployment target: its preset of activation type and symmetry, weight granularity, bias and opset rules "
+        "(explicit options override it; see docs/deploying.md). ethos-u*: compile RUN/model.int8.tflite with Arm's "
+        "Vela (docs/ethos-u.md).")),
+    data: Optional[str] = typer.Option(None, help=(
+        "Calibration data spec for int8 activations (default: the run's --data).")),
+    calib_samples: int = typer.Option(default(PrecisionOptions, "calib_samples"), help=(
+        "Calibration images taken from --data.")),
+    calib_split: CalibSplit = typer.Option(default(PrecisionOptions, "calib_split"), help=(
+        "The split of --data calibration images come from (comparisons with model.onnx use val).")),
+    act_bits: Optional[str] = typer.Option(None, help=(
+        "8 | float: activations of int8/int4 files (default: 8 for int8, float for int4).")),
+    per_channel: Optional[bool] = typer.Option(None, "--per-channel/--per-tensor", help=(
+        "Weight scales (default: per channel, except per tensor for layer-max weights-only files).")),
+    calibrate_method: Calibrator = typer.Option(default(PrecisionOptions, "calibrate_method"), help=(
+        "Activation range calibration.")),
+    act_type: Optional[ActType] = typer.Option(None, help=(
+        "Type of quantized activations (default: the target's; uint8 is onnxruntime's fast CPU path).")),
+    fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse", help=(
+        "Fold BatchNorm and scales into Conv before quantizing activations (default: yes; a --weight-bits run's grid "
+        "stays exact, per channel).")),
+    container: Optional[Container] = typer.Option(None, help=(
+        "Storage of the 4-bit values of an int4 file: int4 (opset-21 INT4/UINT4) or int8 (the same integers in "
+        "int8/uint8, weights in [-7, 7]: onnxruntime's int8 kernels). Default: the target's for files with quantized "
+        "activations (ort-cpu: int8), int4 for weights-only files.")),
+    io: Optional[TfliteIo] = typer.Option(None, help=(
+        "--target tflite-micro: int8 input and output (default, the MCU convention) or float (QUANTIZE/DEQUANTIZE at "
+        "the edges).")),
     json_out: bool = JsonOpt,
 ):
     """Fold the run's checkpoint, write RUN_DIR/model.onnx, check weight ranges and parity.
@@ -211,29 +202,28 @@ def quantized_line(run_dir: Path, entry: dict) -> str:
 @handle_errors
 def verify(
     run_dir: Path = typer.Argument(..., help="A run directory."),
-    onnx_file: Optional[Path] = typer.Option(None, "--onnx", help="ONNX file (default RUN_DIR/model.onnx and every "
-                                                                  "model.<precision>.onnx)."),
-    precision: Optional[Precision] = typer.Option(None, help="Check only RUN_DIR's model.onnx (fp32) or "
-                                                             "model.<precision>.onnx."),
+    onnx_file: Optional[Path] = typer.Option(None, "--onnx", help=(
+        "ONNX file (default RUN_DIR/model.onnx and every model.<precision>.onnx).")),
+    precision: Optional[Precision] = typer.Option(None, help=(
+        "Check only RUN_DIR's model.onnx (fp32) or model.<precision>.onnx.")),
     inputs: Optional[Path] = typer.Option(None, help=".npy array (N, 3, H, W) of normalized inputs; default generated."),  # noqa: E501
     samples: int = typer.Option(default(VerifyConfig, "samples"), help="Number of generated inputs."),
     seed: int = typer.Option(default(VerifyConfig, "seed"), help="Seed of the generated inputs."),
     rtol: float = typer.Option(default(VerifyConfig, "rtol"), help="max |err| / max |ref| allowed."),
     min_cosine: float = typer.Option(default(VerifyConfig, "min_cosine"), help="Smallest per-sample cosine allowed."),
     min_top1: float = typer.Option(default(VerifyConfig, "min_top1"), help="Smallest top-1 agreement allowed."),
-    data: Optional[str] = typer.Option(None, help="Compare lossy low-precision files on images of this data spec "
-                                                  "(default: the run's --data; generated inputs without one)."),
-    limit: int = typer.Option(default(VerifyRequest, "limit"), help="Images from --data the low-precision files are "
-                                                                    "compared on."),
-    min_agreement: float = typer.Option(default(QuantThresholds, "min_agreement"), help="Lossy low-precision files: "
-                                                                                        "smallest top-1 agreement "
-                                                                                        "with model.onnx."),
-    min_sqnr: float = typer.Option(default(QuantThresholds, "min_sqnr_db"), help="Lossy low-precision files: smallest "
-                                                                                 "logit SQNR (dB) against model.onnx."),
-    tflite: Optional[Path] = typer.Option(None, help="Check this .tflite alone (default: the run's model.int8.tflite, "
-                                                     "with the other files): TensorFlow Lite Micro against the "
-                                                     "integer reference, LiteRT and the trained network "
-                                                     "(docs/tflite.md)."),
+    data: Optional[str] = typer.Option(None, help=(
+        "Compare lossy low-precision files on images of this data spec (default: the run's --data; generated inputs "
+        "without one).")),
+    limit: int = typer.Option(default(VerifyRequest, "limit"), help=(
+        "Images from --data the low-precision files are compared on.")),
+    min_agreement: float = typer.Option(default(QuantThresholds, "min_agreement"), help=(
+        "Lossy low-precision files: smallest top-1 agreement with model.onnx.")),
+    min_sqnr: float = typer.Option(default(QuantThresholds, "min_sqnr_db"), help=(
+        "Lossy low-precision files: smallest logit SQNR (dB) against model.onnx.")),
+    tflite: Optional[Path] = typer.Option(None, help=(
+        "Check this .tflite alone (default: the run's model.int8.tflite, with the other files): TensorFlow Lite Micro"
+        " against the integer reference, LiteRT and the trained network (docs/tflite.md).")),
     json_out: bool = JsonOpt,
 ):
     """Compare the ONNX file (onnxruntime, optimizations off and on) with the run's checkpoint
@@ -242,14 +232,13 @@ def verify(
     SQNR). Exits 3 when a check fails."""
     from wnconvert.models.run.precheck import check_not_busy, check_verify
 
-    check_not_busy(run_dir)
-    check_verify(run_dir, onnx_file, value(precision))  # before torch, onnx and the model load
-    from wnconvert.models.run.run_verify import verify_run
-
-    req = VerifyRequest(
+    req = VerifyRequest(  # the options' own checks first
         onnx_file=onnx_file, precision=value(precision), inputs=inputs, data=data, limit=limit,
         config=VerifyConfig(rtol=rtol, min_cosine=min_cosine, min_top1=min_top1, samples=samples, seed=seed),
         thresholds=QuantThresholds(min_agreement, min_sqnr), tflite=tflite)
+    check_not_busy(run_dir)
+    check_verify(run_dir, onnx_file, value(precision), tflite)  # before torch, onnx and the model load
+    from wnconvert.models.run.run_verify import verify_run
     from wnconvert.models.run.verify_progress import VerifyProgress
 
     with VerifyProgress(enabled=not json_out) as progress:  # a status line on a terminal's stderr

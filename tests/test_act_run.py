@@ -59,7 +59,7 @@ def test_refused_before_anything_is_written(tmp_path, model, extra, message):
 def test_run_holds_the_qat_model(trained):
     manifest = json.loads((trained / "manifest.json").read_text())
     assert manifest["act"] == {"bits": 8, "range": "learned", "freeze_bn_epochs": None, "scale_format": "float",
-                               "mixed_precision": False, "residual_conv": "quantized"}
+                               "mixed_precision": False, "residual_conv": "quantized", "rounding": "onnx"}
     assert manifest["scheme"]["weight_bits"] == 8
     state = load_file(str(trained / "checkpoint.safetensors"))
     _, qat = RunDir(trained).load_qat()

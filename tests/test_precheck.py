@@ -101,7 +101,9 @@ def test_manifest_decided_refusals_load_nothing(tmp_path):
             "--precision must be one of int8, int4, tflite, qonnx, not 'fp16'",
         ("golden", w8a8, "--out", tmp_path / "g", "--precision", "int4"):
             f"{w8a8}/model.int4.onnx does not exist; run `wnconvert export {w8a8} --precision int4` first",
-        ("golden", plain, "--out", tmp_path / "g", "--count", "0"): "--count must be at least 1",
+        ("golden", plain, "--out", tmp_path / "g", "--count", "0"): "--count must be between 1 and 1024 (the integer "
+                                                                    "reference holds every tensor of every image in "
+                                                                    "memory)",
         ("eval", tmp_path / "none.onnx", "--data", "synthetic:4"): f"{tmp_path / 'none.onnx'} does not exist",
         ("eval", plain / "model.onnx", "--data", "synthetic:4", "--batch-size", "0"):
             "--batch-size must be at least 1",

@@ -197,3 +197,17 @@ def test_old_training_run_resumes(tmp_path):
     written = json.loads((out / "manifest.json").read_text())
     assert written["version"] == MANIFEST_VERSION and written["train"]["optimizer"] == "sgd"
     assert verify_run(out).passed
+
+
+def test_an_act_run_from_before_the_scales_group_keeps_its_optimizer():
+    """An --act-bits manifest without train.scale_lr trained its scales with the weights'
+    optimizer: it loads with scale_lr None (no scales group), so it resumes and repeats as it
+    trained; a float run, or an act run that records scale_lr, keeps what it says."""
+    old = json.loads(OLD_MANIFEST.read_text())
+    act = {"bits": 8, "range": "learned", "freeze_bn_epochs": None, "scale_format": "float",
+           "mixed_precision": False, "residual_conv": "quantized"}
+    scheme = old["scheme"] | {"scheme": "channel-max", "weight_bits": 8}
+    assert Manifest.from_dict(old | {"scheme": scheme, "act": act}).train.scale_lr is None
+    assert Manifest.from_dict(old).train.scale_lr == TrainConfig().scale_lr
+    recorded = old | {"scheme": scheme, "act": act, "train": old["train"] | {"scale_lr": 0.01}}
+    assert Manifest.from_dict(recorded).train.scale_lr == 0.01

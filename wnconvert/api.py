@@ -66,7 +66,7 @@ def prepare(model: nn.Module, config: QATConfig = QATConfig()) -> nn.Module:
     if config.act_bits is None:
         return work
     return prepare_qat(work, ActQuantConfig(config.act_bits, config.act_range, config.scale_format,
-                                            config.mixed_precision, config.residual_conv))
+                                            config.mixed_precision, config.residual_conv, config.rounding))
 
 
 def _qat(qmodel) -> fx.GraphModule:

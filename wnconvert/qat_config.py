@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 
 from wnconvert.convert.configs import SchemeConfig, check_act_settings
 from wnconvert.convert.errors import UserInputError
-from wnconvert.convert.names import DEFAULT_TARGET, PLACEMENT_TARGETS, TRAIN_PLACEMENTS, WEIGHT_BITS_SCHEMES
+from wnconvert.convert.names import DEFAULT_TARGET, PLACEMENT_TARGETS, ROUNDINGS, TRAIN_PLACEMENTS, WEIGHT_BITS_SCHEMES
 
 VERSION = 1
 
@@ -25,7 +25,7 @@ class QATConfig:
     ``scheme``: the weight-range scheme every conv/linear weight is reparametrized with
     (``wnconvert schemes``); with ``weight_bits`` B (2..8, ``layer-max`` or ``channel-max``) the
     normalized weight is fake-quantized to the symmetric B-bit grid on [-1, 1].
-    ``act_bits`` A (4..8, needs ``weight_bits``; None: weights only): every activation tensor the
+    ``act_bits`` A (2..8, needs ``weight_bits``; None: weights only): every activation tensor the
     integer graph holds is fake-quantized to A bits, its scale calibrated then ``act_range``
     (``learned`` by LSQ, or ``frozen``). ``scale_format``: ``float`` scales, or ``po2`` (every scale
     a power of two: the exported file is then checked bit-exact). ``mixed_precision``: hardswish,
@@ -34,7 +34,10 @@ class QATConfig:
     ``openvino``: a conv read only by a residual add stays float). ``exclude`` (name patterns),
     ``skip_depthwise``, ``gain`` and ``scale_grad`` are the scheme's options (``wnconvert finetune
     --help``). ``freeze_bn_epochs`` is the run's BatchNorm schedule, kept for the round trip with a
-    manifest: in your own loop you call :func:`wnconvert.freeze_bn` yourself.
+    manifest: in your own loop you call :func:`wnconvert.freeze_bn` yourself. ``weight_range``:
+    ``max`` (the grid's range at each channel's largest |w|) or ``learned`` (a learned clip,
+    docs/learned_range.md). ``rounding``: ``onnx``, or ``tflite`` (po2 only: the eval-mode model
+    computes TensorFlow Lite Micro's integer arithmetic, docs/tflite-training.md).
     """
 
     scheme: str = "layer-max"
@@ -49,6 +52,8 @@ class QATConfig:
     gain: str = "frozen"
     scale_grad: str = "full"
     freeze_bn_epochs: int | None = None
+    weight_range: str = "max"
+    rounding: str = "onnx"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", tuple(self.exclude))
@@ -56,11 +61,17 @@ class QATConfig:
         if self.target not in TRAIN_PLACEMENTS:
             raise UserInputError(f"unknown target {self.target!r}; choose one of: {', '.join(TRAIN_PLACEMENTS)}")
         if self.act_bits is None:
-            if self.scale_format != "float" or self.mixed_precision or self.act_range != "learned":
-                raise UserInputError("act_range, scale_format and mixed_precision apply with act_bits only")
+            if (self.scale_format != "float" or self.mixed_precision or self.act_range != "learned"
+                    or self.rounding != "onnx"):
+                raise UserInputError("act_range, scale_format, mixed_precision and rounding apply with act_bits only")
             return
         check_act_settings(self.act_bits, self.act_range, self.scale_format, self.mixed_precision,
                            self.residual_conv)
+        if self.rounding not in ROUNDINGS:
+            raise UserInputError(f"unknown rounding {self.rounding!r}; choose one of: {', '.join(ROUNDINGS)}")
+        if self.rounding == "tflite" and self.scale_format != "po2":
+            raise UserInputError("rounding tflite computes TFLite's integer arithmetic exactly on power-of-two "
+                                 "scales: it needs scale_format po2")
         if not self.weight_bits or self.scheme not in WEIGHT_BITS_SCHEMES:
             raise UserInputError(f"act_bits needs weight_bits and a scheme with a fixed grid "
                                  f"({' or '.join(WEIGHT_BITS_SCHEMES)}): activations are quantized only on "
@@ -76,7 +87,7 @@ class QATConfig:
     def scheme_config(self) -> SchemeConfig:
         """The weight part, as ``wnconvert.apply_scheme`` takes it."""
         return SchemeConfig(self.scheme, self.gain, self.scale_grad, self.exclude, self.skip_depthwise,
-                            weight_bits=self.weight_bits)
+                            weight_bits=self.weight_bits, weight_range=self.weight_range)
 
     def act_record(self) -> dict | None:
         """The ``act`` record of a run's manifest.json (None without ``act_bits``)."""
@@ -84,7 +95,7 @@ class QATConfig:
             return None
         return {"bits": self.act_bits, "range": self.act_range, "freeze_bn_epochs": self.freeze_bn_epochs,
                 "scale_format": self.scale_format, "mixed_precision": self.mixed_precision,
-                "residual_conv": self.residual_conv}
+                "residual_conv": self.residual_conv, "rounding": self.rounding}
 
     def to_dict(self) -> dict:
         """A JSON-ready dict with ``version``; :meth:`from_dict` reads it back equal."""
@@ -115,11 +126,12 @@ class QATConfig:
         s, act = m["scheme"], m.get("act")
         scheme = dict(scheme=s.get("scheme", "layer-max"), weight_bits=s.get("weight_bits"),
                       exclude=tuple(s.get("exclude") or ()), skip_depthwise=bool(s.get("skip_depthwise", False)),
-                      gain=s.get("gain", "frozen"), scale_grad=s.get("scale_grad", "full"))
+                      gain=s.get("gain", "frozen"), scale_grad=s.get("scale_grad", "full"),
+                      weight_range=s.get("weight_range", "max"))
         if not act:
             return cls(**scheme, act_bits=None)
         return cls(**scheme, act_bits=int(act["bits"]), act_range=act.get("range", "learned"),
                    scale_format=act.get("scale_format", "float"),
                    mixed_precision=bool(act.get("mixed_precision", False)),
                    target=PLACEMENT_TARGETS[act.get("residual_conv", "quantized")],
-                   freeze_bn_epochs=act.get("freeze_bn_epochs"))
+                   freeze_bn_epochs=act.get("freeze_bn_epochs"), rounding=act.get("rounding", "onnx"))

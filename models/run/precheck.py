@@ -185,9 +185,16 @@ def verify_paths(run_dir: Path, onnx_file: Path | None, precision: str | None) -
     return path
 
 
-def check_verify(run_dir: Path, onnx_file: Path | None, precision: str | None) -> None:
-    """The refusals of ``verify RUN`` decided before anything loads."""
+def check_verify(run_dir: Path, onnx_file: Path | None, precision: str | None,
+                 tflite: Path | None = None) -> None:
+    """The refusals of ``verify RUN`` decided before anything loads (``--tflite F``: that file alone)."""
     manifest_of(run_dir)
+    if tflite is not None:
+        if onnx_file is not None or precision is not None:
+            raise UserInputError("give --tflite alone, not with --onnx or --precision")
+        if not Path(tflite).exists():
+            raise UserInputError(f"{tflite} does not exist")
+        return
     verify_paths(run_dir, onnx_file, precision)
 
 

@@ -77,11 +77,14 @@ def _check_types(d: Any, where: str) -> None:
         raise UserInputError(f"{where}: num_classes must be at least 1")
 
 
-def _before_scale_lr(train: dict) -> dict:
-    """A manifest written before the ``scales`` parameter group (no ``scale_lr``) trained its
-    learned scales with the weights' optimizer: ``scale_lr=None`` keeps that, so the run resumes
-    and repeats exactly as it was trained."""
-    return train if not isinstance(train, dict) or "scale_lr" in train else train | {"scale_lr": None}
+def _before_scale_lr(train: dict, act) -> dict:
+    """An ``--act-bits`` run whose manifest predates the ``scales`` parameter group (no
+    ``scale_lr``) trained its learned scales with the weights' optimizer: ``scale_lr=None`` keeps
+    that, so the run resumes and repeats exactly as it was trained (a run without learned scales
+    takes the default, which changes nothing for it)."""
+    if not act or not isinstance(train, dict) or "scale_lr" in train:
+        return train
+    return train | {"scale_lr": None}
 
 
 @dataclass
@@ -149,7 +152,7 @@ class Manifest:
                 fold=config_from_dict(FoldConfig, d.get("fold")),
                 export=config_from_dict(ExportConfig, d.get("export")),
                 verify=config_from_dict(VerifyConfig, d.get("verify")),
-                train=config_from_dict(TrainConfig, _before_scale_lr(d["train"])) if d.get("train") else None,
+                train=config_from_dict(TrainConfig, _before_scale_lr(d["train"], d.get("act"))) if d.get("train") else None,  # noqa: E501
                 act=ActSettings.from_dict(d.get("act")), targets=dict(d.get("targets") or {}),
                 status=d.get("status", "complete"), created=d.get("created", ""),
                 versions=dict(d.get("versions") or {}), artifacts=dict(d.get("artifacts") or {}),
