@@ -270,3 +270,25 @@ def test_sigterm_during_start_up_is_one_line_and_130(tmp_path):
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130, (p.returncode, err)
     assert err.strip().splitlines()[-1] == "wnconvert: error: interrupted by SIGTERM", err
+
+
+# -- item 0: the logits of a legitimate file within what the ties before the classifier allow ------
+
+def test_a_flip_inside_the_tie_bound_passes_and_one_beyond_it_fails():
+    """The false alarm of item 0: a one-step tie before a float classifier moves the logits by
+    up to that step times the row's weights, far more than one output step. Judged by the old
+    "lead above one step" rule the flip below fails; within the per-image bound it passes; a
+    logit moved beyond the bound still fails."""
+    import numpy as np
+
+    from wnconvert.convert.actquant.logits import compare_logits
+
+    ref = np.array([[1.00, 0.95, 0.0], [0.2, 0.9, 0.1]])
+    got = np.array([[0.96, 0.99, 0.0], [0.2, 0.9, 0.1]])      # image 0: top-1 flipped by 0.04
+    bound = np.full_like(ref, 0.05)
+    assert compare_logits(ref, got, got, bound, step=0.01)["failures"] == []
+    old_rule = compare_logits(ref, got, got, None, step=0.01)   # no classifier bound: one step of lead
+    assert old_rule["disagree"] == 1 and any("top-1 differs" in f for f in old_rule["failures"])
+    moved = np.array([[0.90, 1.00, 0.0], [0.2, 0.9, 0.1]])    # 0.10 > the bound
+    beyond = compare_logits(ref, moved, moved, bound, step=0.01)
+    assert beyond["bound"]["images_beyond"] == 1 and any("beyond" in f for f in beyond["failures"])
