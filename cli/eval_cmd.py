@@ -14,7 +14,8 @@ from .render import JsonOpt, console, print_json
 
 @handle_errors
 def eval_command(
-    artifact: Path = typer.Argument(..., help="An .onnx or .tflite file, a run directory or its checkpoint.safetensors."),  # noqa: E501
+    artifact: Path = typer.Argument(..., help=(
+        "An .onnx or .tflite file, a run directory or its checkpoint.safetensors.")),
     data: str = typer.Option(..., help="Data spec, e.g. fashion-mnist:PATH (validation split)."),
     limit: Optional[int] = typer.Option(None, help="Evaluate a fixed random subset of N images."),
     batch_size: int = typer.Option(64, help="Batch size."),

@@ -63,7 +63,8 @@ HELP_PANELS = {
 def finetune(
     ctx: typer.Context,
     model: str = typer.Argument(..., help="torchvision model name, e.g. resnet50 (see `wnconvert models`)."),
-    scheme: Scheme = typer.Option(default(SchemeConfig, "scheme"), help="Weight-range scheme (see `wnconvert schemes`)."),  # noqa: E501
+    scheme: Scheme = typer.Option(default(SchemeConfig, "scheme"), help=(
+        "Weight-range scheme (see `wnconvert schemes`).")),
     weights: str = typer.Option("DEFAULT", help=(
         "DEFAULT, a torchvision weights name, a .pth/.pt/.safetensors state_dict, or none.")),
     num_classes: Optional[int] = typer.Option(None, help=(
@@ -76,7 +77,8 @@ def finetune(
     gain: Gain = typer.Option(default(SchemeConfig, "gain"), help="none: the raw divide, changes the function."),
     scale_grad: ScaleGrad = typer.Option(default(SchemeConfig, "scale_grad"), help=(
         "Gradient through max/norm (full), or the scale as a constant (detach).")),
-    exclude: Optional[List[str]] = typer.Option(None, help="Leave layers matching this name pattern alone (repeatable)."),  # noqa: E501
+    exclude: Optional[List[str]] = typer.Option(None, help=(
+        "Leave layers matching this name pattern alone (repeatable).")),
     skip_depthwise: bool = typer.Option(default(SchemeConfig, "skip_depthwise"), help=(
         "Leave depthwise convs unreparametrized.")),
     weight_bits: Optional[int] = typer.Option(None, help=(
@@ -124,7 +126,8 @@ def finetune(
     wd_mode: WdMode = typer.Option(default(TrainConfig, "wd_mode"), help="Weight decay of the reparametrized weights."),
     wd_eps: Optional[float] = typer.Option(None, help="ε of the ε-shifted decay ½λ(‖W‖−ε)²."),
     warmup_epochs: float = typer.Option(default(TrainConfig, "warmup_epochs")),
-    schedule: Schedule = typer.Option(default(TrainConfig, "schedule"), help="After warmup: cosine (to 0) or constant."),  # noqa: E501
+    schedule: Schedule = typer.Option(default(TrainConfig, "schedule"), help=(
+        "After warmup: cosine (to 0) or constant.")),
     label_smoothing: float = typer.Option(default(TrainConfig, "label_smoothing")),
     grad_clip: Optional[float] = typer.Option(None, help="Clip the global gradient norm."),
     scale_lr: float = typer.Option(default(TrainConfig, "scale_lr"), help=(
@@ -134,11 +137,14 @@ def finetune(
     amp: bool = typer.Option(default(TrainConfig, "amp"), help="bf16 autocast on CUDA."),
     channels_last: bool = typer.Option(default(TrainConfig, "channels_last"), help=(
         "channels_last memory format on CUDA.")),
-    compile: bool = typer.Option(default(TrainConfig, "compile"), "--compile", help="torch.compile the training model."),  # noqa: E501
+    compile: bool = typer.Option(default(TrainConfig, "compile"), "--compile", help=(
+        "torch.compile the training model.")),
     workers: int = typer.Option(default(TrainConfig, "workers"), help="DataLoader worker processes."),
     seed: int = typer.Option(default(TrainConfig, "seed")),
-    log_every: int = typer.Option(default(TrainConfig, "log_every"), help="Steps between step records in metrics.jsonl."),  # noqa: E501
-    diagnostics: int = typer.Option(default(TrainConfig, "diagnostics"), "--diagnostics", metavar="K", help="Log per-layer training dynamics to dynamics.jsonl every K steps (0: off); see `wnconvert report`."),  # noqa: E501
+    log_every: int = typer.Option(default(TrainConfig, "log_every"), help=(
+        "Steps between step records in metrics.jsonl.")),
+    diagnostics: int = typer.Option(default(TrainConfig, "diagnostics"), "--diagnostics", metavar="K", help=(
+        "Log per-layer training dynamics to dynamics.jsonl every K steps (0: off); see `wnconvert report`.")),
     resume: Optional[Path] = typer.Option(None, help="Continue the run in this directory from its last checkpoint."),
     no_export: bool = typer.Option(False, "--no-export", help="Stop after training: no fold, export or verify."),
     no_deploy: bool = typer.Option(False, "--no-deploy", help=(
@@ -182,7 +188,8 @@ def finetune(
             epochs=epochs, batch_size=batch_size, optimizer=value(optimizer), lr=lr, momentum=momentum,
             nesterov=nesterov, weight_decay=weight_decay, wd_mode=value(wd_mode), wd_eps=wd_eps,
             warmup_epochs=warmup_epochs, schedule=value(schedule), label_smoothing=label_smoothing,
-            grad_clip=grad_clip, scale_lr=scale_lr, device=device, amp=amp, channels_last=channels_last, compile=compile,  # noqa: E501
+            grad_clip=grad_clip, scale_lr=scale_lr, device=device, amp=amp, channels_last=channels_last,
+            compile=compile,
             workers=workers, seed=seed, log_every=log_every, diagnostics=diagnostics)
         if epochs == 0:  # convert only: nothing is trained, but a bad training option is still refused
             replace(train, epochs=1).validate()

@@ -120,7 +120,8 @@ def export(
         raise UserInputError("--io applies to --target tflite-micro")
     if value(target) == "qonnx":  # model.qonnx.onnx: QONNX Quant nodes, not a QDQ file
         from wnconvert.models.run.qonnx_run import export_qonnx_run
-        given = {"--precision": value(precision) != "fp32", "--bn": bn is not None, "--granularity": granularity is not None,  # noqa: E501
+        given = {"--precision": value(precision) != "fp32", "--bn": bn is not None,
+                 "--granularity": granularity is not None,
                  "--opset": opset is not None, "--rtol": rtol is not None, "--data": data is not None,
                  "--act-bits": act_bits is not None, "--per-channel/--per-tensor": per_channel is not None,
                  "--act-type": act_type is not None, "--fuse/--no-fuse": fuse is not None,
@@ -206,7 +207,8 @@ def verify(
         "ONNX file (default RUN_DIR/model.onnx and every model.<precision>.onnx).")),
     precision: Optional[Precision] = typer.Option(None, help=(
         "Check only RUN_DIR's model.onnx (fp32) or model.<precision>.onnx.")),
-    inputs: Optional[Path] = typer.Option(None, help=".npy array (N, 3, H, W) of normalized inputs; default generated."),  # noqa: E501
+    inputs: Optional[Path] = typer.Option(None, help=(
+        ".npy array (N, 3, H, W) of normalized inputs; default generated.")),
     samples: int = typer.Option(default(VerifyConfig, "samples"), help="Number of generated inputs."),
     seed: int = typer.Option(default(VerifyConfig, "seed"), help="Seed of the generated inputs."),
     rtol: float = typer.Option(default(VerifyConfig, "rtol"), help="max |err| / max |ref| allowed."),
