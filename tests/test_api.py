@@ -75,6 +75,14 @@ def test_five_calls_on_a_custom_network(tmp_path):
     path = tmp_path / "w8a8.onnx"
     assert wnconvert.export(q, path, example_input=x[:1]).contract == "lossless-activations"
     assert wnconvert.verify(q, path, inputs=x).passed
+    # one road: convert.quantize's `trained` format writes what wnconvert.export (and export RUN) write
+    from wnconvert.convert.quantize import FORMATS, QuantOptions, TrainedNetwork, quantize, trained
+    assert trained in FORMATS
+    again = tmp_path / "again" / "w8a8.onnx"
+    quantize(TrainedNetwork(q, (1, 3, 16, 16)), again, QuantOptions(act_bits=None, scales="trained"))
+    assert again.read_bytes() == path.read_bytes() and [p.name for p in again.parent.iterdir()] == ["w8a8.onnx"]
+    with pytest.raises(UserInputError, match="its own"):
+        QuantOptions(scales="trained")  # act_bits 8 is the calibrated files' option
     scale_first_dequantized_weight(path, 1.5)
     bad = wnconvert.verify(q, path, inputs=x)
     assert not bad.passed and bad.failures and bad.to_dict()["passed"] is False

@@ -131,7 +131,7 @@ def test_exclusion_patterns_and_depthwise():
     assert parametrize.is_parametrized(model.features[0][0])
 
 
-def test_attention_projections_are_targets():
+def test_attention_projections_are_reparametrized_weights():
     model = MHANet()
     report = apply_scheme(model, SchemeConfig("layer-max"))
     for t in ("attn.q_proj_weight", "attn.k_proj_weight", "attn.v_proj_weight", "attn.out_proj.weight"):

@@ -29,13 +29,14 @@ from wnconvert.convert.actquant import (
 from wnconvert.convert.actquant import calibrate as _calibrate
 from wnconvert.convert.actquant import freeze_bn as _freeze_bn
 from wnconvert.convert.actquant.bitexact import CONTRACT as BIT_EXACT
-from wnconvert.convert.actquant.deploy import deployed_precision, write_deployed
+from wnconvert.convert.actquant.deploy import deployed_precision
 from wnconvert.convert.apply import apply_scheme
 from wnconvert.convert.configs import FoldConfig, VerifyConfig
 from wnconvert.convert.errors import ParityError, UserInputError
 from wnconvert.convert.export import ExportConfig, export_onnx
 from wnconvert.convert.fold import FoldResult, fold_model
 from wnconvert.convert.onnx_ranges import check_unit_range, weight_ranges
+from wnconvert.convert.quantize import QuantOptions, TrainedNetwork, quantize
 from wnconvert.convert.quantize.target_rules import check_file
 from wnconvert.convert.quantize.targets import DEFAULT_TARGET, get_target
 from wnconvert.convert.verify import verify as _parity
@@ -169,8 +170,9 @@ def export(qmodel: nn.Module, path, *, example_input, target: str = DEFAULT_TARG
         if found:
             raise ParityError(f"{path.name} breaks the {preset.name} rules: {found[0]}; nothing was written")
 
-    info, shifts = write_deployed(model, path, example_shape=(1, *x.shape[1:]), container=box, check=rules)
-    details = info.to_dict() | ({"shifts": shifts} if shifts is not None else {})
+    options = QuantOptions(precision=precision, act_bits=None, scales="trained", container=box)
+    done = quantize(TrainedNetwork(model, (1, *x.shape[1:])), path, options, check=rules)
+    details = done.trained.to_dict() | ({"shifts": done.shifts} if done.shifts is not None else {})
     return ExportReport(path, precision, preset.name, BIT_EXACT if po2 else LOSSLESS_ACTIVATIONS, details)
 
 

@@ -82,7 +82,7 @@ class Weights:
         if not nk.size:
             self._row, self._column, self._f32 = 0, np.zeros(self.k, np.int64), None
             return
-        peak = int(np.abs(nk).max())
+        peak = _max_abs(nk)  # no full-size temporary
         # weights of up to 24 bits are float32 exactly: bounds and float copies from one float32 copy
         self._f32 = np.ascontiguousarray(nk, dtype=np.float32) if peak <= FLOAT32_EXACT else None
         w_abs = np.abs(self._f32) if self._f32 is not None else np.abs(nk)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import UserInputError
 from ..names import ACT_TYPES, CALIBRATORS, DEFAULT_CALIBRATOR, PRECISIONS  # noqa: F401 (re-exported)
@@ -11,6 +12,7 @@ from .container import check_container
 from .placement import RESIDUAL_CONV
 
 ACT_BITS = (None, 8)
+SCALES = ("calibrated", "trained")  # an fp32 file calibrated on data, or a QAT model's own (.trained)
 INT_OPSET = 21  # DequantizeLinear with int4 inputs
 
 
@@ -33,6 +35,7 @@ class QuantOptions:
     quantize_bias: bool = True          # int32 biases (DequantizeLinear of int32) or float ones
     container: str = "int4"             # int4 weights stored as INT4 or as INT8 in [-7, 7] (.container)
     residual_conv: str = "quantized"    # float: no Q/DQ between a Conv and its residual Add (.placement)
+    scales: str = "calibrated"          # trained: a QAT model's own integer network (.trained; act_bits None)
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
@@ -41,6 +44,10 @@ class QuantOptions:
         check_container(self.container)
         if self.residual_conv not in RESIDUAL_CONV:
             raise UserInputError(f"residual_conv must be one of: {', '.join(RESIDUAL_CONV)}, not {self.residual_conv!r}")  # noqa: E501
+        if self.scales not in SCALES:
+            raise UserInputError(f"scales must be one of: {', '.join(SCALES)}, not {self.scales!r}")
+        if self.scales == "trained" and self.act_bits is not None:
+            raise UserInputError("a trained network's activation bits are its own; leave act_bits None")
         if self.act_bits not in ACT_BITS:
             raise UserInputError(f"activation bits must be 8 or float, not {self.act_bits!r}")
         if self.calibrate_method not in CALIBRATORS:
@@ -62,7 +69,7 @@ class QuantOptions:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.precision in ("int8", "int4") and self.act_bits is not None
+        return self.precision in ("int8", "int4") and self.act_bits is not None and self.scales == "calibrated"
 
 
 @dataclass
@@ -73,6 +80,8 @@ class QuantResult:
     exact_weights: list[str] = field(default_factory=list)   # written on the trained grid, lossless
     lossy_weights: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    trained: Any = None                 # scales="trained": the export's ExportInfo (points, types, container)
+    shifts: dict | None = None          # scales="trained", power-of-two: per-layer scale exponents and shifts
 
     def to_dict(self) -> dict:
         o = self.options

@@ -1,6 +1,7 @@
 """The deployed files of an ``--act-bits`` run: ``export --precision int8|int4`` writes the QAT
-model as QDQ ONNX with its trained scales (no calibration, no data) and ``verify`` checks it under
-the **lossless-activations** contract (``convert/actquant/lossless.py``)."""
+model as QDQ ONNX with its trained scales (no calibration, no data; the ``trained`` format of
+``convert/quantize``) and ``verify`` checks it under the **lossless-activations** contract
+(``convert/actquant/lossless.py``)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,10 @@ import numpy as np
 import torch
 
 from wnconvert.convert.actquant import act_points, check_lossless_activations, qlayers
-from wnconvert.convert.actquant.deploy import write_deployed
+from wnconvert.convert.quantize import QuantOptions, QuantResult, TrainedNetwork
 from wnconvert.convert.verify import VerifyConfig, make_inputs
 
 from ..data.data import eval_arrays
-from ..files import artifact_name
 from .precheck import WEIGHT_BITS, check_act_values  # noqa: F401 (WEIGHT_BITS re-exported)
 from .rundir import Manifest, RunDir
 
@@ -27,29 +27,27 @@ def check_act_precision(manifest: Manifest, precision: str, act_bits: str | None
     check_act_values(manifest.scheme.weight_bits, manifest.act.bits, precision, act_bits, data)
 
 
-def export_act_precision(run_dir: Path, precision: str, act_bits: str | None = None,
-                         data: str | None = None, container: str = "int4",
-                         check: Callable[[Path], None] | None = None) -> dict:
-    """Write ``model.<precision>.onnx`` of an ``--act-bits`` run with its trained scales, its
-    4-bit values (if any) in ``container`` (int4 | int8); returns the entry written to
-    ``report.json["quantized"][precision]``. ``check`` (e.g. a target's rules) runs on the
-    temporary file and raises to keep it from being put in place."""
-    run = RunDir(run_dir)
+def trained_source(run: RunDir, precision: str, act_bits: str | None, data: str | None,
+                   container: str = "int4") -> tuple[TrainedNetwork, QuantOptions]:
+    """The run's QAT model as the source of its ``precision`` file (its trained scales; 4-bit values
+    stored in ``container``: int4 | int8), after the refusals the manifest decides."""
     check_act_precision(run.manifest(), precision, act_bits, data)
     manifest, qat = run.load_qat()
-    dst = run.path / artifact_name(precision)
-    info, shifts = write_deployed(qat, dst, example_shape=(1, *manifest.input_shape), container=container,
-                                  check=check)
-    entry = {"file": dst.name, "contract": CONTRACT, "precision": precision,
+    return (TrainedNetwork(qat, (1, *manifest.input_shape)),
+            QuantOptions(precision=precision, act_bits=None, scales="trained", container=container))
+
+
+def trained_entry(manifest: Manifest, source: TrainedNetwork, result: QuantResult) -> dict:
+    """report.json's ``quantized[precision]`` entry of a file written from ``source``."""
+    qat = source.model
+    entry = {"file": result.path.name, "contract": CONTRACT, "precision": result.precision,
              "weight_bits": int(qlayers(qat)[0].weight_bits), "act_bits": manifest.act.bits,
              "calibration": None, "scales": "trained", "scale_format": manifest.act.scale_format,
              "mixed_precision": manifest.act.mixed_precision, "float_ops": float_ops(qat),
-             "residual_conv": manifest.act.residual_conv} | info.to_dict()
-    entry["path"] = dst.name  # relative, like "file"
-    if shifts is not None:
-        entry["shifts"] = shifts  # per layer: input/weight/output scale exponents and the shift n
-    run.update_report(lambda report: report.setdefault("quantized", {}).__setitem__(precision, entry))
-    run.finish(manifest)
+             "residual_conv": manifest.act.residual_conv} | result.trained.to_dict()
+    entry["path"] = result.path.name  # relative, like "file"
+    if result.shifts is not None:
+        entry["shifts"] = result.shifts  # per layer: input/weight/output scale exponents and the shift n
     return entry
 
 

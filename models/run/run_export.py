@@ -17,7 +17,7 @@ from wnconvert.convert.verify import make_inputs
 
 from ..data.data import Preprocess, eval_arrays
 from ..files import artifact_name
-from .act_files import export_act_precision
+from .act_files import trained_entry, trained_source
 from .precheck import check_calibration, check_container_use, parse_act_bits  # noqa: F401 (re-exported)
 from .run_options import CALIB_SPLITS, PrecisionOptions  # noqa: F401 (PrecisionOptions re-exported)
 from .run_target import TRAINED, check_run_target, record_target, resolve_target, rules_guard
@@ -128,26 +128,11 @@ def _calibration(manifest: Manifest, precision: str, options: QuantOptions,
     return calib, data, f"{len(calib)} {opts.calib_split} images from {data} ({source})"
 
 
-def _export_act_file(run: RunDir, precision: str, opts: PrecisionOptions, preset, settings: dict,
-                     overridden: list[str]) -> dict:
-    """An --act-bits run's file (its trained scales) for ``preset``, recorded and checked."""
-    container = settings.get("container", "int4")
-    entry = export_act_precision(run.path, precision, opts.act_bits, opts.data, container,
-                                 check=rules_guard(preset, artifact_name(precision)))
-    manifest = run.manifest()
-    own = dict(TRAINED) | {"residual_conv": manifest.act.residual_conv} | (
-        {"container": container} if precision == "int4" else {})
-    entry["target"] = record_target(run, manifest, run.path / entry["file"], preset, own,
-                                    [o for o in overridden if o == "container"],
-                                    trained=manifest.act.residual_conv)
-    run.finish(manifest)
-    return entry
-
-
 @writes_run
 def export_precision(run_dir: Path, precision: str, opts: PrecisionOptions = PrecisionOptions()) -> dict:
-    """Write ``RUN_DIR/model.<precision>.onnx`` from ``RUN_DIR/model.onnx`` for ``opts.target``
-    and compare them.
+    """Write ``RUN_DIR/model.<precision>.onnx`` for ``opts.target``: from an ``--act-bits`` run's
+    QAT model with its trained scales, else from ``RUN_DIR/model.onnx`` (calibrated on data when
+    activations are quantized), both through ``convert.quantize.quantize``'s formats.
 
     Returns the entry written to ``report.json["quantized"][precision]``. Raises ParityError when a
     ``--weight-bits`` run exported weights-only at a precision holding its grid does not match the
@@ -158,21 +143,45 @@ def export_precision(run_dir: Path, precision: str, opts: PrecisionOptions = Pre
     run = RunDir(run_dir)
     manifest = run.manifest()
     preset, settings, overridden = resolve_target(opts.target, _overrides(opts))
-    act_file = manifest.act is not None and precision != "fp16"  # the trained integer network
-    weights_only = not act_file and parse_act_bits(opts.act_bits, precision) is None
+    trained = manifest.act is not None and precision != "fp16"  # the run's own integer network
+    weights_only = not trained and parse_act_bits(opts.act_bits, precision) is None
     check_run_target(manifest, preset, precision, weights_only)
     settings, overridden = file_settings(precision, preset, settings, overridden, opts, weights_only)
-    if act_file:
-        return _export_act_file(run, precision, opts, preset, settings, overridden)
-    src = run.onnx_path
-    if not src.exists():
-        raise UserInputError(f"{run_dir} has no model.onnx; run `wnconvert export {run_dir}` first")
-    options = quant_options(precision, opts, manifest.scheme, settings)
-    calib, data, calibration = _calibration(manifest, precision, options, opts)
     dst = run.path / artifact_name(precision)
-    result = quantize(src, dst, options, calib, check=rules_guard(preset, dst.name))
+    if trained:
+        source, options = trained_source(run, precision, opts.act_bits, opts.data, settings.get("container", "int4"))
+        calib = None
+    else:
+        if not run.onnx_path.exists():
+            raise UserInputError(f"{run_dir} has no model.onnx; run `wnconvert export {run_dir}` first")
+        source, options = run.onnx_path, quant_options(precision, opts, manifest.scheme, settings)
+        calib, data, calibration = _calibration(manifest, precision, options, opts)
+    result = quantize(source, dst, options, calib, check=rules_guard(preset, dst.name))  # the one road
 
-    tol = manifest.verify.rtol if opts.rtol is None else opts.rtol
+    if trained:
+        entry = trained_entry(manifest, source, result)
+        own = dict(TRAINED) | {"residual_conv": manifest.act.residual_conv} | (
+            {"container": options.container} if precision == "int4" else {})
+        entry["target"] = record_target(run, manifest, dst, preset, own, [o for o in overridden if o == "container"],
+                                        trained=manifest.act.residual_conv)
+        check = None
+    else:
+        entry, check = _calibrated_entry(manifest, run.onnx_path, result, opts, data, calibration)
+        entry["target"] = record_target(run, manifest, dst, preset, settings, overridden)
+    run.update_report(lambda report: report.setdefault("quantized", {}).__setitem__(precision, entry))
+    run.finish(manifest)
+    if check is not None and not check["passed"]:
+        raise ParityError(f"{dst.name}: weights are on the trained {options.grid_bits}-bit grid but the "
+                          f"logits differ from model.onnx by rel {entry['vs_fp32']['rel']:.3g} > {check['rtol']:g}")
+    return entry
+
+
+def _calibrated_entry(manifest: Manifest, src: Path, result, opts: PrecisionOptions, data: str | None,
+                      calibration: str | None) -> tuple[dict, dict | None]:
+    """report.json's entry of a file made from model.onnx: its comparison with model.onnx on
+    held-out images, and the lossless check when its weights are the run's grid and its
+    activations float (None otherwise)."""
+    dst, options = result.path, result.options
     if data:  # compared on held-out images, not on the calibration ones
         x = data_arrays(data, manifest.preprocess, opts.calib_samples, "val", "--calib-samples")
         inputs = f"{len(x)} validation images from {data}"
@@ -182,13 +191,9 @@ def export_precision(run_dir: Path, precision: str, opts: PrecisionOptions = Pre
     entry = result.to_dict() | {"calibration": calibration, "inputs": inputs,
                                 "vs_fp32": compare_files(src, dst, x), "weight_storage": weight_storage(dst)}
     lossless = (options.grid_bits is not None and options.act_bits is None
-                and precision in ("int8", "int4") and not result.lossy_weights and result.exact_weights)
-    if lossless:
-        entry["lossless_check"] = {"rtol": tol, "passed": entry["vs_fp32"]["rel"] <= tol}
-    entry["target"] = record_target(run, manifest, dst, preset, settings, overridden)
-    run.update_report(lambda report: report.setdefault("quantized", {}).__setitem__(precision, entry))
-    run.finish(manifest)
-    if lossless and not entry["lossless_check"]["passed"]:
-        raise ParityError(f"{dst.name}: weights are on the trained {options.grid_bits}-bit grid but the "
-                          f"logits differ from model.onnx by rel {entry['vs_fp32']['rel']:.3g} > {tol:g}")
-    return entry
+                and options.precision in ("int8", "int4") and not result.lossy_weights and result.exact_weights)
+    if not lossless:
+        return entry, None
+    tol = manifest.verify.rtol if opts.rtol is None else opts.rtol
+    entry["lossless_check"] = {"rtol": tol, "passed": entry["vs_fp32"]["rel"] <= tol}
+    return entry, entry["lossless_check"]

@@ -24,7 +24,7 @@ from .qonnx_run import QONNX_FILE, qonnx_file, verify_qonnx_file
 from .run_export import data_arrays
 from .run_options import VerifyRequest  # noqa: F401 (re-exported)
 from .rundir import REPORT, RunDir
-from .tflite_verify import tflite_targets, verify_tflite_file
+from .tflite_verify import tflite_files, verify_tflite_file
 from .verify_progress import VerifyProgress, stage
 
 
@@ -49,7 +49,7 @@ def quantized_artifacts(run_dir: Path) -> list[tuple[str, Path]]:
         [("qonnx", Path(run_dir) / QONNX_FILE)] if (Path(run_dir) / QONNX_FILE).exists() else [])
 
 
-def verify_targets(run_dir: Path, onnx_file: Path | None, precision: str | None) -> list[tuple[str, Path]]:
+def files_to_verify(run_dir: Path, onnx_file: Path | None, precision: str | None) -> list[tuple[str, Path]]:
     """``(precision, path)`` pairs ``verify`` checks: ``--onnx F`` alone (its precision read from
     the file), ``--precision P``'s file alone, or model.onnx and every low-precision file present."""
     path = verify_paths(run_dir, onnx_file, precision)
@@ -58,7 +58,7 @@ def verify_targets(run_dir: Path, onnx_file: Path | None, precision: str | None)
     return [(precision or "fp32", path)] + (quantized_artifacts(run_dir) if precision is None else [])
 
 
-def verify_quantized(run_dir: Path, model: nn.Module, targets: list[tuple[str, Path]], x_parity: Tensor,
+def verify_quantized(run_dir: Path, model: nn.Module, files: list[tuple[str, Path]], x_parity: Tensor,
                      parity_cfg: VerifyConfig, x: np.ndarray, inputs: str,
                      thresholds: QuantThresholds, progress: VerifyProgress | None = None) -> dict:
     """Check each low-precision file under its contract (see ``convert/quant_check.py``): the
@@ -70,7 +70,7 @@ def verify_quantized(run_dir: Path, model: nn.Module, targets: list[tuple[str, P
     made = run.report().get("quantized", {})
     manifest = run.manifest()
     out = {}
-    for precision, path in targets:
+    for precision, path in files:
         if precision == "qonnx":  # model.qonnx.onnx: qonnx's executor against the QDQ file (models/run/qonnx_run.py)
             own = path.resolve() == (run.path / QONNX_FILE).resolve()
             res = verify_qonnx_file(run.path, path, torch.from_numpy(np.asarray(x, np.float32)), inputs)
@@ -145,21 +145,21 @@ def _verify_run(run: RunDir, req: VerifyRequest, write: bool, progress: VerifyPr
     manifest, model, _ = run.load()
     if req.tflite is not None and (req.onnx_file is not None or req.precision is not None):
         raise UserInputError("give --tflite alone, without --onnx or --precision")
-    tflite = tflite_targets(run.path, req.tflite) if req.onnx_file is None and req.precision is None else []
-    targets = [] if req.tflite is not None else verify_targets(run.path, req.onnx_file, req.precision)
+    tflite = tflite_files(run.path, req.tflite) if req.onnx_file is None and req.precision is None else []
+    files = [] if req.tflite is not None else files_to_verify(run.path, req.onnx_file, req.precision)
     cfg = req.config
     shape = manifest.input_shape
     x = load_inputs(req.inputs, shape) if req.inputs else make_inputs(shape, cfg)
     inputs_name = str(req.inputs) if req.inputs else f"{len(x)} generated samples, seed {cfg.seed}"
     d: dict = {}
     failures: list[str] = []
-    fp32 = [p for prec, p in targets if prec == "fp32"]
+    fp32 = [p for prec, p in files if prec == "fp32"]
     if fp32:
         stage(progress, f"{fp32[0].name} against the checkpoint in float64 ({inputs_name})")
         report = verify(model, x, onnx_path=fp32[0], config=cfg, inputs_name=inputs_name)
         d = report.to_dict()
         failures = report.failures()
-    low = [(prec, p) for prec, p in targets if prec != "fp32"]
+    low = [(prec, p) for prec, p in files if prec != "fp32"]
     if low:
         spec = req.data or (manifest.data if not req.inputs else None)
         if spec:

@@ -280,7 +280,7 @@ def verify_tflite_file(run_dir: Path, path: Path, x: np.ndarray, inputs: str) ->
     } | ({"bit_exact": bit_exact} if bit_exact is not None else {})
 
 
-def tflite_targets(run_dir: Path, given: Path | None) -> list[Path]:
+def tflite_files(run_dir: Path, given: Path | None) -> list[Path]:
     """The .tflite files ``verify`` checks: ``--tflite F``, else the run's model.int8.tflite if present."""
     if given is not None:
         if not Path(given).is_file():
