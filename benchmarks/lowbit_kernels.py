@@ -105,7 +105,8 @@ def main() -> None:
             model = build_model(a.model, "none", 10).model.eval()
             apply_scheme(model, SchemeConfig("channel-max", weight_bits=wb))
             if "fp32" not in files:
-                files["fp32"] = export_onnx(fold_model(model, x[:1], FoldConfig(bn="fold")).model, x[:1], tmp / "fp32.onnx")  # noqa: E501
+                folded = fold_model(model, x[:1], FoldConfig(bn="fold")).model
+                files["fp32"] = export_onnx(folded, x[:1], tmp / "fp32.onnx")
             q = prepare_qat(model, ActQuantConfig(ab))
             calibrate(q, [x[:16]])
             freeze_bn(q)

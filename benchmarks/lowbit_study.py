@@ -141,7 +141,8 @@ def main() -> None:
     for name in ["baseline", *todo]:
         run = args.runs / name
         made = files(run, args.data, baseline=(name == "baseline"))
-        results[name] = {label: evaluate_all(path, args.data, not args.no_openvino, args.eval_limit) for label, path in made.items()}  # noqa: E501
+        results[name] = {label: evaluate_all(path, args.data, not args.no_openvino, args.eval_limit)
+                         for label, path in made.items()}
         report = json.loads((run / "report.json").read_text())
         for label, prec in (("int8 W8A8", "int8"), ("int4 weights", "int4")):
             results[name][label]["vs_fp32"] = report["quantized"][prec]["vs_fp32"]

@@ -132,7 +132,8 @@ def main() -> int:
                 f.flush()
                 status = "ok " if r["ok"] else "FAIL"
                 detail = r.get("error") or f"rel={r['rel_vs_original']:.1e} max|w|={r['onnx_max_abs']:.6f}"
-                print(f"{status} {r['model']:22s} {r['scheme']:12s} {r['bn']:4s} {r['seconds']:7.1f}s {detail}", flush=True)  # noqa: E501
+                print(f"{status} {r['model']:22s} {r['scheme']:12s} {r['bn']:4s} {r['seconds']:7.1f}s {detail}",
+                      flush=True)
     rows = [json.loads(line) for line in args.results.read_text().splitlines()]
     ok = sum(r["ok"] for r in rows)
     print(f"\n{ok} of {len(rows)} model/scheme/bn runs passed "

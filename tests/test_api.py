@@ -42,7 +42,8 @@ def test_qatconfig_round_trip_and_refusals():
     assert cfg.scheme_config().weight_bits == 4 and cfg.scheme_config().exclude == ("fc",)
     with pytest.raises(AttributeError):
         cfg.act_bits = 4  # frozen
-    for bad in (dict(act_bits=1), dict(act_bits=9), dict(weight_bits=None), dict(scheme="weight-std"), dict(target="tpu"),  # noqa: E501
+    for bad in (dict(act_bits=1), dict(act_bits=9), dict(weight_bits=None), dict(scheme="weight-std"),
+                dict(target="tpu"),
                 dict(scale_format="po2", mixed_precision=True), dict(scale_format="po2", target="openvino"),
                 dict(act_range="bogus")):
         with pytest.raises(UserInputError):

@@ -101,7 +101,8 @@ def test_int8_container_runs_int8_kernels_with_the_same_integers(w4a8, tmp_path)
     assert target["check"]["container"] == {"storage": "int8", "value_bits": 4, "weight_range": [-7, 7],
                                             "violations": []}
     assert c4_entry["container"] == "int4" and c4_entry["opset"] == 21
-    assert c4_entry["target"]["overridden"] == ["container"] and c4_entry["target"]["check"]["container"] == {"storage": "int4"}  # noqa: E501
+    assert c4_entry["target"]["overridden"] == ["container"]
+    assert c4_entry["target"]["check"]["container"] == {"storage": "int4"}
 
 
 def test_verify_passes_and_catches_a_weight_outside_the_4bit_range(w4a8, tmp_path):
@@ -176,7 +177,8 @@ def test_weights_only_keeps_int4_and_ptq_w4a8_gets_the_int8_container(tmp_path):
     assert entry["container"] == "int8" and entry["lossless_check"]["passed"] and entry["lossy_weights"] == 0
     ints = [numpy_helper.to_array(i) for i in _weights_only(out)]
     assert {i.dtype for i in ints} == {np.dtype(np.int8)} and max(int(np.abs(a).max()) for a in ints) == 7
-    r = cli("export", out, "--precision", "int4", "--act-bits", "8", "--calib-samples", "8")  # calibrated W4A8: the target's int8  # noqa: E501
+    # calibrated W4A8: the target's int8
+    r = cli("export", out, "--precision", "int4", "--act-bits", "8", "--calib-samples", "8")
     assert r.exit_code == 0, r.output
     entry = json.loads((out / "report.json").read_text())["quantized"]["int4"]
     assert entry["container"] == "int8" and entry["target"]["check"]["passed"]
@@ -214,7 +216,8 @@ def _int4_weight_graph(values) -> onnx.ModelProto:
     s = numpy_helper.from_array(np.full(len(values), 0.1, np.float32), "w_s")
     nodes = [onnx.helper.make_node("DequantizeLinear", ["w_q", "w_s"], ["w"], axis=0),
              onnx.helper.make_node("Conv", ["x", "w"], ["y"])]
-    graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],  # noqa: E501
+    graph = onnx.helper.make_graph(nodes, "g",
+                                   [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
                                    [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 2, 2])], [w, s])
     return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)])
 

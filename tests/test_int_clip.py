@@ -32,7 +32,8 @@ from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.intref import run_integer
 from wnconvert.convert.schemes import SchemeConfig
 
-_spec = importlib.util.spec_from_file_location("lowbit_kernels", Path(__file__).parents[1] / "benchmarks" / "lowbit_kernels.py")  # noqa: E501
+_spec = importlib.util.spec_from_file_location("lowbit_kernels",
+                                               Path(__file__).parents[1] / "benchmarks" / "lowbit_kernels.py")
 lowbit = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(lowbit)
 

@@ -196,7 +196,8 @@ def test_w4a8_layer_max_export_is_integer_only(tiny_w4, tmp_path):
     q = tiny_w4
     path = tmp_path / "w4a8.onnx"
     export_qdq(q, path, example_shape=(1, 3, 32, 32))
-    assert fixed_point_violations(onnx.load(str(path))) == [] and all(_mantissa_zero(v) for v in _qdq_scales(onnx.load(str(path))).values())  # noqa: E501
+    assert fixed_point_violations(onnx.load(str(path))) == []
+    assert all(_mantissa_zero(v) for v in _qdq_scales(onnx.load(str(path))).values())
     x = torch.randn(4, 3, 32, 32).numpy()
     ref = run_integer(path, x)
     assert ref.integer_only

@@ -208,7 +208,8 @@ def test_override_recorded(run, tmp_path):
     (["--precision", "int8", "--target", "fixed-point"], "--target fixed-point needs a run trained with "
      "power-of-two activation scales (finetune --act-bits A --weight-bits B --scale-format po2); this run was "
      "trained without --act-bits"),
-    (["--precision", "int4", "--target", "tensorrt"], "--target tensorrt takes --precision fp32 | fp16 | int8, not int4"),  # noqa: E501
+    (["--precision", "int4", "--target", "tensorrt"],
+     "--target tensorrt takes --precision fp32 | fp16 | int8, not int4"),
     (["--precision", "int8", "--target", "tensorrt", "--act-bits", "float"], "quantizes activations too"),
     (["--precision", "int8", "--target", "npu"], "unknown target 'npu'; choose one of: ort-cpu, openvino, "
      "tensorrt, fixed-point"),

@@ -51,7 +51,8 @@ def test_conv_requantization_equals_tflite_micro(po2, unsigned_in):
     # the accumulator in torch (NCHW), then TFLite's requantization per channel
     xt = torch.from_numpy(k_in.transpose(0, 3, 1, 2).astype(np.float64))
     wt = torch.from_numpy(w.transpose(0, 3, 1, 2).astype(np.float64))
-    acc = torch.nn.functional.conv2d(xt, wt, padding=1).round().to(torch.int64) + torch.from_numpy(bias.astype(np.int64)).reshape(1, -1, 1, 1)  # noqa: E501
+    bias64 = torch.from_numpy(bias.astype(np.int64)).reshape(1, -1, 1, 1)
+    acc = torch.nn.functional.conv2d(xt, wt, padding=1).round().to(torch.int64) + bias64
     real = np.float64(np.float32(s_in)) * s_w.astype(np.float64) / np.float64(np.float32(s_out))
     ours = tr.requantize(acc, torch.from_numpy(real)).clamp(-128, 127).numpy().transpose(0, 2, 3, 1)
     assert np.array_equal(ours, micro)
@@ -60,7 +61,8 @@ def test_conv_requantization_equals_tflite_micro(po2, unsigned_in):
     assert po2 is False or not np.array_equal(single.numpy().transpose(0, 2, 3, 1), micro)
 
 
-@pytest.mark.parametrize("scales", [(2.0 ** -3, 2.0 ** -5, 2.0 ** -4), (0.031, 0.0177, 0.0412), (2.0 ** -4, 2.0 ** -4, 2.0 ** -4)])  # noqa: E501
+@pytest.mark.parametrize("scales", [(2.0 ** -3, 2.0 ** -5, 2.0 ** -4), (0.031, 0.0177, 0.0412),
+                                    (2.0 ** -4, 2.0 ** -4, 2.0 ** -4)])
 def test_add_equals_tflite_micro(scales):
     s1, s2, so = scales
     rng = np.random.default_rng(11)

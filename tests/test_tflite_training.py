@@ -153,7 +153,8 @@ def test_training_mode_is_unchanged():
     assert torch.equal(a(x), b(x))
 
 
-@pytest.mark.parametrize("kwargs, words", [({"scale_format": "float", "rounding": "tflite"}, "needs --scale-format po2"),  # noqa: E501
+@pytest.mark.parametrize("kwargs, words", [
+    ({"scale_format": "float", "rounding": "tflite"}, "needs --scale-format po2"),
                                            ({"scale_format": "po2", "rounding": "x"}, "unknown --rounding")])
 def test_refusals(kwargs, words):
     with pytest.raises(UserInputError, match=words):

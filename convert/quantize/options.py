@@ -43,7 +43,8 @@ class QuantOptions:
             raise UserInputError(f"activation type must be one of: {', '.join(ACT_TYPES)}, not {self.act_type!r}")
         check_container(self.container)
         if self.residual_conv not in RESIDUAL_CONV:
-            raise UserInputError(f"residual_conv must be one of: {', '.join(RESIDUAL_CONV)}, not {self.residual_conv!r}")  # noqa: E501
+            raise UserInputError(f"residual_conv must be one of: {', '.join(RESIDUAL_CONV)}, "
+                                 f"not {self.residual_conv!r}")
         if self.scales not in SCALES:
             raise UserInputError(f"scales must be one of: {', '.join(SCALES)}, not {self.scales!r}")
         if self.scales == "trained" and self.act_bits is not None:

@@ -84,9 +84,9 @@ def verify_quantized(run_dir: Path, model: nn.Module, files: list[tuple[str, Pat
             res = verify_bitexact_file(run.path, path, torch.from_numpy(np.asarray(x, np.float32)), inputs)
         elif entry.get("contract") == CONTRACT:
             stage(progress, f"{what}, lossless-activations contract, onnxruntime optimizations off")
+            level_on = f"{what}, lossless-activations contract, onnxruntime optimizations on"
             res = verify_act_file(run.path, path, torch.from_numpy(np.asarray(x, np.float32)), inputs,
-                                  progress=lambda k: stage(progress, f"{what}, lossless-activations contract, "
-                                                                     "onnxruntime optimizations on") if k == 1 else None)  # noqa: E501
+                                  progress=lambda k: stage(progress, level_on) if k == 1 else None)
         elif "lossless_check" in entry:
             rep = verify(model, x_parity, onnx_path=path, config=parity_cfg,
                          inputs_name=f"{len(x_parity)} samples")

@@ -152,7 +152,8 @@ class Manifest:
                 fold=config_from_dict(FoldConfig, d.get("fold")),
                 export=config_from_dict(ExportConfig, d.get("export")),
                 verify=config_from_dict(VerifyConfig, d.get("verify")),
-                train=config_from_dict(TrainConfig, _before_scale_lr(d["train"], d.get("act"))) if d.get("train") else None,  # noqa: E501
+                train=(config_from_dict(TrainConfig, _before_scale_lr(d["train"], d.get("act")))
+                       if d.get("train") else None),
                 act=ActSettings.from_dict(d.get("act")), targets=dict(d.get("targets") or {}),
                 status=d.get("status", "complete"), created=d.get("created", ""),
                 versions=dict(d.get("versions") or {}), artifacts=dict(d.get("artifacts") or {}),
