@@ -98,35 +98,39 @@ def export(
     With --precision fp16|int8|int4: write RUN_DIR/model.PRECISION.onnx from model.onnx instead.
     With --target tflite-micro: write RUN_DIR/model.int8.tflite (docs/tflite.md); with --target ethos-u*:
     compile it with Vela into RUN_DIR/model.int8.TARGET.tflite (docs/ethos-u.md)."""
-    if value(target) in ETHOS_U_TARGETS:
-        return _export_ethos_u(run_dir, value(target), value(precision), json_out)
     from wnconvert.convert.errors import UserInputError
-    from wnconvert.models.run.precheck import check_export, check_not_busy
+    from wnconvert.models.run import precheck
 
-    check_not_busy(run_dir)
-
+    precheck.check_not_busy(run_dir)  # then every refusal the options and the manifest decide, before torch loads
+    if value(target) in ETHOS_U_TARGETS:
+        precheck.check_ethos_u_export(run_dir, value(target), value(precision))
+        return _export_ethos_u(run_dir, value(target), value(precision), json_out)
     if value(target) == "tflite-micro":
         if value(precision) not in ("fp32", "int8") or container is not None or value(act_type) not in (None, "int8"):
             raise UserInputError("--target tflite-micro writes one int8 file: leave --precision (or give int8), "
                                  "--container and --act-type out")
-        from wnconvert.models.run.run_tflite import export_tflite
-
         opts = PrecisionOptions(data=data, calib_samples=calib_samples, calib_split=value(calib_split),
                                 act_bits=act_bits, per_channel=per_channel, calibrate_method=value(calibrate_method),
                                 fuse=fuse, target="tflite-micro")
+        precheck.check_tflite_export(run_dir, opts)
+        from wnconvert.models.run.run_tflite import export_tflite
+
         entry = export_tflite(run_dir, opts, value(io) or "int8")
         return print_json(entry) if json_out else console.print(tflite_line(run_dir, entry))
     if io is not None:
         raise UserInputError("--io applies to --target tflite-micro")
     if value(target) == "qonnx":  # model.qonnx.onnx: QONNX Quant nodes, not a QDQ file
-        from wnconvert.models.run.qonnx_run import export_qonnx_run
         given = {"--precision": value(precision) != "fp32", "--bn": bn is not None,
                  "--granularity": granularity is not None,
                  "--opset": opset is not None, "--rtol": rtol is not None, "--data": data is not None,
                  "--act-bits": act_bits is not None, "--per-channel/--per-tensor": per_channel is not None,
                  "--act-type": act_type is not None, "--fuse/--no-fuse": fuse is not None,
                  "--container": container is not None}
-        entry = export_qonnx_run(run_dir, [k for k, v in given.items() if v])
+        given = [k for k, v in given.items() if v]
+        precheck.check_qonnx_values(precheck.manifest_of(run_dir).get("act") is not None, given)
+        from wnconvert.models.run.qonnx_run import export_qonnx_run
+
+        entry = export_qonnx_run(run_dir, given)
         if json_out:
             return print_json(entry)
         bits = sorted(set(entry["activation_bits"].values()))
@@ -137,7 +141,7 @@ def export(
                             act_bits=act_bits, per_channel=per_channel, rtol=rtol,
                             calibrate_method=value(calibrate_method), act_type=value(act_type), fuse=fuse,
                             target=value(target), container=value(container))
-    check_export(run_dir, value(precision), opts)  # before torch, onnx and the model load
+    precheck.check_export(run_dir, value(precision), opts)  # before torch, onnx and the model load
     from wnconvert.convert.pipeline import require_parity
     from wnconvert.models.run.run_export import export_precision, export_run
 

@@ -104,6 +104,27 @@ def test_manifest_decided_refusals_load_nothing(tmp_path):
         ("golden", plain, "--out", tmp_path / "g", "--count", "0"): "--count must be between 1 and 1024 (the integer "
                                                                     "reference holds every tensor of every image in "
                                                                     "memory)",
+        ("export", plain, "--target", "qonnx"):
+            "--target qonnx writes the trained integer network of an --act-bits run; this run was trained without "
+            "--act-bits (finetune --weight-bits B --act-bits A)",
+        ("export", w8a8, "--target", "qonnx", "--precision", "int8"):
+            "--target qonnx writes model.qonnx.onnx from the run's trained network; --precision does not apply to "
+            "it (leave it out)",
+        ("export", w4a4, "--target", "tflite-micro"):
+            "--target tflite-micro writes int8 weights and activations; this run trained W4A4 (train --weight-bits 8 "
+            "--act-bits 8, or export an fp32 run)",
+        ("export", w8a8, "--target", "tflite-micro", "--data", "synthetic:4"):
+            "an --act-bits run exports its trained activation scales; it takes no calibration --data",
+        ("export", plain, "--target", "tflite-micro", "--act-bits", "4"):
+            "--target tflite-micro quantizes activations to int8; --act-bits 4 does not fit (leave it out)",
+        ("export", plain, "--target", "tflite-micro"):
+            "--target tflite-micro calibrates the int8 activations of an fp32 run; the run was trained without "
+            "--data: pass --data SPEC",
+        ("export", plain, "--target", "ethos-u55-128"):
+            f"{plain} has no model.int8.tflite: write it first with `wnconvert export {plain} --target tflite-micro`",
+        ("export", plain, "--target", "ethos-u65-256", "--precision", "int4"):
+            "--target ethos-u65-256 compiles the run's int8 .tflite; --precision int4 is refused (Vela crashes on "
+            "INT4 weights)",
         ("eval", tmp_path / "none.onnx", "--data", "synthetic:4"): f"{tmp_path / 'none.onnx'} does not exist",
         ("eval", plain / "model.onnx", "--data", "synthetic:4", "--batch-size", "0"):
             "--batch-size must be at least 1",

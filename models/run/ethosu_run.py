@@ -9,8 +9,8 @@ from pathlib import Path
 from wnconvert.convert.artifacts import atomic_path
 from wnconvert.convert.errors import UserInputError
 from wnconvert.convert.ethosu import compile_tflite, require_vela
-from wnconvert.convert.names import ETHOS_U_TARGETS
 
+from .precheck import check_ethos_u_request
 from .rundir import RunDir, writes_run
 
 TFLITE = "model.int8.tflite"
@@ -18,14 +18,6 @@ TFLITE = "model.int8.tflite"
 
 def ethos_u_name(target: str) -> str:
     return f"model.int8.{target}.tflite"
-
-
-def check_ethos_u_request(target: str, precision: str) -> None:
-    if target not in ETHOS_U_TARGETS:
-        raise UserInputError(f"unknown Ethos-U target {target!r}; choose one of: {', '.join(ETHOS_U_TARGETS)}")
-    if precision not in ("fp32", "int8"):  # fp32 is export's default: the option left out
-        raise UserInputError(f"--target {target} compiles the run's int8 .tflite; --precision {precision} is refused"
-                             + (" (Vela crashes on INT4 weights)" if precision == "int4" else ""))
 
 
 @writes_run

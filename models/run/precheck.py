@@ -15,7 +15,7 @@ from pathlib import Path
 
 from wnconvert.convert.artifacts import read_json
 from wnconvert.convert.errors import UserInputError
-from wnconvert.convert.names import CONTAINERS
+from wnconvert.convert.names import CONTAINERS, ETHOS_U_TARGETS
 from wnconvert.convert.names import DEPLOYED_WEIGHT_BITS as WEIGHT_BITS
 
 from ..files import MANIFEST, ONNX, QONNX, TFLITE, artifact_name
@@ -235,3 +235,76 @@ def check_eval(artifact: Path, provider: str, batch: int) -> None:
         raise UserInputError(f"unknown provider {provider!r}; choose cpu or cuda")
     if batch < 1:
         raise UserInputError("--batch-size must be at least 1")
+
+
+def check_qonnx_values(act_run: bool, given: list[str]) -> None:
+    """``--target qonnx``: options that do not apply, or a run without --act-bits (one line, exit 2)."""
+    if given:
+        raise UserInputError(f"--target qonnx writes {QONNX} from the run's trained network; "
+                             f"{given[0]} does not apply to it (leave it out)")
+    if not act_run:
+        raise UserInputError("--target qonnx writes the trained integer network of an --act-bits run; this run "
+                             "was trained without --act-bits (finetune --weight-bits B --act-bits A)")
+
+
+def check_tflite_act(weight_bits: int | None, act_bits: int | None, mixed_precision: bool,
+                     residual_conv: str) -> None:
+    """``--target tflite-micro`` of an --act-bits run: int8 weights and activations, no float islands,
+    the trained placement onnxruntime's (one line, exit 2)."""
+    if act_bits != 8 or weight_bits is None or weight_bits < 5:
+        raise UserInputError(f"--target tflite-micro writes int8 weights and activations; this run trained "
+                             f"W{weight_bits}A{act_bits} (train --weight-bits 8 --act-bits 8, or export an fp32 run)")
+    if mixed_precision:
+        raise UserInputError("--target tflite-micro: this run keeps float operations between its integer "
+                             "layers (--mixed-precision); TensorFlow Lite Micro's int8 file has no float islands")
+    if residual_conv != "quantized":
+        raise UserInputError("--target tflite-micro: this run was trained for OpenVINO's placement (float convs "
+                             "before the residual adds); train with finetune --target ort-cpu")
+
+
+def check_tflite_calibration(opts: PrecisionOptions) -> None:
+    """``--target tflite-micro`` of an fp32 run: TFLite's int8 scheme leaves no choice of activations."""
+    if opts.act_bits is not None and opts.act_bits.strip().lower() not in ("8", "int8"):
+        raise UserInputError(f"--target tflite-micro quantizes activations to int8; --act-bits {opts.act_bits} "
+                             "does not fit (leave it out)")
+    if opts.act_type not in (None, "int8") or opts.per_channel is False:
+        raise UserInputError("--target tflite-micro takes int8 activations and per-channel weights; leave "
+                             "--act-type and --per-tensor out")
+
+
+def check_tflite_export(run_dir: Path, opts: PrecisionOptions) -> None:
+    """Every refusal of ``export RUN --target tflite-micro`` the options and the manifest decide."""
+    manifest = manifest_of(run_dir)
+    act = manifest.get("act")
+    if isinstance(act, dict):
+        check_tflite_act(_weight_bits(manifest), _act_bits_trained(manifest), bool(act.get("mixed_precision")),
+                         act.get("residual_conv") or "quantized")
+        if opts.data:
+            raise UserInputError("an --act-bits run exports its trained activation scales; it takes no "
+                                 "calibration --data")
+        return
+    check_tflite_calibration(opts)
+    if not (Path(run_dir) / ONNX).exists():
+        raise UserInputError(f"{run_dir} has no model.onnx; run `wnconvert export {run_dir}` first")
+    if not (opts.data or manifest.get("data")):
+        raise UserInputError("--target tflite-micro calibrates the int8 activations of an fp32 run; the run was "
+                             "trained without --data: pass --data SPEC")
+    check_calibration("int8", opts.data or manifest.get("data"), opts)
+
+
+def check_ethos_u_request(target: str, precision: str) -> None:
+    """``--target ethos-u*`` compiles the run's int8 .tflite: no other precision."""
+    if target not in ETHOS_U_TARGETS:
+        raise UserInputError(f"unknown Ethos-U target {target!r}; choose one of: {', '.join(ETHOS_U_TARGETS)}")
+    if precision not in ("fp32", "int8"):  # fp32 is export's default: the option left out
+        raise UserInputError(f"--target {target} compiles the run's int8 .tflite; --precision {precision} is refused"
+                             + (" (Vela crashes on INT4 weights)" if precision == "int4" else ""))
+
+
+def check_ethos_u_export(run_dir: Path, target: str, precision: str) -> None:
+    """Every refusal of ``export RUN --target ethos-u*`` the options and the run's files decide."""
+    check_ethos_u_request(target, precision)
+    manifest_of(run_dir)
+    if not (Path(run_dir) / TFLITE).is_file():
+        raise UserInputError(f"{Path(run_dir)} has no {TFLITE}: write it first with "
+                             f"`wnconvert export {Path(run_dir)} --target tflite-micro`")

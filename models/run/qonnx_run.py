@@ -20,6 +20,7 @@ from wnconvert.convert.reading import load_onnx
 
 from ..files import QONNX as QONNX_FILE
 from ..files import artifact_name
+from .precheck import check_qonnx_values
 from .rundir import Manifest, RunDir, writes_run
 
 TARGET = "qonnx"
@@ -28,13 +29,8 @@ RUNTIME = "QONNX (FINN, hls4ml); checked with qonnx's executor"
 
 
 def check_qonnx_request(manifest: Manifest, given: list[str]) -> None:
-    """Refuse, in one line and before anything is written, what ``--target qonnx`` cannot do."""
-    if given:
-        raise UserInputError(f"--target qonnx writes {QONNX_FILE} from the run's trained network; "
-                             f"{given[0]} does not apply to it (leave it out)")
-    if manifest.act is None:
-        raise UserInputError("--target qonnx writes the trained integer network of an --act-bits run; this run "
-                             "was trained without --act-bits (finetune --weight-bits B --act-bits A)")
+    """Refuse, in one line and before anything is written, what ``--target qonnx`` cannot do (.precheck)."""
+    check_qonnx_values(manifest.act is not None, given)
 
 
 @writes_run

@@ -24,6 +24,7 @@ from wnconvert.convert.tflite.logits import quantize_logits
 from wnconvert.convert.tflite.writer import IO_MODES, Writer
 
 from ..files import TFLITE, artifact_name
+from .precheck import check_tflite_act, check_tflite_calibration
 from .run_export import _calibration
 from .run_options import PrecisionOptions
 from .rundir import Manifest, RunDir, writes_run
@@ -34,30 +35,15 @@ RUNTIME = "TensorFlow Lite Micro (int8 .tflite)"
 
 
 def check_tflite_run(manifest: Manifest) -> None:
-    """Refuse, in one line and before anything is written, a run this target cannot take."""
+    """Refuse, in one line and before anything is written, a run this target cannot take (.precheck)."""
     act = manifest.act
-    if act is None:
-        return
-    wbits = manifest.scheme.weight_bits
-    if act.bits != 8 or wbits is None or wbits < 5:
-        raise UserInputError(f"--target {TARGET} writes int8 weights and activations; this run trained "
-                             f"W{wbits}A{act.bits} (train --weight-bits 8 --act-bits 8, or export an fp32 run)")
-    if act.mixed_precision:
-        raise UserInputError(f"--target {TARGET}: this run keeps float operations between its integer "
-                             "layers (--mixed-precision); TensorFlow Lite Micro's int8 file has no float islands")
-    if act.residual_conv != "quantized":
-        raise UserInputError(f"--target {TARGET}: this run was trained for OpenVINO's placement (float convs "
-                             "before the residual adds); train with finetune --target ort-cpu")
+    if act is not None:
+        check_tflite_act(manifest.scheme.weight_bits, act.bits, act.mixed_precision, act.residual_conv)
 
 
 def tflite_options(manifest: Manifest, opts: PrecisionOptions) -> QuantOptions:
     """The quantizer's settings for an fp32 run: TFLite's int8 scheme."""
-    if opts.act_bits is not None and opts.act_bits.strip().lower() not in ("8", "int8"):
-        raise UserInputError(f"--target {TARGET} quantizes activations to int8; --act-bits {opts.act_bits} "
-                             "does not fit (leave it out)")
-    if opts.act_type not in (None, "int8") or opts.per_channel is False:
-        raise UserInputError(f"--target {TARGET} takes int8 activations and per-channel weights; leave "
-                             "--act-type and --per-tensor out")
+    check_tflite_calibration(opts)
     return QuantOptions(precision="int8", act_bits=8, per_channel=True, calibrate_method=opts.calibrate_method,
                         grid_bits=manifest.scheme.weight_bits, act_type="int8", fuse=opts.fuse,
                         act_symmetric=False, quantize_bias=True)
