@@ -129,9 +129,29 @@ def test_fully_connected_matches_micro():
                 const("b", RNG.integers(-500, 500, size=7).astype(np.int32), "int32")])
     x = RNG.integers(-128, 128, size=(30, 20)).astype(np.int8)
     data = to_bytes(m)
-    ref = reference.run(parse(data), x)[m.outputs[0]]
-    np.testing.assert_array_equal(micro(data, x).astype(np.int64), ref)
-    np.testing.assert_array_equal(litert_ref(data, x).astype(np.int64), ref)
+    model = parse(data)
+    np.testing.assert_array_equal(micro(data, x).astype(np.int64), reference.run(model, x)[m.outputs[0]])
+    np.testing.assert_array_equal(litert_ref(data, x).astype(np.int64),  # single rounding (next test)
+                                  reference.litert_fully_connected(model, {model.inputs[0]: x})[m.outputs[0]])
+
+
+def test_litert_reference_fully_connected_rounds_once():
+    """LiteRT's reference FULLY_CONNECTED (per-channel) rounds once, TensorFlow Lite Micro twice: on
+    enough inputs the two differ somewhere, and each equals its own arithmetic everywhere."""
+    rng = np.random.default_rng(7)
+    w = rng.integers(-127, 128, size=(10, 64)).astype(np.int8)
+    m = one_op("FULLY_CONNECTED", [act("x", (1, 64), 0.037, -3)], act("y", (1, 10), 0.31, 2),
+               {"FusedActivationFunction": 0, "KeepNumDims": False},
+               [const("w", w, "int8", rng.uniform(0.001, 0.01, size=10)),
+                const("b", rng.integers(-900, 900, size=10).astype(np.int32), "int32")])
+    x = rng.integers(-128, 128, size=(6000, 64)).astype(np.int8)
+    data = to_bytes(m)
+    model = parse(data)
+    double = reference.run(model, x)[m.outputs[0]]
+    single = reference.litert_fully_connected(model, {model.inputs[0]: x})[m.outputs[0]]
+    assert np.count_nonzero(single != double) > 0  # the inputs separate the two arithmetics
+    np.testing.assert_array_equal(micro(data, x).astype(np.int64), double)
+    np.testing.assert_array_equal(litert_ref(data, x).astype(np.int64), single)
 
 
 @pytest.mark.parametrize("scales", [(0.031, 0.017, 0.04), (2 ** -5, 2 ** -4, 2 ** -4), (0.05, 0.05, 0.02)])

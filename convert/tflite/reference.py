@@ -82,13 +82,14 @@ def _bias(op: TFOp, index: int, model: TFModel, n_out: int) -> np.ndarray:
     return b.data.astype(np.int64).reshape(-1)
 
 
-def _requant(op, index, model, acc, x: TFTensor, w: TFTensor, out: TFTensor, axis_size: int) -> np.ndarray:
+def _requant(op, index, model, acc, x: TFTensor, w: TFTensor, out: TFTensor, axis_size: int,
+             single_rounding: bool = False) -> np.ndarray:
     s_x, _ = _qp(x)
     s_w = np.broadcast_to(np.asarray(w.scale, np.float32).reshape(-1), (axis_size,))
     s_y, z_y = _qp(out)
     q, shift = arith.conv_multipliers(s_x, s_w, s_y)
     lo, hi = _act(op, index, out)
-    return arith.requantize(acc, q, shift, z_y, lo, hi)
+    return arith.requantize(acc, q, shift, z_y, lo, hi, single_rounding)
 
 
 def conv(model: TFModel, op: TFOp, index: int, env) -> np.ndarray:
@@ -118,14 +119,21 @@ def conv(model: TFModel, op: TFOp, index: int, env) -> np.ndarray:
     return _requant(op, index, model, acc, x_t, w_t, out, n_out)
 
 
-def fully_connected(model: TFModel, op: TFOp, index: int, env) -> np.ndarray:
+def fully_connected(model: TFModel, op: TFOp, index: int, env, single_rounding: bool = False) -> np.ndarray:
     x_t, w_t, out = (model.tensors[i] for i in (op.inputs[0], op.inputs[1], op.outputs[0]))
     _, z_x = _qp(x_t)
     w = _weights(op, index, w_t)
-    x = env[op.inputs[0]].astype(np.int64).reshape(-1, w.shape[1]) - z_x
+    x = np.asarray(env[op.inputs[0]]).astype(np.int64).reshape(-1, w.shape[1]) - z_x
     acc = x @ w.T + _bias(op, index, model, w.shape[0])
-    y = _requant(op, index, model, acc, x_t, w_t, out, w.shape[0])
+    y = _requant(op, index, model, acc, x_t, w_t, out, w.shape[0], single_rounding)
     return y.reshape(out.shape) if int(np.prod(out.shape)) == y.size else y
+
+
+def litert_fully_connected(model: TFModel, env: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """Each FULLY_CONNECTED output as LiteRT 2.3's reference kernel computes it from the input it
+    was given (``env``: LiteRT's own tensors): single rounding (:func:`arith.multiply_single_rounding`)."""
+    return {op.outputs[0]: fully_connected(model, op, index, env, single_rounding=True)
+            for index, op in enumerate(model.ops) if op.op == "FULLY_CONNECTED" and op.inputs[0] in env}
 
 
 def add(model: TFModel, op: TFOp, index: int, env) -> np.ndarray:
