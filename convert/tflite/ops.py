@@ -15,6 +15,8 @@ from .tensors import Held, TensorTable, act_offset, refuse, weight_values
 
 
 class OpBuilders(TensorTable):
+    """The translation of each kind of integer-graph step; :class:`.writer.Writer` dispatches to them."""
+
     # -- spatial ops ----------------------------------------------------------------------------
     def _spatial(self, step: Step, held: Held, kernel) -> tuple[Held, int, tuple]:
         """Padding of a conv/pool input: (input, SAME|VALID, (oh, ow)); a PAD operator when
