@@ -4,8 +4,8 @@
 RUN/model.int8.tflite``: each image is transposed to NHWC and quantized with the file's input
 quantization (``clamp(round_half_even(x / s) + z)``, the rounding of the trained network's input
 point) when the input is int8, passed as float32 when it is float (``--io float``); int8 logits are
-dequantized with the output's scale and zero point. TensorFlow Lite Micro's interpreter takes one
-image per call (the file's batch of 1); LiteRT's input is resized to the batch.
+dequantized with the output's scale and zero point. Both interpreters take one image per call (the
+file's batch of 1: a RESHAPE's shape constant holds it).
 
 The file is read once (:func:`read_tflite`) and parsed with the schema bindings before any
 interpreter sees it: a truncated or crafted file is one line, not a crash inside C++.
@@ -122,15 +122,15 @@ def tflite_runner(path: Path, runtime: str = "tflite-micro"):
         raise UserInputError(f"LiteRT cannot load {path}: {str(e).splitlines()[0][:200]}") from None
     in_idx = lit.get_input_details()[0]["index"]
     out_idx = lit.get_output_details()[0]["index"]
-    size = [None]
 
     def run_lit(x: np.ndarray) -> np.ndarray:
+        # one image per call, as the file's batch of 1: a RESHAPE holds that batch in its shape
+        # constant, so a resized input fails in LiteRT's prepare (ResNet's flatten)
         q = quantize_input(x, inp)
-        if size[0] != len(q):
-            lit.resize_tensor_input(in_idx, list(q.shape))
-            lit.allocate_tensors()
-            size[0] = len(q)
-        lit.set_tensor(in_idx, q)
-        lit.invoke()
-        return dequantize_output(lit.get_tensor(out_idx), out)
+        rows = []
+        for i in range(len(q)):
+            lit.set_tensor(in_idx, q[i:i + 1])
+            lit.invoke()
+            rows.append(dequantize_output(lit.get_tensor(out_idx), out))
+        return np.concatenate(rows)
     return run_lit, "litert (default resolver)", inp.shape[1]

@@ -130,3 +130,31 @@ def test_refused_before_anything_is_written(run, args, message):
 def test_io_applies_to_tflite_only(run):
     r = cli("export", run, "--precision", "int8", "--io", "float", code=2)
     assert "--io applies to --target tflite-micro" in r.output
+
+
+def test_io_float_export_verify_and_eval(run, tmp_path):
+    """``--io float``: float32 input through QUANTIZE, float32 logits through DEQUANTIZE; verify passes
+    and eval scores the file as it scores the int8 one (same integers in between)."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("train", "model.int8.tflite"))
+    entry = json.loads(cli("export", copy, "--target", "tflite-micro", "--io", "float", *CALIB, "--json").stdout)
+    assert entry["io"] == "float" and entry["input"]["dtype"] == "float32" and entry["output"]["dtype"] == "float32"
+    model = parse((copy / "model.int8.tflite").read_bytes())
+    assert model.ops[0].op == "QUANTIZE" and model.ops[-1].op == "DEQUANTIZE"
+    assert [model.tensors[i].dtype for i in model.inputs + model.outputs] == ["float32", "float32"]
+    inner = parse((run / "model.int8.tflite").read_bytes())
+    assert [o.op for o in model.ops[1:-1]] == [o.op for o in inner.ops]  # the same integer graph between
+    res = json.loads(cli("verify", copy, "--tflite", copy / "model.int8.tflite", "--limit", "8", "--json").stdout)
+    res = res["tflite"]["model.int8.tflite"]
+    assert res["passed"] and res["io"] == "float" and res["micro_equals_reference"], res["failures"]
+    scores = {}
+    for name, path in (("float", copy / "model.int8.tflite"), ("int8", run / "model.int8.tflite")):
+        scores[name] = json.loads(cli("eval", path, "--data", "fashion-mnist", "--limit", "32", "--json").stdout)
+    assert scores["float"]["images"] == 32 and scores["float"]["runtime"] == "tflite-micro"
+    assert (scores["float"]["top1"], scores["float"]["top5"]) == (scores["int8"]["top1"], scores["int8"]["top5"])
+    # LiteRT too, on files whose RESHAPE (the flatten) holds the batch of 1 (once exit 70 for a batch of 32)
+    for path in (copy / "model.int8.tflite", run / "model.int8.tflite"):
+        lit = json.loads(cli("eval", path, "--data", "fashion-mnist", "--limit", "32", "--runtime", "litert",
+                             "--json").stdout)
+        assert lit["images"] == 32 and lit["runtime"] == "litert"
+        assert lit["top1"] == pytest.approx(scores["int8"]["top1"], abs=2 / 32)  # XNNPACK: a step off at times

@@ -52,25 +52,25 @@ def load_tflite(path: Path) -> TFModel:
     return parse(read_file(path), label=str(path))
 
 
-def _to_onnx(values: np.ndarray, held: Held) -> np.ndarray:
-    """TFLite int8 values (NHWC or flat) as the ONNX integer tensor they stand for."""
-    v = np.asarray(values, np.int64) + held.offset
+def _relayout(values: np.ndarray, held: Held, to_onnx: bool) -> np.ndarray:
+    """TFLite int8 values (NHWC or flat) as the ONNX integer tensor they stand for (``to_onnx``),
+    or an ONNX integer tensor as the TFLite values standing for it."""
+    v = np.asarray(values, np.int64) + (held.offset if to_onnx else -held.offset)
+    perm = (0, 3, 1, 2) if to_onnx else (0, 2, 3, 1)
     if held.layout == "nhwc" and v.ndim == 4:
-        return v.transpose(0, 3, 1, 2)
+        return v.transpose(perm)
     if held.layout == "flat_nhwc":
         c, h, w = held.chw
-        return v.reshape(len(v), h, w, c).transpose(0, 3, 1, 2).reshape(len(v), -1)
+        return v.reshape(len(v), *((h, w, c) if to_onnx else (c, h, w))).transpose(perm).reshape(len(v), -1)
     return v
+
+
+def _to_onnx(values: np.ndarray, held: Held) -> np.ndarray:
+    return _relayout(values, held, to_onnx=True)
 
 
 def _from_onnx(values: np.ndarray, held: Held) -> np.ndarray:
-    v = np.asarray(values, np.int64) - held.offset
-    if held.layout == "nhwc" and v.ndim == 4:
-        return v.transpose(0, 2, 3, 1)
-    if held.layout == "flat_nhwc":
-        c, h, w = held.chw
-        return v.reshape(len(v), c, h, w).transpose(0, 2, 3, 1).reshape(len(v), -1)
-    return v
+    return _relayout(values, held, to_onnx=False)
 
 
 def check_constants(got: TFModel, expected: TFModel) -> list[str]:
