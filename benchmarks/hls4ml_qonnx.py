@@ -148,6 +148,86 @@ def per_tensor_weights(model: onnx.ModelProto) -> list[str]:
     return notes
 
 
+def _non_negative(graph, name: str, inits: dict) -> str | None:
+    """Why tensor ``name`` holds no negative value, or None when the graph does not show it: it is a
+    ``Relu`` output, or the output of an unsigned ``Quant`` (signed=0) with zero point 0 and a positive
+    scale, whose values ``(q - 0)·s`` have q in [0, 2^B - 1]."""
+    producer = next((n for n in graph.node if name in n.output), None)
+    if producer is None:
+        return None
+    if producer.op_type == "Relu":
+        return f"{producer.name or name}: Relu output"
+    if producer.op_type == "Quant":
+        signed = next((a.i for a in producer.attribute if a.name == "signed"), 1)
+        if signed != 0 or any(i not in inits for i in producer.input[1:3]):
+            return None
+        scale = numpy_helper.to_array(inits[producer.input[1]])
+        zero = numpy_helper.to_array(inits[producer.input[2]])
+        if np.all(scale > 0) and np.all(zero == 0):
+            return f"{producer.name}: unsigned Quant, zero point 0"
+    return None
+
+
+def pad_pools(model: onnx.ModelProto) -> list[str]:
+    """Rewrite each channels-last ``MaxPool`` with padding whose input is provably non-negative into
+    ``Pad`` (constant 0) + ``MaxPool`` without padding; returns what was changed.
+
+    hls4ml's streaming pooling (``nnet::pooling2d_buffer_cl``) asserts that a pooling has no padding,
+    while its ``ZeroPadding2D`` streams. ONNX pads a max pooling with -inf, so a zero pad is the same
+    function only when no input value is negative: then every window (which holds at least one real
+    element, each >= 0) has a maximum >= 0, and an added 0 cannot exceed it. The proof is read off the
+    graph (``_non_negative``): a pooling whose input is not shown non-negative is left as it is."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.value_info}
+    notes, nodes = [], []
+    for n in graph.node:
+        n = onnx.NodeProto.FromString(n.SerializeToString())
+        nodes.append(n)
+        if n.op_type != "MaxPool" or n.domain != "qonnx.custom_op.channels_last":
+            continue
+        attrs = {a.name: a for a in n.attribute}
+        pads = list(attrs["pads"].ints) if "pads" in attrs else []
+        if not any(pads):
+            continue
+        why = _non_negative(graph, n.input[0], inits)
+        if why is None:
+            notes.append(f"{n.name}: padded max pooling left as it is (input not shown non-negative)")
+            continue
+        if len(pads) != 4 or n.input[0] not in shapes:
+            raise SystemExit(f"{n.name}: a 2-D max pooling with a known input shape expected")
+        top, left, bottom, right = pads
+        b, h, w, c = shapes[n.input[0]]  # channels-last: N, H, W, C
+        padded = f"{n.input[0]}_zero_padded"
+        graph.initializer.extend([
+            numpy_helper.from_array(np.array([0, top, left, 0, 0, bottom, right, 0], np.int64), f"{padded}_pads"),
+            numpy_helper.from_array(np.array(0, np.float32), f"{padded}_value")])
+        pad = onnx.helper.make_node("Pad", [n.input[0], f"{padded}_pads", f"{padded}_value"], [padded],
+                                    name=f"Pad_{n.name}", mode="constant")
+        graph.value_info.append(onnx.helper.make_tensor_value_info(
+            padded, onnx.TensorProto.FLOAT, [b, h + top + bottom, w + left + right, c]))
+        n.input[0] = padded
+        attrs["pads"].ints[:] = [0, 0, 0, 0]
+        nodes.insert(len(nodes) - 1, pad)
+        notes.append(f"{n.name}: pads {pads} -> Pad(constant 0) + MaxPool without padding ({why})")
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return notes
+
+
+def same_function(before: onnx.ModelProto, after: onnx.ModelProto, x: np.ndarray) -> dict:
+    """Run both cleaned graphs in qonnx's executor on the images ``x``; the outputs must be equal."""
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+
+    outs = []
+    for model in (before, after):
+        mw = ModelWrapper(model)
+        iname, oname = mw.graph.input[0].name, mw.graph.output[0].name
+        outs.append(np.stack([execute_onnx(mw, {iname: x[i:i + 1]})[oname] for i in range(len(x))]))
+    return {"images": len(x), "elements": int(outs[0].size), "equal": bool(np.array_equal(*outs))}
+
+
 def reference_logits(qdq: Path, x: np.ndarray) -> tuple[np.ndarray, float]:
     """The integer reference's logits (the last point's integers times its scale, float32) and that scale."""
     from wnconvert.convert.intref import run_integer
@@ -172,6 +252,11 @@ def main() -> None:
     ap.add_argument("--io-type", default="io_parallel", choices=("io_parallel", "io_stream"))
     ap.add_argument("--strategy", default="Latency", choices=("Latency", "Resource"))
     ap.add_argument("--reuse-factor", type=int, default=1)
+    ap.add_argument("--keep-pool-padding", action="store_true",
+                    help="io_stream: leave padded max poolings as they are (hls4ml's emulation then aborts)")
+    ap.add_argument("--check-rewrite", type=int, default=2, metavar="N",
+                    help="images on which qonnx's executor must give the same outputs before and after the "
+                         "pooling rewrite (0: no check)")
     ap.add_argument("--no-compile", action="store_true", help="stop after hls4ml's conversion (no g++)")
     ap.add_argument("--out", type=Path, default=None, help="hls4ml project folder (default: a temporary one)")
     args = ap.parse_args()
@@ -203,6 +288,16 @@ def main() -> None:
     mw = mw.transform(ConvertToChannelsLastAndClean())
     mw = mw.transform(GemmToMatMul())
     mw = cleanup_model(mw)
+    if args.io_type == "io_stream" and not args.keep_pool_padding:  # io_parallel's pooling takes padding
+        before = onnx.ModelProto.FromString(mw.model.SerializeToString())
+        result["pool_rewrites"] = pad_pools(mw.model)
+        for note in result["pool_rewrites"]:
+            print("rewrite:", note, file=sys.stderr)
+        if result["pool_rewrites"] and args.check_rewrite:
+            result["pool_rewrite_check"] = same_function(before, mw.model, x[:args.check_rewrite])
+            if not result["pool_rewrite_check"]["equal"]:
+                print(json.dumps(result))
+                sys.exit("the pooling rewrite changed qonnx's outputs")
     config = hls4ml.utils.config.config_from_onnx_model(mw, granularity="name", backend="Vivado",
                                                          default_precision=args.precision,
                                                          default_reuse_factor=args.reuse_factor)
