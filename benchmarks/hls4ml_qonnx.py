@@ -172,8 +172,12 @@ def pad_pools(model: onnx.ModelProto) -> list[str]:
     """Rewrite each channels-last ``MaxPool`` with padding whose input is provably non-negative into
     ``Pad`` (constant 0) + ``MaxPool`` without padding; returns what was changed.
 
-    hls4ml's streaming pooling (``nnet::pooling2d_buffer_cl``) asserts that a pooling has no padding,
-    while its ``ZeroPadding2D`` streams. ONNX pads a max pooling with -inf, so a zero pad is the same
+    hls4ml 1.3 gets padded max pooling wrong or refuses it: its streaming pooling
+    (``nnet::pooling2d_buffer_cl``, io_stream) asserts that a pooling has no padding, and its parallel one
+    (``nnet::pooling2d_cl``, io_parallel) fills the padded cells with ``pad_val``, the type's top bit set,
+    which is the most negative value of a signed type but a large positive one (2^(I-1)) of an unsigned
+    ``ap_ufixed<W,I>``: after a ReLU the border outputs come out wrong. Its ``ZeroPadding2D`` takes
+    both io types. ONNX pads a max pooling with -inf, so a zero pad is the same
     function only when no input value is negative: then every window (which holds at least one real
     element, each >= 0) has a maximum >= 0, and an added 0 cannot exceed it. The proof is read off the
     graph (``_non_negative``): a pooling whose input is not shown non-negative is left as it is."""
@@ -228,6 +232,35 @@ def same_function(before: onnx.ModelProto, after: onnx.ModelProto, x: np.ndarray
     return {"images": len(x), "elements": int(outs[0].size), "equal": bool(np.array_equal(*outs))}
 
 
+def trace_layers(hls_model, mw, feed: np.ndarray, x: np.ndarray) -> dict:
+    """Every traced hls4ml layer's output against the same tensor in qonnx's executor (on the graph
+    hls4ml was given, channels-last like hls4ml's), image by image: elements equal per layer, in
+    hls4ml's layer order, and the first layer that differs."""
+    from qonnx.core.onnx_exec import execute_onnx
+
+    outputs = {layer.name: layer.outputs[0] for layer in hls_model.get_layers()}
+    rows: dict[str, list[int]] = {}
+    compile_again, hls_model.compile = hls_model.compile, lambda: None  # built with tracing already
+    try:
+        _, traces = hls_model.trace(np.ascontiguousarray(feed))
+    finally:
+        hls_model.compile = compile_again
+    for i in range(len(x)):
+        ctx = execute_onnx(mw, {mw.graph.input[0].name: x[i:i + 1]}, return_full_exec_context=True)
+        for name, layer_trace in traces.items():
+            got = layer_trace[i]
+            want = ctx.get(outputs.get(name))
+            if want is None or np.size(want) != np.size(got):
+                continue  # a layer hls4ml made itself (no tensor of the same name and size in the graph)
+            a, b = np.asarray(want, np.float64).ravel(), np.asarray(got, np.float64).ravel()
+            row = rows.setdefault(name, [0, 0])
+            row[0] += a.size
+            row[1] += int(np.count_nonzero(a == b))
+    layers = [{"layer": k, "tensor": outputs[k], "elements": v[0], "equal": v[1]} for k, v in rows.items()]
+    first = next((r["layer"] for r in layers if r["equal"] != r["elements"]), None)
+    return {"images": len(x), "layers": layers, "first_differing_layer": first}
+
+
 def reference_logits(qdq: Path, x: np.ndarray) -> tuple[np.ndarray, float]:
     """The integer reference's logits (the last point's integers times its scale, float32) and that scale."""
     from wnconvert.convert.intref import run_integer
@@ -253,10 +286,14 @@ def main() -> None:
     ap.add_argument("--strategy", default="Latency", choices=("Latency", "Resource"))
     ap.add_argument("--reuse-factor", type=int, default=1)
     ap.add_argument("--keep-pool-padding", action="store_true",
-                    help="io_stream: leave padded max poolings as they are (hls4ml's emulation then aborts)")
+                    help="leave padded max poolings as they are (hls4ml's io_stream emulation aborts, its "
+                         "io_parallel one pads an unsigned max pooling with a large positive value)")
     ap.add_argument("--check-rewrite", type=int, default=2, metavar="N",
                     help="images on which qonnx's executor must give the same outputs before and after the "
                          "pooling rewrite (0: no check)")
+    ap.add_argument("--trace", type=int, default=0, metavar="N",
+                    help="trace every hls4ml layer on N images and compare it with qonnx's executor on the graph "
+                         "hls4ml was given (the first layer that differs is printed)")
     ap.add_argument("--no-compile", action="store_true", help="stop after hls4ml's conversion (no g++)")
     ap.add_argument("--out", type=Path, default=None, help="hls4ml project folder (default: a temporary one)")
     args = ap.parse_args()
@@ -288,7 +325,7 @@ def main() -> None:
     mw = mw.transform(ConvertToChannelsLastAndClean())
     mw = mw.transform(GemmToMatMul())
     mw = cleanup_model(mw)
-    if args.io_type == "io_stream" and not args.keep_pool_padding:  # io_parallel's pooling takes padding
+    if not args.keep_pool_padding:
         before = onnx.ModelProto.FromString(mw.model.SerializeToString())
         result["pool_rewrites"] = pad_pools(mw.model)
         for note in result["pool_rewrites"]:
@@ -302,6 +339,9 @@ def main() -> None:
                                                          default_precision=args.precision,
                                                          default_reuse_factor=args.reuse_factor)
     config["Model"]["Strategy"] = args.strategy
+    if args.trace:
+        for layer in config["LayerName"].values():
+            layer["Trace"] = True
     try:
         hls_model = hls4ml.converters.convert_from_onnx_model(mw, output_dir=str(out), backend="Vivado",
                                                               io_type=args.io_type, hls_config=config)
@@ -316,6 +356,7 @@ def main() -> None:
         print(json.dumps(result))
         return
     t1 = time.perf_counter()
+    hls_model.config.trace_output = bool(args.trace)  # one build serves predict and trace
     hls_model.compile()
     result["compile_s"] = round(time.perf_counter() - t1, 1)
     # the cleaned graph keeps the NCHW input (a Transpose inside); feed whichever layout hls4ml's input has
@@ -332,6 +373,11 @@ def main() -> None:
                "top1_agreement": float(np.mean(y.argmax(1) == ref.argmax(1))),
                "max_abs_diff_steps": float(np.max(np.abs(y - ref)) / step),
                "project": str(out)}
+    if args.trace:
+        try:
+            result["trace"] = trace_layers(hls_model, mw, feed[:args.trace], x[:args.trace])
+        except Exception as e:  # the comparison above stands; say why the trace did not
+            result["trace"] = {"error": f"{type(e).__name__}: {e}"[:300]}
     print(json.dumps(result))
 
 
