@@ -235,11 +235,14 @@ def same_function(before: onnx.ModelProto, after: onnx.ModelProto, x: np.ndarray
 def trace_layers(hls_model, mw, feed: np.ndarray, x: np.ndarray) -> dict:
     """Every traced hls4ml layer's output against the same tensor in qonnx's executor (on the graph
     hls4ml was given, channels-last like hls4ml's), image by image: elements equal per layer, in
-    hls4ml's layer order, and the first layer that differs."""
+    hls4ml's layer order, and the first layer that differs. hls4ml folds a ``Quant`` into the layer
+    before it (its output type becomes the quantized one), so a layer whose tensor is read by a
+    ``Quant`` is compared with that ``Quant``'s output ("against")."""
     from qonnx.core.onnx_exec import execute_onnx
 
     outputs = {layer.name: layer.outputs[0] for layer in hls_model.get_layers()}
-    rows: dict[str, list[int]] = {}
+    quant_of = {n.input[0]: n.output[0] for n in mw.graph.node if n.op_type == "Quant"}
+    rows: dict[str, list] = {}
     compile_again, hls_model.compile = hls_model.compile, lambda: None  # built with tracing already
     try:
         _, traces = hls_model.trace(np.ascontiguousarray(feed))
@@ -248,15 +251,17 @@ def trace_layers(hls_model, mw, feed: np.ndarray, x: np.ndarray) -> dict:
     for i in range(len(x)):
         ctx = execute_onnx(mw, {mw.graph.input[0].name: x[i:i + 1]}, return_full_exec_context=True)
         for name, layer_trace in traces.items():
-            got = layer_trace[i]
-            want = ctx.get(outputs.get(name))
+            tensor = outputs.get(name)
+            against = quant_of.get(tensor, tensor)
+            want, got = ctx.get(against), layer_trace[i]
             if want is None or np.size(want) != np.size(got):
                 continue  # a layer hls4ml made itself (no tensor of the same name and size in the graph)
             a, b = np.asarray(want, np.float64).ravel(), np.asarray(got, np.float64).ravel()
-            row = rows.setdefault(name, [0, 0])
-            row[0] += a.size
-            row[1] += int(np.count_nonzero(a == b))
-    layers = [{"layer": k, "tensor": outputs[k], "elements": v[0], "equal": v[1]} for k, v in rows.items()]
+            row = rows.setdefault(name, [against, 0, 0])
+            row[1] += a.size
+            row[2] += int(np.count_nonzero(a == b))
+    layers = [{"layer": k, "tensor": outputs[k], "against": v[0], "elements": v[1], "equal": v[2]}
+              for k, v in rows.items()]
     first = next((r["layer"] for r in layers if r["equal"] != r["elements"]), None)
     return {"images": len(x), "layers": layers, "first_differing_layer": first}
 
