@@ -235,13 +235,28 @@ def same_function(before: onnx.ModelProto, after: onnx.ModelProto, x: np.ndarray
 def trace_layers(hls_model, mw, feed: np.ndarray, x: np.ndarray) -> dict:
     """Every traced hls4ml layer's output against the same tensor in qonnx's executor (on the graph
     hls4ml was given, channels-last like hls4ml's), image by image: elements equal per layer, in
-    hls4ml's layer order, and the first layer that differs. hls4ml folds a ``Quant`` into the layer
-    before it (its output type becomes the quantized one), so a layer whose tensor is read by a
-    ``Quant`` is compared with that ``Quant``'s output ("against")."""
+    hls4ml's layer order, and the first layer that differs. hls4ml folds a bias ``Add`` and a
+    ``Quant`` into the layer before them (a Dense's bias, its output type the quantized one), so a
+    layer is compared with its own tensor and with those after it that hls4ml has no layer for
+    (through single ``Add``/``Quant`` consumers), and the best of them is kept ("against")."""
     from qonnx.core.onnx_exec import execute_onnx
 
     outputs = {layer.name: layer.outputs[0] for layer in hls_model.get_layers()}
-    quant_of = {n.input[0]: n.output[0] for n in mw.graph.node if n.op_type == "Quant"}
+    consumers: dict[str, list] = {}
+    for n in mw.graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    made = set(outputs.values())
+
+    def folded(tensor: str) -> list[str]:  # the tensor and those hls4ml may have folded into its layer
+        chain = [tensor]
+        while len(chain) < 4:
+            c = consumers.get(chain[-1], [])
+            if len(c) != 1 or c[0].op_type not in ("Add", "Quant") or c[0].output[0] in made:
+                break
+            chain.append(c[0].output[0])
+        return chain
+
     rows: dict[str, list] = {}
     compile_again, hls_model.compile = hls_model.compile, lambda: None  # built with tracing already
     try:
@@ -251,15 +266,18 @@ def trace_layers(hls_model, mw, feed: np.ndarray, x: np.ndarray) -> dict:
     for i in range(len(x)):
         ctx = execute_onnx(mw, {mw.graph.input[0].name: x[i:i + 1]}, return_full_exec_context=True)
         for name, layer_trace in traces.items():
-            tensor = outputs.get(name)
-            against = quant_of.get(tensor, tensor)
-            want, got = ctx.get(against), layer_trace[i]
-            if want is None or np.size(want) != np.size(got):
+            b = np.asarray(layer_trace[i], np.float64).ravel()
+            best = None
+            for t in folded(outputs.get(name)) if outputs.get(name) else []:
+                want = ctx.get(t)
+                if want is not None and np.size(want) == b.size:
+                    equal = int(np.count_nonzero(np.asarray(want, np.float64).ravel() == b))
+                    best = max(best or (equal, t), (equal, t), key=lambda e: e[0])
+            if best is None:
                 continue  # a layer hls4ml made itself (no tensor of the same name and size in the graph)
-            a, b = np.asarray(want, np.float64).ravel(), np.asarray(got, np.float64).ravel()
-            row = rows.setdefault(name, [against, 0, 0])
-            row[1] += a.size
-            row[2] += int(np.count_nonzero(a == b))
+            row = rows.setdefault(name, [best[1], 0, 0])
+            row[1] += b.size
+            row[2] += best[0]
     layers = [{"layer": k, "tensor": outputs[k], "against": v[0], "elements": v[1], "equal": v[2]}
               for k, v in rows.items()]
     first = next((r["layer"] for r in layers if r["equal"] != r["elements"]), None)
