@@ -148,6 +148,142 @@ def per_tensor_weights(model: onnx.ModelProto) -> list[str]:
     return notes
 
 
+def _non_negative(graph, name: str, inits: dict) -> str | None:
+    """Why tensor ``name`` holds no negative value, or None when the graph does not show it: it is a
+    ``Relu`` output, or the output of an unsigned ``Quant`` (signed=0) with zero point 0 and a positive
+    scale, whose values ``(q - 0)·s`` have q in [0, 2^B - 1]."""
+    producer = next((n for n in graph.node if name in n.output), None)
+    if producer is None:
+        return None
+    if producer.op_type == "Relu":
+        return f"{producer.name or name}: Relu output"
+    if producer.op_type == "Quant":
+        signed = next((a.i for a in producer.attribute if a.name == "signed"), 1)
+        if signed != 0 or any(i not in inits for i in producer.input[1:3]):
+            return None
+        scale = numpy_helper.to_array(inits[producer.input[1]])
+        zero = numpy_helper.to_array(inits[producer.input[2]])
+        if np.all(scale > 0) and np.all(zero == 0):
+            return f"{producer.name}: unsigned Quant, zero point 0"
+    return None
+
+
+def pad_pools(model: onnx.ModelProto) -> list[str]:
+    """Rewrite each channels-last ``MaxPool`` with padding whose input is provably non-negative into
+    ``Pad`` (constant 0) + ``MaxPool`` without padding; returns what was changed.
+
+    hls4ml 1.3 gets padded max pooling wrong or refuses it: its streaming pooling
+    (``nnet::pooling2d_buffer_cl``, io_stream) asserts that a pooling has no padding, and its parallel one
+    (``nnet::pooling2d_cl``, io_parallel) fills the padded cells with ``pad_val``, the type's top bit set,
+    which is the most negative value of a signed type but a large positive one (2^(I-1)) of an unsigned
+    ``ap_ufixed<W,I>``: after a ReLU the border outputs come out wrong. Its ``ZeroPadding2D`` takes
+    both io types. ONNX pads a max pooling with -inf, so a zero pad is the same
+    function only when no input value is negative: then every window (which holds at least one real
+    element, each >= 0) has a maximum >= 0, and an added 0 cannot exceed it. The proof is read off the
+    graph (``_non_negative``): a pooling whose input is not shown non-negative is left as it is."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.value_info}
+    notes, nodes = [], []
+    for n in graph.node:
+        n = onnx.NodeProto.FromString(n.SerializeToString())
+        nodes.append(n)
+        if n.op_type != "MaxPool" or n.domain != "qonnx.custom_op.channels_last":
+            continue
+        attrs = {a.name: a for a in n.attribute}
+        pads = list(attrs["pads"].ints) if "pads" in attrs else []
+        if not any(pads):
+            continue
+        why = _non_negative(graph, n.input[0], inits)
+        if why is None:
+            notes.append(f"{n.name}: padded max pooling left as it is (input not shown non-negative)")
+            continue
+        if len(pads) != 4 or n.input[0] not in shapes:
+            raise SystemExit(f"{n.name}: a 2-D max pooling with a known input shape expected")
+        top, left, bottom, right = pads
+        b, h, w, c = shapes[n.input[0]]  # channels-last: N, H, W, C
+        padded = f"{n.input[0]}_zero_padded"
+        graph.initializer.extend([
+            numpy_helper.from_array(np.array([0, top, left, 0, 0, bottom, right, 0], np.int64), f"{padded}_pads"),
+            numpy_helper.from_array(np.array(0, np.float32), f"{padded}_value")])
+        pad = onnx.helper.make_node("Pad", [n.input[0], f"{padded}_pads", f"{padded}_value"], [padded],
+                                    name=f"Pad_{n.name}", mode="constant")
+        graph.value_info.append(onnx.helper.make_tensor_value_info(
+            padded, onnx.TensorProto.FLOAT, [b, h + top + bottom, w + left + right, c]))
+        n.input[0] = padded
+        attrs["pads"].ints[:] = [0, 0, 0, 0]
+        nodes.insert(len(nodes) - 1, pad)
+        notes.append(f"{n.name}: pads {pads} -> Pad(constant 0) + MaxPool without padding ({why})")
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return notes
+
+
+def same_function(before: onnx.ModelProto, after: onnx.ModelProto, x: np.ndarray) -> dict:
+    """Run both cleaned graphs in qonnx's executor on the images ``x``; the outputs must be equal."""
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+
+    outs = []
+    for model in (before, after):
+        mw = ModelWrapper(model)
+        iname, oname = mw.graph.input[0].name, mw.graph.output[0].name
+        outs.append(np.stack([execute_onnx(mw, {iname: x[i:i + 1]})[oname] for i in range(len(x))]))
+    return {"images": len(x), "elements": int(outs[0].size), "equal": bool(np.array_equal(*outs))}
+
+
+def trace_layers(hls_model, mw, feed: np.ndarray, x: np.ndarray) -> dict:
+    """Every traced hls4ml layer's output against the same tensor in qonnx's executor (on the graph
+    hls4ml was given, channels-last like hls4ml's), image by image: elements equal per layer, in
+    hls4ml's layer order, and the first layer that differs. hls4ml folds a bias ``Add`` and a
+    ``Quant`` into the layer before them (a Dense's bias, its output type the quantized one), so a
+    layer is compared with its own tensor and with those after it that hls4ml has no layer for
+    (through single ``Add``/``Quant`` consumers), and the best of them is kept ("against")."""
+    from qonnx.core.onnx_exec import execute_onnx
+
+    outputs = {layer.name: layer.outputs[0] for layer in hls_model.get_layers()}
+    consumers: dict[str, list] = {}
+    for n in mw.graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    made = set(outputs.values())
+
+    def folded(tensor: str) -> list[str]:  # the tensor and those hls4ml may have folded into its layer
+        chain = [tensor]
+        while len(chain) < 4:
+            c = consumers.get(chain[-1], [])
+            if len(c) != 1 or c[0].op_type not in ("Add", "Quant") or c[0].output[0] in made:
+                break
+            chain.append(c[0].output[0])
+        return chain
+
+    rows: dict[str, list] = {}
+    compile_again, hls_model.compile = hls_model.compile, lambda: None  # built with tracing already
+    try:
+        _, traces = hls_model.trace(np.ascontiguousarray(feed))
+    finally:
+        hls_model.compile = compile_again
+    for i in range(len(x)):
+        ctx = execute_onnx(mw, {mw.graph.input[0].name: x[i:i + 1]}, return_full_exec_context=True)
+        for name, layer_trace in traces.items():
+            b = np.asarray(layer_trace[i], np.float64).ravel()
+            best = None
+            for t in folded(outputs.get(name)) if outputs.get(name) else []:
+                want = ctx.get(t)
+                if want is not None and np.size(want) == b.size:
+                    equal = int(np.count_nonzero(np.asarray(want, np.float64).ravel() == b))
+                    best = max(best or (equal, t), (equal, t), key=lambda e: e[0])
+            if best is None:
+                continue  # a layer hls4ml made itself (no tensor of the same name and size in the graph)
+            row = rows.setdefault(name, [best[1], 0, 0])
+            row[1] += b.size
+            row[2] += best[0]
+    layers = [{"layer": k, "tensor": outputs[k], "against": v[0], "elements": v[1], "equal": v[2]}
+              for k, v in rows.items()]
+    first = next((r["layer"] for r in layers if r["equal"] != r["elements"]), None)
+    return {"images": len(x), "layers": layers, "first_differing_layer": first}
+
+
 def reference_logits(qdq: Path, x: np.ndarray) -> tuple[np.ndarray, float]:
     """The integer reference's logits (the last point's integers times its scale, float32) and that scale."""
     from wnconvert.convert.intref import run_integer
@@ -172,6 +308,15 @@ def main() -> None:
     ap.add_argument("--io-type", default="io_parallel", choices=("io_parallel", "io_stream"))
     ap.add_argument("--strategy", default="Latency", choices=("Latency", "Resource"))
     ap.add_argument("--reuse-factor", type=int, default=1)
+    ap.add_argument("--keep-pool-padding", action="store_true",
+                    help="leave padded max poolings as they are (hls4ml's io_stream emulation aborts, its "
+                         "io_parallel one pads an unsigned max pooling with a large positive value)")
+    ap.add_argument("--check-rewrite", type=int, default=2, metavar="N",
+                    help="images on which qonnx's executor must give the same outputs before and after the "
+                         "pooling rewrite (0: no check)")
+    ap.add_argument("--trace", type=int, default=0, metavar="N",
+                    help="trace every hls4ml layer on N images and compare it with qonnx's executor on the graph "
+                         "hls4ml was given (the first layer that differs is printed)")
     ap.add_argument("--no-compile", action="store_true", help="stop after hls4ml's conversion (no g++)")
     ap.add_argument("--out", type=Path, default=None, help="hls4ml project folder (default: a temporary one)")
     args = ap.parse_args()
@@ -203,10 +348,23 @@ def main() -> None:
     mw = mw.transform(ConvertToChannelsLastAndClean())
     mw = mw.transform(GemmToMatMul())
     mw = cleanup_model(mw)
+    if not args.keep_pool_padding:
+        before = onnx.ModelProto.FromString(mw.model.SerializeToString())
+        result["pool_rewrites"] = pad_pools(mw.model)
+        for note in result["pool_rewrites"]:
+            print("rewrite:", note, file=sys.stderr)
+        if result["pool_rewrites"] and args.check_rewrite:
+            result["pool_rewrite_check"] = same_function(before, mw.model, x[:args.check_rewrite])
+            if not result["pool_rewrite_check"]["equal"]:
+                print(json.dumps(result))
+                sys.exit("the pooling rewrite changed qonnx's outputs")
     config = hls4ml.utils.config.config_from_onnx_model(mw, granularity="name", backend="Vivado",
                                                          default_precision=args.precision,
                                                          default_reuse_factor=args.reuse_factor)
     config["Model"]["Strategy"] = args.strategy
+    if args.trace:
+        for layer in config["LayerName"].values():
+            layer["Trace"] = True
     try:
         hls_model = hls4ml.converters.convert_from_onnx_model(mw, output_dir=str(out), backend="Vivado",
                                                               io_type=args.io_type, hls_config=config)
@@ -221,6 +379,7 @@ def main() -> None:
         print(json.dumps(result))
         return
     t1 = time.perf_counter()
+    hls_model.config.trace_output = bool(args.trace)  # one build serves predict and trace
     hls_model.compile()
     result["compile_s"] = round(time.perf_counter() - t1, 1)
     # the cleaned graph keeps the NCHW input (a Transpose inside); feed whichever layout hls4ml's input has
@@ -237,6 +396,11 @@ def main() -> None:
                "top1_agreement": float(np.mean(y.argmax(1) == ref.argmax(1))),
                "max_abs_diff_steps": float(np.max(np.abs(y - ref)) / step),
                "project": str(out)}
+    if args.trace:
+        try:
+            result["trace"] = trace_layers(hls_model, mw, feed[:args.trace], x[:args.trace])
+        except Exception as e:  # the comparison above stands; say why the trace did not
+            result["trace"] = {"error": f"{type(e).__name__}: {e}"[:300]}
     print(json.dumps(result))
 
 

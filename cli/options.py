@@ -34,6 +34,7 @@ from wnconvert.convert.names import (
     TARGETS,
     TFLITE_RUNTIMES,
     TRAIN_PLACEMENTS,
+    VERIFY_PRECISIONS,
     WEIGHT_RANGES,
 )
 from wnconvert.models.run.run_options import CALIB_SPLITS
@@ -55,6 +56,7 @@ _REGISTRIES = {"Scheme": SCHEME_NAMES, "Gain": GAIN_MODES, "ScaleGrad": SCALE_GR
  CalibSplit, Provider, ActRange, ScaleFormat, Runtime, Target, Container,
  TrainTarget, Rounding) = (choices(name, values) for name, values in _REGISTRIES.items())
 WeightRange = choices("WeightRange", WEIGHT_RANGES)
+VerifyPrecision = choices("VerifyPrecision", VERIFY_PRECISIONS)
 
 
 def value(choice):

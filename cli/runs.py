@@ -28,6 +28,7 @@ from .options import (
     Granularity,
     Precision,
     Target,
+    VerifyPrecision,
     choices,
     default,
     value,
@@ -209,8 +210,9 @@ def verify(
     run_dir: Path = typer.Argument(..., help="A run directory."),
     onnx_file: Optional[Path] = typer.Option(None, "--onnx", help=(
         "ONNX file (default RUN_DIR/model.onnx and every model.<precision>.onnx).")),
-    precision: Optional[Precision] = typer.Option(None, help=(
-        "Check only RUN_DIR's model.onnx (fp32) or model.<precision>.onnx.")),
+    precision: Optional[VerifyPrecision] = typer.Option(None, help=(
+        "Check only RUN_DIR's model.onnx (fp32), model.<precision>.onnx or model.qonnx.onnx (qonnx: qonnx's executor "
+        "against the run's QDQ file, docs/qonnx.md).")),
     inputs: Optional[Path] = typer.Option(None, help=(
         ".npy array (N, 3, H, W) of normalized inputs; default generated.")),
     samples: int = typer.Option(default(VerifyConfig, "samples"), help="Number of generated inputs."),

@@ -26,6 +26,7 @@ GRANULARITIES = ("tensor", "channel")
 
 # convert/quantize
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
+VERIFY_PRECISIONS = PRECISIONS + ("qonnx",)   # verify --precision: qonnx is model.qonnx.onnx (export --target qonnx)
 # weight storage of each deployed precision of an --act-bits run: int8 holds 5..8-bit grids, int4 the 2..4-bit ones
 DEPLOYED_WEIGHT_BITS = {"int8": range(5, 9), "int4": range(2, 5)}
 CALIBRATORS = ("minmax", "percentile", "entropy")

@@ -193,6 +193,36 @@ def test_crafted_bit_width_exits_3_naming_the_point(w4a4, tmp_path):
     r = cli("verify", run, "--onnx", path, "--limit", "4")
     assert r.exit_code == 3, r.output
     assert "first difference at point layer2_0_conv1 (Quant node 'Quant_layer2_0_conv1')" in r.output
+    r = cli("verify", run, "--precision", "qonnx", "--limit", "4")  # the run's own file, reached by --precision
+    assert r.exit_code == 3, r.output
+    assert "first difference at point layer2_0_conv1 (Quant node 'Quant_layer2_0_conv1')" in r.output
+
+
+def test_verify_run_reaches_the_qonnx_file(w4a4, tmp_path):
+    """``verify RUN --precision qonnx`` checks model.qonnx.onnx alone; plain ``verify RUN`` of a run
+    without model.onnx (trained --no-export, then exported) checks the files it has, QONNX included."""
+    r = cli("verify", w4a4, "--precision", "qonnx", "--limit", "2", "--json")
+    assert r.exit_code == 0, r.output
+    q = json.loads(r.output)["quantized"]
+    assert list(q) == ["qonnx"] and q["qonnx"]["passed"], q.keys()
+    assert q["qonnx"]["mode"] == "bit-exact" and q["qonnx"]["images"] == 2
+    assert q["qonnx"]["equal"] == dict.fromkeys(("ort_off", "ort_on", "intref"), q["qonnx"]["elements"])
+    assert not (w4a4 / "model.onnx").exists()
+    r = cli("verify", w4a4, "--limit", "2", "--json")
+    assert r.exit_code == 0, r.output
+    q = json.loads(r.output)["quantized"]
+    assert set(q) == {"int4", "qonnx"} and all(v["passed"] for v in q.values())
+    # refused in one line, exit 2, before anything loads: a run without the file, or without any deployed file
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(w4a4 / "manifest.json", bare / "manifest.json")
+    r = cli("verify", bare, "--precision", "qonnx")
+    assert r.exit_code == 2 and r.output.strip().splitlines() == [
+        f"wnconvert: error: {bare}/model.qonnx.onnx does not exist; run `wnconvert export {bare} --target qonnx` "
+        "first"], r.output
+    r = cli("verify", bare)
+    assert r.exit_code == 2 and r.output.strip().splitlines() == [
+        f"wnconvert: error: {bare}/model.onnx does not exist; run `wnconvert export {bare}` first"], r.output
 
 
 def test_target_qonnx_refuses_in_one_line_before_writing(w4a4, tmp_path):

@@ -208,20 +208,29 @@ class _Emitter:
         b = self.init(f"{name}_b_q", d.bias_int.astype(np.int32))
         bs = self.init(f"{name}_b_scale", d.bias_scale)
         bdq = self.node("DequantizeLinear", [b, bs], f"{name}_b", f"DQ_{name}_bias", axis=0)
-        x = self.as_float(v)
+        return self.layer_nodes(name, q, self.as_float(v), wdq, bdq)
+
+    def layer_nodes(self, name: str, q: QLayer, x: str, w: str, b: str) -> str:
+        """Layer ``q`` on the float tensors ``x`` (input), ``w`` (weight) and ``b`` (bias): its Conv or
+        linear layer (:meth:`linear`), then its ReLU or ReLU6 (a Clip to [0, 6]); returns the output.
+        The QDQ and QONNX emitters differ only in how they make ``w`` and ``b``."""
         if q.is_conv:
             c = q.layer
             pad = [int(p) for p in c.padding]
-            y = self.node("Conv", [x, wdq, bdq], f"{name}_conv", name, kernel_shape=list(c.kernel_size),
+            y = self.node("Conv", [x, w, b], f"{name}_conv", name, kernel_shape=list(c.kernel_size),
                           strides=list(c.stride), pads=pad + pad, dilations=list(c.dilation), group=c.groups)
         else:
-            y = self.node("Gemm", [x, wdq, bdq], f"{name}_gemm", name, transB=1)
+            y = self.linear(name, x, w, b)
         if q.act == "relu":
             return self.node("Relu", [y], f"{name}_relu", f"{name}_relu")
         if q.act == "relu6":
             lo, hi = self.init(f"{name}_clip_lo", np.float32(0)), self.init(f"{name}_clip_hi", np.float32(6))
             return self.node("Clip", [y, lo, hi], f"{name}_relu6", f"{name}_relu6")
         return y
+
+    def linear(self, name: str, x: str, w: str, b: str) -> str:
+        """A linear layer: ``Gemm`` with the ``(out, in)`` weight transposed."""
+        return self.node("Gemm", [x, w, b], f"{name}_gemm", name, transB=1)
 
     def float_island(self, name: str, op: str, xs: list[str]) -> str:
         """A mixed-precision operation (prepare.FLOAT_OPS) in float on dequantized inputs; the

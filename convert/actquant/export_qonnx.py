@@ -135,21 +135,12 @@ class _QonnxEmitter(_Emitter):
         b_float = (np.asarray(d.bias_int).astype(np.int32).astype(np.float32)
                    * np.asarray(d.bias_scale, np.float32)).astype(np.float32)
         b = self.init(f"{name}_b_float", b_float)
-        x = self.as_float(v)
-        if q.is_conv:
-            c = q.layer
-            pad = [int(p) for p in c.padding]
-            y = self.node("Conv", [x, wq, b], f"{name}_conv", name, kernel_shape=list(c.kernel_size),
-                          strides=list(c.stride), pads=pad + pad, dilations=list(c.dilation), group=c.groups)
-        else:
-            y = self.node("MatMul", [x, wq], f"{name}_matmul", name)
-            y = self.node("Add", [y, b], f"{name}_gemm", f"{name}_bias")
-        if q.act == "relu":
-            return self.node("Relu", [y], f"{name}_relu", f"{name}_relu")
-        if q.act == "relu6":
-            lo, hi = self.init(f"{name}_clip_lo", np.float32(0)), self.init(f"{name}_clip_hi", np.float32(6))
-            return self.node("Clip", [y, lo, hi], f"{name}_relu6", f"{name}_relu6")
-        return y
+        return self.layer_nodes(name, q, self.as_float(v), wq, b)
+
+    def linear(self, name: str, x: str, w: str, b: str) -> str:
+        """``MatMul(x, W^T) + b`` (``w`` is already ``W^T``, see :meth:`layer`)."""
+        y = self.node("MatMul", [x, w], f"{name}_matmul", name)
+        return self.node("Add", [y, b], f"{name}_gemm", f"{name}_bias")
 
     def passthrough(self, n: fx.Node, mod: nn.Module | None, v: _Value) -> _Value:
         op = _pass_op(n, mod)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from wnconvert.convert.artifacts import read_json
 from wnconvert.convert.errors import UserInputError
-from wnconvert.convert.names import CONTAINERS, ETHOS_U_TARGETS
+from wnconvert.convert.names import CONTAINERS, ETHOS_U_TARGETS, PRECISIONS
 from wnconvert.convert.names import DEPLOYED_WEIGHT_BITS as WEIGHT_BITS
 
 from ..files import MANIFEST, ONNX, QONNX, TFLITE, artifact_name
@@ -169,18 +169,30 @@ def check_calibration(precision: str, data: str | None, opts: PrecisionOptions) 
         raise UserInputError(f"--calib-split must be train or val, not {opts.calib_split!r}")
 
 
-def verify_paths(run_dir: Path, onnx_file: Path | None, precision: str | None) -> Path:
-    """The file ``verify`` starts from: ``--onnx F``, ``--precision P``'s file or model.onnx;
-    refuses both options given or a missing file."""
+def deployed_files(run_dir: Path) -> list[Path]:
+    """The run's deployed files other than model.onnx that ``verify RUN`` checks: every
+    ``model.<precision>.onnx``, model.qonnx.onnx and model.int8.tflite present."""
+    names = [artifact_name(p) for p in PRECISIONS if p != "fp32"] + [QONNX, TFLITE]
+    return [Path(run_dir) / n for n in names if (Path(run_dir) / n).is_file()]
+
+
+def verify_paths(run_dir: Path, onnx_file: Path | None, precision: str | None) -> Path | None:
+    """The file ``verify`` starts from: ``--onnx F``, ``--precision P``'s file (``qonnx``:
+    model.qonnx.onnx) or model.onnx; None when no option names a file and the run has no
+    model.onnx but other deployed files (``verify RUN`` then checks those). Refuses both options
+    given or a missing file."""
     if onnx_file is not None and precision is not None:
         raise UserInputError("give --onnx or --precision, not both")
     if onnx_file is not None:
         if not onnx_file.exists():
             raise UserInputError(f"{onnx_file} does not exist")
         return onnx_file
-    path = Path(run_dir) / artifact_name(precision or "fp32")
+    path = Path(run_dir) / (QONNX if precision == "qonnx" else artifact_name(precision or "fp32"))
     if not path.exists():
-        how = "" if precision in (None, "fp32") else f" --precision {precision}"
+        if precision is None and deployed_files(run_dir):
+            return None
+        how = ("" if precision in (None, "fp32") else " --target qonnx" if precision == "qonnx"
+               else f" --precision {precision}")
         raise UserInputError(f"{path} does not exist; run `wnconvert export {run_dir}{how}` first")
     return path
 

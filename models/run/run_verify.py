@@ -51,10 +51,13 @@ def quantized_artifacts(run_dir: Path) -> list[tuple[str, Path]]:
 
 def files_to_verify(run_dir: Path, onnx_file: Path | None, precision: str | None) -> list[tuple[str, Path]]:
     """``(precision, path)`` pairs ``verify`` checks: ``--onnx F`` alone (its precision read from
-    the file), ``--precision P``'s file alone, or model.onnx and every low-precision file present."""
+    the file), ``--precision P``'s file alone (``qonnx``: model.qonnx.onnx), or model.onnx and
+    every low-precision file present (those alone when the run has no model.onnx)."""
     path = verify_paths(run_dir, onnx_file, precision)
     if onnx_file is not None:
         return [("qonnx" if qonnx_file(onnx_file) else detect_precision(onnx_file), onnx_file)]
+    if path is None:  # no model.onnx: the run's low-precision files (and its .tflite, verify_tflite) alone
+        return quantized_artifacts(run_dir)
     return [(precision or "fp32", path)] + (quantized_artifacts(run_dir) if precision is None else [])
 
 
