@@ -119,7 +119,8 @@ def main() -> None:
     a = ap.parse_args()
     rows = [measure(r, a.count) for r in a.runs]
     print("| run | scales | images | TFLM = reference | one step from the network | top-1 .tflite | "
-          "top-1 network | top-1 model.int8.onnx | agreement with network / onnx int8 | TFLM / reference ms per image |")  # noqa: E501
+          "top-1 network | top-1 model.int8.onnx | agreement with network / onnx int8 | "
+          "TFLM / reference ms per image |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         m, o, t, ms = r["micro_equals_reference"], r["one_step"], r["top1"], r["ms_per_image"]

@@ -52,7 +52,8 @@ class ExportInfo:
     points: list[str]
     activation_types: dict[str, str] = field(default_factory=dict)   # point -> onnx element type
     weight_types: dict[str, str] = field(default_factory=dict)       # layer -> onnx element type
-    clipped_points: list[str] = field(default_factory=list)          # 8-bit-stored points below 8 bits: Q -> integer Clip  # noqa: E501
+    # 8-bit-stored points below 8 bits: Q -> integer Clip
+    clipped_points: list[str] = field(default_factory=list)
     container: str | None = None     # storage of 4-bit values: int4 | int8 (None: no 4-bit value)
 
     def to_dict(self) -> dict:
@@ -247,8 +248,10 @@ class _Emitter:
         if op == "gelu":  # x/2 * (1 + erf(x / sqrt 2)), the exact GELU, in opsets before Gelu
             root2, one, half = (self.init(f"{name}_{k}", np.float32(v)) for k, v in
                                 (("sqrt2", np.sqrt(2.0)), ("one", 1.0), ("half", 0.5)))
-            e = self.node("Erf", [self.node("Div", [xs[0], root2], f"{name}_div", f"{name}_div")], f"{name}_erf", f"{name}_erf")  # noqa: E501
-            y = self.node("Mul", [xs[0], self.node("Add", [e, one], f"{name}_add", f"{name}_add")], f"{name}_mul", f"{name}_mul")  # noqa: E501
+            div = self.node("Div", [xs[0], root2], f"{name}_div", f"{name}_div")
+            e = self.node("Erf", [div], f"{name}_erf", f"{name}_erf")
+            add = self.node("Add", [e, one], f"{name}_add", f"{name}_add")
+            y = self.node("Mul", [xs[0], add], f"{name}_mul", f"{name}_mul")
             return self.node("Mul", [y, half], name, name)
         raise UserInputError(f"node {name!r} ({op}) has no QDQ export")
 
