@@ -180,6 +180,12 @@ def assert_same_tensors(a: dict, b: dict) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
 
 
+# a run of a randomly initialised 10-class network at 32 px on synthetic data, on the CPU (the
+# options every tiny test run shares; each test adds its own sizes and settings)
+SYNTHETIC_32PX = ["--weights", "none", "--image-size", "32", "--num-classes", "10", "--data", "synthetic:10",
+                  "--workers", "0", "--device", "cpu"]
+
+
 def cli(*args, code: int = 0):
     """``wnconvert ARGS`` in process; asserts its exit code."""
     r = CliRunner().invoke(app, [str(a) for a in args])

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import assert_same_tensors, interrupt_and_resume
+from helpers import SYNTHETIC_32PX, assert_same_tensors, interrupt_and_resume
 from onnx import numpy_helper
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -18,8 +18,7 @@ from wnconvert.convert.actquant import act_points, quantizers
 from wnconvert.models.run.rundir import RunDir
 from wnconvert.models.train.optim import build_optimizer
 
-TINY = ["--weights", "none", "--image-size", "32", "--num-classes", "10", "--data", "synthetic:10",
-        "--workers", "0", "--device", "cpu", "--batch-size", "32", "--samples", "2"]
+TINY = [*SYNTHETIC_32PX, "--batch-size", "32", "--samples", "2"]
 
 
 def cli(*args):

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torchvision
-from helpers import assert_same_tensors, interrupt_and_resume
+from helpers import SYNTHETIC_32PX, assert_same_tensors, interrupt_and_resume
 from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
@@ -26,8 +26,7 @@ from wnconvert.models.train.optim import build_optimizer
 from wnconvert.models.train.scale_group import scale_parameters
 from wnconvert.models.train.train_config import TrainConfig
 
-TINY = ["--weights", "none", "--image-size", "32", "--num-classes", "10", "--data", "synthetic:10",
-        "--workers", "0", "--device", "cpu", "--samples", "2"]
+TINY = [*SYNTHETIC_32PX, "--samples", "2"]
 
 
 def cli(*args):

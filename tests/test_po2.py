@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import assert_same_tensors, interrupt_and_resume
+from helpers import SYNTHETIC_32PX, assert_same_tensors, interrupt_and_resume
 from onnx import numpy_helper
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -37,8 +37,7 @@ from wnconvert.models.run.rundir import RunDir
 from wnconvert.models.train.act_run import ActSettings
 from wnconvert.models.zoo.zoo import build_model
 
-TINY = ["--weights", "none", "--image-size", "32", "--num-classes", "10", "--data", "synthetic:10",
-        "--workers", "0", "--device", "cpu", "--samples", "2", "--limit-train", "8", "--limit-val", "8",
+TINY = [*SYNTHETIC_32PX, "--samples", "2", "--limit-train", "8", "--limit-val", "8",
         "--batch-size", "8"]
 LEVELS = {"off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "on": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 

@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 
 pytest.importorskip("qonnx")
 
+from helpers import SYNTHETIC_32PX
+
 from wnconvert.cli.main import app
 from wnconvert.convert.actquant import (
     ActQuantConfig,
@@ -33,8 +35,7 @@ from wnconvert.convert.apply import apply_scheme
 from wnconvert.convert.schemes import SchemeConfig
 from wnconvert.models.run.rundir import RunDir
 
-TINY = ["--weights", "none", "--image-size", "32", "--num-classes", "10", "--data", "synthetic:10",
-        "--workers", "0", "--device", "cpu", "--samples", "2", "--limit-train", "8", "--limit-val", "8",
+TINY = [*SYNTHETIC_32PX, "--samples", "2", "--limit-train", "8", "--limit-val", "8",
         "--batch-size", "8"]
 
 

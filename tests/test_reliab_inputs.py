@@ -12,14 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import SYNTHETIC_32PX
 from typer.testing import CliRunner
 
 from wnconvert.cli.main import app
 from wnconvert.convert import reading
 from wnconvert.convert.errors import ParityError, UserInputError
 
-TINY = ["--weights", "none", "--image-size", "32", "--num-classes", "10", "--data", "synthetic:10",
-        "--workers", "0", "--device", "cpu", "--epochs", "1", "--limit-train", "8", "--limit-val", "8"]
+TINY = [*SYNTHETIC_32PX, "--epochs", "1", "--limit-train", "8", "--limit-val", "8"]
 
 
 def cli(*args):

@@ -8,12 +8,11 @@ import json
 
 import pytest
 import torch
-from helpers import cli
+from helpers import SYNTHETIC_32PX, cli
 
 import wnconvert
 
-TINY = ["--weights", "none", "--image-size", "32", "--num-classes", "10", "--data", "synthetic:10",
-        "--workers", "0", "--device", "cpu", "--batch-size", "16", "--samples", "2", "--limit-train", "16",
+TINY = [*SYNTHETIC_32PX, "--batch-size", "16", "--samples", "2", "--limit-train", "16",
         "--limit-val", "16", "--epochs", "0", "--weight-bits", "8", "--act-bits", "8"]
 
 
