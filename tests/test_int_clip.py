@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from helpers import randomize
@@ -53,13 +52,7 @@ def _images(n: int) -> torch.Tensor:
 
 
 def _ort(path, optimized: bool, save=None):
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
-                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    if save is not None:
-        opts.optimized_model_filepath = str(save)
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return lowbit.ort_session(path, 0, optimized, save)
 
 
 @pytest.mark.parametrize("act_bits", [4, 6])

@@ -253,16 +253,14 @@ def test_po2_keeps_power_of_two_scales_and_is_bit_exact(tmp_path):
     """A learned range under --scale-format po2: moved clips, every scale of the file a power of
     two, the integer reference equal to onnxruntime, the training form the deployed layer."""
     import onnx
-    from test_po2 import LEVELS, _ort_all
+    from test_po2 import LEVELS, _ort_all, assert_training_form_is_deployed
 
     from wnconvert.convert.actquant import (
         ActQuantConfig,
         calibrate,
-        deployed_parts,
         export_qdq,
         freeze_bn,
         prepare_qat,
-        qlayers,
     )
     from wnconvert.convert.intref import compare_runs, run_integer
     from wnconvert.convert.quantize.target_rules import fixed_point_violations
@@ -293,18 +291,4 @@ def test_po2_keeps_power_of_two_scales_and_is_bit_exact(tmp_path):
     assert ref.integer_only
     for level in LEVELS:
         assert compare_runs(ref, _ort_all(path, list(ref.tensors), x.numpy(), level)) is None, level
-    seen = {}
-    hooks = [layer.register_forward_pre_hook(lambda mod, a: seen.__setitem__(mod.name, a[0])) for layer in qlayers(q)]
-    with torch.no_grad():
-        q(x)
-    for h in hooks:
-        h.remove()
-    with torch.no_grad():
-        for layer in qlayers(q):
-            inp = seen[layer.name]
-            deployed = layer.eval()(inp)
-            trained_form = layer.train()(inp)
-            step = torch.from_numpy(deployed_parts(layer).bias_scale).reshape((1, -1) + (1,) * (inp.dim() - 2))
-            layer.eval()
-            bound = 0.5 * step + 1e-5 * deployed.abs().amax()
-            assert bool(((trained_form - deployed).abs() <= bound).all()), layer.name
+    assert_training_form_is_deployed(q, x)

@@ -207,11 +207,16 @@ def test_w4a8_layer_max_export_is_integer_only(tiny_w4, tmp_path):
 def test_training_form_is_the_deployed_layer(tiny_w4):
     """With BatchNorm frozen, the training forward of every layer (po2 factors, straight-through
     rounding) equals the deployed layer up to the int32 rounding of the bias: half a bias step."""
-    q = tiny_w4
+    assert_training_form_is_deployed(tiny_w4, torch.randn(4, 3, 32, 32))
+
+
+def assert_training_form_is_deployed(q, x) -> None:
+    """Every layer's training forward on its input for ``x`` equals its deployed (eval) forward
+    within half a bias step (the int32 rounding of the bias)."""
     seen = {}
     hooks = [layer.register_forward_pre_hook(lambda m, a: seen.__setitem__(m.name, a[0])) for layer in qlayers(q)]
     with torch.no_grad():
-        q.eval()(torch.randn(4, 3, 32, 32))
+        q.eval()(x)
     for h in hooks:
         h.remove()
     with torch.no_grad():
